@@ -1,0 +1,215 @@
+"""Checks on client updates and robust aggregation of the shared arrays (issue #6).
+
+Pure functions over ``dict[str, np.ndarray]`` updates keyed by site name; no Flower import, so
+the ServerApp's strategy calls them on the arrays it already holds (``ArrayRecord.to_numpy_ndarrays``
+in key order, or ``{k: v.numpy() for k, v in record.items()}``).
+
+Order of use in one round (:func:`screen_updates` does 1 and 2):
+
+1. :func:`check_update` per site: same keys, shapes and dtypes as the shared model, all values
+   finite. A failing update is dropped with its reason.
+2. :func:`norm_outliers` over the updates that passed 1: the update norm of a site is
+   ``||w_site - w_global||_2`` over all shared arrays together; a site is dropped when its norm is
+   larger than ``bound`` times the median norm of the round (median over the sites that passed 1).
+   With two sites the median is their mean, so a bound >= 2 can never drop either; the rule needs
+   three or more sites to mean something.
+3. :func:`check_quorum`: fewer than ``min_sites`` accepted updates stops the run with a message
+   that names every failed site and why.
+4. :func:`aggregate` over the accepted updates: weighted mean (weights = training cases, the
+   FedAvg rule), coordinate-wise trimmed mean or coordinate-wise median.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+Arrays = Mapping[str, np.ndarray]
+"""One model's shared arrays, by state-dict key."""
+
+AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed_mean", "median")
+
+
+class QuorumError(RuntimeError):
+    """Fewer sites than ``min_sites`` gave a usable update in a round."""
+
+
+def reference_spec(arrays: Arrays) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{key: (shape, dtype)}`` of the server's shared arrays, the reference for :func:`check_update`."""
+    return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in arrays.items()}
+
+
+def check_update(
+    update: Arrays, reference: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+) -> str | None:
+    """Why ``update`` cannot be aggregated, or None when it can.
+
+    Args:
+        update: the arrays one site sent back.
+        reference: ``{key: (shape, dtype)}`` of the shared model (see :func:`reference_spec`).
+
+    Returns:
+        None when the keys equal the reference keys and every array has the reference shape and
+        dtype and only finite values; otherwise a one-line reason naming the first bad key(s).
+    """
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if extra:
+            parts.append(f"unexpected keys {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
+        return "; ".join(parts)
+    for key, (shape, dtype) in reference.items():
+        value = update[key]
+        if not isinstance(value, np.ndarray):
+            return f"{key}: not a numpy array but {type(value).__name__}"
+        if tuple(value.shape) != tuple(shape):
+            return f"{key}: shape {tuple(value.shape)}, expected {tuple(shape)}"
+        if value.dtype != np.dtype(dtype):
+            return f"{key}: dtype {value.dtype}, expected {np.dtype(dtype)}"
+        if value.dtype.kind in "fc":
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                return f"{key}: {bad} of {value.size} values are not finite"
+    return None
+
+
+def update_norm(update: Arrays, global_arrays: Arrays) -> float:
+    """``||update - global||_2`` over all arrays of ``global_arrays`` together, in float64."""
+    total = 0.0
+    for key, ref in global_arrays.items():
+        diff = np.asarray(update[key], dtype=np.float64) - np.asarray(ref, dtype=np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def norm_outliers(
+    updates: Mapping[str, Arrays], global_arrays: Arrays, bound: float
+) -> dict[str, str]:
+    """Sites whose update norm exceeds ``bound`` × the round's median update norm.
+
+    Args:
+        updates: ``{site: arrays}``, already passed :func:`check_update`.
+        global_arrays: the shared arrays the round started from.
+        bound: multiple of the median norm above which an update is dropped (> 0); ``math.inf``
+            turns the rule off.
+
+    Returns:
+        ``{site: reason}`` for the dropped sites (empty when none). The median is taken over all
+        given sites (outliers included), so with a zero median every non-zero update is dropped.
+    """
+    if not bound > 0:
+        raise ValueError(f"norm bound must be > 0, got {bound!r}")
+    if not updates or math.isinf(bound):
+        return {}
+    norms = {site: update_norm(arrays, global_arrays) for site, arrays in updates.items()}
+    median = float(np.median(list(norms.values())))
+    limit = bound * median
+    return {
+        site: f"update norm {norm:.4g} > {bound:g} x round median {median:.4g}"
+        for site, norm in norms.items()
+        if norm > limit
+    }
+
+
+def screen_updates(
+    updates: Mapping[str, Arrays], global_arrays: Arrays, norm_bound: float = math.inf
+) -> tuple[dict[str, Arrays], dict[str, str]]:
+    """Run :func:`check_update` then :func:`norm_outliers`; return ``(accepted, rejected)``.
+
+    ``rejected`` maps each dropped site to its reason. Default ``norm_bound=inf``: only the
+    structural and finiteness checks run.
+    """
+    reference = reference_spec(global_arrays)
+    rejected: dict[str, str] = {}
+    passed: dict[str, Arrays] = {}
+    for site, arrays in updates.items():
+        reason = check_update(arrays, reference)
+        if reason is None:
+            passed[site] = arrays
+        else:
+            rejected[site] = reason
+    rejected.update(norm_outliers(passed, global_arrays, norm_bound))
+    accepted = {site: a for site, a in passed.items() if site not in rejected}
+    return accepted, rejected
+
+
+def check_quorum(
+    accepted: Sequence[str], failed: Mapping[str, str], min_sites: int, server_round: int
+) -> None:
+    """Raise :class:`QuorumError` when fewer than ``min_sites`` updates were accepted.
+
+    Args:
+        accepted: sites whose update will be aggregated.
+        failed: ``{site: reason}`` for every site that was asked and gave nothing usable
+            (exception, timeout, no reply, rejected update).
+        min_sites: least number of accepted updates for the round to count (>= 1).
+        server_round: round number, for the message.
+    """
+    if min_sites < 1:
+        raise ValueError(f"min_sites must be >= 1, got {min_sites!r}")
+    if len(accepted) < min_sites:
+        detail = "; ".join(f"{site}: {why}" for site, why in sorted(failed.items())) or "none"
+        raise QuorumError(
+            f"round {server_round}: only {len(accepted)} usable update(s) "
+            f"({sorted(accepted)}), at least min_sites={min_sites} needed. Failed sites: {detail}"
+        )
+
+
+def aggregate(
+    updates: Mapping[str, Arrays],
+    weights: Mapping[str, float],
+    method: str = "mean",
+    trim: float = 0.2,
+) -> dict[str, np.ndarray]:
+    """Aggregate the sites' arrays key by key.
+
+    Args:
+        updates: ``{site: arrays}`` with equal keys, shapes and dtypes (run :func:`check_update`
+            first).
+        weights: ``{site: weight}``, the number of training cases; used by ``"mean"`` only.
+        method: ``"mean"`` (weighted mean, the FedAvg rule; default), ``"trimmed_mean"``
+            (coordinate-wise: drop the ``floor(trim·n)`` smallest and largest of the n site values,
+            average the rest unweighted; ``scipy.stats.trim_mean``) or ``"median"``
+            (coordinate-wise unweighted median; for an even n the mean of the two middle values).
+        trim: fraction cut from each end by ``"trimmed_mean"``, in [0, 0.5) (default 0.2, which
+            cuts one value from each end from 5 sites on and nothing below).
+
+    Returns:
+        ``{key: array}`` in the dtype of the inputs (floating results are computed in float64).
+    """
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation method {method!r}; expected one of {AGGREGATIONS}")
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    sites = list(updates)
+    if method == "mean":
+        missing = [s for s in sites if s not in weights]
+        if missing:
+            raise KeyError(f"no weight for site(s) {missing}")
+        w = np.array([float(weights[s]) for s in sites], dtype=np.float64)
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {dict(weights)}")
+        w = w / w.sum()
+    keys = list(updates[sites[0]])
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        stack = np.stack([np.asarray(updates[s][key], dtype=np.float64) for s in sites])
+        if method == "mean":
+            value = np.tensordot(w, stack, axes=1)
+        elif method == "trimmed_mean":
+            value = np.asarray(stats.trim_mean(stack, trim, axis=0))
+        else:
+            value = np.median(stack, axis=0)
+        dtype = np.asarray(updates[sites[0]][key]).dtype
+        if dtype.kind in "iub":
+            value = np.rint(value)
+        out[key] = np.asarray(value).astype(dtype, copy=False)
+    return out

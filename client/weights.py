@@ -1,0 +1,118 @@
+"""Message <-> model state translation for the ClientApp (no training here).
+
+Which weights cross the wire is decided by the strategy and by :func:`m4fuse.state.split_state`
+(the one owner of the shared/personal split):
+
+* ``personal`` / ``fedprox``: the shared arrays travel; the site's expert stays on the site.
+* ``fedavg``: the whole model (one expert that everyone averages).
+* ``local``: nothing (an empty ArrayRecord, so replies keep Flower's one-ArrayRecord shape).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from m4fuse.state import split_state
+
+#: strategy -> what the outgoing ArrayRecord carries ("shared" | "all" | "none").
+SENT: dict[str, str] = {"personal": "shared", "fedprox": "shared", "fedavg": "all", "local": "none"}
+#: strategy -> what the site keeps between rounds ("personal" | "all" | "none").
+KEPT: dict[str, str] = {"personal": "personal", "fedprox": "personal", "fedavg": "none",
+                        "local": "all"}
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in SENT:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {sorted(SENT)}")
+
+
+def outgoing_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
+    """The tensors the site sends after training under ``strategy``."""
+    _check_strategy(strategy)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    shared, _ = split_state(state)
+    return {"shared": shared, "all": state, "none": {}}[SENT[strategy]]
+
+
+def kept_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
+    """The tensors the site keeps for itself between rounds under ``strategy``."""
+    _check_strategy(strategy)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _, personal = split_state(state)
+    return {"personal": personal, "all": state, "none": {}}[KEPT[strategy]]
+
+
+def load_round_state(
+    model: torch.nn.Module,
+    strategy: str,
+    incoming: Mapping[str, torch.Tensor],
+    kept: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Put the server's arrays and the site's kept arrays into ``model``.
+
+    ``personal``/``fedprox``: ``incoming`` must be exactly the shared keys (loaded with
+    ``strict=False``; the keys left missing must be exactly the experts), then the kept expert
+    (if the site has one yet; otherwise its fresh initialisation stays). ``fedavg``: the whole
+    state, strict. ``local``: ``incoming`` must be empty; the kept whole model if any.
+    """
+    _check_strategy(strategy)
+    names = set(model.state_dict())
+    personal_names = set(split_state(dict.fromkeys(names))[1])
+    mode = SENT[strategy]
+    if mode == "shared":
+        result = model.load_state_dict(dict(incoming), strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"server sent keys the model lacks: {sorted(result.unexpected_keys)[:5]}")
+        if set(result.missing_keys) != personal_names:
+            wrong = sorted(set(result.missing_keys) ^ personal_names)
+            raise KeyError(f"server arrays are not exactly the shared weights; differ at {wrong[:5]}")
+        if kept:
+            if set(kept) != personal_names:
+                raise KeyError(f"kept expert keys do not match the model: {sorted(set(kept) ^ personal_names)[:5]}")
+            model.load_state_dict(dict(kept), strict=False)
+    elif mode == "all":
+        model.load_state_dict(dict(incoming), strict=True)
+    else:
+        if incoming:
+            raise KeyError(f"strategy 'local' exchanges no weights, got {sorted(incoming)[:5]}")
+        if kept:
+            model.load_state_dict(dict(kept), strict=True)
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict -> ArrayRecord (empty mapping -> empty record)."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()}) if state else ArrayRecord()
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> state dict of CPU tensors (empty record -> {})."""
+    return dict(record.to_torch_state_dict()) if len(record) else {}
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def newest_kept(folder: Path, before_round: int | None = None) -> dict[str, Any] | None:
+    """The newest ``kept-r<round>.pt`` in a site's state folder (optionally round < bound)."""
+    files = []
+    for path in folder.glob("kept-r*.pt"):
+        try:
+            rnd = int(path.stem.split("-r", 1)[1])
+        except ValueError:
+            continue
+        if before_round is None or rnd < before_round:
+            files.append((rnd, path))
+    if not files:
+        return None
+    return torch.load(max(files)[1], map_location="cpu", weights_only=True)

@@ -1,0 +1,434 @@
+"""Experiment settings and the per-site training steps shared by every training mode.
+
+The Flower ClientApp, the pooled baseline and the local baseline all call the functions here,
+so that they train with the same loss, optimiser, epochs and data split (DESIGN §3). This
+module knows nothing of Flower (DESIGN §1: ``m4fuse/`` stays usable without it); it reads the
+Hydra configs in ``configs/`` (composed with :func:`compose`) and turns them into the
+contracts of ``m4fuse.model``, ``m4fuse.engine`` and ``m4fuse.data`` (docs/interfaces.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+#: The Hydra config folder: beside the packages, in a checkout and in an installed Flower app
+#: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
+CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+
+STRATEGIES: tuple[str, ...] = ("personal", "fedavg", "fedprox", "local")
+
+# Split records are loaded once per process (a Ray actor serves many messages).
+_SPLITS: dict[tuple, Any] = {}
+
+
+def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the Hydra config ``config_name`` from :data:`CONFIG_DIR` with ``overrides``.
+
+    Works inside an already-running Hydra app too (the global Hydra state is restored).
+    The result is checked by :func:`check_config`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise FileNotFoundError(f"no Hydra config {config_name!r} in {CONFIG_DIR}")
+    overrides = [o for o in overrides if o]
+    previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    if previous is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().initialize(previous.config_loader)
+    check_config(cfg)
+    return cfg
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split a Flower run-config ``overrides`` string (``"a=1 b.c=x"``) into Hydra overrides."""
+    import shlex
+
+    return shlex.split(text or "")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail early, naming the key and the bad value, on settings that cannot work."""
+    if cfg.fl.strategy not in STRATEGIES:
+        raise ValueError(f"fl.strategy must be one of {STRATEGIES}, got {cfg.fl.strategy!r}")
+    if int(cfg.fl.rounds) < 1:
+        raise ValueError(f"fl.rounds must be >= 1, got {cfg.fl.rounds!r}")
+    if int(cfg.fl.local_epochs) < 1:
+        raise ValueError(f"fl.local_epochs must be >= 1, got {cfg.fl.local_epochs!r}")
+    if not 0.0 < float(cfg.fl.fraction_train) <= 1.0:
+        raise ValueError(f"fl.fraction_train must be in (0, 1], got {cfg.fl.fraction_train!r}")
+    if float(cfg.fl.proximal_mu) < 0:
+        raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
+    if int(cfg.train.batch_size) < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
+    if cfg.root is not None and not Path(str(cfg.root)).is_absolute():
+        raise ValueError(f"root must be an absolute path, got {cfg.root!r}")
+    for key in ("source", "cache_dir", "partition_csv"):
+        value = cfg.data.get(key)
+        if value not in (None, "???") and not Path(str(value)).is_absolute():
+            raise ValueError(f"data.{key} must be an absolute path, got {value!r}")
+    if cfg.data.kind not in ("synthetic", "brats"):
+        raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
+
+
+def project_root(cfg: DictConfig) -> Path:
+    """The folder for runs, data and the MLflow store (``root`` in the config).
+
+    ``root`` when set; else ``$M4FUSE_HOME``; else the checkout the code runs from (a folder
+    with ``.git`` above :data:`CONFIG_DIR`); else ``~/.cache/m4fuse`` (an installed Flower app
+    is a copy without ``.git``, so it never writes into ``$FLWR_HOME/apps``).
+    """
+    if cfg.root is not None:
+        return Path(str(cfg.root))
+    env = os.environ.get("M4FUSE_HOME")
+    if env:
+        if not Path(env).is_absolute():
+            raise ValueError(f"M4FUSE_HOME must be an absolute path, got {env!r}")
+        return Path(env)
+    checkout = CONFIG_DIR.parent
+    if (checkout / ".git").exists():
+        return checkout
+    return Path.home() / ".cache" / "m4fuse"
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``run_name`` or ``<strategy>-seed<seed>``."""
+    return str(cfg.run_name) if cfg.run_name else f"{cfg.fl.strategy}-seed{int(cfg.seed)}"
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<root>/runs/<run name>``: checkpoints, tables, plots of one experiment."""
+    return project_root(cfg) / "runs" / run_name(cfg)
+
+
+def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("fl.resume", "fl.rounds")) -> str:
+    """A short hash of the resolved config without the keys that may change on resume."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key in ignore:
+        flat.pop(key, None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> ``{"a.b.0": value}`` (MLflow params, config hashes)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch parses it."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(name))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (initialisation and loaders are then repeatable)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- model / train
+
+
+def model_config(cfg: DictConfig, num_experts: int):
+    """The :class:`m4fuse.model.M4FuseConfig` of ``cfg.model`` with ``num_experts`` experts."""
+    from m4fuse.model import M4FuseConfig
+
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts!r}")
+    m = cfg.model
+    kwargs = {
+        "output": str(m.output),
+        "out_channels": 3 if str(m.output) == "regions" else 4,
+        "num_experts": num_experts,
+        "d_state": int(m.d_state),
+        "d_conv": int(m.d_conv),
+        "expand": int(m.expand),
+        "mixer_groups": int(m.mixer_groups),
+        "dropout": float(m.dropout),
+        "norm_groups": int(m.norm_groups),
+    }
+    if m.preset:
+        return M4FuseConfig.preset(str(m.preset), **kwargs)
+    if m.widths is None or len(m.widths) != 6:
+        raise ValueError(f"model.widths must list 6 ints when model.preset is null, got {m.widths!r}")
+    return M4FuseConfig(widths=[int(w) for w in m.widths], **kwargs)
+
+
+def build_model(cfg: DictConfig, num_experts: int, seed: int | None = None) -> torch.nn.Module:
+    """A freshly initialised network; the same ``seed`` gives the same weights everywhere."""
+    from m4fuse.model import M4Fuse
+
+    torch.manual_seed(int(cfg.seed) if seed is None else seed)
+    return M4Fuse(model_config(cfg, num_experts))
+
+
+def train_config(cfg: DictConfig, epochs: int):
+    """The :class:`m4fuse.engine.TrainConfig` of ``cfg.train`` for ``epochs`` epochs."""
+    import dataclasses
+
+    from m4fuse.engine import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    wanted: dict[str, Any] = {
+        "epochs": epochs,
+        "batch_size": int(cfg.train.batch_size),
+        "lr": float(cfg.train.lr),
+        "weight_decay": float(cfg.train.weight_decay),
+        "seed": int(cfg.seed),
+    }
+    wanted.update(OmegaConf.to_container(cfg.train.get("extra", {}) or {}, resolve=True))
+    unknown = sorted(set(cfg.train.get("extra", {}) or {}) - names)
+    if unknown:
+        raise ValueError(f"train.extra names fields TrainConfig does not have: {unknown}")
+    return TrainConfig(**{k: v for k, v in wanted.items() if k in names})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def data_paths(cfg: DictConfig) -> tuple[Path, Path]:
+    """``(source, cache_dir)`` absolute folders of the configured data set."""
+    d = cfg.data
+    root = project_root(cfg)
+    size = "x".join(str(int(s)) for s in d.size)
+    if d.kind == "synthetic":
+        shape = "x".join(str(int(s)) for s in d.shape)
+        name = f"synthetic-s{int(d.sites)}-c{int(d.cases_per_site)}-{shape}-seed{int(cfg.seed)}"
+        source = Path(str(d.source)) if d.source else root / "data" / name
+    else:
+        if d.source in (None, "???"):
+            raise ValueError("data.source must name the BraTS folder (absolute path)")
+        source = Path(str(d.source))
+    cache = Path(str(d.cache_dir)) if d.cache_dir else root / "cache" / f"{source.name}-{size}"
+    return source, cache
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock file (fcntl): concurrent clients prepare the data only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_data(cfg: DictConfig) -> Path:
+    """Generate (synthetic) and prepare the data set once; returns the prepared cache folder.
+
+    Safe to call from many processes at once (file lock); later calls only check markers.
+    """
+    from m4fuse import data as mdata
+
+    source, cache = data_paths(cfg)
+    d = cfg.data
+    with _file_lock(cache.parent / f".{cache.name}.lock"):
+        if d.kind == "synthetic" and not (source / ".complete").is_file():
+            mdata.synthesize(
+                source,
+                sites=int(d.sites),
+                cases_per_site=int(d.cases_per_site),
+                seed=int(cfg.seed),
+                shape=tuple(int(s) for s in d.shape),
+            )
+            (source / ".complete").write_text("ok\n")
+        if not source.is_dir():
+            raise FileNotFoundError(f"data.source does not exist: {source}")
+        if not (cache / ".complete").is_file():
+            mdata.prepare_dataset(
+                source, cache, size=tuple(int(s) for s in d.size), workers=int(d.workers)
+            )
+            (cache / ".complete").write_text("ok\n")
+    return cache
+
+
+def partition_csv(cfg: DictConfig) -> Path | None:
+    """The partition CSV: configured, or the one the synthesiser wrote."""
+    if cfg.data.partition_csv:
+        return Path(str(cfg.data.partition_csv))
+    if cfg.data.kind == "synthetic":
+        return data_paths(cfg)[0] / "partition.csv"
+    return None
+
+
+def load_sites(cfg: DictConfig) -> Any:
+    """The :class:`SiteSplit` of the configured data (prepared on first use; memoised)."""
+    from m4fuse.data import load_split
+
+    cache = ensure_data(cfg)
+    csv = partition_csv(cfg)
+    key = (str(cache), str(csv), int(cfg.seed), float(cfg.data.val_fraction),
+           float(cfg.data.test_fraction))
+    if key not in _SPLITS:
+        _SPLITS[key] = load_split(
+            cache,
+            partition_csv=csv,
+            seed=int(cfg.seed),
+            val_fraction=float(cfg.data.val_fraction),
+            test_fraction=float(cfg.data.test_fraction),
+        )
+    return _SPLITS[key]
+
+
+def site_names(split: Mapping[str, Any]) -> list[str]:
+    """Sites sorted by name: the position is the site index (docs/interfaces.md)."""
+    return sorted(split)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def train_site(
+    model: torch.nn.Module,
+    records: Sequence[Any],
+    expert_index: int,
+    cfg: DictConfig,
+    device: torch.device,
+    epochs: int,
+    seed: int,
+    prox_mu: float = 0.0,
+    prox_reference: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``.
+
+    A fresh optimiser per call (FedAvg-style local training); returns ``{"loss",
+    "num-examples"}`` with ``num-examples`` = number of training cases.
+    """
+    from m4fuse.data import make_loader
+
+    loader = make_loader(
+        list(records), expert_index, batch_size=int(cfg.train.batch_size),
+        augment=bool(cfg.train.augment), shuffle=True,
+        num_workers=int(cfg.train.num_workers), seed=seed,
+    )
+    return run_epochs(model, loader, cfg, device, epochs, prox_mu, prox_reference, len(records))
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    loader: Any,
+    cfg: DictConfig,
+    device: torch.device,
+    epochs: int,
+    prox_mu: float = 0.0,
+    prox_reference: Mapping[str, torch.Tensor] | None = None,
+    num_cases: int | None = None,
+) -> dict[str, float]:
+    """``epochs`` epochs of :func:`m4fuse.engine.train_epochs` with the configured optimiser."""
+    from m4fuse.engine import make_optimizer, train_epochs
+
+    if len(loader) == 0:
+        raise ValueError("no training batches: the site has no training cases")
+    tcfg = train_config(cfg, epochs)
+    model.to(device)
+    optimizer, scheduler = _optimizer(make_optimizer(model, tcfg, epochs * len(loader)))
+    out = train_epochs(
+        model, loader, optimizer, scheduler, tcfg, device,
+        prox_mu=prox_mu, prox_reference=prox_reference,
+    )
+    result = {"loss": float(out["loss"]), "num-examples": float(out["num-examples"])}
+    if num_cases is not None:
+        result["num-examples"] = float(num_cases)
+    return result
+
+
+def _optimizer(made: Any) -> tuple[Any, Any]:
+    """``make_optimizer`` may return the optimiser or ``(optimiser, scheduler)``."""
+    if isinstance(made, tuple):
+        return made[0], made[1]
+    return made, None
+
+
+def validate_site(
+    model: torch.nn.Module,
+    records: Sequence[Any],
+    expert_index: int,
+    cfg: DictConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Dice/HD95 per region at training resolution on ``records`` (+ ``num-examples``)."""
+    from m4fuse.data import make_loader
+    from m4fuse.engine import evaluate
+
+    if not records:
+        raise ValueError("no validation cases for this site")
+    loader = make_loader(list(records), expert_index, batch_size=1, augment=False,
+                         shuffle=False, num_workers=int(cfg.train.num_workers))
+    model.to(device)
+    metrics = evaluate(model, loader, device)
+    out = {k: float(v) for k, v in metrics.items() if k in METRIC_KEYS}
+    missing = set(METRIC_KEYS) - set(out)
+    if missing:
+        raise KeyError(f"engine.evaluate returned no {sorted(missing)}; got {sorted(metrics)}")
+    out["num-examples"] = float(len(records))
+    return out
+
+
+METRIC_KEYS: tuple[str, ...] = (
+    "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_mean", "hd95_mean",
+)
+
+
+def test_site(
+    model: torch.nn.Module,
+    records: Sequence[Any],
+    expert_index: int,
+    device: torch.device,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``."""
+    from m4fuse.engine import test_original_grid
+
+    if not records:
+        raise ValueError("no test cases for this site")
+    model.to(device)
+    rows = list(test_original_grid(model, list(records), device, expert_index))
+    means = {k: float(np.mean([float(r[k]) for r in rows])) for k in METRIC_KEYS if k in rows[0]}
+    if "dice_mean" not in means:
+        means["dice_mean"] = float(np.mean([means[k] for k in ("dice_wt", "dice_tc", "dice_et")]))
+    if "hd95_mean" not in means:
+        means["hd95_mean"] = float(np.mean([means[k] for k in ("hd95_wt", "hd95_tc", "hd95_et")]))
+    means["num-examples"] = float(len(rows))
+    return means, rows
+
+
+def weighted_mean(rows: Sequence[Mapping[str, float]], weight: str = "num-examples") -> dict:
+    """Case-weighted mean of the metric keys of per-site rows."""
+    total = sum(float(r[weight]) for r in rows)
+    if total <= 0:
+        raise ValueError(f"weights {weight!r} sum to {total}")
+    keys = [k for k in METRIC_KEYS if all(k in r for r in rows)]
+    out = {k: sum(float(r[k]) * float(r[weight]) for r in rows) / total for k in keys}
+    out[weight] = total
+    return out

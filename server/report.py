@@ -1,0 +1,117 @@
+"""Per-site results tables, CSV files and Dice-per-round plots (server and baselines)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from m4fuse.experiment import weighted_mean
+
+TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (header, source, key) with source "val" or "test"
+    ("val Dice ET", "val", "dice_et"),
+    ("val Dice TC", "val", "dice_tc"),
+    ("val Dice WT", "val", "dice_wt"),
+    ("val HD95", "val", "hd95_mean"),
+    ("test Dice ET", "test", "dice_et"),
+    ("test Dice TC", "test", "dice_tc"),
+    ("test Dice WT", "test", "dice_wt"),
+    ("test HD95 ET", "test", "hd95_et"),
+    ("test HD95 TC", "test", "hd95_tc"),
+    ("test HD95 WT", "test", "hd95_wt"),
+)
+
+
+def site_rows(
+    site_names: Sequence[str],
+    val: Mapping[int, Mapping[str, float]],
+    test: Mapping[int, Mapping[str, float]],
+) -> list[dict[str, Any]]:
+    """One row per site (by index), then the case-weighted ``mean`` row (weights: the
+    number of validation resp. test cases)."""
+    rows: list[dict[str, Any]] = []
+    for index, name in enumerate(site_names):
+        row: dict[str, Any] = {"site": f"site{index}", "name": name}
+        for prefix, source in (("val", val), ("test", test)):
+            for key, value in source.get(index, {}).items():
+                row[f"{prefix}_{key}"] = float(value)
+        rows.append(row)
+    mean: dict[str, Any] = {"site": "mean", "name": "weighted by cases"}
+    for prefix, source in (("val", val), ("test", test)):
+        if source:
+            for key, value in weighted_mean(list(source.values())).items():
+                mean[f"{prefix}_{key}"] = float(value)
+    rows.append(mean)
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]],
+                   columns: Sequence[tuple[str, str]] | None = None) -> str:
+    """Rows -> a Markdown table; ``columns`` = (header, row key); Dice 3 and HD95 1 decimal."""
+    if columns is None:
+        columns = [("site", "site"), ("name", "name"), ("n val", "val_num-examples"),
+                   ("n test", "test_num-examples")]
+        columns += [(header, f"{source}_{key}") for header, source, key in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for _, key in columns:
+            value = row.get(key, "")
+            if isinstance(value, float):
+                if "num-examples" in key or key.endswith("bytes"):
+                    cells.append(f"{value:.0f}")
+                elif "hd95" in key or key.endswith("seconds"):
+                    cells.append(f"{value:.1f}")
+                else:
+                    cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Rows -> CSV (union of keys as columns, in first-seen order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_dice_per_round(
+    history: Mapping[int, Mapping[int, Mapping[str, float]]],
+    site_names: Sequence[str],
+    path: Path,
+    title: str,
+    key: str = "dice_mean",
+) -> Path:
+    """``history[round][site_index][key]`` -> PNG of ``key`` per round, one line per site."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = sorted(history)
+    for index, name in enumerate(site_names):
+        xs = [r for r in rounds if index in history[r]]
+        ax.plot(xs, [history[r][index][key] for r in xs], marker="o",
+                label=f"site{index} ({name})")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"validation {key}")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,216 @@
+"""The federated run behind the ServerApp: data once, strategy, rounds, checkpoints, MLflow,
+and the per-site results table.
+
+What the server holds: the shared arrays (``personal``/``fedprox``), the whole one-expert
+model (``fedavg``) or nothing (``local``). Experts never cross the wire. The final model file
+(:mod:`m4fuse.checkpoint` format) gets the shared weights; experts are added only where the
+server can read the clients' state folders, which is the case in simulation
+(``<run dir>/clients/<site>``, same machine) and never in deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from omegaconf import DictConfig
+
+from client.weights import newest_kept
+from m4fuse import experiment
+from m4fuse.state import split_state
+from server import checkpoint as server_ckpt
+from server import report
+from server.strategy import RoundLog, make_strategy
+from server.tracking import Tracker, site_metrics
+
+CHECKPOINT_FILE = "server_checkpoint.pt"
+FINAL_MODEL_FILE = "model.ckpt"
+
+
+@dataclass
+class RunSummary:
+    """What a federated run returns (tests and the comparison read it)."""
+
+    run_dir: Path
+    site_names: list[str]
+    rows: list[dict[str, Any]]
+    table: str
+    history: list[dict[str, Any]]
+    mlflow_run_id: str | None
+    first_round: int
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+
+def initial_state(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(what the server holds, the whole initial model)`` for ``fl.strategy``."""
+    model = experiment.build_model(cfg, num_experts=1)
+    full = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    shared, _ = split_state(full)
+    held = {"personal": shared, "fedprox": shared, "fedavg": full, "local": {}}
+    return held[str(cfg.fl.strategy)], full
+
+
+def _round_entry(rl: RoundLog) -> dict[str, Any]:
+    """A RoundLog as plain values (stored in the checkpoint; torch ``weights_only`` safe)."""
+    return {
+        "round": rl.server_round,
+        "train": {k: float(v) for k, v in (rl.train or {}).items()},
+        "val": {k: float(v) for k, v in (rl.evaluate or {}).items()},
+        "train_by_site": {int(i): dict(m) for i, m in rl.train_by_site.items()},
+        "val_by_site": {int(i): dict(m) for i, m in rl.evaluate_by_site.items()},
+        "bytes_sent": int(rl.bytes_sent),
+        "bytes_received": int(rl.bytes_received),
+        "seconds": float(rl.seconds),
+    }
+
+
+def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of one round: aggregate and ``site<k>/`` keys, bytes and seconds."""
+    out: dict[str, float] = {}
+    if "loss" in entry["train"]:
+        out["train_loss"] = entry["train"]["loss"]
+    out.update({f"val_{k}": v for k, v in entry["val"].items() if k in experiment.METRIC_KEYS})
+    out.update(site_metrics(entry["val_by_site"]))
+    for index, m in entry["train_by_site"].items():
+        out[f"site{index}/train_loss"] = m["loss"]
+    out["bytes_sent"] = entry["bytes_sent"]
+    out["bytes_received"] = entry["bytes_received"]
+    out["round_seconds"] = entry["seconds"]
+    return out
+
+
+def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: list[str]
+                     ) -> Path | None:
+    """The final model in :mod:`m4fuse.checkpoint` format (shared + experts found locally)."""
+    from m4fuse.checkpoint import save_checkpoint
+    from m4fuse.state import expert_state
+
+    strategy = str(cfg.fl.strategy)
+    if strategy == "local":
+        return None  # no shared model; each site's own model stays in its state folder
+    held = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+    shared, personal = split_state(held)
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        if strategy == "fedavg":
+            experts[name] = expert_state(personal, 0)
+            continue
+        kept = newest_kept(rdir / "clients" / name)
+        if kept is not None:  # simulation: the site's folder is on this machine
+            experts[name] = expert_state(kept["state"], 0)
+    path = rdir / FINAL_MODEL_FILE
+    save_checkpoint(path, experiment.model_config(cfg, num_experts=1), shared, experts)
+    return path
+
+
+def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
+    """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
+    wall = time.perf_counter()
+    strategy_name = str(cfg.fl.strategy)
+    split = experiment.load_sites(cfg)  # generates/prepares the data once, before round 1
+    names = experiment.site_names(split)
+    rdir = experiment.run_dir(cfg)
+    rdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = rdir / CHECKPOINT_FILE
+    chash = experiment.config_hash(cfg)
+    held, _ = initial_state(cfg)
+    arrays = ArrayRecord({k: v for k, v in held.items()}) if held else ArrayRecord()
+    first_round, history, run_id = 1, [], None
+    if bool(cfg.fl.resume) and ckpt_path.is_file():
+        saved = server_ckpt.load(ckpt_path)
+        server_ckpt.check_resumable(saved, strategy_name, chash, ckpt_path)
+        if set(saved.arrays) != set(held):
+            raise KeyError(f"{ckpt_path} holds other arrays than this model's")
+        arrays = saved.to_record()
+        first_round, history, run_id = saved.server_round + 1, saved.history, saved.mlflow_run_id
+        log(INFO, "Resuming %s from %s at round %d", experiment.run_name(cfg), ckpt_path,
+            first_round)
+    else:
+        # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation
+        # the sites' kept weights, which would otherwise be picked up as resumed state).
+        ckpt_path.unlink(missing_ok=True)
+        shutil.rmtree(rdir / "clients", ignore_errors=True)
+    tracker = Tracker(cfg, experiment.run_name(cfg), run_id,
+                      tags={"kind": "federated", "strategy": strategy_name})
+    strategy = make_strategy(
+        strategy_name,
+        num_sites=len(names),
+        fraction_train=float(cfg.fl.fraction_train),
+        min_train_sites=int(cfg.fl.min_train_sites),
+        proximal_mu=float(cfg.fl.proximal_mu),
+        expected_keys=held.keys(),
+    )
+    common = {"run-dir": str(rdir)}
+    train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
+
+    def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
+        entry = _round_entry(rl)
+        history.append(entry)
+        server_ckpt.save(ckpt_path, server_ckpt.ServerCheckpoint(
+            rl.server_round, strategy_name, chash, server_ckpt.record_to_numpy(new_arrays),
+            tracker.run_id, history))
+        tracker.log_metrics(round_metrics(entry), step=rl.server_round)
+        log(INFO, "round %d: val dice_mean %.3f, %.1f s, %d B sent, %d B received",
+            rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
+            rl.bytes_sent, rl.bytes_received)
+
+    try:
+        arrays, final = strategy.run_rounds(
+            grid, arrays, first_round, int(cfg.fl.rounds), train_config, ConfigRecord(common),
+            float(cfg.fl.round_timeout), on_round_end,
+        )
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
+    test_by_site = dict(final.evaluate_by_site)
+    rows = report.site_rows(names, val_by_site, test_by_site)
+    table = report.markdown_table(rows)
+    sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
+    received = sum(e["bytes_received"] for e in history)
+    seconds = time.perf_counter() - wall
+    title = f"{experiment.run_name(cfg)} ({strategy_name}): per-site results"
+    print(f"\n{title}\n\n{table}\n\nbytes sent {sent}, received {received}, "
+          f"{seconds:.1f} s (this session)\n", flush=True)
+    report.write_csv(rows, rdir / "sites.csv")
+    (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
+    (rdir / "history.json").write_text(json.dumps(history, indent=1))
+    report.plot_dice_per_round(
+        {e["round"]: {int(i): m for i, m in e["val_by_site"].items()} for e in history},
+        names, rdir / "dice_per_round.png", title=f"{experiment.run_name(cfg)}: validation Dice")
+    mean = rows[-1]  # case-weighted means: val_* (last round) and test_*
+    final_metrics = {k: float(v) for k, v in mean.items()
+                     if isinstance(v, float) and not k.endswith("num-examples")}
+    final_metrics.update(site_metrics(test_by_site, prefix="test_"))
+    final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
+                          "wall_seconds": seconds})
+    tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
+    model_path = save_final_model(cfg, rdir, arrays, names)
+    for path in (rdir / "sites.csv", rdir / "results.md", rdir / "dice_per_round.png",
+                 rdir / "history.json"):
+        tracker.log_artifact(path)
+    if model_path is not None:
+        tracker.log_artifact(model_path, "model")
+    clients = rdir / "clients"
+    if clients.is_dir():
+        for site_dir in sorted(p for p in clients.iterdir() if p.is_dir()):
+            kept = newest_kept(site_dir)
+            if kept is not None:
+                target = rdir / "experts" / f"{site_dir.name}.pt"
+                target.parent.mkdir(exist_ok=True)
+                torch.save(kept, target)
+                tracker.log_artifact(target, "experts")
+    tracker.finish()
+    return RunSummary(rdir, names, rows, table, history, tracker.run_id, first_round, seconds,
+                      sent, received)

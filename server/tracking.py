@@ -1,0 +1,106 @@
+"""MLflow for experiments: one run per experiment, params = the flattened config.
+
+Default store (``tracking.tracking_uri: null``): ``sqlite:///<root>/mlflow.db`` with artifacts
+in ``<root>/mlruns`` (no server). Any tracking URI by config. Used by the ServerApp and by the
+pooled/local baselines and the comparison (simulations/), so all runs land in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from m4fuse import experiment
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """The configured tracking URI, or the local SQLite store under the project root."""
+    if cfg.tracking.tracking_uri:
+        return str(cfg.tracking.tracking_uri)
+    root = experiment.project_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def experiment_id(cfg: DictConfig, client: MlflowClient) -> str:
+    """The id of ``tracking.experiment``, created (artifacts under ``<root>/mlruns``) if new."""
+    name = str(cfg.tracking.experiment)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not cfg.tracking.tracking_uri:
+        location = (experiment.project_root(cfg) / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    """One MLflow run; every method is a no-op when ``tracking.enabled`` is false."""
+
+    def __init__(self, cfg: DictConfig, run_name: str, run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> None:
+        self.enabled = bool(cfg.tracking.enabled)
+        self.run_id: str | None = None
+        if not self.enabled:
+            return
+        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        if run_id is not None:
+            self.run_id = self.client.get_run(run_id).info.run_id
+            return
+        exp = experiment_id(cfg, self.client)
+        run = self.client.create_run(exp, run_name=run_name, tags=dict(tags or {}))
+        self.run_id = run.info.run_id
+        params = experiment.flatten(OmegaConf.to_container(cfg, resolve=True))
+        self.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        now = int(time.time() * 1000)
+        items = [mlflow.entities.Metric(k.replace("-", "_"), float(v), now, step)
+                 for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if not Path(path).exists():
+            raise FileNotFoundError(f"artifact to log does not exist: {path}")
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def site_metrics(by_site: Mapping[int, Mapping[str, float]], prefix: str = "",
+                 keys: tuple[str, ...] = experiment.METRIC_KEYS) -> dict[str, float]:
+    """``{k: {dice_et: ..}}`` -> ``{"site<k>/<prefix>dice_et": ..}`` (MLflow keys)."""
+    out: dict[str, float] = {}
+    for index, metrics in by_site.items():
+        for key in keys:
+            if key in metrics:
+                out[f"site{index}/{prefix}{key}"] = float(metrics[key])
+    return out

@@ -1,0 +1,271 @@
+"""A hospital's personal state on its own disk (the node config's ``state-dir``).
+
+What a site keeps between rounds and across SuperNode restarts: its expert (index-free keys
+from :func:`m4fuse.state.expert_state`, so it loads at whatever index the site's model uses),
+its optimiser state, the metrics of its last round and the round number. None of it is ever
+put in a reply; only this site's process reads or writes the folder.
+
+Layout of ``state_dir``::
+
+    site-state-r<round>.pt   torch.save of {"format", "site", "round", "fingerprint",
+                             "expert", "optimizer", "metrics"}; the newest ``keep`` rounds
+    last-metrics.json        the newest round's metrics, for people (never read back)
+
+Every file is written to a temporary name in the same folder, flushed, fsync'd and renamed
+over the target (``os.replace``), so a crash or a killed SuperNode leaves either the old or the
+new file, never half of one. The folder is created with mode 0700 (the expert is the hospital's).
+
+A ``fingerprint`` of the model config is stored with the state; :meth:`SiteStateStore.load`
+refuses an expert saved for a different architecture (other widths, state size, ...) with a
+message naming the file and both fingerprints, instead of a shape error deep in
+``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Version of the on-disk layout; a file of another version is refused with a clear error.
+FORMAT = 1
+#: Config fields that do not change an expert's weights: the number of experts of the model
+#: the expert sits in (experts are stored index-free) and the dropout rate.
+FINGERPRINT_IGNORES: tuple[str, ...] = ("num_experts", "dropout")
+#: Rounds kept on disk by default: the newest two, so that a stop between this site's save and
+#: the server's checkpoint does not lose the round the server resumes from.
+DEFAULT_KEEP = 2
+_FILE = re.compile(r"^site-state-r(\d+)\.pt$")
+_EXPERT_KEY = "site_experts.*."
+
+
+class StateStoreError(RuntimeError):
+    """A state file that cannot be used: corrupt, another site's, another model's."""
+
+
+def model_fingerprint(
+    config: Mapping[str, Any] | Any, ignore: tuple[str, ...] = FINGERPRINT_IGNORES
+) -> str:
+    """A short stable hash of a model config (a dataclass such as ``M4FuseConfig`` or a
+    mapping), leaving out the fields in ``ignore`` (default :data:`FINGERPRINT_IGNORES`).
+
+    Two configs with the same fingerprint give experts with the same keys and shapes.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        items = dataclasses.asdict(config)
+    elif isinstance(config, Mapping):
+        items = dict(config)
+    else:
+        raise TypeError(f"model config must be a dataclass or a mapping, got {type(config)!r}")
+    kept = {k: v for k, v in items.items() if k not in ignore}
+    text = json.dumps(kept, sort_keys=True, default=list, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class SiteState:
+    """One round of a site's personal state.
+
+    Attributes:
+        site: the site's name (a state folder belongs to one site).
+        round: the server round after which this was saved (>= 0).
+        fingerprint: :func:`model_fingerprint` of the model the expert belongs to.
+        expert: index-free expert weights (keys contain ``site_experts.*.``).
+        optimizer: the optimiser's ``state_dict()``, or None when not kept.
+        metrics: the site's last scalar metrics (name -> finite number).
+    """
+
+    site: str
+    round: int
+    fingerprint: str
+    expert: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ValueError naming the bad field when this state cannot be stored."""
+        if not self.site or not isinstance(self.site, str):
+            raise ValueError(f"site must be a non-empty string, got {self.site!r}")
+        if not isinstance(self.round, int) or self.round < 0:
+            raise ValueError(f"round must be an int >= 0, got {self.round!r}")
+        if not self.fingerprint:
+            raise ValueError("fingerprint is empty; use model_fingerprint(model config)")
+        if not self.expert:
+            raise ValueError("expert is empty; pass m4fuse.state.expert_state(state, index)")
+        for key, value in self.expert.items():
+            if _EXPERT_KEY not in f".{key}" and not key.startswith(_EXPERT_KEY):
+                raise ValueError(
+                    f"expert key {key!r} is not index-free (expected 'site_experts.*.'); "
+                    "pass m4fuse.state.expert_state(state, index)"
+                )
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"expert[{key!r}] is a {type(value).__name__}, not a tensor")
+        for key, value in self.metrics.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"metric {key!r} must be a finite number, got {value!r}")
+
+
+def _fsync_replace(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class SiteStateStore:
+    """Read and write one site's :class:`SiteState` in ``state_dir``.
+
+    Args:
+        state_dir: the site's folder (created with mode 0700 on the first save).
+        site: the site's name; a folder holding another site's state is refused.
+        keep: how many newest rounds stay on disk (default :data:`DEFAULT_KEEP`, >= 1).
+    """
+
+    def __init__(self, state_dir: str | Path, site: str, keep: int = DEFAULT_KEEP) -> None:
+        if not site:
+            raise ValueError(f"site must be a non-empty string, got {site!r}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.state_dir = Path(state_dir).expanduser()
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise NotADirectoryError(f"state-dir {self.state_dir} exists and is not a folder")
+        self.site = site
+        self.keep = keep
+
+    def path(self, server_round: int) -> Path:
+        """The file of ``server_round``."""
+        return self.state_dir / f"site-state-r{server_round}.pt"
+
+    def rounds(self) -> list[int]:
+        """The rounds with a state file, oldest first."""
+        if not self.state_dir.is_dir():
+            return []
+        found = (_FILE.match(p.name) for p in self.state_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save(self, state: SiteState) -> Path:
+        """Store ``state`` (checked first) atomically; drop all but the newest ``keep`` rounds.
+
+        Returns the path written.
+        """
+        state.check()
+        if state.site != self.site:
+            raise ValueError(f"state of site {state.site!r} given to the store of {self.site!r}")
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        payload = {
+            "format": FORMAT,
+            "site": state.site,
+            "round": state.round,
+            "fingerprint": state.fingerprint,
+            "expert": {k: v.detach().cpu().contiguous() for k, v in state.expert.items()},
+            "optimizer": state.optimizer,
+            "metrics": {k: float(v) for k, v in state.metrics.items()},
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        target = self.path(state.round)
+        _fsync_replace(buffer.getvalue(), target)
+        summary = {"site": state.site, "round": state.round, "metrics": payload["metrics"]}
+        _fsync_replace(
+            (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
+            self.state_dir / "last-metrics.json",
+        )
+        for old in self.rounds()[: -self.keep]:
+            self.path(old).unlink(missing_ok=True)
+        return target
+
+    def load(
+        self,
+        fingerprint: str,
+        before_round: int | None = None,
+        like: Mapping[str, torch.Tensor] | None = None,
+    ) -> SiteState | None:
+        """The newest stored state (with round < ``before_round`` when given), or None.
+
+        Args:
+            fingerprint: :func:`model_fingerprint` of the model about to use the expert; a
+                stored state with another fingerprint is refused.
+            before_round: only rounds strictly before this one (e.g. the current round, so a
+                repeated round starts from what the site had before it).
+            like: index-free expert weights of that model; when given, the stored expert must
+                have exactly these keys and shapes.
+
+        Raises:
+            StateStoreError: the file is unreadable or corrupt, belongs to another site or
+                another model, or its keys/shapes differ from ``like`` (the message names the
+                file).
+        """
+        rounds = [r for r in self.rounds() if before_round is None or r < before_round]
+        if not rounds:
+            return None
+        path = self.path(rounds[-1])
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+            raise StateStoreError(f"corrupt site state file {path}: {err!r}") from err
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise StateStoreError(
+                f"site state file {path} has format {found!r}, expected {FORMAT}"
+            )
+        missing = {"site", "round", "fingerprint", "expert", "metrics"} - set(raw)
+        if missing:
+            raise StateStoreError(f"corrupt site state file {path}: missing {sorted(missing)}")
+        if raw["site"] != self.site:
+            raise StateStoreError(
+                f"site state file {path} belongs to site {raw['site']!r}, not {self.site!r}; "
+                "give each site its own state-dir"
+            )
+        if raw["fingerprint"] != fingerprint:
+            raise StateStoreError(
+                f"site state file {path} holds an expert of another model (fingerprint "
+                f"{raw['fingerprint']}, this model {fingerprint}); the model config changed. "
+                "Use a new state-dir, or restore the model config it was trained with"
+            )
+        expert = raw["expert"]
+        if like is not None:
+            if set(expert) != set(like):
+                diff = sorted(set(expert) ^ set(like))
+                raise StateStoreError(
+                    f"site state file {path}: expert keys differ from the model's at {diff[:5]}"
+                )
+            for key, ref in like.items():
+                if tuple(expert[key].shape) != tuple(ref.shape):
+                    raise StateStoreError(
+                        f"site state file {path}: {key} has shape {tuple(expert[key].shape)}, "
+                        f"the model expects {tuple(ref.shape)}"
+                    )
+        return SiteState(
+            site=raw["site"],
+            round=int(raw["round"]),
+            fingerprint=raw["fingerprint"],
+            expert=dict(expert),
+            optimizer=raw.get("optimizer"),
+            metrics=dict(raw["metrics"]),
+        )

@@ -1,0 +1,96 @@
+"""Shared helpers of tests/test_engine.py and tests/test_segment.py: a tiny network with the
+M4Fuse forward signature, learnable toy batches, and a small BraTS-style case on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A conv net with per-site experts in ``site_experts`` and ``forward(x, expert)``; records
+    the expert argument of each call in ``seen``."""
+
+    def __init__(self, experts: int = 2, output: str = "regions", dropout: float = 0.2) -> None:
+        super().__init__()
+        out = 3 if output == "regions" else 4
+        self.config = SimpleNamespace(output=output, num_experts=experts)
+        self.body = nn.Sequential(
+            nn.Conv3d(4, 8, 3, padding=1), nn.GELU(), nn.Dropout3d(dropout), nn.Conv3d(8, out, 1)
+        )
+        self.site_experts = nn.ModuleList(nn.Conv3d(4, out, 1) for _ in range(experts))
+        self.seen: list[list[int] | None] = []
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append(None if expert is None else expert.tolist())
+        y = self.body(x)
+        if expert is not None:
+            y = y + torch.cat([self.site_experts[int(e)](x[i : i + 1]) for i, e in enumerate(expert)])
+        return y
+
+
+def toy_batches(n_cases: int, batch_size: int, size: int = 12, seed: int = 0,
+                sites: tuple[int, ...] = (0, 1)) -> list[dict]:
+    """Batches like make_loader's: the label regions are visible in the image channels."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for start in range(0, n_cases, batch_size):
+        b = min(batch_size, n_cases - start)
+        images, labels = [], []
+        for _ in range(b):
+            field = ndimage.gaussian_filter(rng.standard_normal((size,) * 3), 2.0)
+            field /= field.std()
+            wt = field > 0.3
+            tc = field > 0.9
+            et = field > 1.4
+            label = np.stack([wt, tc, et]).astype(np.float32)
+            image = np.stack([field, field * 0.5, label[0], label[2]]).astype(np.float32)
+            image += 0.1 * rng.standard_normal(image.shape).astype(np.float32)
+            images.append(image)
+            labels.append(label)
+        batches.append({
+            "image": torch.from_numpy(np.stack(images)),
+            "label": torch.from_numpy(np.stack(labels)),
+            "site": torch.tensor([sites[(start + i) % len(sites)] for i in range(b)]),
+            "case": [f"case{start + i}" for i in range(b)],
+        })
+    return batches
+
+
+def write_case(root: Path, case_id: str = "BraTS2021_00007", shape=(22, 26, 18),
+               spacing=(1.0, 1.2, 2.0), et_label: int = 4, seed: int = 0,
+               naming: str = "2021") -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write a small BraTS case (four modalities + seg) and return (folder, labels, affine).
+
+    ``naming``: "2021" (``_t1``, ``_t1ce``, ``_t2``, ``_flair``) or "2023" (``-t1n`` ...).
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = (10.0, -20.0, 5.0)
+    grid = np.indices(shape).astype(np.float64)
+    centre = np.array(shape, dtype=np.float64)[:, None, None, None] / 2
+    r = np.sqrt((((grid - centre) / (np.array(shape)[:, None, None, None] * 0.4)) ** 2).sum(0))
+    brain = r < 1.0
+    tumour_c = centre + np.array([3, -2, 1])[:, None, None, None]
+    t = np.sqrt((((grid - tumour_c) * np.array(spacing)[:, None, None, None]) ** 2).sum(0))
+    labels = np.zeros(shape, np.uint8)
+    labels[(t < 7.0) & brain] = 2
+    labels[(t < 4.5) & brain] = 1
+    labels[(t < 4.5) & (t > 3.0) & brain] = et_label
+    base = rng.uniform(50, 100, size=4)
+    mods = ("t1", "t1ce", "t2", "flair") if naming == "2021" else ("t1n", "t1c", "t2w", "t2f")
+    sep = "_" if naming == "2021" else "-"
+    for k, mod in enumerate(mods):
+        img = base[k] * brain + 40.0 * (labels > 0) * (k + 1) + rng.normal(0, 2, shape) * brain
+        img[~brain] = 0
+        nib.save(nib.Nifti1Image(img.astype(np.int16), affine), folder / f"{case_id}{sep}{mod}.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), folder / f"{case_id}{sep}seg.nii.gz")
+    return folder, labels, affine

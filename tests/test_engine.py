@@ -1,0 +1,279 @@
+"""The local train / evaluate loop: losses, schedule, routing, FedProx, determinism, scoring."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from engine_fixtures import TinyNet, toy_batches, write_case
+from monai.losses import DiceCELoss, DiceLoss
+from torch import nn
+
+from m4fuse.engine import (
+    LabelDiceCELoss,
+    RegionDiceBCELoss,
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    test_original_grid as score_original_grid,
+    train_epochs,
+)
+from m4fuse.inference import probs_to_regions, resolve_device
+from m4fuse.metrics import mean_scores, region_scores
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_train_config_checks_values() -> None:
+    assert TrainConfig().lr == 1e-3
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="local_epochs"):
+        TrainConfig(local_epochs=0)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        TrainConfig(amp_dtype="int8")
+    with pytest.raises(ValueError, match="unknown TrainConfig keys.*'lrr'"):
+        TrainConfig.from_dict({"lrr": 1.0})
+    assert TrainConfig.from_dict({"lr": 0.5, "grad_clip": None}).grad_clip is None
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda:0"):
+            resolve_device("cuda:0")
+
+
+def test_region_loss_is_dice_plus_bce_not_softmax_ce() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6, 6)
+    target = (torch.rand(2, 3, 6, 6, 6) > 0.5).float()
+    ours = RegionDiceBCELoss()(logits, target)
+    expected = DiceLoss(sigmoid=True)(logits, target) + nn.BCEWithLogitsLoss()(logits, target)
+    assert float(ours) == pytest.approx(float(expected), rel=1e-6)
+    # MONAI's DiceCELoss would use a softmax CE over the 3 overlapping channels: different.
+    assert float(DiceCELoss(sigmoid=True)(logits, target)) != pytest.approx(float(ours), rel=1e-3)
+
+
+def test_label_loss_targets_classes_from_regions() -> None:
+    regions = torch.zeros(1, 3, 4, 4, 4)
+    regions[0, 0, :2] = 1  # WT
+    regions[0, 1, :1] = 1  # TC inside WT
+    regions[0, 2, 0, :2] = 1  # ET inside TC
+    classes = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    classes[0, :2] = 2
+    classes[0, :1] = 1
+    classes[0, 0, :2] = 3
+    perfect = 20.0 * (nn.functional.one_hot(classes, 4).permute(0, 4, 1, 2, 3).float() * 2 - 1)
+    wrong = perfect.roll(1, dims=1)
+    loss = LabelDiceCELoss()
+    assert float(loss(perfect, regions)) < 0.01
+    assert float(loss(wrong, regions)) > 1.0
+
+
+def test_schedule_warmup_cosine_and_resume() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, min_lr=0.0)
+    model = nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, cfg, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # cosine decays
+    opt2, sched2 = make_optimizer(model, cfg, total_steps=10, start_step=6)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lrs[6])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        make_optimizer(model, TrainConfig(warmup_steps=10), total_steps=10)
+    with pytest.raises(ValueError, match="start_step"):
+        make_optimizer(model, cfg, total_steps=10, start_step=11)
+
+
+def _train(seed: int, epochs: int = 1, **kw) -> tuple[nn.Module, dict]:
+    torch.manual_seed(123)
+    model = TinyNet()
+    cfg = TrainConfig(lr=1e-2, seed=seed, local_epochs=epochs)
+    batches = toy_batches(5, 2)
+    opt, sched = make_optimizer(model, cfg, total_steps=len(batches) * epochs)
+    out = train_epochs(model, batches, opt, sched, cfg, "cpu", **kw)
+    return model, out
+
+
+def test_train_reports_cases_not_batches_and_learns() -> None:
+    model, out = _train(0, epochs=1)
+    assert out["num-examples"] == 5  # 5 cases in 3 batches
+    torch.manual_seed(123)
+    model = TinyNet(dropout=0.0)
+    cfg = TrainConfig(lr=2e-2, local_epochs=1)
+    batches = toy_batches(4, 2)
+    opt, _ = make_optimizer(model, cfg, total_steps=100)
+    first = train_epochs(model, batches, opt, None, cfg, "cpu")["loss"]
+    for _ in range(12):
+        last = train_epochs(model, batches, opt, None, cfg, "cpu")
+    assert last["loss"] < 0.7 * first
+    assert last["num-examples"] == 4
+
+
+def test_training_is_deterministic_for_a_seed_on_cpu() -> None:
+    a, out_a = _train(seed=7)
+    b, out_b = _train(seed=7)
+    c, _ = _train(seed=8)
+    sa, sb, sc = _state(a), _state(b), _state(c)
+    assert out_a == out_b
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # dropout masks differ
+
+
+def test_expert_routing_choices() -> None:
+    batches = toy_batches(4, 2, sites=(1, 0))
+    for expert, expected in (("site", [[1, 0], [1, 0]]), (1, [[1, 1], [1, 1]]), (None, [None, None])):
+        model = TinyNet()
+        cfg = TrainConfig(seed=0)
+        opt, _ = make_optimizer(model, cfg, total_steps=2)
+        before = _state(model)
+        train_epochs(model, batches, opt, None, cfg, "cpu", expert=expert)
+        assert model.seen == expected
+        moved = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+        experts_moved = {k.split(".")[1] for k in moved if k.startswith("site_experts")}
+        assert experts_moved == {"site": {"0", "1"}, 1: {"1"}, None: set()}[expert]
+    with pytest.raises(ValueError, match="expert"):
+        train_epochs(TinyNet(), batches, opt, None, cfg, "cpu", expert="hospital")
+
+
+def test_fedprox_pulls_only_the_given_keys() -> None:
+    model = TinyNet(dropout=0.0)
+    start = _state(model)
+    ref = {"body.0.weight": start["body.0.weight"] + 1.0}
+    # no segmentation loss: only the proximal term has gradients
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.0, lambda_dice=0.0, lambda_ce=0.0, grad_clip=None)
+    opt, _ = make_optimizer(model, cfg, total_steps=10)
+    train_epochs(model, toy_batches(2, 1), opt, None, cfg, "cpu", prox_mu=1.0, prox_reference=ref)
+    after = _state(model)
+    gap_before = (start["body.0.weight"] - ref["body.0.weight"]).abs().mean()
+    gap_after = (after["body.0.weight"] - ref["body.0.weight"]).abs().mean()
+    assert gap_after < gap_before - 0.015  # two Adam steps of lr 1e-2 towards the reference
+    for key in start:
+        if key != "body.0.weight":
+            assert torch.equal(start[key], after[key]), key
+    # without the term nothing moves at all
+    model2 = TinyNet(dropout=0.0)
+    s2 = _state(model2)
+    opt2, _ = make_optimizer(model2, cfg, total_steps=10)
+    train_epochs(model2, toy_batches(2, 1), opt2, None, cfg, "cpu")
+    assert all(torch.equal(s2[k], model2.state_dict()[k]) for k in s2)
+    with pytest.raises(KeyError, match="nope"):
+        train_epochs(model, toy_batches(1, 1), opt, None, cfg, "cpu", prox_mu=1.0,
+                     prox_reference={"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="prox_reference"):
+        train_epochs(model, toy_batches(1, 1), opt, None, cfg, "cpu", prox_mu=1.0)
+
+
+def test_evaluate_matches_direct_metrics_and_restores_mode() -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.train()
+    batches = toy_batches(3, 2)
+    out = evaluate(model, batches, "cpu", expert="site", spacing=(2.0, 1.0, 1.0))
+    assert model.training  # mode restored
+    assert out["num-examples"] == 3
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for b in batches:
+            probs = torch.sigmoid(model(b["image"], b["site"]))
+            for i in range(len(probs)):
+                rows.append(region_scores(probs_to_regions(probs[i], "regions"), b["label"][i] > 0.5,
+                                          (2.0, 1.0, 1.0)))
+    expected = mean_scores(rows)
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, abs=1e-6), key
+    assert out["loss"] > 0
+
+
+def test_labels_output_trains_and_evaluates() -> None:
+    model = TinyNet(output="labels")
+    cfg = TrainConfig(seed=0)
+    opt, _ = make_optimizer(model, cfg, total_steps=2)
+    out = train_epochs(model, toy_batches(2, 2), opt, None, cfg, "cpu")
+    assert np.isfinite(out["loss"])
+    scores = evaluate(model, toy_batches(2, 2), "cpu")
+    assert 0.0 <= scores["dice_mean"] <= 1.0
+
+
+class _PassThrough(nn.Module):
+    """Logits read from the first 3 input channels (voxel-wise, so windows see the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(output="regions", num_experts=1)
+        self.experts: list = []
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
+        self.experts.append(None if expert is None else expert.tolist())
+        return x[:, :3] * 20 - 10
+
+
+def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
+    from m4fuse.data import CaseRecord, preprocess_case, preprocess_label
+
+    spacing = (1.0, 1.5, 2.5)
+    folder, labels, _ = write_case(tmp_path, spacing=spacing)
+    cid = folder.name
+    paths = [folder / f"{cid}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
+    _, meta = preprocess_case(paths, size=(16, 16, 16))
+    seg = folder / f"{cid}_seg.nii.gz"
+    meta["seg_file"] = str(seg)
+    regions = preprocess_label(seg, meta, 4).astype(np.float16)
+    # the cached "image" carries the true regions at the training size: a perfect predictor
+    np.save(tmp_path / "truth.npy", np.concatenate([regions, regions[:1] * 0]))
+    np.save(tmp_path / "empty.npy", np.zeros((4, 16, 16, 16), np.float16))
+    record = CaseRecord(cid, "siteA", tmp_path / "truth.npy", None, 4, meta)
+    model = _PassThrough()
+    (row,) = score_original_grid(model, [record], "cpu", expert_index={"siteA": 1})
+    assert model.experts == [[1]]
+    assert row["case"] == cid and row["site"] == "siteA"
+    # resampling 16^3 -> original loses little only if the axes are put back in the right order
+    assert row["dice_wt"] > 0.95 and row["hd95_wt"] < 2.0, row
+    assert row["dice_tc"] > 0.7 and row["hd95_tc"] < 4.0, row  # small core, 2.5 mm slices
+    # the scores are those of the restored prediction against the NIfTI seg at its spacing
+    from m4fuse.data import restore_to_original
+
+    restored = restore_to_original(torch.from_numpy(regions.astype(np.float32)), record, mode="linear")
+    pred = probs_to_regions(torch.sigmoid(torch.from_numpy(restored) * 20 - 10), "regions")
+    from m4fuse.regions import labels_to_regions
+
+    expected = region_scores(pred.numpy(), labels_to_regions(labels, 4), spacing)
+    assert row == pytest.approx({"case": cid, "site": "siteA", **expected})
+    # a prediction of nothing gives the one-empty convention for every region
+    empty = CaseRecord(cid, "siteA", tmp_path / "empty.npy", None, 4, meta)
+    (row0,) = score_original_grid(model, [empty], "cpu", expert_index=None)
+    assert row0["dice_wt"] == 0.0 and row0["hd95_wt"] == 373.13
+    assert model.experts[-1] is None
+    # the same scores through sliding windows smaller than the volume
+    (row_sw,) = score_original_grid(model, [record], "cpu", expert_index=0, roi_size=(8, 8, 8))
+    assert row_sw["dice_wt"] == pytest.approx(row["dice_wt"], abs=1e-6)
+    with pytest.raises(KeyError, match="siteB"):
+        score_original_grid(model, [record], "cpu", expert_index={"siteB": 0})
+
+
+def test_real_m4fuse_one_step() -> None:
+    from m4fuse.model import M4Fuse, M4FuseConfig
+
+    torch.manual_seed(0)
+    model = M4Fuse(M4FuseConfig(widths=(4, 4, 4, 4, 4, 4), num_experts=2, d_state=2))
+    before = copy.deepcopy(model.state_dict())
+    cfg = TrainConfig(seed=0)
+    opt, sched = make_optimizer(model, cfg, total_steps=1)
+    out = train_epochs(model, toy_batches(2, 2, size=16), opt, sched, cfg, "cpu")
+    assert out["num-examples"] == 2 and np.isfinite(out["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -278,7 +278,12 @@ class GroupedMixer(nn.Module):
         # Group k holds channels [k*C/G, (k+1)*C/G): unfolding is a free view.
         y = self.norm(y.reshape(b, c, n).transpose(1, 2))  # (B, N, C)
         y = self.proj(y)  # (B, N, C_out)
-        return y.transpose(1, 2).reshape(b, -1, *spatial)  # (B, C_out, D, H, W)
+        # (B, N, C_out) -> (B, C_out, D, H, W). clone() rather than contiguous(): with one
+        # voxel the transposed view already counts as contiguous but keeps channels-last
+        # strides, which would send later ops (GroupNorm) down another kernel; canonical
+        # strides on every path keep results bit-identical (e.g. after add_expert).
+        y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        return y.view(b, -1, *spatial)
 
 
 class ExpertUnit(nn.Module):

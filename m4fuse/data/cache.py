@@ -1,0 +1,333 @@
+"""The prepared cache: one folder per case with memory-mappable ``.npy`` arrays and a JSON index.
+
+Layout of ``cache_dir``::
+
+    index.json                 {"format": 1, "preprocess_version", "size", "root", "cases": {id: meta}}
+    cases/<case_id>/image.npy  float16 (4, D, H, W), z-scored (float16 halves disk and read time;
+                               z-scores need ~3 significant digits, which float16 keeps)
+    cases/<case_id>/label.npy  uint8 (3, D, H, W) region masks WT, TC, ET
+    cases/<case_id>/meta.json  the case's metadata (as in the index)
+
+A case is reused when its fingerprint (source paths, sizes and mtimes, the training size and
+:data:`PREPROCESS_VERSION`) matches the cached one, and rebuilt otherwise. Every write goes to a
+temporary name first and is renamed into place, so an interrupted prepare leaves no half case.
+Source files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from m4fuse.data.layout import CaseFiles, DataError, discover_cases, institution_of
+from m4fuse.data.preprocess import (
+    DEFAULT_SIZE,
+    PREPROCESS_VERSION,
+    check_size,
+    preprocess_case,
+    preprocess_label,
+)
+
+INDEX_NAME = "index.json"
+CACHE_FORMAT = 1
+IMAGE_DTYPE = np.float16
+PARTITION_NAME = "partition.csv"
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """One prepared case: where its arrays are and how to map a prediction back.
+
+    ``meta`` holds ``original_shape``/``spacing``/``crop_start``/``crop_end`` in ``(X, Y, Z)``,
+    ``affine``, ``size`` ``(D, H, W)``, ``source_files`` (T1, T1ce, T2, FLAIR) and ``seg_file``.
+    """
+
+    case_id: str
+    site: str | None
+    image_path: Path
+    label_path: Path | None
+    et_label: int
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def original_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["original_shape"])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.meta["spacing"])  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.meta["affine"], dtype=np.float64)
+
+    @property
+    def crop_box(self) -> tuple[tuple[int, int], ...]:
+        """``((x0, x1), (y0, y1), (z0, z1))`` voxel box of the crop, end exclusive."""
+        return tuple(zip(self.meta["crop_start"], self.meta["crop_end"]))  # type: ignore[return-value]
+
+    @property
+    def source_files(self) -> list[str]:
+        return list(self.meta["source_files"])
+
+    @property
+    def seg_file(self) -> str | None:
+        return self.meta.get("seg_file")
+
+    def image(self) -> np.ndarray:
+        """The cached image, memory-mapped read-only: float16 ``(4, D, H, W)``."""
+        return np.load(self.image_path, mmap_mode="r")
+
+    def label(self) -> np.ndarray:
+        """The cached region masks, memory-mapped read-only: uint8 ``(3, D, H, W)``."""
+        if self.label_path is None:
+            raise ValueError(f"case {self.case_id} has no label in the cache")
+        return np.load(self.label_path, mmap_mode="r")
+
+    def with_site(self, site: str) -> "CaseRecord":
+        return CaseRecord(self.case_id, site, self.image_path, self.label_path, self.et_label, self.meta)
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_dataset` did: case ids prepared anew, reused, and skipped (with reason)."""
+
+    cache_dir: Path
+    prepared: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+    def summary(self) -> str:
+        lines = [f"cache {self.cache_dir}: {len(self.prepared)} prepared, {len(self.reused)} reused, "
+                 f"{len(self.skipped)} skipped"]
+        lines += [f"  skipped {case}: {reason}" for case, reason in self.skipped]
+        return "\n".join(lines)
+
+
+class PrepareError(RuntimeError):
+    """Raised by ``prepare_dataset(strict=True)`` when any case was skipped; holds the report."""
+
+    def __init__(self, report: PrepareReport) -> None:
+        self.report = report
+        super().__init__(report.summary())
+
+
+def _stat(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(case: CaseFiles, size: Sequence[int]) -> str:
+    """Hash of the case's source files (path, size, mtime), the training size and the version."""
+    files = [case.images[m] for m in sorted(case.images)] + ([case.seg] if case.seg else [])
+    payload = {
+        "files": [_stat(p) for p in files],
+        "size": list(size),
+        "version": PREPROCESS_VERSION,
+        "et_label": case.et_label,
+    }
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _prepare_one(case: CaseFiles, size: tuple[int, int, int], cache_dir: Path, key: str,
+                 site: str | None) -> dict[str, Any]:
+    """Preprocess one case and write its folder atomically; returns its meta. Runs in workers."""
+    import torch
+
+    torch.set_num_threads(1)
+    paths = case.image_paths()  # raises DataError for missing modalities
+    if case.seg is None:
+        sep = "-" if case.layout == "2023" else "_"
+        raise DataError(case.case_id, case.directory / f"{case.case_id}{sep}seg.nii.gz",
+                        "no segmentation file (needed to prepare for training)")
+    image, meta = preprocess_case(paths, size, case_id=case.case_id)
+    label = preprocess_label(case.seg, meta, case.et_label)
+    meta.update(
+        seg_file=str(case.seg), et_label=case.et_label, layout=case.layout, grade=case.grade,
+        institution=institution_of(case.case_id), site=site, fingerprint=key,
+        has_et=bool(label[2].any()), tumour_voxels=int(label[0].sum()),
+    )
+    cases_dir = cache_dir / "cases"
+    tmp = cases_dir / f".tmp-{case.case_id}-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    np.save(tmp / "image.npy", image.astype(IMAGE_DTYPE))
+    np.save(tmp / "label.npy", label)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    final = cases_dir / case.case_id
+    if final.exists():
+        trash = cases_dir / f".old-{case.case_id}-{uuid.uuid4().hex}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return meta
+
+
+def _read_sites_csv_if_any(path: Path | None, case_ids: Sequence[str]) -> dict[str, str]:
+    if path is None or not path.is_file():
+        return {}
+    from m4fuse.data.sites import read_site_csv
+
+    return read_site_csv(path, case_ids=case_ids)
+
+
+def prepare_dataset(
+    root: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    size: Sequence[int] = DEFAULT_SIZE,
+    workers: int = 2,
+    strict: bool = False,
+    *,
+    partition_csv: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> PrepareReport:
+    """Prepare every BraTS case below ``root`` into ``cache_dir`` (see the module docstring).
+
+    Args:
+        root: a BraTS folder in any supported layout (:mod:`m4fuse.data.layout`).
+        cache_dir: output folder (created); never inside a source case folder.
+        size: training size ``(D, H, W)``; default ``(64, 128, 128)``.
+        workers: worker processes (default 2); 0 or 1 runs in this process.
+        strict: if True, raise :class:`PrepareError` (after preparing the good cases) when any
+            case was skipped; default False (skipped cases are only reported).
+        partition_csv: sites to record per case; default ``<root>/partition.csv`` if present
+            (the synthetic set writes one); :func:`~m4fuse.data.sites.load_split` can override.
+        progress: show a progress bar (default True).
+
+    Returns a :class:`PrepareReport`. Cases that vanished from ``root`` are dropped from the cache.
+    """
+    size = check_size(size)
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    root = Path(root)
+    cache_dir = Path(cache_dir)
+    cases = discover_cases(root)
+    if not cases:
+        raise FileNotFoundError(f"no BraTS cases (files named <case>_t1.nii[.gz] etc.) found below {root}")
+    csv_path = Path(partition_csv) if partition_csv is not None else root / PARTITION_NAME
+    if partition_csv is not None and not csv_path.is_file():
+        raise FileNotFoundError(f"partition CSV not found: {csv_path}")
+    sites = _read_sites_csv_if_any(csv_path, [c.case_id for c in cases])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index_path = cache_dir / INDEX_NAME
+    old: dict[str, Any] = {}
+    if index_path.is_file():
+        try:
+            old = json.loads(index_path.read_text()).get("cases", {})
+        except (json.JSONDecodeError, AttributeError):
+            old = {}
+    report = PrepareReport(cache_dir=cache_dir)
+    index: dict[str, Any] = {}
+    todo: list[tuple[CaseFiles, str]] = []
+    for case in cases:
+        try:
+            key = fingerprint(case, size) if not (case.missing or case.problems) else ""
+        except OSError as err:
+            report.skipped.append((case.case_id, f"cannot stat source files: {err}"))
+            continue
+        prev = old.get(case.case_id)
+        case_dir = cache_dir / "cases" / case.case_id
+        if key and prev and prev.get("fingerprint") == key and (case_dir / "image.npy").is_file() \
+                and (case_dir / "label.npy").is_file():
+            prev["site"] = sites.get(case.case_id, prev.get("site"))
+            index[case.case_id] = prev
+            report.reused.append(case.case_id)
+        else:
+            todo.append((case, key))
+
+    def record(case: CaseFiles, fut_result: dict[str, Any] | None, err: BaseException | None) -> None:
+        if err is None:
+            index[case.case_id] = fut_result
+            report.prepared.append(case.case_id)
+        elif isinstance(err, DataError):
+            report.skipped.append((case.case_id, str(err)))
+        else:
+            raise err
+
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress or not todo)
+    if workers <= 1 or len(todo) <= 1:
+        for case, key in todo:
+            try:
+                record(case, _prepare_one(case, size, cache_dir, key, sites.get(case.case_id)), None)
+            except DataError as err:
+                record(case, None, err)
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fork after torch threads start can hang
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_prepare_one, case, size, cache_dir, key, sites.get(case.case_id)): case
+                       for case, key in todo}
+            for fut in cf.as_completed(futures):
+                err = fut.exception()
+                record(futures[fut], None if err else fut.result(), err)
+                bar.update()
+    bar.close()
+    # Drop cases that are gone from the source or were skipped now.
+    cases_dir = cache_dir / "cases"
+    if cases_dir.is_dir():
+        for entry in cases_dir.iterdir():
+            if entry.name not in index:
+                shutil.rmtree(entry, ignore_errors=True)
+    report.prepared.sort()
+    report.skipped.sort()
+    _atomic_write_json(index_path, {
+        "format": CACHE_FORMAT,
+        "preprocess_version": PREPROCESS_VERSION,
+        "size": list(size),
+        "root": str(root.resolve()),
+        "cases": {k: index[k] for k in sorted(index)},
+    })
+    if strict and report.skipped:
+        raise PrepareError(report)
+    return report
+
+
+def read_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The cache's ``index.json``; raises ``FileNotFoundError``/``ValueError`` naming the file."""
+    path = Path(cache_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared cache at {cache_dir} (missing {path}); run `m4fuse data prepare`")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt cache index {path}: {err}") from None
+    if index.get("format") != CACHE_FORMAT or index.get("preprocess_version") != PREPROCESS_VERSION:
+        raise ValueError(f"cache {path} was written by another version (format {index.get('format')}, "
+                         f"preprocess {index.get('preprocess_version')}); run `m4fuse data prepare` again")
+    return index
+
+
+def load_records(cache_dir: str | os.PathLike) -> list[CaseRecord]:
+    """All cached cases as :class:`CaseRecord` (site from the index, possibly ``None``)."""
+    cache_dir = Path(cache_dir)
+    index = read_index(cache_dir)
+    out = []
+    for case_id, meta in index["cases"].items():
+        case_dir = cache_dir / "cases" / case_id
+        out.append(CaseRecord(case_id=case_id, site=meta.get("site") or meta.get("institution"),
+                              image_path=case_dir / "image.npy", label_path=case_dir / "label.npy",
+                              et_label=int(meta["et_label"]), meta=meta))
+    return out

@@ -1,0 +1,235 @@
+"""Sites (hospitals) and the per-site train/val/test split.
+
+Site sources, in the order :func:`load_split` tries them:
+
+1. a partition CSV: the FeTS format ``Partition_ID,Subject_ID`` (either column order) or any
+   CSV with a case column and a site column (:func:`read_site_csv` finds them by name, or
+   takes the columns named by the caller);
+2. the site recorded in the cache (from ``partition.csv`` beside the data at prepare time);
+3. the institution token of BraTS 2018-2020 ids (``BraTS19_TCIA01_131_1`` -> ``TCIA01``);
+4. ``random_sites=N``: a seeded, stratified random partition into ``site0 .. site<N-1>``.
+
+Site index = position of the site's name in the sorted list of sites (docs/interfaces.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from m4fuse.data.cache import CaseRecord, load_records
+from m4fuse.data.layout import institution_of
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+# {site_name: {"train"|"val"|"test": [CaseRecord]}}, sites in sorted order.
+SiteSplit = dict[str, dict[str, list[CaseRecord]]]
+
+_CASE_COLUMNS = ("subject_id", "subject", "case_id", "case", "id", "brats_id", "brats21id", "patient")
+_SITE_COLUMNS = ("partition_id", "partition", "site", "site_id", "institution", "center", "centre", "hospital")
+
+
+def site_names(n: int) -> list[str]:
+    """``site0 .. site<n-1>``, zero-padded so that string order equals numeric order."""
+    if n < 1:
+        raise ValueError(f"number of sites must be >= 1, got {n}")
+    width = len(str(n - 1))
+    return [f"site{i:0{width}d}" for i in range(n)]
+
+
+def read_site_csv(path: str | os.PathLike, case_ids: Iterable[str] | None = None,
+                  case_column: str | None = None, site_column: str | None = None) -> dict[str, str]:
+    """Read ``{case_id: site}`` from a partition CSV.
+
+    Columns: the ones named by ``case_column``/``site_column`` if given; else FeTS
+    ``Subject_ID``/``Partition_ID`` (any order, case-insensitive); else well-known names
+    (subject/case/id …, site/partition/institution/center …); else, for a two-column file,
+    the column whose values overlap ``case_ids`` most is the case column.
+    Raises ``ValueError`` naming the file, and the header or row, when it cannot.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"partition CSV not found: {path}")
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise ValueError(f"{path}: partition CSV needs a header and at least one row")
+    header = [h.strip() for h in rows[0]]
+    lower = [h.lower() for h in header]
+
+    def find(name: str | None, candidates: Sequence[str], what: str) -> int | None:
+        if name is not None:
+            if name.lower() not in lower:
+                raise ValueError(f"{path}: no column {name!r} for the {what}; header is {header}")
+            return lower.index(name.lower())
+        for cand in candidates:
+            if cand in lower:
+                return lower.index(cand)
+        return None
+
+    ci = find(case_column, _CASE_COLUMNS, "case id")
+    si = find(site_column, _SITE_COLUMNS, "site")
+    if (ci is None or si is None) and len(header) == 2:
+        if ci is not None or si is not None:
+            ci = ci if ci is not None else 1 - si  # type: ignore[operator]
+            si = 1 - ci
+        elif case_ids is not None:
+            known = set(case_ids)
+            hits = [sum(r[j].strip() in known for r in rows[1:] if len(r) > j) for j in (0, 1)]
+            ci = int(np.argmax(hits))
+            si = 1 - ci
+    if ci is None or si is None or ci == si:
+        raise ValueError(f"{path}: cannot tell the case and site columns apart in header {header}; "
+                         "use Subject_ID,Partition_ID or name the columns")
+    out: dict[str, str] = {}
+    for lineno, row in enumerate(rows[1:], start=2):
+        if len(row) <= max(ci, si):
+            raise ValueError(f"{path}:{lineno}: row {row} has too few columns for header {header}")
+        case, site = row[ci].strip(), row[si].strip()
+        if not case or not site:
+            raise ValueError(f"{path}:{lineno}: empty case or site in row {row}")
+        if case in out and out[case] != site:
+            raise ValueError(f"{path}:{lineno}: case {case} listed in sites {out[case]!r} and {site!r}")
+        out[case] = site
+    return out
+
+
+def write_partition_csv(path: str | os.PathLike, sites: Mapping[str, str]) -> None:
+    """Write ``{case: site}`` as a FeTS partition CSV (``Partition_ID,Subject_ID``), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Partition_ID", "Subject_ID"])
+        for case, site in sorted(sites.items(), key=lambda kv: (kv[1], kv[0])):
+            w.writerow([site, case])
+    os.replace(tmp, path)
+
+
+def institution_sites(case_ids: Iterable[str]) -> dict[str, str]:
+    """``{case: institution token}``; raises ``ValueError`` for ids without one."""
+    out, missing = {}, []
+    for case in case_ids:
+        inst = institution_of(case)
+        if inst is None:
+            missing.append(case)
+        else:
+            out[case] = inst
+    if missing:
+        raise ValueError(
+            f"{len(missing)} case ids carry no institution token (e.g. {missing[0]}): only BraTS "
+            "2018/2019-style ids (BraTS19_<INST>_<id>_1) do; BraTS 2020+ names do not. Give a "
+            "partition CSV (--partition-csv) or a random split (--random N)."
+        )
+    return out
+
+
+def random_sites(case_ids: Iterable[str], n_sites: int, seed: int = 0,
+                 strata: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Stratified seeded random partition into ``n_sites`` sites named by :func:`site_names`.
+
+    Within each stratum (e.g. grade HGG/LGG, or "has ET"), cases are shuffled and dealt in
+    turn, continuing the turn across strata, so sites differ in size by at most one and each
+    stratum is spread evenly. Same inputs and seed -> same partition.
+    """
+    names = site_names(n_sites)
+    ids = sorted(set(case_ids))
+    if len(ids) < n_sites:
+        raise ValueError(f"cannot split {len(ids)} cases into {n_sites} sites")
+    strata = strata or {}
+    groups: dict[str, list[str]] = defaultdict(list)
+    for case in ids:
+        groups[str(strata.get(case, ""))].append(case)
+    rng = np.random.default_rng(seed)
+    out: dict[str, str] = {}
+    turn = 0
+    for key in sorted(groups):
+        members = groups[key]
+        for j in rng.permutation(len(members)):
+            out[members[j]] = names[turn % n_sites]
+            turn += 1
+    return out
+
+
+def split_cases(case_ids: Sequence[str], seed: int = 0, val_fraction: float = 0.15,
+                test_fraction: float = 0.15, salt: str = "") -> dict[str, list[str]]:
+    """Seeded, disjoint train/val/test split of one site's cases.
+
+    ``round(n * fraction)`` cases go to test and val (at least one train case is kept when
+    ``n >= 1``); ``salt`` (the site name) makes sites shuffle independently.
+    """
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    ids = sorted(case_ids)
+    n = len(ids)
+    rng = np.random.default_rng([seed, zlib.crc32(salt.encode())])
+    order = [ids[i] for i in rng.permutation(n)]
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    while n_test + n_val > max(n - 1, 0):
+        if n_val >= n_test and n_val > 0:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return {
+        "test": sorted(order[:n_test]),
+        "val": sorted(order[n_test:n_test + n_val]),
+        "train": sorted(order[n_test + n_val:]),
+    }
+
+
+def assign_sites(records: Sequence[CaseRecord], partition_csv: str | os.PathLike | None = None,
+                 random_sites_n: int | None = None, seed: int = 0) -> dict[str, str]:
+    """``{case: site}`` for cached records from the sources in the module docstring."""
+    ids = [r.case_id for r in records]
+    if partition_csv is not None:
+        return read_site_csv(partition_csv, case_ids=ids)
+    if random_sites_n is not None:
+        strata = {r.case_id: (r.meta.get("grade") or "") + ("ET" if r.meta.get("has_et") else "noET")
+                  for r in records}
+        return random_sites(ids, random_sites_n, seed=seed, strata=strata)
+    if all(r.site for r in records):
+        return {r.case_id: str(r.site) for r in records}
+    return institution_sites(ids)
+
+
+def load_split(cache_dir: str | os.PathLike, partition_csv: str | os.PathLike | None = None,
+               seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15, *,
+               random_sites: int | None = None) -> SiteSplit:
+    """Read a prepared cache and split it: ``{site: {"train"|"val"|"test": [CaseRecord]}}``.
+
+    Args:
+        cache_dir: folder written by :func:`~m4fuse.data.cache.prepare_dataset`.
+        partition_csv: site per case (FeTS or any CSV); cached cases it does not list are left
+            out (the CSV defines the federation). Default None: the site recorded in the cache,
+            else the institution token of the ids.
+        seed: seed of the split (and of ``random_sites``); default 0.
+        val_fraction, test_fraction: per-site fractions, default 0.15 each.
+        random_sites: N -> ignore other sources, stratified random N sites (keyword only).
+
+    Sites come out sorted by name; within a split records are sorted by case id.
+    """
+    records = load_records(cache_dir)
+    if not records:
+        raise ValueError(f"cache {cache_dir} holds no prepared case")
+    sites = assign_sites(records, partition_csv, random_sites, seed)
+    kept = [r.with_site(sites[r.case_id]) for r in records if r.case_id in sites]
+    if not kept:
+        raise ValueError(f"none of the {len(records)} cached cases in {cache_dir} is listed in {partition_csv}")
+    by_site: dict[str, list[CaseRecord]] = defaultdict(list)
+    for r in kept:
+        by_site[str(r.site)].append(r)
+    out: SiteSplit = {}
+    for site in sorted(by_site):
+        lookup = {r.case_id: r for r in by_site[site]}
+        parts = split_cases(list(lookup), seed, val_fraction, test_fraction, salt=site)
+        out[site] = {k: [lookup[c] for c in parts[k]] for k in SPLITS}
+    return out

@@ -155,8 +155,10 @@ def _scan_(
 class _ChunkedScan(torch.autograd.Function):
     """Core recurrence ``y_t = <C_t, h_t>`` on time-major, contiguous tensors.
 
-    u, delta: (L, B, D); A: (D, N); B, C: (L, B, N) -> y (L, B, D). Time-major keeps each
-    chunk a contiguous block, so every scan step is a plain vectorised op on contiguous memory.
+    u, delta: (L, B, D); At = A transposed: (N, D); B, C: (L, B, N) -> y (L, B, D). States are
+    held as (T, B, N, D): each chunk is one contiguous block, every scan step is a plain
+    vectorised op over contiguous memory, and the contractions over N and D are batched
+    row-vector x matrix products (measured 2-5x faster than reducing a trailing N=16 axis).
     """
 
     @staticmethod
@@ -164,36 +166,36 @@ class _ChunkedScan(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         u: torch.Tensor,
         delta: torch.Tensor,
-        A: torch.Tensor,
+        At: torch.Tensor,
         B: torch.Tensor,
         C: torch.Tensor,
         chunk: int,
     ) -> torch.Tensor:
         length, batch, dim = u.shape
-        state = A.shape[1]
+        state = At.shape[0]
         step = min(chunk, length)
-        a, x, a_tmp, x_tmp = (u.new_empty(step, batch, dim, state) for _ in range(4))
+        a, x, a_tmp, x_tmp = (u.new_empty(step, batch, state, dim) for _ in range(4))
         starts = range(0, length, step)
-        boundary = u.new_empty(len(starts), batch, dim, state)
+        boundary = u.new_empty(len(starts), batch, state, dim)
         y = u.new_empty(length, batch, dim)
-        h_last = u.new_zeros(batch, dim, state)
+        h_last = u.new_zeros(batch, state, dim)
         for i, s in enumerate(starts):
             e = min(s + step, length)
             t = e - s
             boundary[i].copy_(h_last)
             ca, cx = a[:t], x[:t]
-            torch.mul(delta[s:e, :, :, None], A, out=ca)
+            torch.mul(delta[s:e, :, None, :], At, out=ca)
             ca.exp_()
-            torch.mul((delta[s:e] * u[s:e])[..., None], B[s:e, :, None, :], out=cx)
+            torch.mul((delta[s:e] * u[s:e])[:, :, None, :], B[s:e, :, :, None], out=cx)
             cx[0].addcmul_(ca[0], h_last)  # carry the previous chunk's state in
             h, _ = _scan_(ca, cx, a_tmp[:t], x_tmp[:t])
             torch.bmm(
-                h.view(t * batch, dim, state),
-                C[s:e].reshape(t * batch, state, 1),
-                out=y[s:e].view(t * batch, dim, 1),
+                C[s:e].reshape(t * batch, 1, state),
+                h.view(t * batch, state, dim),
+                out=y[s:e].view(t * batch, 1, dim),
             )
             h_last = h[-1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, boundary)
+        ctx.save_for_backward(u, delta, At, B, C, boundary)
         ctx.chunk = step
         return y
 
@@ -201,20 +203,20 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        u, delta, A, B, C, boundary = ctx.saved_tensors
+        u, delta, At, B, C, boundary = ctx.saved_tensors
         step: int = ctx.chunk
         length, batch, dim = u.shape
-        state = A.shape[1]
+        state = At.shape[0]
         grad_y = grad_y.contiguous()
         decay, work, xs, gh, t1, t2, gda = (
-            u.new_empty(step, batch, dim, state) for _ in range(7)
+            u.new_empty(step, batch, state, dim) for _ in range(7)
         )
         grad_u = torch.empty_like(u)
         grad_delta = torch.empty_like(delta)
         grad_B = torch.empty_like(B)
         grad_C = torch.empty_like(C)
-        grad_A = torch.zeros_like(A)
-        carry = u.new_zeros(batch, dim, state)  # a_{t+1} * lambda_{t+1} from the next chunk
+        grad_At = u.new_zeros(batch, state, dim)  # summed over batch at the end
+        carry = u.new_zeros(batch, state, dim)  # a_{t+1} * lambda_{t+1} from the next chunk
         for i in reversed(range(boundary.shape[0])):
             s = i * step
             e = min(s + step, length)
@@ -225,17 +227,17 @@ class _ChunkedScan(torch.autograd.Function):
             du = d_c * u_c
             # Recompute this chunk's states from its boundary state.
             a = decay[:t]
-            torch.mul(d_c[:, :, :, None], A, out=a)
+            torch.mul(d_c[:, :, None, :], At, out=a)
             a.exp_()
             w = work[:t]
             w.copy_(a)
             x = xs[:t]
-            torch.mul(du[..., None], B[s:e, :, None, :], out=x)
+            torch.mul(du[:, :, None, :], B[s:e, :, :, None], out=x)
             x[0].addcmul_(a[0], h0)
             h, spare = _scan_(w, x, t1[:t], t2[:t])
             # Adjoint: lambda_t = C_t * gy_t + a_{t+1} * lambda_{t+1}.
             g = gh[:t]
-            torch.mul(gy[..., None], C[s:e, :, None, :], out=g)
+            torch.mul(gy[:, :, None, :], C[s:e, :, :, None], out=g)
             g[-1].add_(carry)
             w[:-1].copy_(a[1:])
             w[-1].fill_(1.0)  # a_{t+1} of the last token is never used (carry holds it)
@@ -247,19 +249,18 @@ class _ChunkedScan(torch.autograd.Function):
             torch.mul(lam, a, out=gd)
             gd[1:].mul_(h[:-1])
             gd[0].mul_(h0)
-            grad_C[s:e] = torch.bmm(gy.reshape(tb, 1, dim), h.view(tb, dim, state)).view(
-                t, batch, state
-            )
-            lam_b = torch.bmm(lam.view(tb, dim, state), B[s:e].reshape(tb, state, 1)).view(
-                t, batch, dim
-            )
-            grad_B[s:e] = torch.bmm(du.reshape(tb, 1, dim), lam.view(tb, dim, state)).view(
-                t, batch, state
-            )
+            h_rows = h.view(tb, state, dim)
+            lam_rows = lam.view(tb, state, dim)
+            grad_C[s:e] = torch.bmm(h_rows, gy.reshape(tb, dim, 1)).view(t, batch, state)
+            grad_B[s:e] = torch.bmm(lam_rows, du.reshape(tb, dim, 1)).view(t, batch, state)
+            lam_b = torch.bmm(B[s:e].reshape(tb, 1, state), lam_rows).view(t, batch, dim)
             grad_u[s:e] = d_c * lam_b
-            grad_delta[s:e] = u_c * lam_b + (gd * A).sum(-1)
-            grad_A += torch.einsum("tbdn,tbd->dn", gd, d_c)
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, None
+            grad_delta[s:e] = u_c * lam_b
+            torch.mul(gd, At, out=a)  # `a` is no longer needed: reuse its buffer
+            grad_delta[s:e] += a.sum(2)
+            gd.mul_(d_c[:, :, None, :])
+            grad_At += gd.sum(0)
+        return grad_u, grad_delta, grad_At.sum(0), grad_B, grad_C, None
 
 
 def selective_scan_chunked(
@@ -299,7 +300,7 @@ def selective_scan_chunked(
     y = _ChunkedScan.apply(
         time_major(u_c),
         time_major(delta),
-        A.to(dtype).contiguous(),
+        A.to(dtype).t().contiguous(),
         time_major(B),
         time_major(C),
         chunk_size,

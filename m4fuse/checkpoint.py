@@ -1,0 +1,308 @@
+"""One-file model checkpoints: network config, training size, shared weights, experts by site.
+
+A checkpoint is ``torch.save`` of a plain dict (readable with ``torch.load(weights_only=True)``,
+so loading never runs pickled code)::
+
+    {"format": "m4fuse-checkpoint", "version": 1,
+     "model_config": {...M4FuseConfig fields...},
+     "size": [D, H, W] | None,            # training size the preprocessing resizes to
+     "shared": {name: tensor},            # every weight that is not a site expert
+     "experts": {site: {"…site_experts.*.…": tensor}},   # index-free (m4fuse.state.expert_state)
+     "metadata": {...JSON values...}}
+
+Writes are atomic (temporary file in the same folder, fsync, rename). A run folder holds its
+final model as :data:`CHECKPOINT_NAME` (``model.ckpt``); :func:`resolve_checkpoint_path` accepts
+either the file or such a folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from m4fuse.state import expert_state, is_personal, place_expert, split_state
+
+FORMAT = "m4fuse-checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "model.ckpt"
+REQUIRED_KEYS: tuple[str, ...] = ("format", "version", "model_config", "size", "shared", "experts")
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a (complete, supported) M4Fuse checkpoint; the message names it."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model_config: the :class:`m4fuse.model.M4FuseConfig` fields (``num_experts`` as saved;
+            :func:`build_model` sets it to 1).
+        size: training size ``(D, H, W)`` for preprocessing, or None when the writer did not
+            record it.
+        shared: shared weights by state-dict name.
+        experts: ``{site name: index-free expert weights}``.
+        metadata: free JSON-like values (strategy, rounds, metrics ...).
+        path: the file it was read from (None for one built in memory).
+    """
+
+    model_config: dict[str, Any]
+    size: tuple[int, int, int] | None
+    shared: dict[str, torch.Tensor]
+    experts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites that have an expert, sorted."""
+        return sorted(self.experts)
+
+
+def _config_dict(model_config: Any) -> dict[str, Any]:
+    if hasattr(model_config, "to_dict"):
+        data = model_config.to_dict()
+    elif dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
+        data = dataclasses.asdict(model_config)
+    elif isinstance(model_config, Mapping):
+        data = dict(model_config)
+    else:
+        raise TypeError(f"model_config must be an M4FuseConfig or a dict, got {type(model_config).__name__}")
+    return _json_plain(data, "model_config")
+
+
+def _json_plain(value: Any, what: str) -> Any:
+    """JSON round trip: plain values that ``weights_only`` loading accepts; error otherwise."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} must hold JSON values only (str, numbers, lists, dicts): {err}") from err
+
+
+def _tensors(state: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what}: keys must be str, got {key!r}")
+        if not isinstance(value, torch.Tensor):
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, RuntimeError) as err:
+                raise TypeError(f"{what}[{key!r}] is not an array: {type(value).__name__}") from err
+        out[key] = value.detach().cpu().clone()
+    return out
+
+
+def _check_size(size: Sequence[int] | None) -> tuple[int, int, int] | None:
+    if size is None:
+        return None
+    try:
+        out = tuple(int(s) for s in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be three positive ints (D, H, W) or None, got {size!r}") from None
+    if len(out) != 3 or min(out) < 1:
+        raise ValueError(f"size must be three positive ints (D, H, W) or None, got {size!r}")
+    return out  # type: ignore[return-value]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model_config: Any,
+    shared: Mapping[str, Any],
+    experts: Mapping[str, Mapping[str, Any]] | None = None,
+    size: Sequence[int] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically and return its path.
+
+    Args:
+        path: file to write (parent folders are created).
+        model_config: an :class:`m4fuse.model.M4FuseConfig` (or its dict).
+        shared: shared weights (tensors or arrays); a site-expert key here is an error.
+        experts: ``{site name: index-free expert weights}`` (from
+            :func:`m4fuse.state.expert_state`); default none. All must have the same keys.
+        size: training size ``(D, H, W)`` the model was trained at (needed by ``segment``);
+            default None (not recorded).
+        metadata: free JSON values; default empty.
+    """
+    path = Path(path)
+    personal = sorted(k for k in shared if is_personal(k))
+    if personal:
+        raise ValueError(f"shared weights include site-expert keys, e.g. {personal[0]!r}")
+    expert_sets: dict[str, dict[str, torch.Tensor]] = {}
+    first_keys: set[str] | None = None
+    for site, state in (experts or {}).items():
+        if not isinstance(site, str) or not site:
+            raise ValueError(f"expert site names must be non-empty str, got {site!r}")
+        place_expert(state, 0)  # raises KeyError for a key that is not index-free
+        keys = set(state)
+        if not keys:
+            raise ValueError(f"expert of site {site!r} is empty")
+        if first_keys is not None and keys != first_keys:
+            raise ValueError(f"expert of site {site!r} has other keys than the first expert's")
+        first_keys = keys
+        expert_sets[site] = _tensors(state, f"experts[{site!r}]")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": _config_dict(model_config),
+        "size": list(s) if (s := _check_size(size)) else None,
+        "shared": _tensors(shared, "shared"),
+        "experts": expert_sets,
+        "metadata": _json_plain(dict(metadata or {}), "metadata"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_model_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    sites: Sequence[str] = (),
+    size: Sequence[int] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Checkpoint of a live model: its shared weights and expert ``k`` saved as ``sites[k]``.
+
+    ``sites`` may name fewer sites than the model has experts (the rest are not saved), never
+    more. ``model.config`` provides the network config.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("model has no .config to rebuild it from (expected an M4Fuse)")
+    num_experts = int(getattr(config, "num_experts", 0))
+    if len(sites) > num_experts:
+        raise ValueError(f"{len(sites)} site names for a model with {num_experts} expert(s)")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"site names repeat: {list(sites)}")
+    shared, personal = split_state(model.state_dict())
+    experts = {name: expert_state(personal, k) for k, name in enumerate(sites)}
+    return save_checkpoint(path, config, shared, experts, size, metadata)
+
+
+def resolve_checkpoint_path(run_or_checkpoint: str | os.PathLike) -> Path:
+    """The checkpoint file: the path itself, or ``<folder>/model.ckpt`` for a run folder."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise FileNotFoundError(f"run folder {path} holds no {CHECKPOINT_NAME}")
+        return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint file or run folder at {path}")
+    return path
+
+
+def load_checkpoint(run_or_checkpoint: str | os.PathLike) -> Checkpoint:
+    """Read and check a checkpoint (file, or run folder holding ``model.ckpt``).
+
+    Raises:
+        FileNotFoundError: no such file / folder.
+        CheckpointError: not a torch file, truncated, another format, a newer version, or
+            missing / ill-typed parts; the message names the file.
+    """
+    path = resolve_checkpoint_path(run_or_checkpoint)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        raise CheckpointError(
+            f"{path}: not a readable M4Fuse checkpoint (truncated, corrupt or another format): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not an M4Fuse checkpoint (format {found!r}, expected {FORMAT!r})")
+    version = payload.get("version")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} not supported (this code reads 1..{VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    shared, experts = payload["shared"], payload["experts"]
+    if not isinstance(payload["model_config"], dict):
+        raise CheckpointError(f"{path}: model_config is not a dict")
+    if not isinstance(shared, dict) or not shared or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in shared.items()
+    ):
+        raise CheckpointError(f"{path}: 'shared' must be a non-empty dict of tensors")
+    if not isinstance(experts, dict) or not all(
+        isinstance(s, str) and isinstance(e, dict) and all(isinstance(v, torch.Tensor) for v in e.values())
+        for s, e in experts.items()
+    ):
+        raise CheckpointError(f"{path}: 'experts' must map site names to dicts of tensors")
+    try:
+        size = _check_size(payload["size"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return Checkpoint(
+        model_config=payload["model_config"],
+        size=size,
+        shared=shared,
+        experts=experts,
+        metadata=payload.get("metadata") or {},
+        path=path,
+    )
+
+
+def build_model(checkpoint: Checkpoint, site: str | None = None) -> tuple[nn.Module, int | None]:
+    """Rebuild the network for one site: ``(model in eval mode, expert index or None)``.
+
+    The model has one expert slot. When ``site`` has an expert in the checkpoint it is loaded
+    at index 0 and ``0`` is returned; otherwise (no site, or a site without an expert) the
+    shared path alone is used and ``None`` is returned (pass it as ``expert`` to the model).
+    Which of the two happened is logged.
+    """
+    from m4fuse.model import M4Fuse, M4FuseConfig
+
+    where = checkpoint.path or "<checkpoint>"
+    try:
+        config = M4FuseConfig.from_dict({**checkpoint.model_config, "num_experts": 1})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: model_config does not build an M4Fuse: {err}") from err
+    model = M4Fuse(config)
+    state = dict(checkpoint.shared)
+    expert: int | None = None
+    if site is not None and site in checkpoint.experts:
+        state.update(place_expert(checkpoint.experts[site], 0))
+        expert = 0
+        log.info("site %r: using its expert from %s", site, where)
+    elif site is not None:
+        log.info("site %r has no expert in %s (sites with one: %s): shared model alone",
+                 site, where, checkpoint.sites or "none")
+    else:
+        log.info("no site given: shared model alone (%s)", where)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{where}: weights do not fit the configured network: {err}") from err
+    missing = [k for k in result.missing_keys if expert is not None or not is_personal(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{where}: weights do not match the network: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )
+    model.eval()
+    return model, expert

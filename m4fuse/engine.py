@@ -30,7 +30,6 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from monai.optimizers import WarmupCosineSchedule
 from torch import nn
-from torch.utils.data import DataLoader
 
 from m4fuse.inference import (
     AMP_DTYPES,

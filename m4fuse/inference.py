@@ -65,10 +65,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The network inside wrappers that keep it as ``_module`` (Opacus' GradSampleModule) or
     ``module`` (DataParallel)."""
     while True:
-        inner = getattr(model, "_module", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
+        for attr in ("_module", "module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
             return model
-        model = inner
 
 
 def output_mode(model: nn.Module) -> str:

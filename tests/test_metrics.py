@@ -150,3 +150,17 @@ def test_infer_et_label_and_mean_scores() -> None:
     assert m["dice_wt"] == 0.5 and m["hd95_tc"] == 2.0 and m["dice_mean"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="hd95_et"):
         mean_scores([{k: v for k, v in rows[0].items() if k != "hd95_et"}])
+
+
+def test_masks_touching_the_volume_border_agree_with_medpy() -> None:
+    a = np.zeros(SHAPE, bool)
+    b = np.zeros(SHAPE, bool)
+    a[0:6, 3:12, 14:20] = True  # touches three faces
+    b[0:4, 0:10, 15:20] = True
+    b[20:24, 20:28, 0:3] = True  # a far second component in the opposite corner
+    dice, hd_max = binary_scores(a, b, SPACING)
+    _, hd_pooled = binary_scores(a, b, SPACING, hd95="pooled")
+    assert dice == pytest.approx(medpy_binary.dc(a, b), abs=1e-6)
+    assert hd_pooled == pytest.approx(medpy_binary.hd95(a, b, voxelspacing=SPACING), rel=1e-5)
+    expected_max = max(_medpy_directed_p95(a, b, SPACING), _medpy_directed_p95(b, a, SPACING))
+    assert hd_max == pytest.approx(expected_max, rel=1e-5)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--cache", required=True, help="cache folder")
     prep.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"), default=[64, 128, 128],
                       help="training size (Z, Y, X) (default 64 128 128)")
-    prep.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    prep.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
     prep.add_argument("--partition-csv", help="sites to record (default ROOT/partition.csv if present)")
     prep.add_argument("--strict", action="store_true", help="exit 1 if any case was skipped")
     prep.set_defaults(func=_prepare)

@@ -79,7 +79,7 @@ def site_acquisition(site: int, seed: int) -> dict[str, Any]:
         "gamma": [float(g) for g in rng.uniform(0.6, 1.6, size=4)],
         "bias": float(rng.uniform(0.05, 0.35)),
         "noise": float(rng.uniform(0.01, 0.08)),
-        "blur": float(rng.uniform(0.0, 1.1)),
+        "blur": float(rng.uniform(0.0, 0.7)),
         "blur_z_extra": float(rng.choice([0.0, 0.0, 1.0])),
         "enhancement": float(rng.uniform(0.75, 1.25)),
         "flair_oedema": float(rng.uniform(0.85, 1.15)),
@@ -122,7 +122,7 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
     tissue[csf & brain] = 3
     # Tumour.
     lo, hi = _SIZE_CLASSES[size_class]
-    tc_r = rng.uniform(lo, hi) * mm
+    tc_r = max(rng.uniform(lo, hi) * mm, 3.0)  # voxels; at least 3 on tiny grids
     wt_r = tc_r * rng.uniform(1.4, 1.9)
     for _ in range(1000):
         centre = rng.uniform(-0.55, 0.55, size=3) * axes
@@ -137,7 +137,7 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
     label[wt] = 2
     label[tc] = 1
     if with_et:
-        rim_mm = rng.uniform(1.6, 2.8) * mm
+        rim_mm = max(rng.uniform(1.6, 2.8) * mm, 1.5)
         rim = tc & (tc_n > 1.0 - rim_mm / tc_r)
         frac = rng.uniform(0.55, 1.0)
         ang = smooth_noise(shape, rng, max(tc_r / 1.5, 2.0))
@@ -159,7 +159,7 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
                 value *= acq["flair_oedema"]
             img[mask] = value * (1 + tex[mask])
     # Acquisition: partial voluming, blur, gamma, bias, noise, scale/offset; skull-stripped.
-    sigma = [0.5 + acq["blur"]] * 2 + [0.5 + acq["blur"] + acq["blur_z_extra"]]
+    sigma = [0.3 + acq["blur"]] * 2 + [0.3 + acq["blur"] + acq["blur_z_extra"]]
     bias = np.exp(acq["bias"] * smooth_noise(shape, rng, 40 * mm))
     for m in range(4):
         img = gaussian_filter(images[m], sigma)

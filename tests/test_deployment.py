@@ -1,0 +1,324 @@
+"""Deployment on loopback: a SuperLink and two SuperNodes as separate processes, TLS on,
+SuperNode authentication on, one short run of this project's Flower app on tiny synthetic data.
+
+The commands are the ones docs/deploy.md gives to the coordinator and the hospitals (the last
+test checks that every flag used here is documented there). Every process is started in its
+own session and stopped by PID at teardown, with all its descendants (the SuperLink's and the
+SuperNodes' SuperExec, ServerApp and ClientApp processes), also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from m4fuse.commands.certs import make_certificates
+
+REPO = Path(__file__).resolve().parents[1]
+#: The Flower app submitted with `flwr run`: this checkout (a copy elsewhere when
+#: $M4FUSE_DEPLOY_TEST_APP names one, e.g. to try a packaging change before committing it).
+APP = Path(os.environ.get("M4FUSE_DEPLOY_TEST_APP", str(REPO)))
+BIN = Path(sys.executable).parent
+CONNECTION = "hospitals"
+SITES = ("site0", "site1")  # the synthesiser's site names for 2 sites
+#: Everything small: 2 sites x 4 cases (2 train, 1 val, 1 test) of 24x24x20 voxels, trained at
+#: 16^3 with tiny widths, 1 round of 1 epoch, no MLflow (tracking is tested elsewhere).
+OVERRIDES = (
+    "run_name=deploy-test data.sites=2 data.cases_per_site=4 data.val_fraction=0.25 "
+    "data.test_fraction=0.25 data.shape=[24,24,20] data.size=[16,16,16] data.workers=1 "
+    "model.widths=[4,4,8,8,8,8] fl.rounds=1 fl.local_epochs=1 train.batch_size=2 "
+    "train.amp=false train.augment=false tracking.enabled=false device=cpu"
+)
+RUN_TIMEOUT_S = 240
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The environment every Flower process of the project gets (DESIGN.md §3a)."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent PID -> child PIDs of every process visible in /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (collected before anything is killed: once a parent dies
+    its children are re-parented and can no longer be found this way)."""
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class Proc:
+    """A started process, its log file, and how to stop it with everything it started."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process, its descendants and their process groups; SIGKILL after
+        ``grace_s`` whatever is still alive."""
+        pids = [self.popen.pid, *descendants(self.popen.pid)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(_alive(p) for p in pids):
+                time.sleep(0.2)
+                try:
+                    self.popen.wait(timeout=0)  # reap our own child
+                except subprocess.TimeoutExpired:
+                    pass
+            if not any(_alive(p) for p in pids):
+                return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Federation:
+    """One SuperLink and its SuperNodes on loopback, with the files they use."""
+
+    root: Path
+    port: int
+    certs: object
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def cli_home(self) -> Path:
+        return self.root / "coordinator-flwr"
+
+    def start(self, name: str, argv: list[str], home: Path) -> Proc:
+        log = self.root / f"{name}.log"
+        handle = open(log, "wb")
+        popen = subprocess.Popen(
+            argv, cwd=self.root, env=flwr_env(home), stdout=handle, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        handle.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI as the coordinator does (its own FLWR_HOME)."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], cwd=self.root, env=flwr_env(self.cli_home),
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.name} -----\n{p.text()[-4000:]}" for p in self.procs)
+
+
+def _wait(what: str, ready, timeout: float, fed: Federation) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{fed.logs()}")
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_supernode(fed: Federation, index: int, key: Path, port: int) -> Proc:
+    """A hospital's SuperNode (docs/deploy.md, 'Each hospital')."""
+    site = SITES[index]
+    hospital = fed.root / f"hospital-{index + 1}"
+    node_config = (
+        f'site="{site}" site-index={index} data-root="{hospital / "data"}" '
+        f'cache-dir="{hospital / "cache"}" state-dir="{hospital / "state"}" device="auto"'
+    )
+    return fed.start(
+        f"supernode-{index + 1}",
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink", f"localhost:{fed.port}",
+            "--root-certificates", str(fed.certs.ca_cert),
+            "--auth-supernode-private-key", str(key),
+            "--port", str(port),
+            "--node-config", node_config,
+        ],
+        home=hospital / "flwr",
+    )
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """SuperLink with TLS and SuperNode authentication, two registered SuperNodes online."""
+    root = tmp_path_factory.mktemp("deploy")
+    certs = make_certificates(root / "certs", ["localhost"], ["hospital-1", "hospital-2"])
+    fed = Federation(root=root, port=free_port(), certs=certs)
+    try:
+        fed.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(certs.ca_cert),
+                "--ssl-certfile", str(certs.server_cert),
+                "--ssl-keyfile", str(certs.server_key),
+                "--enable-supernode-auth",
+                "--host", "127.0.0.1",
+                "--port", str(fed.port),
+                "--database", str(root / "superlink.db"),
+            ],
+            home=root / "superlink-flwr",
+        )
+        _wait("the SuperLink port", lambda: _port_open(fed.port), 60, fed)
+        fed.cli_home.mkdir()
+        (fed.cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "localhost:{fed.port}"\nroot-certificates = "{certs.ca_cert}"\n'
+        )
+        for name in ("hospital-1", "hospital-2"):
+            done = fed.flwr("supernode", "register", str(certs.supernode_keys[name][1]),
+                            CONNECTION)
+            assert done.returncode == 0 and "registered successfully" in done.stdout, (
+                done.stdout + done.stderr + fed.logs()
+            )
+        for index, name in enumerate(("hospital-1", "hospital-2")):
+            start_supernode(fed, index, certs.supernode_keys[name][0], free_port())
+
+        def both_online() -> bool:
+            done = fed.flwr("supernode", "ls", CONNECTION, "--format", "json")
+            if done.returncode != 0:
+                return False
+            nodes = json.loads(done.stdout).get("nodes", [])
+            return sum(n.get("status") == "online" for n in nodes) == 2
+
+        _wait("both SuperNodes online", both_online, 90, fed)
+        yield fed
+    finally:
+        for proc in reversed(fed.procs):
+            proc.stop()
+        leftover = [p.name for p in fed.procs if _alive(p.popen.pid)]
+        assert not leftover, f"processes left running: {leftover}"
+
+
+def test_unregistered_supernode_is_refused(federation: Federation) -> None:
+    stranger = make_certificates(federation.root / "stranger", ["localhost"], ["x"])
+    proc = federation.start(
+        "stranger",
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink", f"localhost:{federation.port}",
+            "--root-certificates", str(federation.certs.ca_cert),
+            "--auth-supernode-private-key", str(stranger.supernode_keys["x"][0]),
+            "--port", str(free_port()),
+            "--max-retries", "0",
+        ],
+        home=federation.root / "stranger-flwr",
+    )
+    assert proc.popen.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in proc.text(), proc.text()
+
+
+def test_run_finishes_and_each_site_keeps_its_expert(federation: Federation) -> None:
+    coordinator_root = federation.root / "coordinator"
+    overrides = f"{OVERRIDES} root={coordinator_root}"
+    started = time.monotonic()
+    done = federation.flwr(
+        "run", str(APP), CONNECTION, "--run-config", f"overrides='{overrides}'", "--stream",
+        timeout=RUN_TIMEOUT_S,
+    )
+    seconds = time.monotonic() - started
+    out = done.stdout + done.stderr
+    match = re.search(r"Successfully started run (\d+)", out)
+    assert match, out + federation.logs()
+    listed = federation.flwr("list", CONNECTION, "--run-id", match.group(1), "--format", "json")
+    run = json.loads(listed.stdout)["runs"][0]
+    assert run["status"] == "finished:completed", f"{run}\n{out}\n{federation.logs()}"
+    print(f"flwr run took {seconds:.1f} s; traffic {run['network-traffic']}")
+
+    # both sites reported: the coordinator's round history holds validation from both indices
+    history = json.loads((coordinator_root / "runs" / "deploy-test" / "history.json").read_text())
+    assert sorted(history[-1]["val_by_site"]) == ["0", "1"], history[-1]
+
+    # each hospital's state dir holds its own expert, and only expert weights
+    experts = []
+    for index, site in enumerate(SITES):
+        files = list((federation.root / f"hospital-{index + 1}" / "state").rglob("kept-r1.pt"))
+        assert len(files) == 1, f"hospital-{index + 1}: {files}"
+        kept = torch.load(files[0], weights_only=True)
+        assert kept["site"] == site
+        assert kept["state"] and all(".site_experts." in k for k in kept["state"]), list(kept["state"])[:3]
+        experts.append(kept["state"])
+    key = next(iter(experts[0]))
+    assert not torch.equal(experts[0][key], experts[1][key])  # trained apart
+
+
+def test_commands_are_the_documented_ones() -> None:
+    """Every executable and flag this test uses appears in docs/deploy.md."""
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    for needed in (
+        "flower-superlink", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
+        "--enable-supernode-auth", "--database", "flwr supernode register",
+        "flower-supernode", "--root-certificates", "--auth-supernode-private-key",
+        "--node-config", "site-index=", "data-root=", "cache-dir=", "state-dir=", "device=",
+        "flwr run", "--run-config", "--stream", "root-certificates =", "m4fuse certs",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "flwr list",
+    ):
+        assert needed in doc, f"docs/deploy.md does not mention {needed!r}"

@@ -8,7 +8,8 @@ put in a reply; only this site's process reads or writes the folder.
 Layout of ``state_dir``::
 
     site-state-r<round>.pt   torch.save of {"format", "site", "round", "fingerprint",
-                             "expert", "optimizer", "metrics"}; the newest ``keep`` rounds
+                             "expert", "optimizer", "metrics", "shared"}; the newest
+                             ``keep`` rounds
     last-metrics.json        the newest round's metrics, for people (never read back)
 
 Every file is written to a temporary name in the same folder, flushed, fsync'd and renamed
@@ -84,6 +85,8 @@ class SiteState:
         expert: index-free expert weights (keys contain ``site_experts.*.``).
         optimizer: the optimiser's ``state_dict()``, or None when not kept.
         metrics: the site's last scalar metrics (name -> finite number).
+        shared: the site's own copy of the shared weights, only when they are not exchanged
+            (``fl.strategy=local``); None otherwise (default).
     """
 
     site: str
@@ -92,6 +95,7 @@ class SiteState:
     expert: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the bad field when this state cannot be stored."""
@@ -111,6 +115,11 @@ class SiteState:
                 )
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"expert[{key!r}] is a {type(value).__name__}, not a tensor")
+        for key, value in (self.shared or {}).items():
+            if _EXPERT_KEY in f".{key}" or ".site_experts." in f".{key}":
+                raise ValueError(f"shared key {key!r} is an expert weight; put it in expert")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"shared[{key!r}] is a {type(value).__name__}, not a tensor")
         for key, value in self.metrics.items():
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"metric {key!r} must be a finite number, got {value!r}")
@@ -186,6 +195,9 @@ class SiteStateStore:
             "expert": {k: v.detach().cpu().contiguous() for k, v in state.expert.items()},
             "optimizer": state.optimizer,
             "metrics": {k: float(v) for k, v in state.metrics.items()},
+            "shared": None if state.shared is None else {
+                k: v.detach().cpu().contiguous() for k, v in state.shared.items()
+            },
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -268,4 +280,5 @@ class SiteStateStore:
             expert=dict(expert),
             optimizer=raw.get("optimizer"),
             metrics=dict(raw["metrics"]),
+            shared=None if raw.get("shared") is None else dict(raw["shared"]),
         )

@@ -16,7 +16,7 @@ from client.state_store import (
     model_fingerprint,
 )
 from m4fuse.model import M4Fuse, M4FuseConfig
-from m4fuse.state import expert_state, place_expert
+from m4fuse.state import expert_state, place_expert, split_state
 
 WIDTHS = (4, 4, 8, 8, 8, 8)
 
@@ -72,6 +72,20 @@ def test_round_trip_restores_expert_into_a_fresh_model(trained, tmp_path: Path) 
     assert next(iter(opt2.state_dict()["state"].values()))["step"] == step_before
     summary = json.loads((tmp_path / "state" / "last-metrics.json").read_text())
     assert summary == {"site": "CBICA", "round": 1, "metrics": {"loss": 0.25, "dice_mean": 0.5}}
+
+
+def test_local_strategy_keeps_its_shared_copy(trained, tmp_path: Path) -> None:
+    config, model, opt = trained
+    shared, _ = split_state(model.state_dict())
+    store = SiteStateStore(tmp_path, "CBICA")
+    store.save(SiteState("CBICA", 2, model_fingerprint(config),
+                         expert_state(model.state_dict(), 0), shared=shared))
+    loaded = store.load(model_fingerprint(config))
+    assert loaded.optimizer is None and set(loaded.shared) == set(shared)
+    assert all(torch.equal(loaded.shared[k], shared[k]) for k in shared)
+    with pytest.raises(ValueError, match="expert weight"):
+        store.save(SiteState("CBICA", 3, model_fingerprint(config), loaded.expert,
+                             shared=dict(model.state_dict())))
 
 
 def test_keeps_newest_rounds_and_before_round(trained, tmp_path: Path) -> None:

@@ -229,8 +229,8 @@ def load_checkpoint(run_or_checkpoint: str | os.PathLike) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
         raise CheckpointError(
-            f"{path}: not a readable M4Fuse checkpoint (truncated, corrupt or another format): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"{path}: not a readable M4Fuse checkpoint (truncated, corrupt, or not a torch.save "
+            f"file of tensors and plain values) [{type(err).__name__}]"
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__

@@ -204,3 +204,14 @@ def test_evaluate_truth_against_itself_and_mismatches(tmp_path: Path, capsys) ->
     junk.write_bytes(b"not nifti")
     with pytest.raises(ValueError, match="junk.nii.gz.*not a readable NIfTI"):
         evaluate_paths(junk, bad)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
+    folder, _, _ = write_case(tmp_path / "in")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    assert main(["segment", str(folder), "--model", str(notes), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m4fuse segment: error:") and "notes.txt" in err and "Traceback" not in err
+    assert main(["evaluate", str(tmp_path / "nothing"), str(folder)]) == 2
+    assert "prediction path not found" in capsys.readouterr().err

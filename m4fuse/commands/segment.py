@@ -15,7 +15,8 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,20 @@ def case_id_of(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ segment
+
+
+def _user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print bad-input errors (bad file, checkpoint, case, argument) as one line, exit code 2."""
+
+    @wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            print(f"m4fuse {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
 
 
 def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
@@ -133,6 +148,7 @@ def segment_case(
     }
 
 
+@_user_errors
 def _run_segment(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     summary = segment_case(
@@ -237,6 +253,7 @@ def evaluate_paths(
     return [{"case": case, **score_files(p, t, et_label, hd95)} for case, p, t in pair_files(pred, truth)]
 
 
+@_user_errors
 def _run_evaluate(args: argparse.Namespace) -> int:
     from m4fuse.metrics import mean_scores
 

@@ -1,0 +1,576 @@
+"""Differential privacy on the client: DP-SGD with Opacus 1.6 (issue #6).
+
+One site trains its own model (one expert, index 0) under DP-SGD: every optimiser step clips
+each case's gradient to ``max_grad_norm`` (flat clipping over all trainable parameters), adds
+Gaussian noise of std ``noise_multiplier * max_grad_norm`` to the sum, and samples its batch
+by Poisson sampling (each case independently with rate ``q = 1 / batches_per_epoch``). The
+guarantee is per site, at the level of one case (add/remove one patient of that site's
+training set), for everything the site sends out: its shared weights *and* its metrics are
+functions of the DP-trained model (the loss metric is the only other number computed from
+training data; it is not privatised, see docs/privacy.md).
+
+Use from the ClientApp (one round):
+
+    private = make_private_training(model, optimizer, loader, cfg_privacy,
+                                    total_epochs=rounds * local_epochs,
+                                    accountant_state=saved_or_None, seed=round_seed)
+    train_epochs(private.module, private.loader, private.optimizer, scheduler, ...)
+    state = private.accountant_state()      # store in context.state (ConfigRecord-ready)
+    eps = private.epsilon()                 # report as a metric
+    private.close()                         # hooks off; ``model`` is a plain network again
+
+What had to be adapted for Opacus, all here and none in the network:
+
+* :class:`~m4fuse.model.GroupedMixer` folds its channel groups into the batch axis (one Mamba
+  call over ``B * G`` rows). Opacus takes the first axis of every layer input as the sample
+  axis, so inside the mixer it would compute ``B * G`` "per-sample" gradients and scale a mean
+  loss by ``B * G``: wrong clipping. :func:`prepare_for_opacus` switches every mixer to
+  :class:`PerGroupMixer`, the same maths with one Mamba call per group (batch ``B`` each); Opacus
+  sums the per-sample gradients of the ``G`` calls of the shared Mamba like any tied layer.
+* :class:`~m4fuse.model.SelectiveSSM` (raw ``A_log``, ``D``, a custom autograd Function for
+  the scan, five inputs) and :class:`~m4fuse.model.SkipScale` (raw ``scale``) have no Opacus
+  grad sampler, and Opacus' functorch fallback cannot run them (it passes only the first input,
+  and torch.func cannot transform the scan's old-style autograd Function). Opacus' documented
+  extension point, ``register_grad_sampler``, gets :func:`leaf_loop_grad_sampler` for them: per
+  sample, it reruns the leaf's own forward on that sample's inputs and takes
+  ``torch.autograd.grad`` of ``<output, backprop>`` with respect to the leaf's parameters.
+  Works with any scan implementation (the chunked PyTorch one or ``mamba_ssm``'s CUDA kernel).
+* The expert index: :class:`SiteModel` closes over the site's fixed expert index so that no
+  batch is ever split between experts (an expert applied to a subset of the batch would get
+  per-sample gradients for that subset only, which Opacus cannot clip).
+* The loader: Opacus' ``DPDataLoader`` builds empty Poisson batches by copying the structure of
+  the first batch and refuses strings (the ``case`` ids); :func:`poisson_loader` uses Opacus'
+  ``UniformWithReplacementSampler`` with a collate that also handles lists of strings.
+
+Everything else is Opacus as documented: ``PrivacyEngine.make_private`` (GradSampleModule,
+DPOptimizer, accountant hook), ``get_noise_multiplier`` for a target ε, the RDP/PRV
+accountants and their ``history``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.utils import register_grad_sampler
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
+
+from m4fuse.model import GroupedMixer, M4Fuse, SelectiveSSM, SkipScale
+
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The site's accountant already used the steps its target ε was planned for."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD settings of one run (Hydra group ``privacy``).
+
+    Attributes:
+        enabled: train with DP-SGD (default False: ordinary training, nothing else applies).
+        noise_multiplier: σ, noise std as a multiple of ``max_grad_norm`` (default 1.0). Set it
+            to None and give ``target_epsilon`` instead to let Opacus choose σ.
+        target_epsilon: ε the site may spend over the whole run (default None). σ is then the
+            smallest value (Opacus ``get_noise_multiplier``, tolerance 0.01) that keeps ε at or
+            below it after ``total_epochs`` epochs of Poisson-sampled steps; the same σ is used
+            in every round, and training past the planned steps raises
+            :class:`PrivacyBudgetExhausted`.
+        max_grad_norm: per-case gradient clipping bound C (default 1.0).
+        delta: δ (default None: ``1 / (10 · n)`` with n the site's number of training cases,
+            see :func:`resolve_delta`; an explicit value must be in (0, 1)).
+        accountant: ``"rdp"`` (default; Rényi DP, Mironov et al.) or ``"prv"`` (privacy random
+            variables, Gopi et al.: tighter, slower).
+        secure_rng: cryptographically secure noise and sampling (Opacus ``secure_mode``; needs
+            the ``torchcsprng`` package, seeds are then refused). Default False: torch's PRNG,
+            fine for experiments, not for a deployment that claims the guarantee.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float | None = 1.0
+    target_epsilon: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float | None = None
+    accountant: str = "rdp"
+    secure_rng: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier and target_epsilon, got "
+                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
+            )
+        if self.noise_multiplier is not None and not (
+            isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0
+            and math.isfinite(self.noise_multiplier)
+        ):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
+        if self.target_epsilon is not None and not (
+            isinstance(self.target_epsilon, (int, float)) and 0 < self.target_epsilon < math.inf
+        ):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon!r}")
+        if not (isinstance(self.max_grad_norm, (int, float)) and 0 < self.max_grad_norm < math.inf):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ValueError(f"delta must be None or in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> PrivacyConfig:
+        """From the Hydra ``privacy`` group (a DictConfig is a Mapping); unknown keys raise
+        ``KeyError`` naming them. ``None`` gives the defaults (DP off)."""
+        if mapping is None:
+            return cls()
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(mapping) - allowed)
+        if unknown:
+            raise KeyError(f"unknown privacy setting(s) {unknown}; allowed: {sorted(allowed)}")
+        values = dict(mapping)
+        if "target_epsilon" in values and values["target_epsilon"] is not None \
+                and "noise_multiplier" not in values:
+            values["noise_multiplier"] = None  # a target ε replaces the default σ
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for MLflow params)."""
+        return asdict(self)
+
+
+def resolve_delta(config: PrivacyConfig, n_cases: int) -> float:
+    """δ of a site: ``config.delta`` if given, else ``1 / (10 · n_cases)``.
+
+    The rule keeps δ an order of magnitude below 1/n, the level at which a mechanism could
+    publish one whole case with probability δ and still meet the definition. BraTS sites hold
+    tens to hundreds of cases, so δ is 1e-3..1e-4: weaker than the 1e-5 of large-data papers,
+    which is why the value used is logged next to ε.
+    """
+    if not isinstance(n_cases, int) or isinstance(n_cases, bool) or n_cases < 1:
+        raise ValueError(f"n_cases must be an int >= 1, got {n_cases!r}")
+    return float(config.delta) if config.delta is not None else 1.0 / (10 * n_cases)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class PerGroupMixer(GroupedMixer):
+    """:class:`~m4fuse.model.GroupedMixer` with one Mamba call per channel group.
+
+    Same parameters and the same output as the parent (tested to float tolerance), but every
+    layer inside sees the real batch ``B`` as its first axis, which Opacus' per-sample gradients
+    need. Costs ``G`` smaller Mamba calls instead of one folded call.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        n, g = math.prod(spatial), self.groups
+        t = self.norm(x.reshape(b, c, n).transpose(1, 2))  # (B, N, C)
+        t = t.reshape(b, n, g, c // g).permute(0, 2, 3, 1)  # (B, G, C/G, N)
+        ys = []
+        for k in range(g):
+            tk = t[:, k].contiguous()  # (B, C/G, N): group k of every sample
+            ys.append(self.mamba(tk) + self.skip(tk))
+        y = torch.stack(ys, dim=1).reshape(b, c, n)  # group k -> channels [k*C/G, (k+1)*C/G)
+        y = self.proj(self.norm(y.transpose(1, 2)))  # (B, N, C_out)
+        return y.transpose(1, 2).reshape(b, -1, *spatial)
+
+
+def prepare_for_opacus(model: nn.Module) -> nn.Module:
+    """Make ``model`` trainable under Opacus, in place; returns it.
+
+    Switches every :class:`GroupedMixer` to :class:`PerGroupMixer` (same parameters, same
+    state-dict keys), registers :func:`leaf_loop_grad_sampler` for the leaf modules with raw
+    parameters, and runs Opacus' ``ModuleValidator`` (which would reject BatchNorm, for
+    instance). Undo with :func:`restore_from_opacus`.
+    """
+    register_grad_samplers()
+    for module in model.modules():
+        if type(module) is GroupedMixer:
+            module.__class__ = PerGroupMixer
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model is not compatible with Opacus: {errors}")
+    return model
+
+
+def restore_from_opacus(model: nn.Module) -> nn.Module:
+    """Undo the class switch of :func:`prepare_for_opacus` (in place); returns ``model``."""
+    for module in model.modules():
+        if type(module) is PerGroupMixer:
+            module.__class__ = GroupedMixer
+    return model
+
+
+class SiteModel(nn.Module):
+    """The site's network routed to one fixed expert: ``forward(x, expert=None)``.
+
+    The inner network is kept as ``module`` (so ``m4fuse.inference.unwrap`` finds it and
+    parameter names stay the network's). ``expert`` may be given, as the training loop does,
+    but must then be ``expert_index`` for every sample.
+    """
+
+    def __init__(self, model: M4Fuse, expert_index: int = 0) -> None:
+        super().__init__()
+        if not isinstance(model, M4Fuse):
+            raise TypeError(f"model must be an M4Fuse, got {type(model).__name__}")
+        if not isinstance(expert_index, int) or not 0 <= expert_index < model.num_experts:
+            raise ValueError(
+                f"expert_index must be in 0..{model.num_experts - 1}, got {expert_index!r}"
+            )
+        if model.num_experts != 1:
+            raise ValueError(
+                f"DP training needs a site model with exactly one expert (the site's own), got "
+                f"{model.num_experts}: the other experts would get no per-sample gradient"
+            )
+        self.module = model
+        self.expert_index = expert_index
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
+        if expert is not None and bool((torch.as_tensor(expert) != self.expert_index).any()):
+            raise ValueError(
+                f"this site model routes every sample to expert {self.expert_index}, "
+                "got expert indices "
+                f"{sorted(set(torch.as_tensor(expert).tolist()) - {self.expert_index})}"
+            )
+        routes = torch.full((x.shape[0],), self.expert_index, dtype=torch.long, device=x.device)
+        return self.module(x, routes)
+
+
+def leaf_loop_grad_sampler(
+    layer: nn.Module, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a leaf module's own parameters, one sample at a time.
+
+    For sample i: ``y_i = layer.forward(*[a[i:i+1] for a in activations])`` (the unbound
+    forward, so no hook fires), then ``torch.autograd.grad(y_i, params, backprops[i:i+1])``.
+    ``backprops`` already carries Opacus' loss-reduction scaling. Written by hand because
+    Opacus' functorch fallback passes only the first input and cannot transform custom
+    autograd Functions (the selective scan); a loop over the batch (1-4 volumes in 3D
+    segmentation) costs one extra forward/backward of the leaf per sample.
+    """
+    if any(True for _ in layer.children()):
+        raise TypeError(f"{type(layer).__name__} has child modules; this sampler is for leaves only")
+    params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+    n = backprops.shape[0]
+    per_sample: list[list[torch.Tensor]] = [[] for _ in params]
+    with torch.enable_grad():
+        for i in range(n):
+            inputs = [a[i : i + 1] for a in activations]
+            out = type(layer).forward(layer, *inputs)
+            grads = torch.autograd.grad(
+                out, params, grad_outputs=backprops[i : i + 1].to(out.dtype), allow_unused=True
+            )
+            for j, (p, g) in enumerate(zip(params, grads)):
+                per_sample[j].append(torch.zeros_like(p) if g is None else g.to(p.dtype))
+    return {
+        p: torch.stack(gs) if gs else p.new_zeros((0, *p.shape))
+        for p, gs in zip(params, per_sample)
+    }
+
+
+def register_grad_samplers(types: Sequence[type[nn.Module]] = (SelectiveSSM, SkipScale)) -> None:
+    """Register :func:`leaf_loop_grad_sampler` for ``types`` with Opacus (idempotent)."""
+    for module_type in types:
+        if GradSampleModule.GRAD_SAMPLERS.get(module_type) is not leaf_loop_grad_sampler:
+            register_grad_sampler(module_type)(leaf_loop_grad_sampler)
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class EmptySafeCollate:
+    """Collate that also builds empty Poisson batches: tensors with a 0-long first axis,
+    empty lists (e.g. ``case`` ids), dicts recursively. The structure comes from the wrapped
+    collate applied to ``dataset[0]`` (read once, at the first empty batch)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Any) -> None:
+        self.collate_fn = collate_fn
+        self.dataset = dataset
+        self._template: Any = None
+
+    def __call__(self, batch: list[Any]) -> Any:
+        if batch:
+            return self.collate_fn(batch)
+        if self._template is None:
+            self._template = self.collate_fn([self.dataset[0]])
+        return _empty_like(self._template)
+
+
+def _empty_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.new_empty((0, *value.shape[1:]))
+    if isinstance(value, Mapping):
+        return {k: _empty_like(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)() if isinstance(value, list) else tuple()
+    raise TypeError(f"cannot build an empty batch entry from {type(value).__name__}")
+
+
+def poisson_loader(loader: DataLoader, generator: torch.Generator | None = None) -> DataLoader:
+    """The same dataset and collate, batches drawn by Poisson sampling.
+
+    ``q = 1 / len(loader)`` (the expected batch is the original batch size) and
+    ``len(loader)`` batches per epoch, as Opacus' ``DPDataLoader`` does; empty batches are
+    possible (probability ``(1 - q)^n`` per step).
+    """
+    steps = len(loader)
+    if steps < 1:
+        raise ValueError("the loader has no batches (no training cases)")
+    dataset = loader.dataset
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset), sample_rate=1.0 / steps, generator=generator, steps=steps
+    )
+    extra: dict[str, Any] = {}
+    if loader.num_workers > 0:
+        extra = {"prefetch_factor": loader.prefetch_factor,
+                 "persistent_workers": loader.persistent_workers}
+    collate = loader.collate_fn
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=EmptySafeCollate(collate, dataset),
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        **extra,
+    )
+
+
+# --------------------------------------------------------------------------- accountant
+
+
+def accountant_to_record(accountant: Any) -> dict[str, Any]:
+    """An Opacus accountant's history as a flat dict that fits a Flower ``ConfigRecord``:
+    ``{"mechanism": str, "noise_multiplier": [float], "sample_rate": [float], "steps": [int]}``."""
+    history = list(accountant.history)
+    return {
+        "mechanism": accountant.mechanism(),
+        "noise_multiplier": [float(h[0]) for h in history],
+        "sample_rate": [float(h[1]) for h in history],
+        "steps": [int(h[2]) for h in history],
+    }
+
+
+def accountant_from_record(record: Mapping[str, Any]) -> Any:
+    """Rebuild an Opacus accountant from :func:`accountant_to_record` output (or a
+    ``ConfigRecord`` holding it); errors name the missing key or the mismatched lengths."""
+    for key in ("mechanism", "noise_multiplier", "sample_rate", "steps"):
+        if key not in record:
+            raise KeyError(f"accountant record lacks {key!r}; has {sorted(record)}")
+    sigmas, rates, steps = (list(record[k]) for k in ("noise_multiplier", "sample_rate", "steps"))
+    if not len(sigmas) == len(rates) == len(steps):
+        raise ValueError(
+            f"accountant record lists differ in length: {len(sigmas)} noise_multiplier, "
+            f"{len(rates)} sample_rate, {len(steps)} steps"
+        )
+    accountant = create_accountant(mechanism=str(record["mechanism"]))
+    accountant.history = [(float(s), float(q), int(k)) for s, q, k in zip(sigmas, rates, steps)]
+    return accountant
+
+
+def epsilon_of(record: Mapping[str, Any] | None, delta: float) -> float:
+    """ε spent by the history in ``record`` at ``delta`` (0.0 for no record or no steps)."""
+    if record is None:
+        return 0.0
+    accountant = accountant_from_record(record)
+    if not accountant.history:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def _history_steps(accountant: Any) -> int:
+    return sum(int(h[2]) for h in accountant.history)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass
+class PrivateTraining:
+    """What :func:`make_private_training` returns.
+
+    Attributes:
+        module: Opacus ``GradSampleModule`` around a :class:`SiteModel`; train with it
+            (``forward(x, expert)`` like the network). Its parameters are the network's.
+        optimizer: the ``DPOptimizer`` (clip, noise, account on every ``step()``).
+        loader: the Poisson-sampled loader.
+        engine: the ``PrivacyEngine`` (its accountant holds the restored history).
+        model: the network itself (read and write weights here).
+        noise_multiplier: σ used.
+        delta: δ used.
+        sample_rate: Poisson rate q.
+        planned_steps: steps the target ε was planned for (None with a fixed σ).
+    """
+
+    module: GradSampleModule
+    optimizer: DPOptimizer
+    loader: DataLoader
+    engine: PrivacyEngine
+    model: M4Fuse
+    noise_multiplier: float
+    delta: float
+    sample_rate: float
+    planned_steps: int | None = None
+
+    def epsilon(self) -> float:
+        """ε spent so far by this site (all rounds whose history was restored, plus this one)."""
+        if len(self.engine.accountant) == 0:
+            return 0.0
+        return float(self.engine.accountant.get_epsilon(delta=self.delta))
+
+    def steps(self) -> int:
+        """DP steps taken so far (all rounds)."""
+        return _history_steps(self.engine.accountant)
+
+    def accountant_state(self) -> dict[str, Any]:
+        """The accountant's history for ``context.state`` (see :func:`accountant_to_record`)."""
+        return accountant_to_record(self.engine.accountant)
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars to send with the reply / log to MLflow: ``dp-epsilon``, ``dp-delta``,
+        ``dp-noise-multiplier``, ``dp-steps``."""
+        return {
+            "dp-epsilon": self.epsilon(),
+            "dp-delta": self.delta,
+            "dp-noise-multiplier": self.noise_multiplier,
+            "dp-steps": float(self.steps()),
+        }
+
+    def close(self) -> M4Fuse:
+        """Remove Opacus' hooks and restore the plain mixers; returns the network."""
+        self.module.remove_hooks()
+        for p in self.model.parameters():
+            for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        return restore_from_opacus(self.model)
+
+
+def make_private_training(
+    model: M4Fuse,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    config: PrivacyConfig,
+    *,
+    total_epochs: int | None = None,
+    accountant_state: Mapping[str, Any] | None = None,
+    expert_index: int = 0,
+    n_cases: int | None = None,
+    seed: int | None = None,
+) -> PrivateTraining:
+    """Wrap a site's model, optimiser and loader for DP-SGD with Opacus' ``make_private``.
+
+    Args:
+        model: the site's network (one expert); prepared in place by :func:`prepare_for_opacus`.
+        optimizer: an optimiser over ``model``'s parameters (e.g. ``engine.make_optimizer``'s);
+            an LR scheduler built on it keeps working.
+        loader: the site's training loader (its batch size sets the expected Poisson batch).
+        config: the run's :class:`PrivacyConfig` (must be ``enabled``).
+        total_epochs: epochs of local training over the whole run, ``rounds × local_epochs``;
+            required with ``target_epsilon`` (the budget is planned over them), else unused.
+        accountant_state: the site's history from earlier rounds
+            (:meth:`PrivateTraining.accountant_state`); None for the first round.
+        expert_index: the site's expert in ``model`` (default 0, a site's own model).
+        n_cases: training cases for the δ rule (default ``len(loader.dataset)``).
+        seed: seeds noise and sampling (default None: fresh randomness); refused with
+            ``secure_rng``.
+
+    Raises:
+        PrivacyBudgetExhausted: with ``target_epsilon``, when the restored history already
+            holds the planned number of steps.
+    """
+    if not config.enabled:
+        raise ValueError("make_private_training called with privacy.enabled = false")
+    if config.secure_rng and seed is not None:
+        raise ValueError(f"secure_rng draws its own randomness; do not pass a seed (got {seed!r})")
+    n = len(loader.dataset) if n_cases is None else n_cases
+    delta = resolve_delta(config, n)
+    site_model = SiteModel(model, expert_index)
+    prepare_for_opacus(model)
+    with warnings.catch_warnings():
+        # Opacus warns that secure RNG is off; PrivacyConfig documents it (secure_rng).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
+    if accountant_state is not None:
+        restored = accountant_from_record(accountant_state)
+        if restored.mechanism() != config.accountant:
+            raise ValueError(
+                f"saved accountant is {restored.mechanism()!r}, the config asks for "
+                f"{config.accountant!r}; ε of one run must come from one accountant"
+            )
+        engine.accountant.history = restored.history
+    generator = None
+    noise_generator = None
+    if config.secure_rng:
+        generator = engine.secure_rng
+    elif seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+        device = next(model.parameters()).device
+        noise_generator = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    dp_loader = poisson_loader(loader, generator)
+    sample_rate = 1.0 / len(dp_loader)
+    planned: int | None = None
+    if config.target_epsilon is not None:
+        if not isinstance(total_epochs, int) or total_epochs < 1:
+            raise ValueError(f"target_epsilon needs total_epochs >= 1 (rounds × local epochs), "
+                             f"got {total_epochs!r}")
+        planned = total_epochs * len(dp_loader)
+        done = _history_steps(engine.accountant)
+        if done >= planned:
+            raise PrivacyBudgetExhausted(
+                f"site has taken {done} DP steps, the budget ε={config.target_epsilon} "
+                f"(δ={delta:.3g}) was planned for {planned} ({total_epochs} epochs)"
+            )
+        sigma = get_noise_multiplier(
+            target_epsilon=float(config.target_epsilon), target_delta=delta,
+            sample_rate=sample_rate, steps=planned, accountant=config.accountant,
+        )
+    else:
+        sigma = float(config.noise_multiplier)
+    module, dp_optimizer, _ = engine.make_private(
+        module=site_model,
+        optimizer=optimizer,
+        data_loader=dp_loader,
+        noise_multiplier=sigma,
+        max_grad_norm=float(config.max_grad_norm),
+        poisson_sampling=False,  # dp_loader already samples by Poisson (see poisson_loader)
+        noise_generator=noise_generator,
+    )
+    module.forbid_grad_accumulation()  # what make_private does when it builds the loader
+    return PrivateTraining(
+        module=module, optimizer=dp_optimizer, loader=dp_loader, engine=engine, model=model,
+        noise_multiplier=sigma, delta=delta, sample_rate=sample_rate, planned_steps=planned,
+    )
+
+
+def noise_only_step(optimizer: DPOptimizer) -> None:
+    """One DP step on an empty Poisson batch: the update is noise only, and it is accounted.
+
+    The training loop calls it instead of forward/backward when a batch holds 0 cases (the
+    mechanism must not skip the step: whether a batch is empty depends on the data). Sets a
+    0-long per-sample gradient on every parameter, then ``optimizer.step()``.
+    """
+    if not isinstance(optimizer, DPOptimizer):
+        raise TypeError(f"noise_only_step needs a DPOptimizer, got {type(optimizer).__name__}")
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+

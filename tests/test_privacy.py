@@ -1,0 +1,357 @@
+"""DP-SGD with Opacus on the M4Fuse network (client/privacy.py). Tiny widths, 16³ volumes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import ConfigRecord
+from opacus.optimizers import DPOptimizer
+from torch.utils.data import DataLoader, Dataset
+
+from client.privacy import (
+    PerGroupMixer,
+    PrivacyBudgetExhausted,
+    PrivacyConfig,
+    SiteModel,
+    accountant_from_record,
+    epsilon_of,
+    make_private_training,
+    noise_only_step,
+    poisson_loader,
+    prepare_for_opacus,
+    resolve_delta,
+)
+from m4fuse.model import GroupedMixer, M4Fuse, M4FuseConfig
+
+SIZE = 16
+WIDTHS = [8, 8, 8, 8, 8, 8]
+
+
+class Volumes(Dataset):
+    """Deterministic random cases in the loader's dict layout (with string case ids)."""
+
+    def __init__(self, n: int, size: int = SIZE) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(1000 + i)
+        s = self.size
+        return {
+            "image": torch.randn(4, s, s, s, generator=g),
+            "label": (torch.rand(3, s, s, s, generator=g) > 0.7).float(),
+            "site": torch.tensor(0),
+            "case": f"case{i}",
+        }
+
+
+def _model(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+           groups: int = 4) -> M4Fuse:
+    """Tiny M4Fuse; ``groups=1`` (one Mamba call per mixer) where only the accounting matters."""
+    torch.manual_seed(seed)
+    cfg = M4FuseConfig(widths=WIDTHS, dropout=dropout, mixer_groups=groups)
+    return M4Fuse(cfg).to(dtype)
+
+
+def _batch(n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = Volumes(n)
+    x = torch.stack([ds[i]["image"] for i in range(n)]).to(dtype)
+    y = torch.stack([ds[i]["label"] for i in range(n)]).to(dtype)
+    return x, y
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # per-sample decomposable (mean over the batch of per-sample means), as DP-SGD needs
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def _per_sample_grads(model: M4Fuse, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Reference: one ordinary backward per case."""
+    out = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        _loss(model(x[i : i + 1], torch.zeros(1, dtype=torch.long)), y[i : i + 1]).backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def _cfg(**kw) -> PrivacyConfig:
+    return PrivacyConfig(enabled=True, **kw)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_checks_and_delta_rule() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        PrivacyConfig(noise_multiplier=1.0, target_epsilon=3.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        PrivacyConfig(noise_multiplier=None)
+    with pytest.raises(ValueError, match="max_grad_norm.*0"):
+        PrivacyConfig(max_grad_norm=0)
+    with pytest.raises(ValueError, match="'gdp'"):
+        PrivacyConfig(accountant="gdp")
+    with pytest.raises(KeyError, match="'sigma'"):
+        PrivacyConfig.from_mapping({"sigma": 1.0})
+    cfg = PrivacyConfig.from_mapping({"enabled": True, "target_epsilon": 4.0})
+    assert cfg.noise_multiplier is None and cfg.target_epsilon == 4.0
+    assert resolve_delta(PrivacyConfig(), 40) == pytest.approx(1 / 400)
+    assert resolve_delta(PrivacyConfig(delta=1e-5), 40) == 1e-5
+    with pytest.raises(ValueError, match="n_cases.*0"):
+        resolve_delta(PrivacyConfig(), 0)
+    with pytest.raises(ValueError, match="enabled = false"):
+        make_private_training(_model(), torch.optim.SGD(_model().parameters(), lr=0.1),
+                              DataLoader(Volumes(2)), PrivacyConfig())
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_per_group_mixer_is_the_same_function() -> None:
+    torch.manual_seed(0)
+    cfg = M4FuseConfig(widths=WIDTHS)
+    mixer = GroupedMixer(16, 8, cfg)
+    x = torch.randn(3, 16, 4, 4, 4)
+    expected = mixer(x)
+    keys = list(mixer.state_dict())
+    mixer.__class__ = PerGroupMixer
+    torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-6)
+    assert list(mixer.state_dict()) == keys
+
+
+def test_site_model_routes_to_its_expert_only() -> None:
+    model = _model()
+    site = SiteModel(model, 0)
+    x, _ = _batch(2)
+    torch.testing.assert_close(site(x), model(x, torch.zeros(2, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"expert indices \[1\]"):
+        site(x, torch.tensor([0, 1]))
+    two = M4Fuse(M4FuseConfig(widths=WIDTHS, num_experts=2))
+    with pytest.raises(ValueError, match="exactly one expert.*got 2"):
+        SiteModel(two, 0)
+
+
+def test_per_sample_gradients_match_one_backward_per_case() -> None:
+    """Opacus' per-sample gradients over the whole network (GroupNorm, Mamba with A_log/D,
+    depthwise conv1d, skip scale, bridge, expert) equal per-case backward passes."""
+    dtype = torch.float64
+    model, ref = _model(dtype=dtype), _model(dtype=dtype)
+    x, y = _batch(3, dtype)
+    expected = _per_sample_grads(ref, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    private = make_private_training(model, opt, DataLoader(Volumes(3)), _cfg(noise_multiplier=0.0))
+    _loss(private.module(x, torch.zeros(3, dtype=torch.long)), y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad_sample.shape == (3, *p.shape), name
+        for i in range(3):
+            torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-9,
+                                       msg=lambda m, n=name, i=i: f"{n} sample {i}: {m}")
+    private.close()
+    assert all(type(m) is not PerGroupMixer for m in model.modules())
+
+
+def test_folded_groups_would_break_per_sample_gradients() -> None:
+    """Why prepare_for_opacus exists: without it the Mamba layers see B*G rows."""
+    from opacus import GradSampleModule
+
+    from client.privacy import register_grad_samplers
+
+    register_grad_samplers()
+    model = _model()
+    gsm = GradSampleModule(SiteModel(model, 0))
+    x, y = _batch(2)
+    _loss(gsm(x), y).backward()
+    shapes = {p.grad_sample.shape[0] for n, p in model.named_parameters() if ".mamba." in n}
+    assert shapes == {2 * model.config.mixer_groups}
+    gsm.remove_hooks()
+
+
+def test_clipping_and_zero_noise_reproduce_clipped_sgd() -> None:
+    """σ = 0: the DP step is SGD on the sum of per-case gradients, each clipped to C, divided
+    by the expected batch size; every clipped per-case gradient has norm <= C."""
+    clip, lr, n = 1e-3, 0.5, 2
+    model, ref = _model(), _model()
+    x, y = _batch(n)
+    grads = _per_sample_grads(ref, x, y)
+    names = [k for k, _ in ref.named_parameters()]
+    norms = [math.sqrt(sum(float(g[k].double().pow(2).sum()) for k in names)) for g in grads]
+    assert min(norms) > 10 * clip  # the bound really clips
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    # 4 cases at batch 2: q = 1/2, expected batch 2
+    private = make_private_training(model, opt, DataLoader(Volumes(4), batch_size=2),
+                                    _cfg(noise_multiplier=0.0, max_grad_norm=clip))
+    _loss(private.module(x), y).backward()
+    private.optimizer.step()
+    # clipped norms from Opacus' own per-sample gradients
+    flat = torch.cat([p.grad_sample.reshape(n, -1) for p in model.parameters()], 1)
+    factors = (clip / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    assert torch.all((flat * factors[:, None]).norm(dim=1) <= clip * (1 + 1e-5))
+    for k, p in model.named_parameters():
+        summed = sum(grads[i][k] * min(1.0, clip / (norms[i] + 1e-6)) for i in range(n))
+        torch.testing.assert_close(p.detach(), start[k] - lr * summed / 2, rtol=1e-3, atol=1e-7,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    private.close()
+
+
+def _noisy_update(seed: int, sigma: float, clip: float = 1e-3) -> torch.Tensor:
+    model = _model()
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    private = make_private_training(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(Volumes(4), batch_size=2),
+        _cfg(noise_multiplier=sigma, max_grad_norm=clip), seed=seed,
+    )
+    x, y = _batch(2)
+    _loss(private.module(x), y).backward()
+    private.optimizer.step()
+    private.close()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+
+
+def test_noise_is_added_and_seeded() -> None:
+    sigma, clip = 2.0, 1e-3
+    clean = _noisy_update(0, 0.0, clip)
+    a, b, a2 = _noisy_update(1, sigma, clip), _noisy_update(2, sigma, clip), _noisy_update(1, sigma, clip)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a, a2)
+    # per coordinate: noise N(0, (σC)^2) on the sum, divided by the expected batch (2)
+    noise = a - clean
+    assert noise.numel() > 10_000
+    assert float(noise.std()) == pytest.approx(sigma * clip / 2, rel=0.05)
+    assert abs(float(noise.mean())) < 0.05 * sigma * clip
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def test_poisson_loader_samples_with_rate_q_and_builds_empty_batches() -> None:
+    ds = Volumes(10, size=2)
+    plain = DataLoader(ds, batch_size=5)
+    loader = poisson_loader(plain, torch.Generator().manual_seed(0))
+    assert len(loader) == 2  # q = 1/2
+    sizes = [len(b["case"]) for _ in range(200) for b in loader]
+    mean = sum(sizes) / len(sizes)
+    assert mean == pytest.approx(5.0, abs=0.3)  # n q
+    assert len(set(sizes)) > 4  # variable batch sizes: not the fixed-size loader
+    tiny = poisson_loader(DataLoader(Volumes(3, size=2), batch_size=1), torch.Generator().manual_seed(0))
+    empties = [b for _ in range(50) for b in tiny if len(b["case"]) == 0]
+    assert empties, "with q=1/3 and 3 cases, (2/3)^3 of batches are empty"
+    e = empties[0]
+    assert e["image"].shape == (0, 4, 2, 2, 2) and e["case"] == [] and e["site"].shape == (0,)
+
+
+def test_training_loop_uses_poisson_batches() -> None:
+    model = _model()
+    private = make_private_training(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    DataLoader(Volumes(6), batch_size=2), _cfg(), seed=3)
+    assert private.sample_rate == pytest.approx(1 / 3)
+    assert type(private.loader.batch_sampler).__name__ == "UniformWithReplacementSampler"
+    private.close()
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def _train_round(model: M4Fuse, cfg: PrivacyConfig, state, total_epochs, seed, n=4, batch=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    private = make_private_training(model, opt, DataLoader(Volumes(n, size=8), batch_size=batch),
+                                    cfg, total_epochs=total_epochs, accountant_state=state,
+                                    seed=seed)
+    for b in private.loader:  # one epoch, as the engine's loop does it
+        if b["image"].shape[0] == 0:
+            noise_only_step(private.optimizer)
+            continue
+        private.optimizer.zero_grad()
+        _loss(private.module(b["image"], b["site"]), b["label"]).backward()
+        private.optimizer.step()
+    out = private.epsilon(), private.accountant_state(), private.steps()
+    private.close()
+    return out
+
+
+def test_epsilon_grows_across_rounds_with_restored_state() -> None:
+    cfg = _cfg(noise_multiplier=1.0, max_grad_norm=1.0)
+    eps1, state1, steps1 = _train_round(_model(groups=1), cfg, None, None, seed=1)
+    assert steps1 == 2 and eps1 > 0
+    # the state travels through a Flower ConfigRecord (context.state) between rounds
+    record = ConfigRecord(state1)
+    eps2, state2, steps2 = _train_round(_model(groups=1), cfg, record, None, seed=2)
+    assert steps2 == 4 and eps2 > eps1
+    # same as one accountant that took all 4 steps
+    delta = resolve_delta(cfg, 4)
+    one = {"mechanism": "rdp", "noise_multiplier": [1.0], "sample_rate": [0.5], "steps": [4]}
+    assert eps2 == pytest.approx(epsilon_of(one, delta), rel=1e-9)
+    assert epsilon_of(state2, delta) == pytest.approx(eps2)
+    assert accountant_from_record(state2).history == [(1.0, 0.5, 4)]
+    with pytest.raises(ValueError, match="'prv'"):
+        _train_round(_model(groups=1), _cfg(accountant="prv"), state2, None, seed=3)
+
+
+def test_target_epsilon_is_met_at_the_end_of_the_budget() -> None:
+    target = 3.0
+    cfg = _cfg(noise_multiplier=None, target_epsilon=target)
+    eps1, state, _ = _train_round(_model(groups=1), cfg, None, total_epochs=2, seed=1)
+    eps2, state, steps = _train_round(_model(groups=1), cfg, state, total_epochs=2, seed=2)
+    assert steps == 4
+    assert eps1 < eps2 <= target
+    assert eps2 >= target - 0.1  # σ is the smallest that fits (Opacus tolerance 0.01)
+    with pytest.raises(PrivacyBudgetExhausted, match="4 DP steps.*planned for 4"):
+        _train_round(_model(groups=1), cfg, state, total_epochs=2, seed=3)
+
+
+def test_prv_accountant_state_round_trip() -> None:
+    """The PRV accountant restores from a record like RDP and gives a smaller ε here."""
+    rec = {"mechanism": "prv", "noise_multiplier": [1.0, 1.0], "sample_rate": [0.5, 0.5],
+           "steps": [2, 2]}
+    eps_prv = epsilon_of(rec, 1e-3)
+    eps_rdp = epsilon_of({**rec, "mechanism": "rdp"}, 1e-3)
+    assert 0 < eps_prv < eps_rdp
+    assert epsilon_of(None, 1e-3) == 0.0
+    with pytest.raises(ValueError, match="2 noise_multiplier, 1 sample_rate"):
+        accountant_from_record({**rec, "sample_rate": [0.5]})
+
+
+def test_noise_only_step_on_empty_batch_is_noise_and_accounted() -> None:
+    model = _model()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    private = make_private_training(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                    DataLoader(Volumes(4), batch_size=2),
+                                    _cfg(noise_multiplier=1.0, max_grad_norm=0.1), seed=0)
+    noise_only_step(private.optimizer)
+    change = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert private.steps() == 1
+    assert float(change.std()) == pytest.approx(1.0 * 0.1 / 2, rel=0.05)
+    assert isinstance(private.optimizer, DPOptimizer)
+    with pytest.raises(TypeError, match="SGD"):
+        noise_only_step(torch.optim.SGD(model.parameters(), lr=1.0))
+    private.close()
+
+
+def test_engine_train_epochs_runs_under_dp() -> None:
+    """The project's own training loop (AdamW, schedule, Dice+BCE) with the private objects."""
+    from m4fuse.engine import TrainConfig, make_optimizer, train_epochs
+
+    model = _model(dropout=0.2, groups=1)
+    tcfg = TrainConfig(amp=False, grad_clip=0.0, local_epochs=1, seed=0)
+    opt, sched = make_optimizer(model, tcfg, total_steps=4)
+    # 8 cases at batch 4: q = 1/2, P(empty batch) = 2^-8; the seed below gives none
+    private = make_private_training(model, opt, DataLoader(Volumes(8, size=8), batch_size=4),
+                                    _cfg(noise_multiplier=0.5), seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = train_epochs(private.module, private.loader, private.optimizer, sched, tcfg, "cpu",
+                       expert=0)
+    assert math.isfinite(out["loss"]) and private.steps() == 2
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert 0 < private.metrics()["dp-epsilon"] < math.inf
+    private.close()
+
+
+def test_validator_rejects_batchnorm() -> None:
+    bad = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 1), torch.nn.BatchNorm3d(4))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        prepare_for_opacus(bad)

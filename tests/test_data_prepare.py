@@ -101,7 +101,7 @@ def test_prepare_two_workers_and_split(tmp_path):
         assert all(r.site == site for r in parts["train"] + parts["test"])
     rec = split["TMC"]["train"][0]
     assert rec.et_label == 4 and rec.original_shape == (24, 24, 16) and rec.affine.shape == (4, 4)
-    assert rec.image().dtype == np.float16 and rec.label().shape == (3, *SIZE)
+    assert rec.image().dtype == np.float32 and rec.label().shape == (3, *SIZE)
     # 2023 layout: ET label 3 is mapped into the ET channel
     prepare_dataset(tmp_path / "gli", tmp_path / "c23", SIZE, workers=1, progress=False)
     (split23,) = load_split(tmp_path / "c23", random_sites=1, val_fraction=0, test_fraction=0).values()

@@ -75,8 +75,8 @@ class CacheDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
         item: dict[str, Any] = {
-            "image": torch.from_numpy(np.asarray(r.image(), dtype=np.float32)),
-            "label": torch.from_numpy(np.asarray(r.label(), dtype=np.float32)),
+            "image": torch.from_numpy(np.array(r.image(), dtype=np.float32)),  # copy out of the mmap
+            "label": torch.from_numpy(np.array(r.label(), dtype=np.float32)),
         }
         if self.transform is not None:
             item = self.transform(item)

@@ -238,3 +238,18 @@ def test_bad_arguments_name_the_culprit() -> None:
         selective_scan(args[0], args[1], args[2][:2], *args[3:])
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
         selective_scan_chunked(*args, chunk_size=0)
+
+
+def test_bench_model_quick_scan_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """Smoke test of ``m4fuse bench model --quick --skip-models`` (the scan table only: the
+    network table needs the MONAI import and several seconds of compute, too slow here)."""
+    from m4fuse.cli import main
+
+    assert main(["bench", "model", "--quick", "--skip-models"]) == 0
+    out = capsys.readouterr().out
+    assert "| M4Fuse-" not in out
+    scan_row = next(line for line in out.splitlines() if line.startswith("| 64 |"))
+    cells = [c.strip() for c in scan_row.strip("|").split("|")]
+    assert len(cells) == 7
+    assert float(cells[1]) > 0 and float(cells[2]) > 0  # both scans timed
+    assert float(cells[3]) > 0  # the speed-up column

@@ -394,7 +394,11 @@ class Bridge(nn.Module):
         spatial = []
         for t in skips:
             stats = torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], dim=1)
-            spatial.append(t * torch.sigmoid(self.spatial(stats)))  # (B, c_s, ...)
+            # (B, 2, D, H, W). oneDNN runs this 2 -> 1 channel 7^3 conv about 4x faster
+            # (forward + backward, measured on CPU at 32x64x64) in channels-last layout; its
+            # one-channel output is laid out the same either way.
+            stats = stats.contiguous(memory_format=torch.channels_last_3d)
+            spatial.append(t * torch.sigmoid(self.spatial(stats)))  # (B, c_s, D, H, W)
         pooled = torch.cat([t.mean(dim=(2, 3, 4)) for t in spatial], dim=1)  # (B, sum)
         mixed = self.channel_mix(pooled.unsqueeze(1)).squeeze(1)  # (B, sum)
         gates = torch.sigmoid(self.gates(mixed)).split(self.widths, dim=1)  # (B, c_s) each

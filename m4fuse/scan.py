@@ -37,14 +37,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# Chunk size (tokens per chunk) of the PyTorch path, chosen by measurement
-# (benchmarks/bench_model.py's scan table and a sweep of 16..512 tokens on a 2-core AMD EPYC,
-# B=4, D=128, N=16, L=8192, forward+backward, float32): 16 -> 1.00, 32 -> 0.80, 64 -> 0.72,
-# 128 -> 0.74, 256 -> 0.83, 512 -> 0.95 (time relative to 16). Small chunks pay Python/launch
-# overhead per chunk; large chunks pay log2(chunk) passes over a working set that falls out of
-# the 2 MiB L2 cache. 64 sits at the bottom of that curve; on CUDA, where each chunk costs a
-# few dozen kernel launches, larger chunks amortise launches better (no GPU was available to
-# measure, so CUDA uses the same value unless the caller passes ``chunk_size``).
+# Chunk size (tokens per chunk) of the PyTorch path, chosen by measurement: forward+backward
+# CPU seconds (process time, 1 thread, median of 3, float32, B=4, D=128, N=16) on a 2-core
+# AMD EPYC (2 MiB L2 per core). L=8192: 16 -> 1.39, 32 -> 1.21 / 1.31, 48 -> 1.27,
+# 64 -> 1.30 / 1.32, 96 -> 1.49, 128 -> 1.71, 256 -> 2.31 (two sweeps where two numbers);
+# L=2048: 16 -> 0.29, 32 -> 0.31, 64 -> 0.30, 128 -> 0.42. Small chunks pay per-chunk Python
+# and dispatch overhead; large ones pay log2(chunk) passes over a working set that no longer
+# fits in L2. 32..64 is flat within noise; 64 halves the number of chunk iterations (better
+# for multi-threaded ops and, untested here, for CUDA kernel-launch counts).
 DEFAULT_CHUNK_SIZE: int = 64
 
 

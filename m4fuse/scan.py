@@ -263,6 +263,43 @@ class _ChunkedScan(torch.autograd.Function):
         return grad_u, grad_delta, grad_At.sum(0), grad_B, grad_C, None
 
 
+def _functorch_active() -> bool:
+    """True inside torch.func transforms (vmap/grad), e.g. Opacus' per-sample gradients."""
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _chunked_autograd(
+    u: torch.Tensor, delta: torch.Tensor, At: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """The same chunked log-depth scan as :class:`_ChunkedScan`, out-of-place ops only.
+
+    Used under torch.func transforms (vmap/grad: Opacus' per-sample gradients), which cannot
+    run a custom Function that writes into preallocated buffers. Autograd saves every chunk's
+    intermediates here, so memory is O(L*B*N*D) like any unfused scan; this path is for
+    differential-privacy training, where the transform runs one sample at a time anyway.
+    """
+    length = u.shape[0]
+    step = min(chunk, length)
+    h = u.new_zeros(u.shape[1], At.shape[0], u.shape[2])
+    ys = []
+    for s in range(0, length, step):
+        e = min(s + step, length)
+        a = torch.exp(delta[s:e, :, None, :] * At)
+        x = (delta[s:e] * u[s:e])[:, :, None, :] * B[s:e, :, :, None]
+        x = torch.cat([x[:1] + a[:1] * h, x[1:]])
+        k = 1
+        while k < e - s:
+            x = torch.cat([x[:k], torch.addcmul(x[k:], a[k:], x[:-k])])
+            if 2 * k < e - s:
+                a = torch.cat([a[:k], a[k:] * a[:-k]])
+            k *= 2
+        ys.append(torch.matmul(C[s:e, :, None, :], x).squeeze(2))
+        h = x[-1]
+    return torch.cat(ys)
+
+
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -297,7 +334,8 @@ def selective_scan_chunked(
     def time_major(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).permute(2, 0, 1).contiguous()
 
-    y = _ChunkedScan.apply(
+    core = _chunked_autograd if _functorch_active() else _ChunkedScan.apply
+    y = core(
         time_major(u_c),
         time_major(delta),
         A.to(dtype).t().contiguous(),

@@ -24,6 +24,9 @@ runs :func:`selective_scan_chunked`, which:
   recurrence (a reverse scan) inside the chunk. Autograd keeps only the inputs and one
   (B, D, N) state per chunk: L / chunk_size times less than the full history.
 
+Under torch.func transforms (vmap/grad, as Opacus uses for per-sample gradients) the same
+chunked scan runs with out-of-place ops and ordinary autograd instead of the custom Function.
+
 bfloat16 / float16 inputs are upcast to float32 inside (float64 stays float64) and the output
 is cast back to ``u``'s dtype. :func:`selective_scan_ref` is the slow sequential reference,
 for tests only.
@@ -379,6 +382,8 @@ def selective_scan(
 
     Uses ``mamba_ssm``'s fused CUDA kernel when the tensors are on CUDA and the package is
     installed; otherwise, silently, :func:`selective_scan_chunked` (same maths, any device).
+    Defaults follow ``selective_scan_fn`` (Gu & Dao, "Mamba", 2023): ``D=None`` (no skip
+    term), ``z=None`` (no gate), ``delta_bias=None`` (no bias), ``delta_softplus=False``.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if _on_cuda(u):

@@ -13,11 +13,10 @@ this one.
 
 Where this file differs from the paper's code:
 - Mamba is written here (``mamba_ssm`` is CUDA-only) and calls
-  :func:`m4fuse.scan.selective_scan`; it works channel-first ``(B, D, L)`` throughout, with
-  the linear maps as kernel-1 ``Conv1d`` (same parameter count as bias-free ``Linear``) so
-  that no token/channel transposes are needed between them.
-- The four channel groups of a mixer share one Mamba; they are folded into the batch so that
-  one Mamba call serves all four (the paper loops over the groups).
+  :func:`m4fuse.scan.selective_scan`; it works channel-first ``(B, D, L)`` throughout (its
+  linear maps are kernel-1 convolutions), so no token/channel transposes sit between them.
+- The four channel groups of a mixer share one Mamba; the Mamba folds them into its batch
+  so that one call serves all four (the paper loops over the groups).
 - Expert routing is vectorised: samples are grouped by expert index and each present expert
   runs once on its group (the paper loops over samples).
 - Mamba keeps its standard initialisation (dt bias from a log-uniform dt, S4D-real A); the
@@ -172,34 +171,21 @@ class M4FuseConfig:
 # ----------------------------------------------------------------------------------------
 
 
-class SelectiveSSM(nn.Module):
-    """The state-space part of Mamba: ``A_log`` (S4D-real init) and the skip ``D``.
-
-    A leaf module (parameters, no children) so that per-sample-gradient tools (Opacus)
-    treat it as one unit.
-    """
-
-    def __init__(self, d_inner: int, d_state: int) -> None:
-        super().__init__()
-        # S4D-real: A[:, n] = -(n + 1), stored as log so that A stays negative.
-        a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(a))  # (d_inner, d_state)
-        self.D = nn.Parameter(torch.ones(d_inner))  # (d_inner,)
-
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                z: torch.Tensor) -> torch.Tensor:
-        """``u, delta, z``: (B, d_inner, L); ``b, c``: (B, d_state, L) -> (B, d_inner, L)."""
-        a = -torch.exp(self.A_log.float())
-        return selective_scan(u, delta, a, b, c, D=self.D.float(), z=z, delta_softplus=True)
-
-
 class Mamba(nn.Module):
-    """One Mamba (S6) block, channel-first: ``(B, d_model, L) -> (B, d_model, L)``.
+    """One Mamba (S6) block shared by channel groups, channel-first:
+    ``(B, k * d_model, L) -> (B, k * d_model, L)`` for any k >= 1.
 
-    Written by hand because ``mamba_ssm`` needs CUDA. Same parameters as ``mamba_ssm.Mamba``
-    (in_proj and out_proj without bias, causal depthwise conv1d with bias, x_proj without
-    bias, dt_proj with bias, A_log, D; dt_rank = ceil(d_model / 16)); the projections are
-    kernel-1 ``Conv1d``s, i.e. Linears acting on the channel axis of a channel-first tensor.
+    The k channel blocks of width ``d_model`` are k independent sequences through the SAME
+    weights: they are folded into the batch here, a free view, so one call serves them all.
+    Written by hand because ``mamba_ssm`` needs CUDA; the scan is
+    :func:`m4fuse.scan.selective_scan`. Parameters are those of ``mamba_ssm.Mamba`` (in_proj
+    and out_proj without bias, causal depthwise conv1d with bias, x_proj without bias,
+    dt_proj with bias, A_log, D; dt_rank = ceil(d_model / 16)) and keep its initialisation.
+
+    A leaf module (own parameters, no sub-modules, one tensor in): per-sample-gradient tools
+    (Opacus' functorch path) then see the true batch, not the batch times the groups folded
+    in; that is why the projections are held as weights and applied with ``F.conv1d`` (a
+    kernel-1 conv1d is a Linear on the channel axis) rather than as ``nn.Linear`` children.
     """
 
     def __init__(self, d_model: int, cfg: M4FuseConfig, dt_min: float = 1e-3,
@@ -207,37 +193,59 @@ class Mamba(nn.Module):
         """``dt_min``/``dt_max`` (defaults 0.001/0.1): range of the log-uniform initial step;
         ``dt_floor`` (default 1e-4): smallest initial step. These are Mamba's defaults."""
         super().__init__()
-        d_inner = cfg.expand * d_model
-        self.d_inner, self.d_state = d_inner, cfg.d_state
-        self.dt_rank = math.ceil(d_model / 16)
-        self.in_proj = nn.Conv1d(d_model, 2 * d_inner, 1, bias=False)
-        self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner,
-                                padding=cfg.d_conv - 1, bias=True)
-        self.x_proj = nn.Conv1d(d_inner, self.dt_rank + 2 * cfg.d_state, 1, bias=False)
-        self.dt_proj = nn.Conv1d(self.dt_rank, d_inner, 1, bias=True)
-        self.ssm = SelectiveSSM(d_inner, cfg.d_state)
-        self.out_proj = nn.Conv1d(d_inner, d_model, 1, bias=False)
-        self.reset_dt(dt_min, dt_max, dt_floor)
+        di, ds = cfg.expand * d_model, cfg.d_state
+        self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, di, ds, cfg.d_conv
+        self.dt_rank = r = math.ceil(d_model / 16)
+        self.in_proj_weight = nn.Parameter(torch.empty(2 * di, d_model))
+        self.conv1d_weight = nn.Parameter(torch.empty(di, 1, cfg.d_conv))
+        self.conv1d_bias = nn.Parameter(torch.empty(di))
+        self.x_proj_weight = nn.Parameter(torch.empty(r + 2 * ds, di))
+        self.dt_proj_weight = nn.Parameter(torch.empty(di, r))
+        self.dt_proj_bias = nn.Parameter(torch.empty(di))
+        self.A_log = nn.Parameter(torch.empty(di, ds))
+        self.D = nn.Parameter(torch.empty(di))
+        self.out_proj_weight = nn.Parameter(torch.empty(d_model, di))
+        self.reset_parameters(dt_min, dt_max, dt_floor)
 
     @torch.no_grad()
-    def reset_dt(self, dt_min: float, dt_max: float, dt_floor: float) -> None:
-        """Mamba's dt init: weight ~ U(+-dt_rank^-0.5); bias = softplus^-1(dt) with dt
-        log-uniform in [dt_min, dt_max], floored at dt_floor."""
+    def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1,
+                         dt_floor: float = 1e-4) -> None:
+        """Mamba's init. Projections and conv1d: PyTorch's Linear/Conv1d default
+        (U(+-1/sqrt(fan_in))). dt_proj: weight ~ U(+-dt_rank^-0.5), bias = softplus^-1(dt)
+        with dt log-uniform in [dt_min, dt_max], floored at dt_floor. A: S4D-real,
+        A[:, n] = -(n + 1), stored as log. D = 1."""
+        for w in (self.in_proj_weight, self.x_proj_weight, self.out_proj_weight,
+                  self.conv1d_weight):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # = nn.Linear / nn.Conv1d default
+        nn.init.uniform_(self.conv1d_bias, -self.d_conv ** -0.5, self.d_conv ** -0.5)
         bound = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        nn.init.uniform_(self.dt_proj_weight, -bound, bound)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min)).clamp(min=dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(a).expand(self.d_inner, -1))
+        nn.init.ones_(self.D)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """``u``: (B, d_model, L) -> (B, d_model, L)."""
-        length = u.shape[-1]
-        x, z = self.in_proj(u).chunk(2, dim=1)  # (B, d_inner, L) each
-        x = F.silu(self.conv1d(x)[..., :length])  # causal: drop the right padding
-        dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = self.dt_proj(dt)  # (B, d_inner, L), bias included; softplus in the scan
-        y = self.ssm(x, dt, b, c, z)  # (B, d_inner, L)
-        return self.out_proj(y)  # (B, d_model, L)
+        """``u``: (B, k * d_model, L) -> (B, k * d_model, L)."""
+        b, channels, length = u.shape
+        if channels % self.d_model:
+            raise ValueError(f"Mamba(d_model={self.d_model}) needs a multiple of "
+                             f"{self.d_model} channels, got {channels}")
+        u = u.reshape(b * channels // self.d_model, self.d_model, length)  # (B*k, d_model, L)
+        x, z = F.conv1d(u, self.in_proj_weight[:, :, None]).chunk(2, dim=1)  # (B*k, di, L)
+        x = F.conv1d(x, self.conv1d_weight, self.conv1d_bias, padding=self.d_conv - 1,
+                     groups=self.d_inner)[..., :length]  # causal: drop the right padding
+        x = F.silu(x)
+        dt, bb, cc = F.conv1d(x, self.x_proj_weight[:, :, None]).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=1)  # (B*k, r | ds | ds, L)
+        dt = F.conv1d(dt, self.dt_proj_weight[:, :, None])  # (B*k, di, L), before softplus
+        a = -torch.exp(self.A_log.float())  # (di, ds)
+        y = selective_scan(x, dt, a, bb, cc, D=self.D.float(), z=z,
+                           delta_bias=self.dt_proj_bias.float(), delta_softplus=True)
+        y = F.conv1d(y, self.out_proj_weight[:, :, None])  # (B*k, d_model, L)
+        return y.reshape(b, channels, length)
 
 
 class SkipScale(nn.Module):
@@ -261,7 +269,6 @@ class GroupedMixer(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, cfg: M4FuseConfig) -> None:
         super().__init__()
-        self.groups = cfg.mixer_groups
         self.norm = nn.LayerNorm(in_dim)
         self.mamba = Mamba(in_dim // cfg.mixer_groups, cfg)
         self.skip = SkipScale()
@@ -269,14 +276,13 @@ class GroupedMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        n, g = math.prod(spatial), self.groups
+        n = math.prod(spatial)
         t = self.norm(x.reshape(b, c, n).transpose(1, 2))  # (B, N, C)
-        # Fold the groups into the batch so one Mamba call serves all of them:
-        # (B, N, G, C/G) -> (B, G, C/G, N) -> (B*G, C/G, N), channel-first per group.
-        t = t.reshape(b, n, g, c // g).permute(0, 2, 3, 1).reshape(b * g, c // g, n)
-        y = self.mamba(t) + self.skip(t)  # (B*G, C/G, N)
-        # Group k holds channels [k*C/G, (k+1)*C/G): unfolding is a free view.
-        y = self.norm(y.reshape(b, c, n).transpose(1, 2))  # (B, N, C)
+        # Channel-first for Mamba: (B, C, N). Group k is channels [k*C/G, (k+1)*C/G), a
+        # block Mamba folds into its batch; one call serves all G groups.
+        t = t.transpose(1, 2).contiguous()
+        y = self.mamba(t) + self.skip(t)  # (B, C, N)
+        y = self.norm(y.transpose(1, 2))  # (B, N, C)
         y = self.proj(y)  # (B, N, C_out)
         # (B, N, C_out) -> (B, C_out, D, H, W). clone() rather than contiguous(): with one
         # voxel the transposed view already counts as contiguous but keeps channels-last

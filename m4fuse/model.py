@@ -298,6 +298,10 @@ class ExpertUnit(nn.Module):
     ``m`` is each sample's expert (site) index, given as routes computed once per forward by
     :func:`route`. With no routes only the shared mixer runs. Experts live in the
     ModuleList ``site_experts`` (the name :mod:`m4fuse.state` splits on).
+
+    A batch that mixes experts runs each expert on its gathered sub-batch; per-sample
+    gradient tools (Opacus) need batches of one expert (as at a federated site), which take
+    the no-gather path.
     """
 
     def __init__(self, in_dim: int, out_dim: int, cfg: M4FuseConfig) -> None:

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=4.0, help="training budget (default 4)")
     p.add_argument("--model", default="unet", help="unet (default) or m4fuse")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
+    p.add_argument("--augment", action="store_true",
+                   help="augment while training (default off: ~3x more epochs per minute on CPU)")
     args = p.parse_args(argv)
     work = Path(args.dir)
     raw, cache = work / f"raw-seed{args.seed}", work / f"cache-seed{args.seed}"
@@ -62,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     sites = list(split)
     torch.manual_seed(args.seed)
     model = build_model(args.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     loss_fn = DiceCELoss(sigmoid=True)
-    loader = make_loader(split[sites[0]]["train"], 0, batch_size=2, augment=True, shuffle=True, seed=args.seed)
+    loader = make_loader(split[sites[0]]["train"], 0, batch_size=2, augment=args.augment, shuffle=True,
+                         seed=args.seed)
     start, epochs = time.time(), 0
     while time.time() - start < args.minutes * 60:
         model.train()

@@ -19,22 +19,19 @@ Use from the ClientApp (one round):
     eps = private.epsilon()                 # report as a metric
     private.close()                         # hooks off; ``model`` is a plain network again
 
-What had to be adapted for Opacus, all here and none in the network:
+What had to be adapted for Opacus:
 
-* :class:`~m4fuse.model.GroupedMixer` folds its channel groups into the batch axis (one Mamba
-  call over ``B * G`` rows). Opacus takes the first axis of every layer input as the sample
-  axis, so inside the mixer it would compute ``B * G`` "per-sample" gradients and scale a mean
-  loss by ``B * G``: wrong clipping. :func:`prepare_for_opacus` switches every mixer to
-  :class:`PerGroupMixer`, the same maths with one Mamba call per group (batch ``B`` each); Opacus
-  sums the per-sample gradients of the ``G`` calls of the shared Mamba like any tied layer.
-* :class:`~m4fuse.model.SelectiveSSM` (raw ``A_log``, ``D``, a custom autograd Function for
-  the scan, five inputs) and :class:`~m4fuse.model.SkipScale` (raw ``scale``) have no Opacus
-  grad sampler, and Opacus' functorch fallback cannot run them (it passes only the first input,
-  and torch.func cannot transform the scan's old-style autograd Function). Opacus' documented
-  extension point, ``register_grad_sampler``, gets :func:`leaf_loop_grad_sampler` for them: per
-  sample, it reruns the leaf's own forward on that sample's inputs and takes
-  ``torch.autograd.grad`` of ``<output, backprop>`` with respect to the leaf's parameters.
-  Works with any scan implementation (the chunked PyTorch one or ``mamba_ssm``'s CUDA kernel).
+* The network itself is Opacus-ready (``m4fuse/model.py``): GroupNorm, and the Mamba of each
+  mixer is a leaf module that folds the channel groups into its batch internally, so every
+  module Opacus hooks sees the true batch ``B`` as its first axis. Opacus has no grad sampler
+  for the leaf modules with raw parameters (:class:`~m4fuse.model.Mamba`,
+  :class:`~m4fuse.model.SkipScale`). :func:`register_grad_samplers` registers
+  :func:`leaf_loop_grad_sampler` for them through Opacus' documented extension point,
+  ``register_grad_sampler``: per sample, it reruns the leaf's own forward on that sample's
+  inputs and takes ``torch.autograd.grad`` of ``<output, backprop>``. It works with any scan
+  implementation, including ``mamba_ssm``'s fused CUDA kernel, which Opacus' functorch
+  fallback cannot transform, and it was faster than that fallback on the tiny CPU model
+  (see the report of issue #6).
 * The expert index: :class:`SiteModel` closes over the site's fixed expert index so that no
   batch is ever split between experts (an expert applied to a subset of the batch would get
   per-sample gradients for that subset only, which Opacus cannot clip).
@@ -66,7 +63,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from m4fuse.model import GroupedMixer, M4Fuse, SelectiveSSM, SkipScale
+from m4fuse.model import M4Fuse
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
@@ -168,51 +165,14 @@ def resolve_delta(config: PrivacyConfig, n_cases: int) -> float:
 # --------------------------------------------------------------------------- model
 
 
-class PerGroupMixer(GroupedMixer):
-    """:class:`~m4fuse.model.GroupedMixer` with one Mamba call per channel group.
-
-    Same parameters and the same output as the parent (tested to float tolerance), but every
-    layer inside sees the real batch ``B`` as its first axis, which Opacus' per-sample gradients
-    need. Costs ``G`` smaller Mamba calls instead of one folded call.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *spatial = x.shape
-        n, g = math.prod(spatial), self.groups
-        t = self.norm(x.reshape(b, c, n).transpose(1, 2))  # (B, N, C)
-        t = t.reshape(b, n, g, c // g).permute(0, 2, 3, 1)  # (B, G, C/G, N)
-        ys = []
-        for k in range(g):
-            tk = t[:, k].contiguous()  # (B, C/G, N): group k of every sample
-            ys.append(self.mamba(tk) + self.skip(tk))
-        y = torch.stack(ys, dim=1).reshape(b, c, n)  # group k -> channels [k*C/G, (k+1)*C/G)
-        y = self.proj(self.norm(y.transpose(1, 2)))  # (B, N, C_out)
-        return y.transpose(1, 2).reshape(b, -1, *spatial)
-
-
 def prepare_for_opacus(model: nn.Module) -> nn.Module:
-    """Make ``model`` trainable under Opacus, in place; returns it.
-
-    Switches every :class:`GroupedMixer` to :class:`PerGroupMixer` (same parameters, same
-    state-dict keys), registers :func:`leaf_loop_grad_sampler` for the leaf modules with raw
-    parameters, and runs Opacus' ``ModuleValidator`` (which would reject BatchNorm, for
-    instance). Undo with :func:`restore_from_opacus`.
-    """
-    register_grad_samplers()
-    for module in model.modules():
-        if type(module) is GroupedMixer:
-            module.__class__ = PerGroupMixer
+    """Check ``model`` against Opacus' ``ModuleValidator`` (which rejects BatchNorm, for
+    instance) and register grad samplers for its leaf modules with raw parameters
+    (:func:`register_grad_samplers`); returns ``model`` unchanged."""
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model is not compatible with Opacus: {errors}")
-    return model
-
-
-def restore_from_opacus(model: nn.Module) -> nn.Module:
-    """Undo the class switch of :func:`prepare_for_opacus` (in place); returns ``model``."""
-    for module in model.modules():
-        if type(module) is PerGroupMixer:
-            module.__class__ = GroupedMixer
+    register_grad_samplers(model)
     return model
 
 
@@ -283,11 +243,26 @@ def leaf_loop_grad_sampler(
     }
 
 
-def register_grad_samplers(types: Sequence[type[nn.Module]] = (SelectiveSSM, SkipScale)) -> None:
-    """Register :func:`leaf_loop_grad_sampler` for ``types`` with Opacus (idempotent)."""
-    for module_type in types:
-        if GradSampleModule.GRAD_SAMPLERS.get(module_type) is not leaf_loop_grad_sampler:
-            register_grad_sampler(module_type)(leaf_loop_grad_sampler)
+def register_grad_samplers(model: nn.Module) -> list[type[nn.Module]]:
+    """Register :func:`leaf_loop_grad_sampler` with Opacus for every leaf module type of
+    ``model`` that holds trainable parameters and has no Opacus grad sampler (idempotent).
+
+    Returns the types it covers (for the network: ``Mamba`` and ``SkipScale``). A non-leaf
+    module with its own parameters is left to Opacus' functorch fallback.
+    """
+    covered: list[type[nn.Module]] = []
+    for module in model.modules():
+        kind = type(module)
+        own = any(p.requires_grad for p in module.parameters(recurse=False))
+        if not own or any(True for _ in module.children()) or kind in covered:
+            continue
+        sampler = GradSampleModule.GRAD_SAMPLERS.get(kind)
+        if sampler is None:
+            register_grad_sampler(kind)(leaf_loop_grad_sampler)
+            sampler = leaf_loop_grad_sampler
+        if sampler is leaf_loop_grad_sampler:
+            covered.append(kind)
+    return covered
 
 
 # --------------------------------------------------------------------------- loader
@@ -454,13 +429,13 @@ class PrivateTraining:
         }
 
     def close(self) -> M4Fuse:
-        """Remove Opacus' hooks and restore the plain mixers; returns the network."""
+        """Remove Opacus' hooks and per-sample buffers; returns the network."""
         self.module.remove_hooks()
         for p in self.model.parameters():
             for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
-        return restore_from_opacus(self.model)
+        return self.model
 
 
 def make_private_training(
@@ -478,7 +453,7 @@ def make_private_training(
     """Wrap a site's model, optimiser and loader for DP-SGD with Opacus' ``make_private``.
 
     Args:
-        model: the site's network (one expert); prepared in place by :func:`prepare_for_opacus`.
+        model: the site's network (one expert); checked by :func:`prepare_for_opacus`.
         optimizer: an optimiser over ``model``'s parameters (e.g. ``engine.make_optimizer``'s);
             an LR scheduler built on it keeps working.
         loader: the site's training loader (its batch size sets the expected Poisson batch).

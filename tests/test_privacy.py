@@ -12,7 +12,6 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, Dataset
 
 from client.privacy import (
-    PerGroupMixer,
     PrivacyBudgetExhausted,
     PrivacyConfig,
     SiteModel,
@@ -24,7 +23,7 @@ from client.privacy import (
     prepare_for_opacus,
     resolve_delta,
 )
-from m4fuse.model import GroupedMixer, M4Fuse, M4FuseConfig
+from m4fuse.model import M4Fuse, M4FuseConfig, Mamba, SkipScale
 
 SIZE = 16
 WIDTHS = [8, 8, 8, 8, 8, 8]
@@ -113,18 +112,6 @@ def test_config_checks_and_delta_rule() -> None:
 # --------------------------------------------------------------------------- model
 
 
-def test_per_group_mixer_is_the_same_function() -> None:
-    torch.manual_seed(0)
-    cfg = M4FuseConfig(widths=WIDTHS)
-    mixer = GroupedMixer(16, 8, cfg)
-    x = torch.randn(3, 16, 4, 4, 4)
-    expected = mixer(x)
-    keys = list(mixer.state_dict())
-    mixer.__class__ = PerGroupMixer
-    torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-6)
-    assert list(mixer.state_dict()) == keys
-
-
 def test_site_model_routes_to_its_expert_only() -> None:
     model = _model()
     site = SiteModel(model, 0)
@@ -153,23 +140,19 @@ def test_per_sample_gradients_match_one_backward_per_case() -> None:
             torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-9,
                                        msg=lambda m, n=name, i=i: f"{n} sample {i}: {m}")
     private.close()
-    assert all(type(m) is not PerGroupMixer for m in model.modules())
 
 
-def test_folded_groups_would_break_per_sample_gradients() -> None:
-    """Why prepare_for_opacus exists: without it the Mamba layers see B*G rows."""
+def test_leaf_grad_samplers_cover_the_raw_parameter_modules() -> None:
     from opacus import GradSampleModule
 
-    from client.privacy import register_grad_samplers
+    from client.privacy import leaf_loop_grad_sampler, register_grad_samplers
 
-    register_grad_samplers()
-    model = _model()
-    gsm = GradSampleModule(SiteModel(model, 0))
-    x, y = _batch(2, size=8)
-    _loss(gsm(x), y).backward()
-    shapes = {p.grad_sample.shape[0] for n, p in model.named_parameters() if ".mamba." in n}
-    assert shapes == {2 * model.config.mixer_groups}
-    gsm.remove_hooks()
+    covered = register_grad_samplers(_model())
+    assert set(covered) == {Mamba, SkipScale}
+    assert GradSampleModule.GRAD_SAMPLERS[Mamba] is leaf_loop_grad_sampler
+    with pytest.raises(TypeError, match="child modules"):
+        leaf_loop_grad_sampler(torch.nn.Sequential(torch.nn.Linear(2, 2)), [torch.zeros(1, 2)],
+                               torch.zeros(1, 2))
 
 
 def test_clipping_and_zero_noise_reproduce_clipped_sgd() -> None:

@@ -30,8 +30,10 @@ What had to be adapted for Opacus:
   ``register_grad_sampler``: per sample, it reruns the leaf's own forward on that sample's
   inputs and takes ``torch.autograd.grad`` of ``<output, backprop>``. It works with any scan
   implementation, including ``mamba_ssm``'s fused CUDA kernel, which Opacus' functorch
-  fallback cannot transform, and it was faster than that fallback on the tiny CPU model
-  (see the report of issue #6).
+  fallback cannot transform, and it keeps the scan's memory-bounded backward (the functorch
+  path of ``m4fuse.scan`` stores every chunk's intermediates). Measured on the tiny CPU model
+  (widths 8..64, 16³, batch 2, one thread), a DP step took 515 ms with this sampler and 460 ms
+  with the functorch fallback, against 142 ms without DP.
 * The expert index: :class:`SiteModel` closes over the site's fixed expert index so that no
   batch is ever split between experts (an expert applied to a subset of the batch would get
   per-sample gradients for that subset only, which Opacus cannot clip).

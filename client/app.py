@@ -106,6 +106,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(site.cfg.seed) * 1000 + site.index * 100 + server_round,
         prox_mu=mu,
         prox_reference=reference,
+        schedule=(server_round - 1, max(server_round, int(site.cfg.fl.rounds))),
     )
     kept = kept_state(model, strategy)
     if kept:

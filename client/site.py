@@ -11,6 +11,7 @@ cache), ``state-dir`` (where the site's expert survives client restarts), ``devi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from m4fuse import experiment
 
-_CONFIGS: dict[tuple[str, str, tuple], DictConfig] = {}
+_CONFIGS: dict[tuple, DictConfig] = {}
 
 
 def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> DictConfig:
     """The Hydra config of the run (``config-name`` + ``overrides`` of the Flower run config),
     with the node's data paths applied; memoised per process."""
-    name = str(run_config.get("config-name", "config"))
-    overrides = str(run_config.get("overrides", ""))
-    node_items = tuple(sorted((k, str(v)) for k, v in node_config.items()))
-    key = (name, overrides, node_items)
+    key = (str(run_config.get("config-name", "config")), str(run_config.get("overrides", "")),
+           os.environ.get(experiment.OVERRIDES_ENV, ""),
+           tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key not in _CONFIGS:
-        cfg = experiment.compose(name, experiment.parse_overrides(overrides))
+        cfg = experiment.compose_run(run_config)
         OmegaConf.set_struct(cfg, False)
         if "data-root" in node_config:
             cfg.data.source = str(node_config["data-root"])

@@ -66,6 +66,19 @@ def parse_overrides(text: str) -> list[str]:
     return shlex.split(text or "")
 
 
+#: Environment variable with Hydra overrides applied after the run config's. Flower's
+#: in-process ``run_simulation`` passes no run config, so tests and scripts set this.
+OVERRIDES_ENV = "M4FUSE_OVERRIDES"
+
+
+def compose_run(run_config: Mapping[str, Any]) -> DictConfig:
+    """The config a Flower run uses: ``config-name`` and ``overrides`` from the run config
+    (defaults ``config`` and none), then ``$M4FUSE_OVERRIDES``."""
+    overrides = parse_overrides(str(run_config.get("overrides", "")))
+    overrides += parse_overrides(os.environ.get(OVERRIDES_ENV, ""))
+    return compose(str(run_config.get("config-name", "config")), overrides)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail early, naming the key and the bad value, on settings that cannot work."""
     if cfg.fl.strategy not in STRATEGIES:
@@ -192,25 +205,19 @@ def build_model(cfg: DictConfig, num_experts: int, seed: int | None = None) -> t
     return M4Fuse(model_config(cfg, num_experts))
 
 
-def train_config(cfg: DictConfig, epochs: int):
-    """The :class:`m4fuse.engine.TrainConfig` of ``cfg.train`` for ``epochs`` epochs."""
-    import dataclasses
+LOADER_KEYS: tuple[str, ...] = ("augment", "num_workers")
 
+
+def train_config(cfg: DictConfig, epochs: int, seed: int | None = None):
+    """The :class:`m4fuse.engine.TrainConfig` of ``cfg.train`` for ``epochs`` passes
+    (``local_epochs``), seeded by ``seed`` (default the config's ``seed``)."""
     from m4fuse.engine import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    wanted: dict[str, Any] = {
-        "epochs": epochs,
-        "batch_size": int(cfg.train.batch_size),
-        "lr": float(cfg.train.lr),
-        "weight_decay": float(cfg.train.weight_decay),
-        "seed": int(cfg.seed),
-    }
-    wanted.update(OmegaConf.to_container(cfg.train.get("extra", {}) or {}, resolve=True))
-    unknown = sorted(set(cfg.train.get("extra", {}) or {}) - names)
-    if unknown:
-        raise ValueError(f"train.extra names fields TrainConfig does not have: {unknown}")
-    return TrainConfig(**{k: v for k, v in wanted.items() if k in names})
+    values = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+              if k not in LOADER_KEYS}
+    values["local_epochs"] = int(epochs)
+    values["seed"] = int(cfg.seed) if seed is None else int(seed)
+    return TrainConfig.from_dict(values)
 
 
 # --------------------------------------------------------------------------- data
@@ -320,11 +327,14 @@ def train_site(
     seed: int,
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``.
 
-    A fresh optimiser per call (FedAvg-style local training); returns ``{"loss",
-    "num-examples"}`` with ``num-examples`` = number of training cases.
+    A fresh AdamW per call (FedAvg-style local training) whose warm-up/cosine learning rate
+    continues one curve over the whole run: ``schedule = (round index, number of rounds)``
+    places this call on it (default ``(0, 1)``: the curve spans this call alone). Returns
+    ``{"loss", "num-examples"}`` with ``num-examples`` = number of training cases.
     """
     from m4fuse.data import make_loader
 
@@ -333,7 +343,8 @@ def train_site(
         augment=bool(cfg.train.augment), shuffle=True,
         num_workers=int(cfg.train.num_workers), seed=seed,
     )
-    return run_epochs(model, loader, cfg, device, epochs, prox_mu, prox_reference, len(records))
+    return run_epochs(model, loader, cfg, device, epochs, seed, prox_mu, prox_reference,
+                      schedule, len(records))
 
 
 def run_epochs(
@@ -342,18 +353,28 @@ def run_epochs(
     cfg: DictConfig,
     device: torch.device,
     epochs: int,
+    seed: int,
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
+    schedule: tuple[int, int] | None = None,
     num_cases: int | None = None,
 ) -> dict[str, float]:
-    """``epochs`` epochs of :func:`m4fuse.engine.train_epochs` with the configured optimiser."""
+    """``epochs`` passes of :func:`m4fuse.engine.train_epochs` with the configured optimiser
+    (see :func:`train_site` for ``schedule``)."""
     from m4fuse.engine import make_optimizer, train_epochs
 
     if len(loader) == 0:
         raise ValueError("no training batches: the site has no training cases")
-    tcfg = train_config(cfg, epochs)
+    index, count = schedule or (0, 1)
+    if not 0 <= index < count:
+        raise ValueError(f"schedule must be (index, count) with 0 <= index < count, got {schedule}")
+    tcfg = train_config(cfg, epochs, seed)
+    steps = epochs * len(loader)
     model.to(device)
-    optimizer, scheduler = _optimizer(make_optimizer(model, tcfg, epochs * len(loader)))
+    optimizer, scheduler = make_optimizer(model, tcfg, steps * count, start_step=steps * index)
+    if prox_reference is not None:
+        params = dict(model.named_parameters())
+        prox_reference = {k: v for k, v in prox_reference.items() if k in params}
     out = train_epochs(
         model, loader, optimizer, scheduler, tcfg, device,
         prox_mu=prox_mu, prox_reference=prox_reference,
@@ -362,13 +383,6 @@ def run_epochs(
     if num_cases is not None:
         result["num-examples"] = float(num_cases)
     return result
-
-
-def _optimizer(made: Any) -> tuple[Any, Any]:
-    """``make_optimizer`` may return the optimiser or ``(optimiser, scheduler)``."""
-    if isinstance(made, tuple):
-        return made[0], made[1]
-    return made, None
 
 
 def validate_site(

@@ -2,7 +2,8 @@
 
 The Flower run config names the Hydra config (``config-name``, default ``config``) and its
 ``overrides`` (a space-separated string, e.g. ``"fl.rounds=5 fl.strategy=fedavg"``); the
-ClientApp composes the same config. Everything else is in :mod:`server.runner`.
+ClientApp composes the same config (``$M4FUSE_OVERRIDES`` is applied after both, see
+:func:`m4fuse.experiment.compose_run`). Everything else is in :mod:`server.runner`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment of the run config on ``grid``; prints the per-site table."""
-    cfg = experiment.compose(
-        str(context.run_config.get("config-name", "config")),
-        experiment.parse_overrides(str(context.run_config.get("overrides", ""))),
-    )
+    cfg = experiment.compose_run(context.run_config)
     run_federated(grid, cfg)

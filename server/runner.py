@@ -110,7 +110,8 @@ def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: li
         if kept is not None:  # simulation: the site's folder is on this machine
             experts[name] = expert_state(kept["state"], 0)
     path = rdir / FINAL_MODEL_FILE
-    save_checkpoint(path, experiment.model_config(cfg, num_experts=1), shared, experts)
+    save_checkpoint(path, experiment.model_config(cfg, num_experts=1), shared, experts,
+                    size=list(cfg.data.size), metadata={"strategy": strategy})
     return path
 
 
@@ -186,12 +187,16 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     report.write_csv(rows, rdir / "sites.csv")
     (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
     (rdir / "history.json").write_text(json.dumps(history, indent=1))
+    (rdir / "summary.json").write_text(json.dumps(
+        {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
+         "bytes_received": received, "first_round": first_round,
+         "mlflow_run_id": tracker.run_id}))
     report.plot_dice_per_round(
         {e["round"]: {int(i): m for i, m in e["val_by_site"].items()} for e in history},
         names, rdir / "dice_per_round.png", title=f"{experiment.run_name(cfg)}: validation Dice")
     mean = rows[-1]  # case-weighted means: val_* (last round) and test_*
     final_metrics = {k: float(v) for k, v in mean.items()
-                     if isinstance(v, float) and not k.endswith("num-examples")}
+                     if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
     final_metrics.update(site_metrics(test_by_site, prefix="test_"))
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
                           "wall_seconds": seconds})

@@ -1,0 +1,197 @@
+"""The Flower app end to end (run_simulation through server.app / client.app) and its parts:
+shared-keys-only replies, experts that stay personal, case-weighted aggregation, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from m4fuse import experiment  # noqa: E402
+from m4fuse.state import is_personal, split_state  # noqa: E402
+
+TINY = [
+    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
+    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages built outside a Flower process need the task identity Flower sets there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("m4fuse-fl"))
+
+
+def overrides(root: str, *extra: str) -> list[str]:
+    return [f"root={root}", *TINY, *extra]
+
+
+def simulate(monkeypatch, root: str, *extra: str) -> dict:
+    """Run the user's ServerApp and ClientApp in Flower's in-process simulation."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    args = overrides(root, *extra)
+    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    run_simulation(server_app, client_app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    cfg = experiment.compose("config", args)
+    rdir = experiment.run_dir(cfg)
+    summary_path = rdir / "summary.json"
+    assert summary_path.is_file(), f"the run wrote no summary in {rdir}"
+    return {"cfg": cfg, "dir": rdir, "summary": json.loads(summary_path.read_text()),
+            "history": json.loads((rdir / "history.json").read_text())}
+
+
+def fake_reply(arrays: dict[str, np.ndarray], cases: int, site: int, node: int) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"loss": float(site), "num-examples": cases,
+                                 "site-index": site, "seconds": 1.0}),
+    })
+    msg = Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+    return msg
+
+
+def test_aggregation_weights_by_training_cases():
+    from server.strategy import make_strategy
+
+    keys = ["a.weight", "b.bias"]
+    strategy = make_strategy("personal", 2, 1.0, 1, 0.0, keys)
+    one = {"a.weight": np.full((2, 2), 1.0, np.float32), "b.bias": np.array([0.0], np.float32)}
+    two = {"a.weight": np.full((2, 2), 5.0, np.float32), "b.bias": np.array([8.0], np.float32)}
+    arrays, metrics = strategy.aggregate_train(1, [fake_reply(one, 3, 0, 1),
+                                                   fake_reply(two, 1, 1, 2)])
+    # by hand: (3 * 1 + 1 * 5) / 4 = 2 and (3 * 0 + 1 * 8) / 4 = 2; loss (3*0 + 1*1)/4
+    np.testing.assert_allclose(arrays["a.weight"].numpy(), np.full((2, 2), 2.0))
+    np.testing.assert_allclose(arrays["b.bias"].numpy(), [2.0])
+    assert metrics["loss"] == pytest.approx(0.25)
+    assert metrics["num-examples"] == 4
+    assert "site-index" not in metrics
+    assert set(strategy.current.train_by_site) == {0, 1}
+
+
+def test_server_refuses_expert_keys():
+    from server.strategy import make_strategy
+
+    strategy = make_strategy("personal", 2, 1.0, 1, 0.0, ["enc.weight"])
+    bad = {"enc.weight": np.ones(2, np.float32),
+           "enc.site_experts.0.w": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match="site_experts"):
+        strategy.aggregate_train(1, [fake_reply(bad, 2, 0, 1)])
+    with pytest.raises(ValueError, match="must not hold expert"):
+        make_strategy("personal", 2, 1.0, 1, 0.0, ["x.site_experts.0.w"])
+
+
+def _client_round(cfg_args, partition, arrays: ArrayRecord, state: RecordDict, rnd: int,
+                  run_dir: str) -> Message:
+    from flwr.app import ConfigRecord
+
+    from client.app import train
+
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
+    msg = Message(content=content, dst_node_id=partition + 1, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=partition + 1,
+                      node_config={"partition-id": partition, "num-partitions": 2},
+                      state=state, run_config={})
+    return train(msg, context)
+
+
+def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_path):
+    from server.runner import initial_state
+    from server.strategy import make_strategy
+
+    args = overrides(root)
+    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    cfg = experiment.compose("config", args)
+    held, full = initial_state(cfg)
+    shared_keys, personal_keys = (set(p) for p in split_state(full))
+    assert personal_keys and set(held) == shared_keys
+    start = ArrayRecord({k: v for k, v in held.items()})
+    states = [RecordDict(), RecordDict()]
+    replies = [_client_round(args, p, start, states[p], 1, str(tmp_path)) for p in (0, 1)]
+    largest = max(v.numel() for v in full.values())
+    for reply in replies:
+        (record,) = reply.content.array_records.values()
+        assert set(record.keys()) == shared_keys
+        assert not any(is_personal(k) for k in record.keys())
+        assert max(int(np.prod(a.shape)) for a in record.values()) <= largest
+        (metrics,) = reply.content.metric_records.values()
+        assert set(metrics) == {"loss", "num-examples", "site-index", "seconds"}
+    experts = [states[p].array_records["kept"].to_torch_state_dict() for p in (0, 1)]
+    assert set(experts[0]) == personal_keys
+    assert any(not torch.equal(experts[0][k], experts[1][k]) for k in personal_keys), \
+        "the two sites' experts should differ after training on different data"
+    # aggregation never touches an expert: the server's result has none, the sites keep theirs
+    strategy = make_strategy("personal", 2, 1.0, 1, 0.0, held.keys())
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert set(aggregated.keys()) == shared_keys
+    after = [states[p].array_records["kept"].to_torch_state_dict() for p in (0, 1)]
+    for before, now in zip(experts, after):
+        assert all(torch.equal(before[k], now[k]) for k in personal_keys)
+    # the next round loads the aggregated shared weights and the site's own expert
+    from client.weights import load_round_state
+
+    model = experiment.build_model(cfg, num_experts=1, seed=123)
+    load_round_state(model, "personal", aggregated.to_torch_state_dict(), after[1])
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], after[1][k]) for k in personal_keys)
+    agg = aggregated.to_torch_state_dict()
+    assert all(torch.equal(loaded[k], agg[k]) for k in shared_keys)
+
+
+def test_two_site_simulation_then_resume(monkeypatch, root):
+    first = simulate(monkeypatch, root, "fl.rounds=2", "run_name=sim")
+    assert [e["round"] for e in first["history"]] == [1, 2]
+    for entry in first["history"]:
+        assert set(map(int, entry["val_by_site"])) == {0, 1}
+        assert entry["bytes_sent"] > 0 and entry["bytes_received"] > 0
+    ckpt = torch.load(first["dir"] / "server_checkpoint.pt", weights_only=True)
+    assert ckpt["server_round"] == 2
+    assert ckpt["arrays"] and not any(is_personal(k) for k in ckpt["arrays"])
+    rows = (first["dir"] / "sites.csv").read_text().splitlines()
+    assert rows[0].startswith("site,name") and len(rows) == 4  # header, 2 sites, mean
+    experts = [torch.load(next((first["dir"] / "clients" / s).glob("kept-r2.pt")),
+                          weights_only=True)["state"] for s in ("site0", "site1")]
+    assert any(not torch.equal(experts[0][k], experts[1][k]) for k in experts[0])
+    run_id = first["summary"]["mlflow_run_id"]
+
+    # A stopped run continues at the round after its checkpoint, in the same MLflow run.
+    second = simulate(monkeypatch, root, "fl.rounds=3", "run_name=sim", "fl.resume=true")
+    assert second["summary"]["first_round"] == 3
+    assert [e["round"] for e in second["history"]] == [1, 2, 3]
+    assert second["summary"]["mlflow_run_id"] == run_id
+
+    from mlflow.tracking import MlflowClient
+
+    from server.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(second["cfg"]))
+    run = client.get_run(run_id)
+    assert run.data.params["fl.strategy"] == "personal"
+    for key in ("site0/dice_et", "site1/hd95_wt", "val_dice_mean", "bytes_sent",
+                "round_seconds", "train_loss"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert steps == [1, 2, 3], (key, steps)
+    assert "site1/test_dice_wt" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"sites.csv", "dice_per_round.png", "model", "experts"} <= artifacts

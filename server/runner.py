@@ -30,7 +30,7 @@ from m4fuse.state import split_state
 from server import checkpoint as server_ckpt
 from server import report
 from server.strategy import RoundLog, make_strategy
-from server.tracking import Tracker, site_metrics
+from server.tracking import Tracker, round_metrics, site_metrics
 
 CHECKPOINT_FILE = "server_checkpoint.pt"
 FINAL_MODEL_FILE = "model.ckpt"
@@ -75,21 +75,6 @@ def _round_entry(rl: RoundLog) -> dict[str, Any]:
     }
 
 
-def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """MLflow metrics of one round: aggregate and ``site<k>/`` keys, bytes and seconds."""
-    out: dict[str, float] = {}
-    if "loss" in entry["train"]:
-        out["train_loss"] = entry["train"]["loss"]
-    out.update({f"val_{k}": v for k, v in entry["val"].items() if k in experiment.METRIC_KEYS})
-    out.update(site_metrics(entry["val_by_site"]))
-    for index, m in entry["train_by_site"].items():
-        out[f"site{index}/train_loss"] = m["loss"]
-    out["bytes_sent"] = entry["bytes_sent"]
-    out["bytes_received"] = entry["bytes_received"]
-    out["round_seconds"] = entry["seconds"]
-    return out
-
-
 def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: list[str]
                      ) -> Path | None:
     """The final model in :mod:`m4fuse.checkpoint` format (shared + experts found locally)."""
@@ -115,12 +100,27 @@ def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: li
     return path
 
 
+def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
+    """Wait until ``count`` SuperNodes are connected; a clear error instead of Flower's
+    endless wait when the federation has fewer nodes than the split has sites."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{connected} SuperNode(s) connected after {timeout:.0f} s, the data split has "
+                f"{count} sites (one SuperNode per site); in simulation run "
+                f"flwr run . --federation-config \"num-supernodes={count}\""
+            )
+        time.sleep(1.0)
+
+
 def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
     wall = time.perf_counter()
     strategy_name = str(cfg.fl.strategy)
     split = experiment.load_sites(cfg)  # generates/prepares the data once, before round 1
     names = experiment.site_names(split)
+    wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
     rdir = experiment.run_dir(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = rdir / CHECKPOINT_FILE

@@ -104,3 +104,18 @@ def site_metrics(by_site: Mapping[int, Mapping[str, float]], prefix: str = "",
             if key in metrics:
                 out[f"site{index}/{prefix}{key}"] = float(metrics[key])
     return out
+
+
+def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of one round: aggregate and ``site<k>/`` keys, bytes and seconds."""
+    out: dict[str, float] = {}
+    if "loss" in entry["train"]:
+        out["train_loss"] = entry["train"]["loss"]
+    out.update({f"val_{k}": v for k, v in entry["val"].items() if k in experiment.METRIC_KEYS})
+    out.update(site_metrics(entry["val_by_site"]))
+    for index, m in entry["train_by_site"].items():
+        out[f"site{index}/train_loss"] = m["loss"]
+    out["bytes_sent"] = entry["bytes_sent"]
+    out["bytes_received"] = entry["bytes_received"]
+    out["round_seconds"] = entry["seconds"]
+    return out

@@ -25,8 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from m4fuse import experiment
 from server import report
-from server.runner import round_metrics
-from server.tracking import Tracker, site_metrics
+from server.tracking import Tracker, round_metrics, site_metrics
 
 MODES: tuple[str, ...] = ("pooled", "local")
 

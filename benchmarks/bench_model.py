@@ -361,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_models:
         rows = []
         for model_name, model, takes_expert in build_models(presets, not args.skip_peers):
+            print(f"measuring {model_name} ...", file=sys.stderr, flush=True)
             rows.append(measure_model(model_name, model, takes_expert, size, device,
                                       repeats, warmup))
             del model
@@ -371,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
         results: list[tuple[int, Row, Row | None]] = []
         for length in lengths:
             inputs = scan_inputs(*shape, length)
+            print(f"measuring the scan at L={length} ...", file=sys.stderr, flush=True)
             ours = measure_scan("m4fuse chunked", inputs, device, repeats, warmup)
             peer = None if args.skip_peers else measure_scan("mambapy pscan", inputs, device,
                                                               repeats, warmup)

@@ -81,6 +81,7 @@ class Site:
                     f"(run with --federation-config \"num-supernodes={len(names)}\")"
                 )
             name, index = names[pid], pid
+        experiment.apply_threads(cfg)
         device = experiment.resolve_device(str(node_config.get("device", cfg.device)))
         if "state-dir" in node_config:
             state_dir: Path | None = Path(str(node_config["state-dir"])) / experiment.run_name(cfg)

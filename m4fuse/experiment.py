@@ -162,6 +162,15 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(str(name))
 
 
+def apply_threads(cfg: DictConfig) -> None:
+    """``torch.set_num_threads(cfg.threads)`` when ``threads`` > 0 (0: torch's default)."""
+    threads = int(cfg.get("threads", 0) or 0)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (initialisation and loaders are then repeatable)."""
     random.seed(seed)

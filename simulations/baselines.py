@@ -66,6 +66,7 @@ def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     wall = time.perf_counter()
+    experiment.apply_threads(cfg)
     split = experiment.load_sites(cfg)
     names = experiment.site_names(split)
     device = experiment.resolve_device(str(cfg.device))

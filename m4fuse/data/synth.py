@@ -12,10 +12,13 @@ Tissue contrasts follow those of gliomas on the four sequences: ET bright on T1c
 bright on FLAIR and T2; necrosis dark on T1/T1ce and bright on T2; CSF bright on T2 and
 suppressed on FLAIR; white matter brighter than grey on T1.
 
-Each site has its own acquisition: intensity scale and offset, a multiplicative bias field of
-site-specific strength, Rician noise, blur (thicker in Z at some sites), a gamma per sequence
-(contrast between modalities) and a contrast-agent strength (ET enhancement). The parameters
-of every site are written to ``acquisition.json`` beside the cases.
+Each site has its own acquisition (:func:`site_acquisition`, table there): intensity scale and
+offset, and shifts that survive the per-modality z-scoring of preprocessing: a nonlinear
+response (gamma) per sequence, its own tissue contrasts (grey/white on T1, compressed or
+inverted; gadolinium enhancement of ET; oedema on FLAIR/T2; CSF suppression on FLAIR), a
+multiplicative bias field, Rician noise (SNR), blur (anisotropic at thick-slice sites) and the
+oedema extent around the core. Site 0 is the reference scanner; the others are progressively
+more different. The parameters of every site are written to ``acquisition.json``.
 
 Files: ``<out>/BraTS2021_<id>/BraTS2021_<id>_{t1,t1ce,t2,flair,seg}.nii.gz`` (int16 images,
 uint8 labels with ET = 4, LPS-like affine with 1 mm spacing) and ``<out>/partition.csv``
@@ -70,29 +73,103 @@ def smooth_noise(shape: Sequence[int], rng: np.random.Generator, cell: float) ->
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
+# Per-site acquisition of sites 0-3 (see :func:`site_acquisition`): site 0 is the reference
+# scanner, the next ones progressively further from it. Sites >= 4 draw each parameter between
+# site 0's and site 3's value.
+SITE_TABLE: dict[str, tuple[float, float, float, float]] = {
+    "gm_wm_t1": (1.0, 0.7, 0.45, -0.6),
+    "enhancement": (1.0, 0.7, 0.6, 0.42),
+    "flair_oedema": (1.0, 0.92, 0.84, 0.76),
+    "flair_csf": (0.2, 0.3, 0.45, 0.6),
+    "t2_oedema": (1.0, 0.95, 0.9, 0.82),
+    "gamma_spread": (0.0, 0.2, 0.3, 0.45),
+    "bias": (0.04, 0.1, 0.15, 0.2),
+    "noise": (0.01, 0.04, 0.055, 0.085),
+    "blur": (0.0, 0.2, 0.25, 0.4),
+    "blur_z_extra": (0.0, 0.0, 1.0, 0.5),
+    "oedema_extent": (1.0, 1.0, 0.85, 1.2),
+}
+
+
 def site_acquisition(site: int, seed: int) -> dict[str, Any]:
-    """The acquisition parameters of one site (drawn from ``seed`` and the site number)."""
+    """The acquisition parameters of one site, deterministic in ``(site, seed)``.
+
+    Sites 0-3 take the values of :data:`SITE_TABLE` (each jittered by a factor drawn in
+    [0.92, 1.08] from the seed; site 0's are exact), ordered from the reference scanner to the
+    most different one; site ``k >= 4`` draws each parameter at a fraction U(0.3, 1) of the way
+    from site 0's value to site 3's. Scale and offset (arbitrary scanner units, removed by the
+    z-scoring of preprocessing) are drawn for every site.
+
+    ================  =====  =====  =====  =====  ==================================================
+    parameter         site0  site1  site2  site3  meaning
+    ================  =====  =====  =====  =====  ==================================================
+    gm_wm_t1          1.0    0.7    0.45   -0.6   GM/WM contrast of pure tissue on T1 and T1ce
+                                                  (x reference; < 0: inverted; partial voluming
+                                                  with CSF and blur darken the thin cortex)
+    enhancement       1.0    0.7    0.6    0.42   gadolinium uptake of ET on T1ce (x reference;
+                                                  ET stays brighter than white matter)
+    flair_oedema      1.0    0.92   0.84   0.76   oedema brightness on FLAIR (x reference)
+    flair_csf         0.2    0.3    0.45   0.6    CSF on FLAIR (incomplete suppression)
+    t2_oedema         1.0    0.95   0.9    0.82   oedema brightness on T2 (x reference)
+    gamma_spread      0.0    0.2    0.3    0.45   per-sequence gamma drawn in exp(+-spread)
+                                                  (nonlinear intensity response)
+    bias              0.04   0.1    0.15   0.2    SD of the log bias field (smooth, ~40 mm)
+    noise             0.01   0.04   0.055  0.085  Rician noise SD (tissue intensities ~0.3-1.5)
+    blur              0.0    0.2    0.25   0.4    extra Gaussian blur in-plane (voxels; base 0.3)
+    blur_z_extra      0.0    0.0    1.0    0.5    extra blur along Z (thick slices, ~3 mm)
+    oedema_extent     1.0    1.0    0.85   1.2    whole-tumour radius / core radius (x reference)
+    ================  =====  =====  =====  =====  ==================================================
+    """
+    if site < 0:
+        raise ValueError(f"site must be >= 0, got {site}")
     rng = np.random.default_rng([seed, 7919, site])
-    return {
-        "scale": float(rng.uniform(300, 1500)),
-        "offset": float(rng.uniform(0, 150)),
-        "gamma": [float(g) for g in rng.uniform(0.6, 1.6, size=4)],
-        "bias": float(rng.uniform(0.05, 0.35)),
-        "noise": float(rng.uniform(0.01, 0.08)),
-        "blur": float(rng.uniform(0.0, 0.7)),
-        "blur_z_extra": float(rng.choice([0.0, 0.0, 1.0])),
-        "enhancement": float(rng.uniform(0.75, 1.25)),
-        "flair_oedema": float(rng.uniform(0.85, 1.15)),
-    }
+    acq: dict[str, Any] = {"scale": float(rng.uniform(300, 1500)), "offset": float(rng.uniform(0, 150))}
+    for key, values in SITE_TABLE.items():
+        if site < len(values):
+            value = values[site] * (1.0 if site == 0 else float(rng.uniform(0.92, 1.08)))
+        else:
+            value = values[0] + float(rng.uniform(0.3, 1.0)) * (values[-1] - values[0])
+        acq[key] = float(value)
+    acq["gamma"] = [float(np.exp(g)) for g in rng.uniform(-1, 1, size=4) * acq["gamma_spread"]]
+    return acq
 
 
 def _ellipsoid(coords: tuple[np.ndarray, ...], centre: Sequence[float], axes: Sequence[float]) -> np.ndarray:
     return sum(((c - m) / a) ** 2 for c, m, a in zip(coords, centre, axes))  # type: ignore[return-value]
 
 
+def _tissue_value(name: str, m: int, acq: dict[str, Any]) -> float:
+    """Intensity of tissue ``name`` on sequence ``m`` (0 T1, 1 T1ce, 2 T2, 3 FLAIR) at a site."""
+    value = TISSUES[name][m]
+    if name == "gm" and m in (0, 1):  # GM/WM contrast on T1/T1ce around their mean
+        wm = TISSUES["wm"][m]
+        mid = (value + wm) / 2
+        value = mid + (value - mid) * acq["gm_wm_t1"]
+    elif name == "wm" and m in (0, 1):
+        gm = TISSUES["gm"][m]
+        mid = (value + gm) / 2
+        value = mid + (value - mid) * acq["gm_wm_t1"]
+    elif name == "et" and m == 1:  # gadolinium: ET above white matter by the site's uptake
+        value = 0.9 + (value - 0.9) * acq["enhancement"] * 1.6
+    elif name == "oedema" and m == 3:
+        value *= acq["flair_oedema"]
+    elif name == "oedema" and m == 2:
+        value *= acq["t2_oedema"]
+    elif name == "csf" and m == 3:
+        value = acq["flair_csf"]
+    return float(value)
+
+
 def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any],
-              size_class: str, with_et: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic case: images float32 (4, X, Y, Z) after acquisition, labels uint8 (X, Y, Z)."""
+              size_class: str, with_et: bool, return_tissue: bool = False
+              ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One synthetic case: images float32 (4, X, Y, Z) after acquisition, labels uint8 (X, Y, Z).
+
+    With ``return_tissue`` (default False) also the healthy-tissue map uint8 (X, Y, Z): 0
+    background, 1 white matter, 2 grey matter, 3 CSF (before the tumour is drawn over it).
+    """
+    if size_class not in _SIZE_CLASSES:
+        raise ValueError(f"size_class must be one of {sorted(_SIZE_CLASSES)}, got {size_class!r}")
     shape = tuple(int(s) for s in shape)
     x, y, z = np.ogrid[tuple(slice(0, s) for s in shape)]
     coords = tuple((c - (s - 1) / 2).astype(np.float32) for c, s in zip((x, y, z), shape))
@@ -123,7 +200,7 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
     # Tumour.
     lo, hi = _SIZE_CLASSES[size_class]
     tc_r = max(rng.uniform(lo, hi) * mm, 3.0)  # voxels; at least 3 on tiny grids
-    wt_r = tc_r * rng.uniform(1.4, 1.9)
+    wt_r = tc_r * rng.uniform(1.4, 1.9) * acq["oedema_extent"]
     for _ in range(1000):
         centre = rng.uniform(-0.55, 0.55, size=3) * axes
         if abs(centre[0]) > 0.2 * axes[0] and np.sum((centre / axes) ** 2) < 0.45:
@@ -152,24 +229,23 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
     for m in range(4):
         img = images[m]
         for mask, name, tex in regions:
-            value = TISSUES[name][m]
-            if name == "et" and m == 1:
-                value = 0.9 + (value - 0.9) * acq["enhancement"] * 1.6
-            if name == "oedema" and m == 3:
-                value *= acq["flair_oedema"]
+            value = _tissue_value(name, m, acq)
             img[mask] = value * (1 + tex[mask])
-    # Acquisition: partial voluming, blur, gamma, bias, noise, scale/offset; skull-stripped.
+    # Acquisition: partial voluming, blur (thicker along Z at some sites), gamma, bias, noise,
+    # scale/offset; skull-stripped.
     sigma = [0.3 + acq["blur"]] * 2 + [0.3 + acq["blur"] + acq["blur_z_extra"]]
     bias = np.exp(acq["bias"] * smooth_noise(shape, rng, 40 * mm))
     for m in range(4):
         img = gaussian_filter(images[m], sigma)
-        gamma = acq["gamma"][m] * rng.uniform(0.95, 1.05)
+        gamma = acq["gamma"][m] * rng.uniform(0.97, 1.03)
         img = np.clip(img, 0, None) ** gamma * bias
         n1, n2 = rng.standard_normal((2,) + shape).astype(np.float32) * acq["noise"]
         img = np.sqrt((img + n1) ** 2 + n2 ** 2)  # Rician magnitude noise
         img = img * acq["scale"] * rng.uniform(0.95, 1.05) + acq["offset"]
         images[m] = np.where(brain, np.clip(img, 1, 32000), 0)
     label[~brain] = 0
+    if return_tissue:
+        return images, label, tissue
     return images, label
 
 

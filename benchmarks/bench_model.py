@@ -10,8 +10,8 @@ Part 1, whole networks at 4 x D x H x W (default 4 x 64 x 128 x 128), batch 1, o
 * peak memory of one forward + backward above what was resident before it. CUDA:
   ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU (Linux): the
   process's peak resident set (``VmHWM`` in ``/proc/self/status``), reset before the run by
-  writing ``5`` to ``/proc/self/clear_refs``; this includes allocator slack, so it is an upper
-  bound of what tensors needed;
+  writing ``5`` to ``/proc/self/clear_refs`` after ``malloc_trim(0)``; it includes allocator
+  slack and, for small runs, reuse of pages still resident can hide part of the peak;
 * ratios to SegResNet from the same run.
 
 Peers: MONAI ``SegResNet(init_filters=32, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
@@ -29,6 +29,7 @@ each given its own native layout, the same maths (delta already positive, D term
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import math
 import statistics
@@ -106,6 +107,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         elif sys.platform.startswith("linux"):
+            # Give freed heap pages back to the OS first; otherwise a run that follows the
+            # warm-up reuses them without raising the resident set and reads as ~0 MiB.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")  # reset VmHWM to the current resident set
             self._base = _rss_kib("VmRSS") * 1024

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan-shape", type=int, nargs=3, metavar=("BATCH", "D", "N"),
                         default=list(DEFAULT_SCAN_SHAPE),
                         help="batch*groups, d_inner, d_state of the scan table (4 128 16)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default). On a shared, "
+                             "oversubscribed CPU, 1 avoids OpenMP stalls on many small ops")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: size {QUICK_SIZE}, scan L={QUICK_SCAN_LENGTHS}, "
                              f"shape {QUICK_SCAN_SHAPE}, 1 repeat, no warm-up")
@@ -357,6 +360,10 @@ def run(args: argparse.Namespace) -> int:
     if any(s < 1 for s in size) or any(v < 1 for v in lengths) or any(v < 1 for v in shape):
         raise SystemExit(f"sizes must be positive: --size {size}, --scan-lengths {lengths}, "
                          f"--scan-shape {shape}")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}, "

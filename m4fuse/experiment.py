@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -261,17 +261,73 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def generator_version() -> str:
+    """Version of the synthetic generator, recorded in the data folder's marker.
+
+    ``m4fuse.data.SYNTH_VERSION`` when the data package exports one; else the first 12 hex
+    digits of the SHA-256 of the generator's source file (``m4fuse/data/synth.py``). The
+    data package has no generator version constant, so the source hash is what notices that
+    the generator changed (e.g. a new acquisition table) and makes :func:`ensure_data`
+    generate the set again instead of reusing files of the old generator.
+    """
+    from m4fuse import data as mdata
+    from m4fuse.data import synth
+
+    version = getattr(mdata, "SYNTH_VERSION", None)
+    if version is not None:
+        return f"v{version}"
+    return hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:12]
+
+
+def data_markers(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(source marker, cache marker)``: what :func:`ensure_data` writes into the
+    ``.complete`` files of the data folders once they are ready, and compares on later calls.
+
+    Source (synthetic only; ``{}`` for BraTS): generator version, sites, cases per site,
+    shape, seed. Cache: the source marker, ``PREPROCESS_VERSION`` and the training size, so a
+    new generator or preprocessing version re-prepares the cache too.
+    """
+    from m4fuse.data import PREPROCESS_VERSION
+
+    d = cfg.data
+    source: dict[str, Any] = {}
+    if d.kind == "synthetic":
+        source = {"generator": generator_version(), "sites": int(d.sites),
+                  "cases_per_site": int(d.cases_per_site),
+                  "shape": [int(s) for s in d.shape], "seed": int(cfg.seed)}
+    cache = {"source": source, "preprocess_version": int(PREPROCESS_VERSION),
+             "size": [int(s) for s in d.size]}
+    return source, cache
+
+
+def _marker_matches(path: Path, expected: Mapping[str, Any]) -> bool:
+    """Whether the JSON marker file ``path`` exists and records ``expected`` (an old plain
+    ``ok`` marker never matches)."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(expected))
+    except json.JSONDecodeError:
+        return False
+
+
 def ensure_data(cfg: DictConfig) -> Path:
     """Generate (synthetic) and prepare the data set once; returns the prepared cache folder.
 
-    Safe to call from many processes at once (file lock); later calls only check markers.
+    Safe to call from many processes at once (file lock); later calls only check the
+    ``.complete`` markers (:func:`data_markers`). A marker of another generator or
+    preprocessing version (or an old marker without versions) makes it generate and prepare
+    again: the synthesiser overwrites the cases, ``prepare_dataset`` redoes the changed ones.
     """
     from m4fuse import data as mdata
 
     source, cache = data_paths(cfg)
     d = cfg.data
+    source_marker, cache_marker = data_markers(cfg)
     with _file_lock(cache.parent / f".{cache.name}.lock"):
-        if d.kind == "synthetic" and not (source / ".complete").is_file():
+        if d.kind == "synthetic" and not _marker_matches(source / ".complete", source_marker):
+            (source / ".complete").unlink(missing_ok=True)
+            (cache / ".complete").unlink(missing_ok=True)
             mdata.synthesize(
                 source,
                 sites=int(d.sites),
@@ -279,14 +335,15 @@ def ensure_data(cfg: DictConfig) -> Path:
                 seed=int(cfg.seed),
                 shape=tuple(int(s) for s in d.shape),
             )
-            (source / ".complete").write_text("ok\n")
+            (source / ".complete").write_text(json.dumps(source_marker) + "\n")
         if not source.is_dir():
             raise FileNotFoundError(f"data.source does not exist: {source}")
-        if not (cache / ".complete").is_file():
+        if not _marker_matches(cache / ".complete", cache_marker):
+            (cache / ".complete").unlink(missing_ok=True)
             mdata.prepare_dataset(
                 source, cache, size=tuple(int(s) for s in d.size), workers=int(d.workers)
             )
-            (cache / ".complete").write_text("ok\n")
+            (cache / ".complete").write_text(json.dumps(cache_marker) + "\n")
     return cache
 
 
@@ -325,6 +382,11 @@ def site_names(split: Mapping[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- steps
 
+#: ``wrap(model, optimizer, loader) -> (model, optimizer, loader)`` of :func:`train_site`.
+Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer, Any],
+                tuple[torch.nn.Module, torch.optim.Optimizer, Any]]
+
+
 
 def train_site(
     model: torch.nn.Module,
@@ -337,6 +399,8 @@ def train_site(
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     schedule: tuple[int, int] | None = None,
+    wrap: Wrap | None = None,
+    on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``.
 
@@ -344,6 +408,12 @@ def train_site(
     continues one curve over the whole run: ``schedule = (round index, number of rounds)``
     places this call on it (default ``(0, 1)``: the curve spans this call alone). Returns
     ``{"loss", "num-examples"}`` with ``num-examples`` = number of training cases.
+
+    ``wrap`` (default None: plain training) is called as ``model, optimizer, loader =
+    wrap(model, optimizer, loader)`` after the optimiser and its schedule are built and right
+    before the training loop (the ClientApp's DP-SGD wraps them with Opacus there; the caller
+    keeps what it needs, e.g. extra metrics, in its own closure). ``on_empty_batch`` (default
+    None) goes to :func:`m4fuse.engine.train_epochs` (a 0-case Poisson batch).
     """
     from m4fuse.data import make_loader
 
@@ -353,7 +423,7 @@ def train_site(
         num_workers=int(cfg.train.num_workers), seed=seed,
     )
     return run_epochs(model, loader, cfg, device, epochs, seed, prox_mu, prox_reference,
-                      schedule, len(records))
+                      schedule, len(records), wrap=wrap, on_empty_batch=on_empty_batch)
 
 
 def run_epochs(
@@ -367,9 +437,11 @@ def run_epochs(
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     schedule: tuple[int, int] | None = None,
     num_cases: int | None = None,
+    wrap: Wrap | None = None,
+    on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes of :func:`m4fuse.engine.train_epochs` with the configured optimiser
-    (see :func:`train_site` for ``schedule``)."""
+    (see :func:`train_site` for ``schedule``, ``wrap`` and ``on_empty_batch``)."""
     from m4fuse.engine import make_optimizer, train_epochs
 
     if len(loader) == 0:
@@ -384,9 +456,11 @@ def run_epochs(
     if prox_reference is not None:
         params = dict(model.named_parameters())
         prox_reference = {k: v for k, v in prox_reference.items() if k in params}
+    if wrap is not None:
+        model, optimizer, loader = wrap(model, optimizer, loader)
     out = train_epochs(
         model, loader, optimizer, scheduler, tcfg, device,
-        prox_mu=prox_mu, prox_reference=prox_reference,
+        prox_mu=prox_mu, prox_reference=prox_reference, on_empty_batch=on_empty_batch,
     )
     result = {"loss": float(out["loss"]), "num-examples": float(out["num-examples"])}
     if num_cases is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,6 +245,7 @@ def train_epochs(
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     expert: Expert = "site",
+    on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, float | int]:
     """Train ``cfg.local_epochs`` passes over ``loader``.
 
@@ -261,10 +262,14 @@ def train_epochs(
             term covers exactly these keys (names as in the unwrapped model's
             ``named_parameters``). Required when ``prox_mu > 0``.
         expert: ``"site"`` (default, the batch's ``site`` indices), an int, or ``None``.
+        on_empty_batch: called with ``optimizer`` instead of forward/backward/step for a batch
+            of 0 cases (DP-SGD's Poisson sampling draws them; Opacus' step must still happen,
+            e.g. ``client.privacy.noise_only_step``); the scheduler still steps. Default None:
+            an empty batch raises ``ValueError``.
 
     Returns:
-        ``{"loss": mean segmentation loss per case over all epochs (without the proximal term),
-        "num-examples": cases seen per epoch}``.
+        ``{"loss": mean segmentation loss per case over all epochs (without the proximal term;
+        NaN when every batch was empty), "num-examples": cases seen per epoch}``.
     """
     if not isinstance(prox_mu, (int, float)) or not math.isfinite(prox_mu) or prox_mu < 0:
         raise ValueError(f"prox_mu must be a finite number >= 0, got {prox_mu!r}")
@@ -289,10 +294,19 @@ def train_epochs(
     use_scaler = cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model.train()
-    total_loss, total_cases = 0.0, 0
+    total_loss, total_cases, empty_steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
         for batch in loader:
             _check_batch(batch)
+            if batch["image"].shape[0] == 0:
+                if on_empty_batch is None:
+                    raise ValueError("the loader gave an empty batch (0 cases) and no "
+                                     "on_empty_batch handler was given")
+                on_empty_batch(optimizer)
+                if scheduler is not None:
+                    scheduler.step()
+                empty_steps += 1
+                continue
             x = batch["image"].to(device, non_blocking=True).float()
             y = batch["label"].to(device, non_blocking=True)
             b = x.shape[0]
@@ -319,6 +333,8 @@ def train_epochs(
             total_loss += float(loss.detach()) * b
             total_cases += b
     if total_cases == 0:
+        if empty_steps:
+            return {"loss": float("nan"), "num-examples": 0}
         raise ValueError("the loader gave no batches: nothing to train on")
     return {"loss": total_loss / total_cases, "num-examples": total_cases // cfg.local_epochs}
 

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ from server.tracking import Tracker, round_metrics, site_metrics
 
 CHECKPOINT_FILE = "server_checkpoint.pt"
 FINAL_MODEL_FILE = "model.ckpt"
+FAILURE_FILE = "failure.txt"
+
+#: Settings a resumed run may change (prefixes of flattened config keys): the length of the
+#: run, how long to wait, how many sites must answer and the injected test faults.
+RESUME_FREE: tuple[str, ...] = ("fl.resume", "fl.rounds", "fl.faults", "fl.min_sites",
+                                "fl.round_timeout", "fl.wait_for_sites")
 
 
 @dataclass
@@ -61,6 +67,28 @@ def initial_state(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, t
     return held[str(cfg.fl.strategy)], full
 
 
+def resume_hash(cfg: DictConfig) -> str:
+    """The config hash a resumed run must match (all settings but :data:`RESUME_FREE`)."""
+    from omegaconf import OmegaConf
+
+    flat = experiment.flatten(OmegaConf.to_container(cfg, resolve=True))
+    free = [k for k in flat if any(k == p or k.startswith(p + ".") for p in RESUME_FREE)]
+    return experiment.config_hash(cfg, ignore=free)
+
+
+def federation_sites(cfg: DictConfig) -> list[str]:
+    """The federation's site names, sorted (position = site index): ``fl.site_names`` when
+    set (a coordinator that holds no data), else the data split's (simulation; prepares the
+    data once, before round 1)."""
+    given = cfg.fl.get("site_names")
+    if given:
+        names = [str(n) for n in given]
+        if len(set(names)) != len(names):
+            raise ValueError(f"fl.site_names has duplicates: {names}")
+        return sorted(names)
+    return experiment.site_names(experiment.load_sites(cfg))
+
+
 def _round_entry(rl: RoundLog) -> dict[str, Any]:
     """A RoundLog as plain values (stored in the checkpoint; torch ``weights_only`` safe)."""
     return {
@@ -69,6 +97,7 @@ def _round_entry(rl: RoundLog) -> dict[str, Any]:
         "val": {k: float(v) for k, v in (rl.evaluate or {}).items()},
         "train_by_site": {int(i): dict(m) for i, m in rl.train_by_site.items()},
         "val_by_site": {int(i): dict(m) for i, m in rl.evaluate_by_site.items()},
+        "failed": {str(k): str(v) for k, v in rl.failed.items()},
         "bytes_sent": int(rl.bytes_sent),
         "bytes_received": int(rl.bytes_received),
         "seconds": float(rl.seconds),
@@ -118,13 +147,12 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
     wall = time.perf_counter()
     strategy_name = str(cfg.fl.strategy)
-    split = experiment.load_sites(cfg)  # generates/prepares the data once, before round 1
-    names = experiment.site_names(split)
+    names = federation_sites(cfg)
     wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
     rdir = experiment.run_dir(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = rdir / CHECKPOINT_FILE
-    chash = experiment.config_hash(cfg)
+    chash = resume_hash(cfg)
     held, _ = initial_state(cfg)
     arrays = ArrayRecord({k: v for k, v in held.items()}) if held else ArrayRecord()
     first_round, history, run_id = 1, [], None
@@ -142,6 +170,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         # the sites' kept weights, which would otherwise be picked up as resumed state).
         ckpt_path.unlink(missing_ok=True)
         shutil.rmtree(rdir / "clients", ignore_errors=True)
+    (rdir / FAILURE_FILE).unlink(missing_ok=True)
     tracker = Tracker(cfg, experiment.run_name(cfg), run_id,
                       tags={"kind": "federated", "strategy": strategy_name})
     strategy = make_strategy(
@@ -151,6 +180,11 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         min_train_sites=int(cfg.fl.min_train_sites),
         proximal_mu=float(cfg.fl.proximal_mu),
         expected_keys=held.keys(),
+        site_names=names,
+        min_sites=int(cfg.fl.min_sites),
+        norm_bound=float(cfg.fl.norm_bound),
+        aggregation=str(cfg.fl.aggregation),
+        trim=float(cfg.fl.trim),
     )
     common = {"run-dir": str(rdir)}
     train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
@@ -162,6 +196,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             rl.server_round, strategy_name, chash, server_ckpt.record_to_numpy(new_arrays),
             tracker.run_id, history))
         tracker.log_metrics(round_metrics(entry), step=rl.server_round)
+        if rl.failed:
+            tracker.log_dict(entry["failed"], f"failed/round-{rl.server_round:03d}.json")
         log(INFO, "round %d: val dice_mean %.3f, %.1f s, %d B sent, %d B received",
             rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
             rl.bytes_sent, rl.bytes_received)
@@ -169,9 +205,13 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     try:
         arrays, final = strategy.run_rounds(
             grid, arrays, first_round, int(cfg.fl.rounds), train_config, ConfigRecord(common),
-            float(cfg.fl.round_timeout), on_round_end,
+            float(cfg.fl.round_timeout), on_round_end, float(cfg.fl.wait_for_sites),
         )
-    except BaseException:
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        (rdir / FAILURE_FILE).write_text(message + "\n")
+        log(ERROR, "federated run %s stopped: %s", experiment.run_name(cfg), message)
+        tracker.set_tag("failure", message[:5000])
         tracker.finish("FAILED")
         raise
     val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}

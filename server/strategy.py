@@ -1,11 +1,21 @@
 """Server strategies: Flower's FedAvg / FedProx, weighted by training cases, plus what a
 federated BraTS study needs around them.
 
-Aggregation itself is Flower's (``FedAvg.aggregate_train`` -> ``aggregate_arrayrecords``,
-weighted by each reply's ``num-examples`` = number of training cases). What is added here:
+Messages (sampling, configs, ``proximal-mu``) are Flower's. Aggregation goes through
+:mod:`server.robust` instead of ``FedAvg.aggregate_train``: Flower's FedMedian/FedTrimmedAvg
+are separate strategy classes (they cannot be combined with FedProx) and Flower checks no
+update before averaging it, while a federated study must survive a broken site. Per round:
 
-* a guard that every train reply carries exactly the keys the server holds (under
-  ``personal``/``fedprox`` the shared keys only: an expert key is refused, never averaged);
+* every train reply is checked (:func:`server.robust.screen_updates`): exactly the keys the
+  server holds (under ``personal``/``fedprox`` the shared keys only: an expert key is refused,
+  never averaged), their shapes and dtypes, finite values, and an update norm at most
+  ``norm_bound`` x the round's median; a failing reply, an error reply (the ClientApp raised)
+  and a site that did not answer within the round timeout are dropped, logged and kept in
+  :attr:`RoundLog.failed` (site name -> reason);
+* fewer than ``min_sites`` usable train (or evaluate) replies stop the run with
+  :class:`server.robust.QuorumError`, whose message names every failed site and why;
+* the accepted updates are combined by ``aggregation``: ``mean`` (weighted by each reply's
+  ``num-examples`` = training cases, the FedAvg rule), ``trimmed_mean`` or ``median``;
 * per-site bookkeeping (train loss, validation and test scores by ``site-index``) and bytes
   sent/received per round (serialised array bytes);
 * a round loop that can start at any round (resume) and a final test round sent through
@@ -15,21 +25,27 @@ weighted by each reply's ``num-examples`` = number of training cases). What is a
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from m4fuse.state import is_personal
+from server import robust
 
 #: Reply metric keys that identify or time a reply, not averaged into aggregates.
 BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds")
+
+#: Reason recorded for a site that was sent a message and did not answer in time.
+NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -48,6 +64,26 @@ def aggregate_without_bookkeeping(records: list[RecordDict], weight_key: str) ->
     return out
 
 
+class ReplyError(ValueError):
+    """A reply that cannot be used (its reason is recorded, the round goes on)."""
+
+
+def reply_metrics(msg: Message) -> MetricRecord:
+    """The one MetricRecord of a reply, with numeric ``num-examples`` and ``site-index``."""
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1:
+        raise ReplyError(f"expected one MetricRecord, got {len(records)}")
+    metrics = records[0]
+    for key in ("num-examples", "site-index"):
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(float(value)):
+            raise ReplyError(f"metric {key!r} missing or not a finite number: {value!r}")
+    if float(metrics["num-examples"]) < 0:
+        raise ReplyError(f"num-examples must be >= 0, got {metrics['num-examples']!r}")
+    return metrics
+
+
 @dataclass
 class RoundLog:
     """What one round produced (for checkpoints, MLflow and the results table)."""
@@ -57,31 +93,94 @@ class RoundLog:
     evaluate: MetricRecord | None = None
     train_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
 
 
 class SiteStrategyMixin:
-    """Per-site bookkeeping, the shared-keys guard and a resumable round loop.
+    """Update checks, quorum, robust aggregation, per-site bookkeeping and a resumable round
+    loop, mixed into Flower's :class:`FedAvg` / :class:`FedProx`.
 
-    Mixed into Flower's :class:`FedAvg` / :class:`FedProx`; ``expected_keys`` are the keys of
-    the arrays the server holds (every train reply must carry exactly these).
+    ``expected_keys`` are the keys of the arrays the server holds (every train reply must
+    carry exactly these); ``site_names`` (sorted, position = ``site-index``) name the sites in
+    logs and errors.
     """
 
     expected_keys: frozenset[str]
     personal_strategy: bool
+    site_names: list[str]
+    min_sites: int
+    norm_bound: float
+    aggregation: str
+    trim: float
     current: RoundLog
 
-    def setup(self, expected_keys: Iterable[str], personal_strategy: bool) -> None:
-        """Remember which keys replies must carry (call after ``__init__``)."""
+    def setup(self, expected_keys: Iterable[str], personal_strategy: bool,
+              site_names: Sequence[str] = (), min_sites: int = 1,
+              norm_bound: float = math.inf, aggregation: str = "mean",
+              trim: float = 0.2) -> None:
+        """Remember the checks' settings (call after ``__init__``); defaults: no names, one
+        usable site per round, no norm rule, case-weighted mean, trim 0.2."""
         self.expected_keys = frozenset(expected_keys)
         self.personal_strategy = personal_strategy
         if personal_strategy:
             experts = sorted(k for k in self.expected_keys if is_personal(k))
             if experts:
                 raise ValueError(f"the server must not hold expert weights, got {experts[:3]}")
+        if aggregation not in robust.AGGREGATIONS:
+            raise ValueError(f"fl.aggregation must be one of {robust.AGGREGATIONS}, "
+                             f"got {aggregation!r}")
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"fl.trim must be in [0, 0.5), got {trim!r}")
+        if not norm_bound > 0:
+            raise ValueError(f"fl.norm_bound must be > 0 (.inf: off), got {norm_bound!r}")
+        if min_sites < 1:
+            raise ValueError(f"fl.min_sites must be >= 1, got {min_sites!r}")
+        self.site_names = list(site_names)
+        self.min_sites = int(min_sites)
+        self.norm_bound = float(norm_bound)
+        self.aggregation = aggregation
+        self.trim = float(trim)
+        self.node_sites: dict[int, str] = {}
+        self.global_arrays: dict[str, np.ndarray] | None = None
+        self.asked: list[int] = []
         self.current = RoundLog(0)
+
+    # -- naming ----------------------------------------------------------------------------
+
+    def site_name(self, index: int) -> str:
+        """The name of site ``index`` (``site<index>`` when no names were given)."""
+        if self.site_names:
+            if not 0 <= index < len(self.site_names):
+                raise ReplyError(f"site-index {index} outside the federation's "
+                                 f"{len(self.site_names)} sites {self.site_names}")
+            return self.site_names[index]
+        return f"site{index}"
+
+    def _label_missing(self, nodes: Sequence[int], answered: set[str]) -> dict[int, str]:
+        """Names for nodes that gave nothing usable: the site seen on that node before, else
+        by elimination (the one site of the federation that neither answered nor is known to
+        sit on another asked node), else ``node <id> (one of [...])``."""
+        labels: dict[int, str] = {}
+        unknown = [n for n in nodes if n not in self.node_sites]
+        for n in nodes:
+            if n in self.node_sites:
+                labels[n] = self.node_sites[n]
+        taken = answered | {self.node_sites[n] for n in self.asked if n in self.node_sites}
+        candidates = [s for s in self.site_names if s not in taken]
+        if len(unknown) == 1 and len(candidates) == 1 and len(self.asked) == len(self.site_names):
+            labels[unknown[0]] = candidates[0]
+        else:
+            for n in unknown:
+                labels[n] = f"node {n}" + (f" (one of {candidates})" if candidates else "")
+        return labels
+
+    def _note_failures(self, stage: str, server_round: int, failed: dict[str, str]) -> None:
+        for site, reason in sorted(failed.items()):
+            log(WARNING, "round %d %s: dropped %s: %s", server_round, stage, site, reason)
+            self.current.failed[f"{stage}/{site}"] = reason
 
     # -- Flower hooks --------------------------------------------------------------------
 
@@ -89,53 +188,100 @@ class SiteStrategyMixin:
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.current.bytes_sent += record_bytes(arrays) * len(messages)
+        self.global_arrays = {k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}
+        self.asked = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.current.bytes_sent += record_bytes(arrays) * len(messages)
+        self.asked = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    def _collect(self, replies: Iterable[Message], train: bool
+                 ) -> tuple[dict[str, Message], dict[str, dict[str, np.ndarray]],
+                            dict[str, str]]:
+        """Parse replies: ``(usable by site, arrays by site (train), failed by site)``."""
+        good: dict[str, Message] = {}
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        failed_nodes: dict[int, str] = {}
+        seen: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            seen.add(node)
+            if msg.has_error():
+                failed_nodes[node] = f"error reply: {msg.error.reason}"
+                continue
+            try:
+                metrics = reply_metrics(msg)
+                site = self.site_name(int(metrics["site-index"]))
+                if site in good:
+                    raise ReplyError(f"a second reply for site {site!r}")
+                if train:
+                    records = list(msg.content.array_records.values())
+                    if len(records) != 1:
+                        raise ReplyError(f"expected one ArrayRecord, got {len(records)}")
+                    self.current.bytes_received += record_bytes(records[0])
+                    arrays[site] = {k: v.numpy() for k, v in records[0].items()}
+            except Exception as exc:  # a malformed reply is that site's failure, not the run's
+                failed_nodes[node] = f"unusable reply: {exc}"
+                continue
+            self.node_sites[node] = site
+            good[site] = msg
+        missing = [n for n in self.asked if n not in seen]
+        for node in missing:
+            failed_nodes[node] = NO_REPLY
+        labels = self._label_missing(list(failed_nodes), set(good))
+        failed = {labels[n]: why for n, why in failed_nodes.items()}
+        return good, arrays, failed
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        good = [m for m in replies if not m.has_error()]
-        if not good:
-            reasons = [m.error.reason for m in replies if m.has_error()]
-            raise RuntimeError(f"round {server_round}: no site returned a result: {reasons}")
-        for msg in good:
-            for record in msg.content.array_records.values():
-                keys = set(record.keys())
-                if keys != self.expected_keys:
-                    extra = sorted(keys - self.expected_keys)
-                    lost = sorted(self.expected_keys - keys)
-                    raise ValueError(
-                        f"round {server_round}: node {msg.metadata.src_node_id} sent keys that "
-                        f"differ from the server's: extra {extra[:5]}, missing {lost[:5]}"
-                    )
-                self.current.bytes_received += record_bytes(record)
-            metrics = next(iter(msg.content.metric_records.values()))
+        good, updates, failed = self._collect(list(replies), train=True)
+        reference = self.global_arrays
+        if reference is None:
+            # aggregate_train called without configure_train (unit use): the expected keys,
+            # with shapes and dtypes of the first reply that has them; no norm rule.
+            first = next((u for u in updates.values() if set(u) == self.expected_keys), None)
+            reference = first if first is not None else {k: np.zeros(0) for k in
+                                                         self.expected_keys}
+            accepted, rejected = robust.screen_updates(updates, reference, math.inf)
+        else:
+            if set(reference) != self.expected_keys:
+                raise ValueError("the arrays sent this round differ from the server's keys")
+            accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound)
+        failed.update(rejected)
+        self._note_failures("train", server_round, failed)
+        robust.check_quorum(sorted(accepted), failed, self.min_sites, server_round)
+        weights = {}
+        for site in accepted:
+            metrics = next(iter(good[site].content.metric_records.values()))
+            weights[site] = float(metrics["num-examples"])
             self.current.train_by_site[int(metrics["site-index"])] = {
                 k: float(v) for k, v in metrics.items()
             }
-        arrays, metrics = super().aggregate_train(server_round, good)
+        combined = robust.aggregate(accepted, weights, self.aggregation, self.trim)
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in combined.items()})
+        metrics = self.train_metrics_aggr_fn([good[s].content for s in sorted(accepted)],
+                                             self.weighted_by_key)
         self.current.train = metrics
+        log(INFO, "round %d train: aggregated %d site(s) %s by %s", server_round,
+            len(accepted), sorted(accepted), self.aggregation)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        replies = list(replies)
-        good = [m for m in replies if not m.has_error()]
-        if not good:
-            reasons = [m.error.reason for m in replies if m.has_error()]
-            raise RuntimeError(f"round {server_round}: no site returned scores: {reasons}")
-        for msg in good:
+        good, _, failed = self._collect(list(replies), train=False)
+        self._note_failures("evaluate", server_round, failed)
+        robust.check_quorum(sorted(good), failed, self.min_sites, server_round)
+        for msg in good.values():
             metrics = next(iter(msg.content.metric_records.values()))
             self.current.evaluate_by_site[int(metrics["site-index"])] = {
                 k: float(v) for k, v in metrics.items()
             }
-        result = super().aggregate_evaluate(server_round, good)
+        result = self.evaluate_metrics_aggr_fn([good[s].content for s in sorted(good)],
+                                               self.weighted_by_key)
         self.current.evaluate = result
         return result
 
@@ -151,13 +297,17 @@ class SiteStrategyMixin:
         evaluate_config: ConfigRecord,
         timeout: float,
         on_round_end: Callable[[RoundLog, ArrayRecord], None],
+        node_wait: float = 120.0,
     ) -> tuple[ArrayRecord, RoundLog]:
         """Rounds ``first_round..num_rounds`` (train, aggregate, validate every site), then
-        the final test round; ``on_round_end`` sees each round's log and the new arrays."""
+        the final test round; ``on_round_end`` sees each round's log and the new arrays.
+        Before each round at least ``min_sites`` SuperNodes must be connected (waits up to
+        ``node_wait`` seconds, default 120, then :class:`server.robust.QuorumError`)."""
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             self.current = RoundLog(server_round)
             start = time.perf_counter()
+            self.wait_for_quorum(grid, server_round, node_wait)
             replies = grid.send_and_receive(
                 self.configure_train(server_round, arrays, ConfigRecord(dict(train_config)),
                                      grid),
@@ -178,6 +328,7 @@ class SiteStrategyMixin:
         final["final-test"] = True
         self.current = RoundLog(num_rounds)
         start = time.perf_counter()
+        self.wait_for_quorum(grid, num_rounds, node_wait)
         replies = grid.send_and_receive(
             self.configure_evaluate(num_rounds, arrays, ConfigRecord(final), grid),
             timeout=timeout,
@@ -185,6 +336,21 @@ class SiteStrategyMixin:
         self.aggregate_evaluate(num_rounds, replies)
         self.current.seconds = time.perf_counter() - start
         return arrays, self.current
+
+
+    def wait_for_quorum(self, grid: Grid, server_round: int, wait: float) -> None:
+        """Wait up to ``wait`` seconds for ``min_sites`` connected SuperNodes, else raise
+        :class:`server.robust.QuorumError` naming the sites seen before and now gone
+        (Flower's node sampling would otherwise wait for ever)."""
+        deadline = time.monotonic() + wait
+        while len(nodes := set(grid.get_node_ids())) < self.min_sites:
+            if time.monotonic() > deadline:
+                gone = sorted(s for n, s in self.node_sites.items() if n not in nodes)
+                raise robust.QuorumError(
+                    f"round {server_round}: {len(nodes)} SuperNode(s) connected after "
+                    f"{wait:.0f} s, at least min_sites={self.min_sites} needed; "
+                    f"disconnected sites: {gone or 'unknown'}")
+            time.sleep(1.0)
 
 
 class SiteFedAvg(SiteStrategyMixin, FedAvg):
@@ -202,18 +368,36 @@ def make_strategy(
     min_train_sites: int,
     proximal_mu: float,
     expected_keys: Iterable[str],
+    site_names: Sequence[str] = (),
+    min_sites: int = 1,
+    norm_bound: float = math.inf,
+    aggregation: str = "mean",
+    trim: float = 0.2,
 ) -> SiteStrategyMixin:
-    """The strategy of ``fl.strategy``; every round evaluates every site (fraction 1.0)."""
+    """The strategy of ``fl.strategy``; every round evaluates every connected site.
+
+    ``site_names`` (default none: ``site<k>``) name the sites in logs; ``min_sites`` (default
+    1), ``norm_bound`` (default inf: off), ``aggregation`` (default ``mean``) and ``trim``
+    (default 0.2) are the update checks and the rule of :mod:`server.robust`.
+    """
     if num_sites < 1:
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    if site_names and len(site_names) != num_sites:
+        raise ValueError(f"{len(site_names)} site names {list(site_names)} for {num_sites} sites")
     if not 1 <= min_train_sites <= num_sites:
         raise ValueError(f"fl.min_train_sites must be in [1, {num_sites}], got {min_train_sites}")
+    asked = max(int(num_sites * fraction_train), min_train_sites)
+    if not 1 <= min_sites <= asked:
+        raise ValueError(f"fl.min_sites must be in [1, {asked}] (sites asked to train per "
+                         f"round), got {min_sites}")
     kwargs = dict(
         fraction_train=fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=min_train_sites,
-        min_evaluate_nodes=num_sites,
-        min_available_nodes=num_sites,
+        # Flower waits for these many connected nodes before sampling; with more than
+        # min_sites a site that left would block the run for ever.
+        min_evaluate_nodes=min_sites,
+        min_available_nodes=max(min_sites, min_train_sites),
         weighted_by_key="num-examples",
         train_metrics_aggr_fn=aggregate_without_bookkeeping,
         evaluate_metrics_aggr_fn=aggregate_without_bookkeeping,
@@ -224,5 +408,7 @@ def make_strategy(
         strategy = SiteFedAvg(**kwargs)
     else:
         raise ValueError(f"unknown strategy {name!r}")
-    strategy.setup(expected_keys, personal_strategy=name in ("personal", "fedprox"))
+    strategy.setup(expected_keys, personal_strategy=name in ("personal", "fedprox"),
+                   site_names=site_names, min_sites=min_sites, norm_bound=norm_bound,
+                   aggregation=aggregation, trim=trim)
     return strategy

@@ -86,6 +86,11 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """``data`` as a JSON artifact at ``artifact_file`` (e.g. the sites dropped in a round)."""
+        if self.enabled:
+            self.client.log_dict(self.run_id, dict(data), artifact_file)
+
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
             self.client.set_tag(self.run_id, key, value)
@@ -118,4 +123,6 @@ def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
     out["bytes_sent"] = entry["bytes_sent"]
     out["bytes_received"] = entry["bytes_received"]
     out["round_seconds"] = entry["seconds"]
+    # sites dropped this round (error, no reply, rejected update), train and evaluate
+    out["failed_sites"] = float(len(entry.get("failed", {})))
     return out

@@ -1,0 +1,183 @@
+"""The strategy's update checks, quorum and robust aggregation on hand-made replies (issue #6):
+a NaN update or an outlier norm is dropped and the round goes on, error replies and silent
+sites are named, too few usable sites stop the run, trimmed mean and median are selectable."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from server.robust import QuorumError
+from server.strategy import NO_REPLY, make_strategy
+
+KEYS = ["enc.weight", "dec.bias"]
+NAMES = ["CBICA", "TCIA01", "TCIA02", "TMC"]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages built outside a Flower process need the task identity Flower sets there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def arrays(value: float) -> dict[str, np.ndarray]:
+    return {"enc.weight": np.full((2, 3), value, np.float32),
+            "dec.bias": np.full((2,), value, np.float32)}
+
+
+def reply(update: dict[str, np.ndarray], site: int, cases: int = 2, node: int | None = None,
+          train: bool = True) -> Message:
+    """A reply from site ``site`` as node ``100 + site``."""
+    node = 100 + site if node is None else node
+    content = RecordDict({"metrics": MetricRecord({"loss": 1.0 + site, "num-examples": cases,
+                                                   "site-index": site, "seconds": 1.0})})
+    if train:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in update.items()})
+    msg = Message(content=content, dst_node_id=node,
+                  message_type=MessageType.TRAIN if train else MessageType.EVALUATE)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def error_reply(site: int, reason: str) -> Message:
+    msg = Message(Error(code=0, reason=reason), reply_to=reply({}, site, train=False))
+    msg.metadata.__dict__["_src_node_id"] = 100 + site
+    return msg
+
+
+def strategy(**kw):
+    """A personal strategy of the 4 named sites that has just sent ``arrays(0)`` to all."""
+    s = make_strategy("personal", 4, 1.0, 1, 0.0, KEYS, site_names=NAMES, **kw)
+    s.global_arrays = arrays(0.0)
+    s.asked = [100, 101, 102, 103]
+    return s
+
+
+def test_reply_helpers_set_the_source_node():
+    assert reply(arrays(1.0), 2).metadata.src_node_id == 102
+    assert error_reply(1, "boom").metadata.src_node_id == 101
+
+
+def test_nan_update_dropped_and_round_goes_on():
+    s = strategy()
+    bad = arrays(1.0)
+    bad["enc.weight"][0, 0] = np.nan
+    replies = [reply(arrays(1.0), 0), reply(bad, 1), reply(arrays(3.0), 2), reply(arrays(2.0), 3)]
+    out, metrics = s.aggregate_train(1, replies)
+    # case-weighted (equal cases) mean of 1, 3, 2 without the NaN site
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 2.0))
+    assert not np.isnan(out["dec.bias"].numpy()).any()
+    assert set(s.current.failed) == {"train/TCIA01"}
+    assert "not finite" in s.current.failed["train/TCIA01"]
+    assert set(s.current.train_by_site) == {0, 2, 3}
+    assert metrics["num-examples"] == 6
+
+
+def test_outlier_norm_dropped():
+    s = strategy(norm_bound=3.0)
+    replies = [reply(arrays(1.0), 0), reply(arrays(1.1), 1), reply(arrays(0.9), 2),
+               reply(arrays(50.0), 3)]
+    out, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 1.0), rtol=1e-6)
+    assert list(s.current.failed) == ["train/TMC"]
+    assert "update norm" in s.current.failed["train/TMC"]
+    # the same replies with the rule off are all averaged
+    s = strategy(norm_bound=math.inf)
+    out, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 13.25), rtol=1e-6)
+    assert not s.current.failed
+
+
+def test_wrong_shape_dtype_and_expert_key_dropped():
+    s = strategy()
+    wide = arrays(1.0)
+    wide["enc.weight"] = np.ones((3, 3), np.float32)
+    double = {k: v.astype(np.float64) for k, v in arrays(1.0).items()}
+    expert = {**arrays(1.0), "enc.site_experts.0.w": np.ones(2, np.float32)}
+    out, _ = s.aggregate_train(1, [reply(wide, 0), reply(double, 1), reply(expert, 2),
+                                   reply(arrays(4.0), 3)])
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 4.0))
+    assert out["enc.weight"].numpy().dtype == np.float32
+    failed = s.current.failed
+    assert "shape (3, 3)" in failed["train/CBICA"]
+    assert "dtype float64" in failed["train/TCIA01"]
+    assert "site_experts" in failed["train/TCIA02"]
+
+
+def test_crash_and_silent_site_tolerated_with_min_sites():
+    s = strategy(min_sites=2)
+    # node 101 raised, node 103 never answered; the two others are enough
+    replies = [reply(arrays(1.0), 0), error_reply(1, "injected crash"), reply(arrays(3.0), 2)]
+    out, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(out["dec.bias"].numpy(), [2.0, 2.0])
+    failed = s.current.failed
+    assert set(failed) == {"train/node 101 (one of ['TCIA01', 'TMC'])",
+                           "train/node 103 (one of ['TCIA01', 'TMC'])"}
+    # once a node's site is known, its later failures are named by site
+    s.current.failed.clear()
+    s.aggregate_evaluate(1, [reply({}, 0, train=False), reply({}, 1, train=False),
+                             reply({}, 2, train=False)])
+    assert s.current.failed == {"evaluate/TMC": NO_REPLY}
+    s.asked = [100, 101, 102, 103]
+    s.current.failed.clear()
+    s.aggregate_train(2, [reply(arrays(1.0), 0), error_reply(1, "boom"), reply(arrays(1.0), 3)])
+    assert s.current.failed == {"train/TCIA01": "error reply: boom", "train/TCIA02": NO_REPLY}
+
+
+def test_too_few_sites_stop_with_the_missing_named():
+    s = strategy(min_sites=4)
+    with pytest.raises(QuorumError, match="only 3 usable") as info:
+        s.aggregate_train(1, [reply(arrays(1.0), 0), reply(arrays(1.0), 1),
+                              reply(arrays(1.0), 2)])
+    # node 103 is the only unknown node and TMC the only site that did not answer
+    assert "TMC: " + NO_REPLY in str(info.value)
+    s = strategy(min_sites=3)
+    bad = arrays(np.nan)
+    with pytest.raises(QuorumError, match="min_sites=3") as info:
+        s.aggregate_train(1, [reply(arrays(1.0), 0), reply(bad, 1), reply(arrays(1.0), 2)])
+    assert "TCIA01: enc.weight" in str(info.value) and "not finite" in str(info.value)
+    # evaluation has the same quorum
+    s = strategy(min_sites=3)
+    with pytest.raises(QuorumError, match="only 2 usable"):
+        s.aggregate_evaluate(1, [reply({}, 0, train=False), error_reply(1, "x"),
+                                 reply({}, 3, train=False)])
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("mean", (0.0 + 1.0 + 2.0 + 100.0) / 4),
+    ("median", 1.5),
+    ("trimmed_mean", 1.5),  # trim 0.25 of 4 cuts the 0 and the 100
+])
+def test_aggregation_selectable(method, expected):
+    s = strategy(aggregation=method, trim=0.25, norm_bound=math.inf)
+    out, _ = s.aggregate_train(1, [reply(arrays(v), i) for i, v in
+                                   enumerate((0.0, 1.0, 2.0, 100.0))])
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), expected), rtol=1e-6)
+
+
+def test_bad_settings_refused():
+    with pytest.raises(ValueError, match="fl.aggregation"):
+        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, aggregation="krum")
+    with pytest.raises(ValueError, match="fl.min_sites"):
+        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, min_sites=3)
+    with pytest.raises(ValueError, match="fl.min_sites"):
+        make_strategy("personal", 4, 0.5, 1, 0.0, KEYS, min_sites=3)  # only 2 asked per round
+    with pytest.raises(ValueError, match="fl.norm_bound"):
+        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, norm_bound=0.0)
+    with pytest.raises(ValueError, match="fl.trim"):
+        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, trim=0.5)
+    with pytest.raises(ValueError, match="site names"):
+        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, site_names=["a"])
+
+
+def test_site_index_outside_the_federation_is_the_sites_failure():
+    s = strategy()
+    out, _ = s.aggregate_train(1, [reply(arrays(1.0), 0), reply(arrays(1.0), 7, node=103)])
+    assert any("site-index 7 outside" in why for why in s.current.failed.values())
+    np.testing.assert_allclose(out["dec.bias"].numpy(), [1.0, 1.0])

@@ -5,77 +5,121 @@ into :mod:`m4fuse.experiment` (the same training steps the pooled and local base
 and the result becomes a reply with one ArrayRecord (what the strategy shares, see
 :mod:`client.weights`) and one MetricRecord with the same keys from every site.
 
+Per train message, in order:
+
+1. faults (:mod:`client.faults`, config ``fl.faults``; default none): a configured delay,
+   crash (the handler raises, the reply is an error) or NaN reply for this site and round;
+2. the model: the server's arrays plus what the site kept (below);
+3. training, with DP-SGD when ``privacy.enabled`` (:mod:`client.privacy`): Opacus wraps the
+   model, optimiser and loader inside :func:`m4fuse.experiment.train_site`; the accountant's
+   history survives rounds and restarts, and every reply carries ``dp-epsilon``,
+   ``dp-delta``, ``dp-noise-multiplier`` and ``dp-steps`` (same keys from every site);
+4. the reply: the shared arrays (poisoned with NaN for a ``nan_round`` fault) and metrics.
+
 The site's personal weights (its expert; the whole model under ``local``) live in
-``context.state["kept"]`` between rounds and are also written to the site's state folder
-(``state-dir`` of the node config; in simulation ``<run dir>/clients/<site>``) so that a
-restarted client or a resumed run keeps them. They never enter a reply.
+``context.state["kept"]`` between rounds (the first source, in simulation and in a running
+SuperNode) and in the site's state folder (``state-dir`` of the node config; in simulation
+``<run dir>/clients/<site>``) as :class:`client.state_store.SiteState` files, the fallback
+for a restarted client or a resumed run. The DP accountant likewise lives in
+``context.state["dp-accountant"]`` and in the folder's ``dp-accountant.json``. None of it
+ever enters a reply.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
 
+from client.faults import FaultConfig, inject_fault, poison_with_nan
+from client.privacy import PrivacyConfig, PrivateTraining, make_private_training, noise_only_step
 from client.site import Site
+from client.state_store import SiteState, SiteStateStore, model_fingerprint
 from client.weights import (
+    KEPT,
     from_record,
     kept_state,
     load_round_state,
-    newest_kept,
     outgoing_state,
-    save_atomic,
     to_record,
 )
 from m4fuse import experiment
+from m4fuse.state import expert_state, place_expert, split_state
 
 app = ClientApp()
 
 KEPT_RECORD = "kept"
-#: Files kept per site: the newest two rounds (a stop between a client's save and the
-#: server's checkpoint must not lose the round the server resumes from).
-KEEP_FILES = 2
+ACCOUNTANT_RECORD = "dp-accountant"
 
 
-def _kept(context: Context, site: Site, strategy: str, before_round: int
-          ) -> dict[str, torch.Tensor] | None:
-    """The site's kept weights: from ``context.state``, else from its state folder (the
-    newest ``kept-r<k>.pt`` with k < ``before_round``: a resumed run or restarted client)."""
+# --------------------------------------------------------------------------- kept state
+
+
+def _fingerprint(cfg: DictConfig, strategy: str) -> str:
+    """Fingerprint of the site model's config plus what the strategy keeps (``personal`` or
+    ``all``): an expert of another architecture, or a whole ``local`` model read by a
+    ``personal`` run of the same name, is refused by :meth:`SiteStateStore.load`."""
+    fields = dataclasses.asdict(experiment.model_config(cfg, num_experts=1))
+    fields["kept"] = KEPT[strategy]
+    return model_fingerprint(fields)
+
+
+def _store(site: Site) -> SiteStateStore | None:
+    return None if site.state_dir is None else SiteStateStore(site.state_dir, site.name)
+
+
+def _kept(context: Context, site: Site, model: torch.nn.Module, strategy: str,
+          before_round: int) -> dict[str, torch.Tensor] | None:
+    """The site's kept weights: from ``context.state``, else the newest state in its folder
+    with round < ``before_round`` (a resumed run or a restarted client)."""
     if KEPT_RECORD in context.state.array_records:
         return from_record(context.state.array_records[KEPT_RECORD])
-    if site.state_dir is None:
+    store = _store(site)
+    if store is None or KEPT[strategy] == "none":
         return None
-    saved = newest_kept(site.state_dir, before_round)
+    like = expert_state(model.state_dict(), 0)
+    saved = store.load(_fingerprint(site.cfg, strategy), before_round, like=like)
     if saved is None:
         return None
-    if saved.get("strategy") != strategy:
-        raise ValueError(
-            f"{site.state_dir} holds state of strategy {saved.get('strategy')!r}, this run "
-            f"uses {strategy!r}; use another run_name or state-dir"
-        )
-    return dict(saved["state"])
+    kept = place_expert(saved.expert, 0)
+    if KEPT[strategy] == "all":
+        if not saved.shared:
+            raise ValueError(f"{store.path(saved.round)} holds no shared weights, "
+                             f"strategy {strategy!r} keeps the whole model")
+        kept.update(saved.shared)
+    return kept
 
 
-def _save_kept(site: Site, state: dict[str, torch.Tensor], server_round: int,
-               strategy: str) -> None:
-    """Write ``kept-r<round>.pt`` atomically and drop all but the newest :data:`KEEP_FILES`."""
-    assert site.state_dir is not None
-    save_atomic({"state": state, "round": server_round, "strategy": strategy,
-                 "site": site.name}, site.state_dir / f"kept-r{server_round}.pt")
-    files = sorted(site.state_dir.glob("kept-r*.pt"),
-                   key=lambda p: int(p.stem.split("-r", 1)[1]))
-    for old in files[:-KEEP_FILES]:
-        old.unlink(missing_ok=True)
+def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, server_round: int,
+               metrics: Mapping[str, float]) -> None:
+    """Write the round's :class:`SiteState` (expert index-free; shared weights only under
+    ``local``; the round's finite metrics). The optimiser is not kept: every round starts a
+    fresh AdamW (``experiment.train_site``)."""
+    store = _store(site)
+    if store is None or not kept:
+        return
+    shared, personal = split_state(dict(kept))
+    store.save(SiteState(
+        site=site.name, round=server_round, fingerprint=_fingerprint(site.cfg, strategy),
+        expert=expert_state(personal, 0), optimizer=None,
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
+        shared=shared if KEPT[strategy] == "all" else None,
+    ))
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Site, torch.nn.Module, str, dict]:
-    """Resolve the site and build its model for this round's arrays and kept weights."""
+def _build(site: Site, msg: Message, context: Context, strategy: str
+           ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The site's model for this message: server arrays plus its kept weights."""
     config = msg.content.config_records["config"]
-    run_dir = str(config["run-dir"]) if "run-dir" in config else None
-    site = Site.resolve(context.run_config, context.node_config, run_dir)
-    strategy = str(site.cfg.fl.strategy)
     # Same seed on every site: all sites start from the same initial weights as the server.
     model = experiment.build_model(site.cfg, num_experts=1)
     incoming = from_record(msg.content.array_records["arrays"])
@@ -83,8 +127,63 @@ def _prepare(msg: Message, context: Context) -> tuple[Site, torch.nn.Module, str
     # Train round r starts from what the site kept before r; evaluation of round r scores
     # what it kept after training in r.
     bound = server_round if msg.metadata.message_type == MessageType.TRAIN else server_round + 1
-    load_round_state(model, strategy, incoming, _kept(context, site, strategy, bound))
-    return site, model, strategy, incoming
+    load_round_state(model, strategy, incoming, _kept(context, site, model, strategy, bound))
+    return model, incoming
+
+
+def _site(msg: Message, context: Context) -> Site:
+    config = msg.content.config_records["config"]
+    run_dir = str(config["run-dir"]) if "run-dir" in config else None
+    return Site.resolve(context.run_config, context.node_config, run_dir)
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def privacy_config(cfg: DictConfig) -> PrivacyConfig:
+    """The run's :class:`PrivacyConfig` (the ``privacy`` group; DP off when absent)."""
+    group = cfg.get("privacy")
+    return PrivacyConfig.from_mapping(
+        None if group is None else OmegaConf.to_container(group, resolve=True))
+
+
+def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
+    """Refuse settings DP-SGD cannot run with; returns ``cfg`` with ``train.grad_clip`` off.
+
+    FedProx: the proximal term's gradient is not a per-case gradient, so Opacus would neither
+    clip nor account it. AMP float16: its loss scaling multiplies the per-case gradients
+    Opacus clips. Global gradient clipping is turned off (Opacus clips per case).
+    """
+    if strategy == "fedprox":
+        raise ValueError("privacy.enabled with fl.strategy=fedprox is not supported: the "
+                         "proximal term is not a per-case gradient (use fl.strategy=personal)")
+    if bool(cfg.train.amp) and str(cfg.train.amp_dtype) == "float16":
+        raise ValueError("privacy.enabled with train.amp_dtype=float16 is not supported: "
+                         "loss scaling changes the per-case gradients Opacus clips "
+                         "(use train.amp_dtype=bfloat16 or train.amp=false)")
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.grad_clip = None
+    return cfg
+
+
+def _steps(record: Mapping[str, Any] | None) -> int:
+    return -1 if record is None else sum(int(k) for k in record.get("steps", []))
+
+
+def _restored_accountant(context: Context, store: SiteStateStore | None
+                         ) -> dict[str, Any] | None:
+    """The accountant history with the most steps of ``context.state`` and the state folder
+    (normally the same; taking the larger never under-counts what the site spent)."""
+    candidates: list[dict[str, Any] | None] = [None]
+    if ACCOUNTANT_RECORD in context.state.config_records:
+        candidates.append(dict(context.state.config_records[ACCOUNTANT_RECORD]))
+    if store is not None:
+        candidates.append(store.load_accountant())
+    return max(candidates, key=_steps)
+
+
+# --------------------------------------------------------------------------- handlers
 
 
 @app.train()
@@ -92,36 +191,75 @@ def train(msg: Message, context: Context) -> Message:
     """Train this site's model on its training cases for ``local-epochs`` epochs."""
     start = time.perf_counter()
     config = msg.content.config_records["config"]
-    site, model, strategy, incoming = _prepare(msg, context)
     server_round = int(config["server-round"])
+    site = _site(msg, context)
+    faults = site.cfg.fl.get("faults")
+    action = inject_fault(
+        FaultConfig.from_mapping(
+            None if faults is None else OmegaConf.to_container(faults, resolve=True)),
+        site.name, server_round,
+    )
+    strategy = str(site.cfg.fl.strategy)
+    privacy = privacy_config(site.cfg)
+    cfg = check_dp_training(site.cfg, strategy) if privacy.enabled else site.cfg
+    model, incoming = _build(site, msg, context, strategy)
     mu = float(config.get("proximal-mu", 0.0)) if strategy == "fedprox" else 0.0
     reference = {k: v.to(site.device) for k, v in incoming.items()} if mu > 0 else None
-    result = experiment.train_site(
-        model,
-        site.records["train"],
-        expert_index=0,
-        cfg=site.cfg,
-        device=site.device,
-        epochs=int(config.get("local-epochs", site.cfg.fl.local_epochs)),
-        seed=int(site.cfg.seed) * 1000 + site.index * 100 + server_round,
-        prox_mu=mu,
-        prox_reference=reference,
-        schedule=(server_round - 1, max(server_round, int(site.cfg.fl.rounds))),
-    )
+    epochs = int(config.get("local-epochs", cfg.fl.local_epochs))
+    seed = int(cfg.seed) * 1000 + site.index * 100 + server_round
+    store = _store(site)
+    private: list[PrivateTraining] = []
+
+    def wrap(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any):
+        restored = _restored_accountant(context, store)
+        wrapped = make_private_training(
+            net, optimizer, loader, privacy,
+            total_epochs=int(cfg.fl.rounds) * epochs, accountant_state=restored,
+            seed=None if privacy.secure_rng else seed,
+        )
+        private.append(wrapped)
+        return wrapped.module, wrapped.optimizer, wrapped.loader
+
+    try:
+        result = experiment.train_site(
+            model,
+            site.records["train"],
+            expert_index=0,
+            cfg=cfg,
+            device=site.device,
+            epochs=epochs,
+            seed=seed,
+            prox_mu=mu,
+            prox_reference=reference,
+            schedule=(server_round - 1, max(server_round, int(cfg.fl.rounds))),
+            wrap=wrap if privacy.enabled else None,
+            on_empty_batch=noise_only_step if privacy.enabled else None,
+        )
+    finally:
+        # Steps taken are spent even if the round fails later: persist the accountant first.
+        for p in private:
+            p.close()
+            state = p.accountant_state()
+            context.state.config_records[ACCOUNTANT_RECORD] = ConfigRecord(state)
+            if store is not None:
+                store.save_accountant(state)
+    values: dict[str, float | int] = {
+        "loss": result["loss"],
+        "num-examples": len(site.records["train"]),
+        "site-index": site.index,
+    }
+    if privacy.enabled:
+        values.update(private[0].metrics())
     kept = kept_state(model, strategy)
     if kept:
         context.state.array_records[KEPT_RECORD] = to_record(kept)
-        if site.state_dir is not None:
-            _save_kept(site, kept, server_round, strategy)
-    metrics = MetricRecord(
-        {
-            "loss": result["loss"],
-            "num-examples": len(site.records["train"]),
-            "site-index": site.index,
-            "seconds": time.perf_counter() - start,
-        }
-    )
-    content = RecordDict({"arrays": to_record(outgoing_state(model, strategy)), "metrics": metrics})
+        _save_kept(site, kept, strategy, server_round, values)
+    outgoing = outgoing_state(model, strategy)
+    if action.send_nan:
+        poisoned = poison_with_nan({k: v.numpy() for k, v in outgoing.items()})
+        outgoing = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in poisoned.items()}
+    values["seconds"] = time.perf_counter() - start
+    content = RecordDict({"arrays": to_record(outgoing), "metrics": MetricRecord(values)})
     return Message(content=content, reply_to=msg)
 
 
@@ -131,7 +269,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     flag ``final-test`` its test cases on the original voxel grid."""
     start = time.perf_counter()
     config = msg.content.config_records["config"]
-    site, model, _, _ = _prepare(msg, context)
+    site = _site(msg, context)
+    model, _ = _build(site, msg, context, str(site.cfg.fl.strategy))
     model.eval()
     if bool(config.get("final-test", False)):
         scores, _ = experiment.test_site(model, site.records["test"], 0, site.device)
@@ -147,4 +286,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-__all__ = ["app", "train", "evaluate"]
+__all__ = ["app", "train", "evaluate", "privacy_config", "check_dp_training"]

@@ -6,7 +6,8 @@ deployment needs no code change:
 
 ``site`` (site name), ``site-index`` (its index in the federation's sorted site list; default
 its position in the local split), ``data-root`` (raw data folder), ``cache-dir`` (prepared
-cache), ``state-dir`` (where the site's expert survives client restarts), ``device``.
+cache), ``partition-csv`` (the hospital's own site partition CSV, ``data.partition_csv``;
+absolute path), ``state-dir`` (where the site's expert survives client restarts), ``device``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
             cfg.data.source = str(node_config["data-root"])
         if "cache-dir" in node_config:
             cfg.data.cache_dir = str(node_config["cache-dir"])
+        if "partition-csv" in node_config:
+            cfg.data.partition_csv = str(node_config["partition-csv"])
         experiment.check_config(cfg)
         _CONFIGS[key] = cfg
     return _CONFIGS[key]

@@ -11,6 +11,9 @@ Layout of ``state_dir``::
                              "expert", "optimizer", "metrics", "shared"}; the newest
                              ``keep`` rounds
     last-metrics.json        the newest round's metrics, for people (never read back)
+    dp-accountant.json       with DP-SGD: the site's privacy accountant history (one file,
+                             always the newest, never rolled back with the rounds: privacy
+                             spent in a round that is later repeated stays spent)
 
 Every file is written to a temporary name in the same folder, flushed, fsync'd and renamed
 over the target (``os.replace``), so a crash or a killed SuperNode leaves either the old or the
@@ -48,6 +51,8 @@ FINGERPRINT_IGNORES: tuple[str, ...] = ("num_experts", "dropout")
 #: the server's checkpoint does not lose the round the server resumes from.
 DEFAULT_KEEP = 2
 _FILE = re.compile(r"^site-state-r(\d+)\.pt$")
+#: The accountant file in a state folder (see the module docstring).
+ACCOUNTANT_FILE = "dp-accountant.json"
 _EXPERT_KEY = "site_experts.*."
 
 
@@ -237,18 +242,7 @@ class SiteStateStore:
         if not rounds:
             return None
         path = self.path(rounds[-1])
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-            raise StateStoreError(f"corrupt site state file {path}: {err!r}") from err
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise StateStoreError(
-                f"site state file {path} has format {found!r}, expected {FORMAT}"
-            )
-        missing = {"site", "round", "fingerprint", "expert", "metrics"} - set(raw)
-        if missing:
-            raise StateStoreError(f"corrupt site state file {path}: missing {sorted(missing)}")
+        raw = _read_state_file(path)
         if raw["site"] != self.site:
             raise StateStoreError(
                 f"site state file {path} belongs to site {raw['site']!r}, not {self.site!r}; "
@@ -273,12 +267,90 @@ class SiteStateStore:
                         f"site state file {path}: {key} has shape {tuple(expert[key].shape)}, "
                         f"the model expects {tuple(ref.shape)}"
                     )
-        return SiteState(
-            site=raw["site"],
-            round=int(raw["round"]),
-            fingerprint=raw["fingerprint"],
-            expert=dict(expert),
-            optimizer=raw.get("optimizer"),
-            metrics=dict(raw["metrics"]),
-            shared=None if raw.get("shared") is None else dict(raw["shared"]),
+        return _to_state(raw)
+
+    def accountant_path(self) -> Path:
+        """The DP accountant file of this folder (:data:`ACCOUNTANT_FILE`)."""
+        return self.state_dir / ACCOUNTANT_FILE
+
+    def save_accountant(self, record: Mapping[str, Any]) -> Path:
+        """Store the site's DP accountant history (``client.privacy.accountant_to_record``
+        output: lists of numbers and a mechanism name) atomically; returns the path.
+
+        One file, overwritten each round and never rolled back by :meth:`load`'s
+        ``before_round``: a repeated round adds its steps to what was already spent.
+        """
+        try:
+            text = json.dumps({"site": self.site, "accountant": dict(record)}, sort_keys=True)
+        except TypeError as err:
+            raise ValueError(f"accountant record is not plain JSON data: {err}") from err
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.accountant_path()
+        _fsync_replace((text + "\n").encode(), path)
+        return path
+
+    def load_accountant(self) -> dict[str, Any] | None:
+        """The stored accountant history, or None when this folder has none.
+
+        Raises:
+            StateStoreError: the file is not JSON or belongs to another site.
+        """
+        path = self.accountant_path()
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise StateStoreError(f"corrupt accountant file {path}: {err!r}") from err
+        if not isinstance(raw, dict) or not isinstance(raw.get("accountant"), dict):
+            raise StateStoreError(f"corrupt accountant file {path}: no 'accountant' mapping")
+        if raw.get("site") != self.site:
+            raise StateStoreError(
+                f"accountant file {path} belongs to site {raw.get('site')!r}, not {self.site!r}"
+            )
+        return dict(raw["accountant"])
+
+
+def _read_state_file(path: Path) -> dict[str, Any]:
+    """A state file's raw payload, checked for format and required fields."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise StateStoreError(f"corrupt site state file {path}: {err!r}") from err
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise StateStoreError(
+            f"site state file {path} has format {found!r}, expected {FORMAT}"
         )
+    missing = {"site", "round", "fingerprint", "expert", "metrics"} - set(raw)
+    if missing:
+        raise StateStoreError(f"corrupt site state file {path}: missing {sorted(missing)}")
+    return raw
+
+
+def _to_state(raw: Mapping[str, Any]) -> SiteState:
+    return SiteState(
+        site=raw["site"],
+        round=int(raw["round"]),
+        fingerprint=raw["fingerprint"],
+        expert=dict(raw["expert"]),
+        optimizer=raw.get("optimizer"),
+        metrics=dict(raw["metrics"]),
+        shared=None if raw.get("shared") is None else dict(raw["shared"]),
+    )
+
+
+def newest_state(state_dir: str | Path, before_round: int | None = None) -> SiteState | None:
+    """The newest state in ``state_dir`` (round < ``before_round`` when given) whatever its
+    site and model, or None. For readers that only collect experts (the simulation's
+    coordinator, which shares the machine with its sites); a site itself uses
+    :meth:`SiteStateStore.load`, which checks site and fingerprint."""
+    folder = Path(state_dir).expanduser()
+    if not folder.is_dir():
+        return None
+    found = (_FILE.match(p.name) for p in folder.iterdir())
+    rounds = sorted(int(m.group(1)) for m in found if m)
+    rounds = [r for r in rounds if before_round is None or r < before_round]
+    if not rounds:
+        return None
+    return _to_state(_read_state_file(folder / f"site-state-r{rounds[-1]}.pt"))

@@ -10,7 +10,6 @@ Which weights cross the wire is decided by the strategy and by :func:`m4fuse.sta
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from m4fuse.state import split_state
+from client.state_store import newest_state
+from m4fuse.state import place_expert, split_state
 
 #: strategy -> what the outgoing ArrayRecord carries ("shared" | "all" | "none").
 SENT: dict[str, str] = {"personal": "shared", "fedprox": "shared", "fedavg": "all", "local": "none"}
@@ -95,24 +95,19 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict()) if len(record) else {}
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def newest_kept(folder: Path, before_round: int | None = None) -> dict[str, Any] | None:
-    """The newest ``kept-r<round>.pt`` in a site's state folder (optionally round < bound)."""
-    files = []
-    for path in folder.glob("kept-r*.pt"):
-        try:
-            rnd = int(path.stem.split("-r", 1)[1])
-        except ValueError:
-            continue
-        if before_round is None or rnd < before_round:
-            files.append((rnd, path))
-    if not files:
+    """The kept weights of the newest site state in ``folder`` (a
+    :class:`client.state_store.SiteStateStore` folder; round < ``before_round`` when given),
+    as ``{"state": weights with the expert at index 0 (plus the shared weights under
+    ``local``), "round": int, "site": str, "metrics": dict}``, or None when there is none.
+
+    For the coordinator of a simulation, which shares the file system with its sites and
+    collects their experts for the final model; no site or fingerprint check (a site reads its
+    own folder with ``SiteStateStore.load``).
+    """
+    saved = newest_state(folder, before_round)
+    if saved is None:
         return None
-    return torch.load(max(files)[1], map_location="cpu", weights_only=True)
+    state = dict(saved.shared or {})
+    state.update(place_expert(saved.expert, 0))
+    return {"state": state, "round": saved.round, "site": saved.site, "metrics": saved.metrics}

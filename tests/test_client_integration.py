@@ -1,0 +1,215 @@
+"""The ClientApp's train handler with DP-SGD, injected faults and the on-disk site state
+(client/app.py), and the engine's empty-batch hook DP relies on. Tiny widths, 16³ volumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from m4fuse import experiment  # noqa: E402
+from m4fuse.state import is_personal, split_state  # noqa: E402
+
+TINY = [
+    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
+    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages built outside a Flower process need the task identity Flower sets there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("m4fuse-client"))
+
+
+def _use(monkeypatch, root: str, *extra: str):
+    """Point the ClientApp at the tiny config (+ ``extra``); returns the config and the
+    server's initial shared arrays."""
+    from server.runner import initial_state
+
+    args = [f"root={root}", *TINY, *extra]
+    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    cfg = experiment.compose("config", args)
+    held, _ = initial_state(cfg)
+    return cfg, ArrayRecord({k: v for k, v in held.items()})
+
+
+def _round(partition: int, arrays: ArrayRecord, state: RecordDict, rnd: int, run_dir: str
+           ) -> Message:
+    from client.app import train
+
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
+    msg = Message(content=content, dst_node_id=partition + 1, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=partition + 1,
+                      node_config={"partition-id": partition, "num-partitions": 2},
+                      state=state, run_config={})
+    return train(msg, context)
+
+
+def _metrics(reply: Message) -> dict:
+    (record,) = reply.content.metric_records.values()
+    return dict(record)
+
+
+def _arrays(reply: Message) -> dict[str, np.ndarray]:
+    (record,) = reply.content.array_records.values()
+    return {k: v.numpy() for k, v in record.items()}
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def test_engine_empty_batch_hook_steps_scheduler_and_skips_forward() -> None:
+    from m4fuse.engine import TrainConfig, make_optimizer, train_epochs
+    from m4fuse.model import M4Fuse, M4FuseConfig
+
+    torch.manual_seed(0)
+    model = M4Fuse(M4FuseConfig(widths=[4, 8, 8, 8, 8, 8], dropout=0.0))
+    s = 16
+    full = {"image": torch.randn(1, 4, s, s, s), "label": torch.zeros(1, 3, s, s, s),
+            "site": torch.zeros(1, dtype=torch.long), "case": ["a"]}
+    empty = {"image": torch.zeros(0, 4, s, s, s), "label": torch.zeros(0, 3, s, s, s),
+             "site": torch.zeros(0, dtype=torch.long), "case": []}
+    tcfg = TrainConfig(amp=False, grad_clip=None, seed=0)
+    opt, sched = make_optimizer(model, tcfg, total_steps=4)
+    calls = []
+
+    def step(optimizer):  # what a noise-only DP step does: an (empty) optimiser step
+        calls.append(optimizer)
+        optimizer.step()
+
+    out = train_epochs(model, [empty, full, empty], opt, sched, tcfg, "cpu",
+                       on_empty_batch=step)
+    assert calls == [opt, opt]
+    assert sched.last_epoch == 3  # stepped for the two empty batches and the full one
+    assert out["num-examples"] == 1 and math.isfinite(out["loss"])
+    # only empty batches: no loss to report, but the steps were taken
+    out = train_epochs(model, [empty], opt, None, tcfg, "cpu", on_empty_batch=step)
+    assert math.isnan(out["loss"]) and out["num-examples"] == 0 and len(calls) == 3
+    with pytest.raises(ValueError, match="empty batch"):
+        train_epochs(model, [empty], opt, None, tcfg, "cpu")
+
+
+# --------------------------------------------------------------------------- DP
+
+
+def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, root, tmp_path):
+    from client.app import ACCOUNTANT_RECORD
+    from client.state_store import ACCOUNTANT_FILE
+
+    _, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp")
+    state = RecordDict()
+    first = _round(0, start, state, 1, str(tmp_path))
+    m1 = _metrics(first)
+    assert {"dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps"} <= set(m1)
+    assert 0 < m1["dp-epsilon"] < math.inf and m1["dp-noise-multiplier"] == 1.0
+    assert ACCOUNTANT_RECORD in state.config_records
+    assert not any(is_personal(k) for k in _arrays(first))
+    second = _round(0, first.content.array_records["arrays"], state, 2, str(tmp_path))
+    m2 = _metrics(second)
+    assert m2["dp-steps"] == 2 * m1["dp-steps"]  # one epoch of len(loader) steps per round
+    assert m2["dp-epsilon"] > m1["dp-epsilon"]
+    assert set(m2) == set(m1)
+    on_disk = json.loads((tmp_path / "clients" / "site0" / ACCOUNTANT_FILE).read_text())
+    assert sum(on_disk["accountant"]["steps"]) == m2["dp-steps"]
+    # every site emits the same keys (Flower refuses replies with different metric keys)
+    other = _round(1, start, RecordDict(), 1, str(tmp_path))
+    assert set(_metrics(other)) == set(m1)
+
+
+def test_dp_refuses_fedprox_and_float16(monkeypatch, root, tmp_path):
+    from client.app import check_dp_training
+
+    cfg, _ = _use(monkeypatch, root)
+    with pytest.raises(ValueError, match="fedprox"):
+        check_dp_training(cfg, "fedprox")
+    half = experiment.compose("config", [f"root={root}", *TINY, "train.amp_dtype=float16"])
+    with pytest.raises(ValueError, match="float16"):
+        check_dp_training(half, "personal")
+    assert check_dp_training(cfg, "personal").train.grad_clip is None
+    assert cfg.train.grad_clip == 12.0  # the shared config is left alone
+
+
+# --------------------------------------------------------------------------- disk state
+
+
+def test_restarted_client_continues_with_its_expert_from_disk(monkeypatch, root, tmp_path):
+    import client.app as client_app
+
+    _, start = _use(monkeypatch, root, "run_name=restart")
+    state = RecordDict()
+    first = _round(1, start, state, 1, str(tmp_path))
+    kept = state.array_records["kept"].to_torch_state_dict()
+    folder = tmp_path / "clients" / "site1"
+    assert [p.name for p in folder.glob("site-state-r*.pt")] == ["site-state-r1.pt"]
+    fresh = experiment.build_model(experiment.compose("config", [f"root={root}", *TINY]), 1)
+    assert any(not torch.equal(kept[k], fresh.state_dict()[k]) for k in kept)
+
+    seen: dict[str, torch.Tensor] = {}
+    original = experiment.train_site
+
+    def spy(model, *args, **kwargs):
+        seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(client_app.experiment, "train_site", spy)
+    # a new process: nothing in context.state, the same state folder
+    restarted = RecordDict()
+    _round(1, first.content.array_records["arrays"], restarted, 2, str(tmp_path))
+    assert set(kept) == {k for k in seen if is_personal(k)}
+    assert all(torch.equal(seen[k], kept[k]) for k in kept)
+    assert sorted(p.name for p in folder.glob("site-state-r*.pt")) == [
+        "site-state-r1.pt", "site-state-r2.pt"]
+    metrics = json.loads((folder / "last-metrics.json").read_text())
+    assert metrics["round"] == 2 and metrics["metrics"]["num-examples"] > 0
+
+
+def test_state_of_another_model_is_refused(monkeypatch, root, tmp_path):
+    from client.state_store import StateStoreError
+
+    _, start = _use(monkeypatch, root, "run_name=fp")
+    _round(0, start, RecordDict(), 1, str(tmp_path))
+    _, other = _use(monkeypatch, root, "run_name=fp", "model.d_state=8")
+    with pytest.raises(StateStoreError, match="fingerprint"):
+        _round(0, other, RecordDict(), 2, str(tmp_path))
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_nan_fault_poisons_the_reply_and_crash_fault_raises_in_its_round(
+        monkeypatch, root, tmp_path):
+    from client.faults import InjectedFault
+
+    _, start = _use(monkeypatch, root, "run_name=faults",
+                    "+fl.faults={site0:{nan_round:1,crash_round:2}}")
+    state = RecordDict()
+    poisoned = _arrays(_round(0, start, state, 1, str(tmp_path)))
+    floats = [a for a in poisoned.values() if a.dtype.kind == "f"]
+    assert floats and all(np.isnan(a).all() for a in floats)
+    healthy = _arrays(_round(1, start, RecordDict(), 1, str(tmp_path)))
+    assert all(np.isfinite(a).all() for a in healthy.values() if a.dtype.kind == "f")
+    shared_keys = set(split_state(healthy)[0])
+    assert set(poisoned) == shared_keys  # the same keys, only the values are poisoned
+    with pytest.raises(InjectedFault, match="round 2"):
+        _round(0, start, state, 2, str(tmp_path))
+    # site1 has no fault: round 2 trains
+    assert _metrics(_round(1, start, RecordDict(), 2, str(tmp_path)))["num-examples"] > 0

@@ -300,12 +300,13 @@ def test_run_finishes_and_each_site_keeps_its_expert(federation: Federation) -> 
     # each hospital's state dir holds its own expert, and only expert weights
     experts = []
     for index, site in enumerate(SITES):
-        files = list((federation.root / f"hospital-{index + 1}" / "state").rglob("kept-r1.pt"))
+        files = list((federation.root / f"hospital-{index + 1}" / "state").rglob("site-state-r1.pt"))
         assert len(files) == 1, f"hospital-{index + 1}: {files}"
         kept = torch.load(files[0], weights_only=True)
-        assert kept["site"] == site
-        assert kept["state"] and all(".site_experts." in k for k in kept["state"]), list(kept["state"])[:3]
-        experts.append(kept["state"])
+        assert kept["site"] == site and kept["round"] == 1
+        assert kept["expert"] and all("site_experts.*." in k for k in kept["expert"]), list(kept["expert"])[:3]
+        assert kept["shared"] is None
+        experts.append(kept["expert"])
     key = next(iter(experts[0]))
     assert not torch.equal(experts[0][key], experts[1][key])  # trained apart
 

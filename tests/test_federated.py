@@ -174,8 +174,11 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
     assert ckpt["arrays"] and not any(is_personal(k) for k in ckpt["arrays"])
     rows = (first["dir"] / "sites.csv").read_text().splitlines()
     assert rows[0].startswith("site,name") and len(rows) == 4  # header, 2 sites, mean
-    experts = [torch.load(next((first["dir"] / "clients" / s).glob("kept-r2.pt")),
-                          weights_only=True)["state"] for s in ("site0", "site1")]
+    from client.state_store import newest_state
+
+    saved = [newest_state(first["dir"] / "clients" / s) for s in ("site0", "site1")]
+    assert [(x.site, x.round) for x in saved] == [("site0", 2), ("site1", 2)]
+    experts = [x.expert for x in saved]
     assert any(not torch.equal(experts[0][k], experts[1][k]) for k in experts[0])
     run_id = first["summary"]["mlflow_run_id"]
 

@@ -14,11 +14,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("data", "benchmarks.bench_data", "prepare throughput, cache vs NIfTI read time"),
     ):
         parser = which.add_parser(name, help=help_)
-        try:
-            bench_module = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
+        bench_module = importlib.import_module(module)
         bench_module.add_arguments(parser)
         parser.set_defaults(func=bench_module.run)

@@ -64,6 +64,16 @@ def aggregate_without_bookkeeping(records: list[RecordDict], weight_key: str) ->
     return out
 
 
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The gist of a client error: Flower's simulation wraps the ClientApp's exception in a
+    Ray traceback whose last line ends ``Message: <the exception's text>``; keep that text."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    text = lines[-1] if lines else str(reason)
+    if "Message: " in text:
+        text = text.split("Message: ", 1)[1].rstrip("'>").strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 class ReplyError(ValueError):
     """A reply that cannot be used (its reason is recorded, the round goes on)."""
 
@@ -211,7 +221,7 @@ class SiteStrategyMixin:
             node = msg.metadata.src_node_id
             seen.add(node)
             if msg.has_error():
-                failed_nodes[node] = f"error reply: {msg.error.reason}"
+                failed_nodes[node] = f"error reply: {short_reason(msg.error.reason)}"
                 continue
             try:
                 metrics = reply_metrics(msg)

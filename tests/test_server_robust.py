@@ -181,3 +181,15 @@ def test_site_index_outside_the_federation_is_the_sites_failure():
     out, _ = s.aggregate_train(1, [reply(arrays(1.0), 0), reply(arrays(1.0), 7, node=103)])
     assert any("site-index 7 outside" in why for why in s.current.failed.values())
     np.testing.assert_allclose(out["dec.bias"].numpy(), [1.0, 1.0])
+
+
+def test_error_reasons_shortened_to_the_clients_message():
+    from server.strategy import short_reason
+
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor"
+           ".run()\nclient.faults.InjectedFault: boom\n\nThe above exception ...\n"
+           "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException "
+           "occurred. Message: injected crash of site 'site0' in round 2'>")
+    assert short_reason(ray) == "injected crash of site 'site0' in round 2"
+    assert short_reason("plain") == "plain"
+    assert short_reason("x" * 400).endswith(" ...") and len(short_reason("x" * 400)) == 304

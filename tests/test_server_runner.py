@@ -1,0 +1,39 @@
+"""The coordinator's side of the runner without a simulation: site names without data, and the
+settings a resumed run may change."""
+
+from __future__ import annotations
+
+import pytest
+
+from m4fuse import experiment
+from server.runner import federation_sites, resume_hash
+
+
+def _cfg(tmp_path, *extra: str):
+    return experiment.compose("config", [f"root={tmp_path}", *extra])
+
+
+def test_site_names_from_config_need_no_data(monkeypatch, tmp_path):
+    def no_data(cfg):
+        raise AssertionError("the coordinator must not load the data split")
+
+    monkeypatch.setattr(experiment, "load_sites", no_data)
+    cfg = _cfg(tmp_path, "data=brats", "data.source=/nonexistent/brats",
+               "fl.site_names=[TMC,CBICA,TCIA01]")
+    assert federation_sites(cfg) == ["CBICA", "TCIA01", "TMC"]  # sorted: index = position
+    with pytest.raises(ValueError, match=r"duplicates: \['A', 'A'\]"):
+        federation_sites(_cfg(tmp_path, "fl.site_names=[A,A]"))
+
+
+def test_site_names_from_the_split_in_simulation(monkeypatch, tmp_path):
+    monkeypatch.setattr(experiment, "load_sites", lambda cfg: {"site1": {}, "site0": {}})
+    assert federation_sites(_cfg(tmp_path)) == ["site0", "site1"]
+
+
+def test_resume_may_change_rounds_faults_and_quorum_not_the_rule(tmp_path):
+    base = resume_hash(_cfg(tmp_path))
+    same = _cfg(tmp_path, "fl.rounds=7", "fl.resume=true", "fl.min_sites=2",
+                "+fl.faults={site0:{crash_round:2}}", "fl.round_timeout=5")
+    assert resume_hash(same) == base
+    for change in ("fl.aggregation=median", "fl.norm_bound=2.0", "fl.local_epochs=1"):
+        assert resume_hash(_cfg(tmp_path, change)) != base, change

@@ -27,7 +27,7 @@ MODES: tuple[str, ...] = ("pooled", "local", "fedavg", "personal")
 COLUMNS: list[tuple[str, str]] = [
     ("mode", "mode"), ("site", "site"), ("Dice ET", "test_dice_et"), ("Dice TC", "test_dice_tc"),
     ("Dice WT", "test_dice_wt"), ("Dice mean", "test_dice_mean"), ("HD95 mean", "test_hd95_mean"),
-    ("bytes", "bytes"), ("wall s", "seconds"),
+    ("bytes", "bytes"), ("wall s", "seconds"), ("n test", "test_num-examples"),
 ]
 
 
@@ -60,6 +60,21 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 out["seconds"] = float(result["seconds"])
             rows.append(out)
     return rows
+
+
+def convergence_lines(results: dict[str, dict[str, Any]], last: int = 4) -> list[str]:
+    """Markdown bullets: each mode's validation mean Dice (case-weighted over sites) of its
+    ``last`` rounds, so a reader sees whether the budget was enough (a curve still rising at
+    the last round means the run was stopped before convergence). Modes without a history
+    are left out."""
+    lines = []
+    for mode, result in results.items():
+        curve = [(int(e["round"]), float(e["val"]["dice_mean"])) for e in result["history"]
+                 if "dice_mean" in e.get("val", {})]
+        if len(curve) >= 2:
+            tail = ", ".join(f"r{r} {d:.3f}" for r, d in curve[-last:])
+            lines.append(f"- {mode}: {tail} (last-round change {curve[-1][1] - curve[-2][1]:+.3f})")
+    return lines
 
 
 def site_matrix(results: dict[str, dict[str, Any]], key: str = "test_dice_mean") -> str:
@@ -114,6 +129,9 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] = MODES) -> 
              f"Same split, seed {int(cfg.seed)} and budget ({int(cfg.fl.rounds)} rounds x "
              f"{int(cfg.fl.local_epochs)} local epochs); test cases scored on the original grid.",
              "", table, "", "Test mean Dice per site:", "", matrix, ""]
+    convergence = convergence_lines(results)
+    if convergence:
+        lines += ["Validation mean Dice of the last rounds:", "", *convergence, ""]
     means = {m: next(r for r in res["rows"] if r["site"] == "mean") for m, res in results.items()}
     if "pooled" in means and "personal" in means:
         ratio = means["personal"]["test_dice_mean"] / max(means["pooled"]["test_dice_mean"], 1e-9)

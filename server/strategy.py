@@ -96,7 +96,8 @@ def reply_metrics(msg: Message) -> MetricRecord:
 
 @dataclass
 class RoundLog:
-    """What one round produced (for checkpoints, MLflow and the results table)."""
+    """What one round produced (for checkpoints, MLflow and the results table); ``failed``
+    maps ``"train/<site>"`` / ``"evaluate/<site>"`` to why that site's reply was not used."""
 
     server_round: int
     train: MetricRecord | None = None

@@ -37,6 +37,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """One root for the module: the synthetic data is generated once (runs differ by name)."""
+    return tmp_path_factory.mktemp("m4fuse-faults")
+
+
 def record_start(msg: Message, context: Context,
                  call_next: Callable[[Message, Context], Message]) -> Message:
     """Client mod: before a train message, save the model the site starts it from (the
@@ -76,8 +82,8 @@ def simulate(monkeypatch, args: list[str], client_app=None) -> Path:
     return experiment.run_dir(experiment.compose("config", args))
 
 
-def test_nan_update_dropped_and_crash_tolerated(monkeypatch, tmp_path):
-    args = [f"root={tmp_path}", *TINY, "run_name=faults", "fl.rounds=2", "fl.min_sites=1",
+def test_nan_update_dropped_and_crash_tolerated(monkeypatch, root):
+    args = [f"root={root}", *TINY, "run_name=faults", "fl.rounds=2", "fl.min_sites=1",
             "+fl.faults={site1:{nan_round:1},site0:{crash_round:2}}"]
     rdir = simulate(monkeypatch, args)
     summary = json.loads((rdir / "summary.json").read_text())
@@ -109,10 +115,10 @@ def test_nan_update_dropped_and_crash_tolerated(monkeypatch, tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_too_few_sites_stop_the_run_then_resume(monkeypatch, tmp_path):
+def test_too_few_sites_stop_the_run_then_resume(monkeypatch, root, tmp_path):
     from server.robust import QuorumError
 
-    base = [f"root={tmp_path}", *TINY, "run_name=stop", "fl.min_sites=2"]
+    base = [f"root={root}", *TINY, "run_name=stop", "fl.min_sites=2"]
     with pytest.raises(QuorumError) as info:
         simulate(monkeypatch, [*base, "fl.rounds=3", "+fl.faults={site0:{crash_round:2}}"])
     message = str(info.value)

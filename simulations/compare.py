@@ -22,7 +22,14 @@ from server.tracking import Tracker
 from simulations.baselines import run_baseline
 from simulations.federated import simulate
 
-MODES: tuple[str, ...] = ("pooled", "local", "fedavg", "personal")
+MODES: tuple[str, ...] = ("pooled", "local", "fedavg", "personal", "personal-dp")
+# Federated modes: the strategy and extra overrides each runs with. `personal-dp` is `personal`
+# with DP-SGD on every client (configs/privacy/dp.yaml), so the utility cost of DP shows.
+FEDERATED: dict[str, list[str]] = {
+    "fedavg": ["fl.strategy=fedavg"],
+    "personal": ["fl.strategy=personal"],
+    "personal-dp": ["fl.strategy=personal", "privacy=dp"],
+}
 
 COLUMNS: list[tuple[str, str]] = [
     ("mode", "mode"), ("site", "site"), ("Dice ET", "test_dice_et"), ("Dice TC", "test_dice_tc"),
@@ -41,7 +48,7 @@ def run_mode(mode: str, overrides: list[str], name: str) -> dict[str, Any]:
         result = {"rows": out.rows, "bytes": 0.0, "history": out.history,
                   "site_names": out.site_names}
     else:
-        sim = simulate([*args, f"fl.strategy={mode}"])
+        sim = simulate([*args, *FEDERATED[mode]])
         result = {"rows": sim["rows"], "history": sim["history"], "site_names": sim["site_names"],
                   "bytes": float(sim["summary"]["bytes_sent"] + sim["summary"]["bytes_received"])}
     result["seconds"] = time.perf_counter() - start
@@ -162,8 +169,15 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] = MODES) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.compare [hydra overrides...]``."""
-    run_compare(list(sys.argv[1:] if argv is None else argv))
+    """``python -m simulations.compare [--modes a,b] [hydra overrides...]`` (default: all modes)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    modes: Sequence[str] = MODES
+    if args and args[0] == "--modes":
+        if len(args) < 2:
+            raise SystemExit(f"--modes needs a comma-separated list of {MODES}")
+        modes = [m for m in args[1].split(",") if m]
+        args = args[2:]
+    run_compare(args, modes)
     return 0
 
 

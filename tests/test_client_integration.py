@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flower_fixtures import TINY_FL, client_train_round
+from flwr.app import ArrayRecord, Message, RecordDict
 
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+from m4fuse import experiment
+from m4fuse.state import is_personal, split_state
 
-from m4fuse import experiment  # noqa: E402
-from m4fuse.state import is_personal, split_state  # noqa: E402
-
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
-]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages built outside a Flower process need the task identity Flower sets there."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +28,11 @@ def _use(monkeypatch, root: str, *extra: str):
     server's initial shared arrays."""
     from server.runner import initial_state
 
-    args = [f"root={root}", *TINY, *extra]
+    args = [f"root={root}", *TINY_FL, *extra]
     monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
     cfg = experiment.compose("config", args)
     held, _ = initial_state(cfg)
     return cfg, ArrayRecord({k: v for k, v in held.items()})
-
-
-def _round(partition: int, arrays: ArrayRecord, state: RecordDict, rnd: int, run_dir: str
-           ) -> Message:
-    from client.app import train
-
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-        {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
-    msg = Message(content=content, dst_node_id=partition + 1, message_type=MessageType.TRAIN)
-    context = Context(run_id=1, node_id=partition + 1,
-                      node_config={"partition-id": partition, "num-partitions": 2},
-                      state=state, run_config={})
-    return train(msg, context)
 
 
 def _metrics(reply: Message) -> dict:
@@ -117,13 +88,14 @@ def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, 
 
     _, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp")
     state = RecordDict()
-    first = _round(0, start, state, 1, str(tmp_path))
+    first = client_train_round(0, start, state, 1, str(tmp_path))
     m1 = _metrics(first)
     assert {"dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps"} <= set(m1)
     assert 0 < m1["dp-epsilon"] < math.inf and m1["dp-noise-multiplier"] == 1.0
     assert ACCOUNTANT_RECORD in state.config_records
     assert not any(is_personal(k) for k in _arrays(first))
-    second = _round(0, first.content.array_records["arrays"], state, 2, str(tmp_path))
+    second = client_train_round(0, first.content.array_records["arrays"], state, 2,
+                                str(tmp_path))
     m2 = _metrics(second)
     assert m2["dp-steps"] == 2 * m1["dp-steps"]  # one epoch of len(loader) steps per round
     assert m2["dp-epsilon"] > m1["dp-epsilon"]
@@ -131,7 +103,7 @@ def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, 
     on_disk = json.loads((tmp_path / "clients" / "site0" / ACCOUNTANT_FILE).read_text())
     assert sum(on_disk["accountant"]["steps"]) == m2["dp-steps"]
     # every site emits the same keys (Flower refuses replies with different metric keys)
-    other = _round(1, start, RecordDict(), 1, str(tmp_path))
+    other = client_train_round(1, start, RecordDict(), 1, str(tmp_path))
     assert set(_metrics(other)) == set(m1)
 
 
@@ -141,7 +113,7 @@ def test_dp_refuses_fedprox_and_float16(monkeypatch, root, tmp_path):
     cfg, _ = _use(monkeypatch, root)
     with pytest.raises(ValueError, match="fedprox"):
         check_dp_training(cfg, "fedprox")
-    half = experiment.compose("config", [f"root={root}", *TINY, "train.amp_dtype=float16"])
+    half = experiment.compose("config", [f"root={root}", *TINY_FL, "train.amp_dtype=float16"])
     with pytest.raises(ValueError, match="float16"):
         check_dp_training(half, "personal")
     assert check_dp_training(cfg, "personal").train.grad_clip is None
@@ -156,11 +128,11 @@ def test_restarted_client_continues_with_its_expert_from_disk(monkeypatch, root,
 
     _, start = _use(monkeypatch, root, "run_name=restart")
     state = RecordDict()
-    first = _round(1, start, state, 1, str(tmp_path))
+    first = client_train_round(1, start, state, 1, str(tmp_path))
     kept = state.array_records["kept"].to_torch_state_dict()
     folder = tmp_path / "clients" / "site1"
     assert [p.name for p in folder.glob("site-state-r*.pt")] == ["site-state-r1.pt"]
-    fresh = experiment.build_model(experiment.compose("config", [f"root={root}", *TINY]), 1)
+    fresh = experiment.build_model(experiment.compose("config", [f"root={root}", *TINY_FL]), 1)
     assert any(not torch.equal(kept[k], fresh.state_dict()[k]) for k in kept)
 
     seen: dict[str, torch.Tensor] = {}
@@ -173,7 +145,7 @@ def test_restarted_client_continues_with_its_expert_from_disk(monkeypatch, root,
     monkeypatch.setattr(client_app.experiment, "train_site", spy)
     # a new process: nothing in context.state, the same state folder
     restarted = RecordDict()
-    _round(1, first.content.array_records["arrays"], restarted, 2, str(tmp_path))
+    client_train_round(1, first.content.array_records["arrays"], restarted, 2, str(tmp_path))
     assert set(kept) == {k for k in seen if is_personal(k)}
     assert all(torch.equal(seen[k], kept[k]) for k in kept)
     assert sorted(p.name for p in folder.glob("site-state-r*.pt")) == [
@@ -186,10 +158,10 @@ def test_state_of_another_model_is_refused(monkeypatch, root, tmp_path):
     from client.state_store import StateStoreError
 
     _, start = _use(monkeypatch, root, "run_name=fp")
-    _round(0, start, RecordDict(), 1, str(tmp_path))
+    client_train_round(0, start, RecordDict(), 1, str(tmp_path))
     _, other = _use(monkeypatch, root, "run_name=fp", "model.d_state=8")
     with pytest.raises(StateStoreError, match="fingerprint"):
-        _round(0, other, RecordDict(), 2, str(tmp_path))
+        client_train_round(0, other, RecordDict(), 2, str(tmp_path))
 
 
 # --------------------------------------------------------------------------- faults
@@ -202,14 +174,15 @@ def test_nan_fault_poisons_the_reply_and_crash_fault_raises_in_its_round(
     _, start = _use(monkeypatch, root, "run_name=faults",
                     "+fl.faults={site0:{nan_round:1,crash_round:2}}")
     state = RecordDict()
-    poisoned = _arrays(_round(0, start, state, 1, str(tmp_path)))
+    poisoned = _arrays(client_train_round(0, start, state, 1, str(tmp_path)))
     floats = [a for a in poisoned.values() if a.dtype.kind == "f"]
     assert floats and all(np.isnan(a).all() for a in floats)
-    healthy = _arrays(_round(1, start, RecordDict(), 1, str(tmp_path)))
+    healthy = _arrays(client_train_round(1, start, RecordDict(), 1, str(tmp_path)))
     assert all(np.isfinite(a).all() for a in healthy.values() if a.dtype.kind == "f")
     shared_keys = set(split_state(healthy)[0])
     assert set(poisoned) == shared_keys  # the same keys, only the values are poisoned
     with pytest.raises(InjectedFault, match="round 2"):
-        _round(0, start, state, 2, str(tmp_path))
+        client_train_round(0, start, state, 2, str(tmp_path))
     # site1 has no fault: round 2 trains
-    assert _metrics(_round(1, start, RecordDict(), 2, str(tmp_path)))["num-examples"] > 0
+    site1_round2 = client_train_round(1, start, RecordDict(), 2, str(tmp_path))
+    assert _metrics(site1_round2)["num-examples"] > 0

@@ -4,33 +4,17 @@ shared-keys-only replies, experts that stay personal, case-weighted aggregation,
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flower_fixtures import TINY_FL, client_train_round, simulate_two_sites
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+from m4fuse import experiment
+from m4fuse.state import is_personal, split_state
 
-from m4fuse import experiment  # noqa: E402
-from m4fuse.state import is_personal, split_state  # noqa: E402
-
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
-]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages built outside a Flower process need the task identity Flower sets there."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +23,14 @@ def root(tmp_path_factory) -> str:
 
 
 def overrides(root: str, *extra: str) -> list[str]:
-    return [f"root={root}", *TINY, *extra]
+    return [f"root={root}", *TINY_FL, *extra]
 
 
 def simulate(monkeypatch, root: str, *extra: str) -> dict:
     """Run the user's ServerApp and ClientApp in Flower's in-process simulation."""
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-    from server.app import app as server_app
-
     args = overrides(root, *extra)
     monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    run_simulation(server_app, client_app, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate_two_sites()
     cfg = experiment.compose("config", args)
     rdir = experiment.run_dir(cfg)
     summary_path = rdir / "summary.json"
@@ -105,21 +83,6 @@ def test_server_refuses_expert_keys():
         make_strategy("personal", 2, 1.0, 1, 0.0, ["x.site_experts.0.w"])
 
 
-def _client_round(cfg_args, partition, arrays: ArrayRecord, state: RecordDict, rnd: int,
-                  run_dir: str) -> Message:
-    from flwr.app import ConfigRecord
-
-    from client.app import train
-
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-        {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
-    msg = Message(content=content, dst_node_id=partition + 1, message_type=MessageType.TRAIN)
-    context = Context(run_id=1, node_id=partition + 1,
-                      node_config={"partition-id": partition, "num-partitions": 2},
-                      state=state, run_config={})
-    return train(msg, context)
-
-
 def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_path):
     from server.runner import initial_state
     from server.strategy import make_strategy
@@ -132,7 +95,7 @@ def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_pa
     assert personal_keys and set(held) == shared_keys
     start = ArrayRecord({k: v for k, v in held.items()})
     states = [RecordDict(), RecordDict()]
-    replies = [_client_round(args, p, start, states[p], 1, str(tmp_path)) for p in (0, 1)]
+    replies = [client_train_round(p, start, states[p], 1, str(tmp_path)) for p in (0, 1)]
     largest = max(v.numel() for v in full.values())
     for reply in replies:
         (record,) = reply.content.array_records.values()

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -29,21 +30,13 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp
 
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-
-from m4fuse import experiment  # noqa: E402
-from m4fuse.state import is_personal, split_state  # noqa: E402
+from m4fuse import experiment
+from m4fuse.state import is_personal, split_state
 
 RECORD_ENV = "M4FUSE_TEST_REPLY_DIR"
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
-    "tracking.enabled=false", "fl.local_epochs=1",
-]
+TINY = [*TINY_FL, "tracking.enabled=false", "fl.local_epochs=1"]
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def describe(content: RecordDict) -> dict[str, Any]:
@@ -77,17 +70,8 @@ def record_replies(msg: Message, context: Context,
     return reply
 
 
-def recording_app() -> ClientApp:
-    """The project's train/evaluate handlers behind :func:`record_replies`."""
-    from client import app as project
-
-    app = ClientApp(mods=[record_replies])
-    app.train()(project.train)
-    app.evaluate()(project.evaluate)
-    return app
-
-
-app = recording_app()
+# The project's train/evaluate handlers behind :func:`record_replies`.
+app = project_client_app_with(record_replies)
 
 
 def reply_problems(entry: Mapping[str, Any], shared: Mapping[str, tuple[int, ...]],
@@ -122,15 +106,6 @@ def reply_problems(entry: Mapping[str, Any], shared: Mapping[str, tuple[int, ...
         else:
             problems.append(f"{name}: a {record['type']} record ({sorted(items)[:3]})")
     return problems
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages built outside a Flower process need the task identity Flower sets there."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def shared_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -173,17 +148,12 @@ def test_problems_found_in_leaking_replies(tmp_path):
 
 
 def test_whole_run_sends_only_shared_arrays_and_numbers(monkeypatch, tmp_path):
-    from flwr.simulation import run_simulation
-
-    from server.app import app as server_app
-
     replies = tmp_path / "replies"
     replies.mkdir()
     args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "run_name=leak"]
     monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
     monkeypatch.setenv(RECORD_ENV, str(replies))
-    run_simulation(server_app, app, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate_two_sites(app)
     cfg = experiment.compose("config", args)
     assert (experiment.run_dir(cfg) / "summary.json").is_file(), "the run did not finish"
     entries = [json.loads(p.read_text()) for p in replies.glob("*.json")]

@@ -19,22 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
 from flwr.app import Context, Message, MessageType
-from flwr.clientapp import ClientApp
 
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-
-from m4fuse import experiment  # noqa: E402
-from m4fuse.state import is_personal, split_state  # noqa: E402
+from m4fuse import experiment
+from m4fuse.state import is_personal, split_state
 
 START_ENV = "M4FUSE_TEST_START_DIR"
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
-    "fl.local_epochs=1",
-]
+TINY = [*TINY_FL, "fl.local_epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +49,13 @@ def record_start(msg: Message, context: Context,
     return call_next(msg, context)
 
 
-def _start_recording_app() -> ClientApp:
-    from client import app as project
-
-    app = ClientApp(mods=[record_start])
-    app.train()(project.train)
-    app.evaluate()(project.evaluate)
-    return app
-
-
-start_recording_app = _start_recording_app()
+start_recording_app = project_client_app_with(record_start)
 
 
 def simulate(monkeypatch, args: list[str], client_app=None) -> Path:
     """Run the project's ServerApp (and ClientApp unless given) on 2 SuperNodes."""
-    from flwr.simulation import run_simulation
-
-    from client.app import app as project_client
-    from server.app import app as server_app
-
     monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    run_simulation(server_app, client_app or project_client, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate_two_sites(client_app)
     return experiment.run_dir(experiment.compose("config", args))
 
 

@@ -15,15 +15,7 @@ from server.strategy import NO_REPLY, make_strategy
 
 KEYS = ["enc.weight", "dec.bias"]
 NAMES = ["CBICA", "TCIA01", "TCIA02", "TMC"]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages built outside a Flower process need the task identity Flower sets there."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def arrays(value: float) -> dict[str, np.ndarray]:

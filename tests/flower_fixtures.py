@@ -1,0 +1,69 @@
+"""Shared helpers of the tests that drive the Flower apps (test_client_integration,
+test_federated, test_leak, test_server_faults): the Flower environment for tests, the tiny
+federated config, one client train round called directly, the project's ClientApp behind a
+client mod, and a 2-site in-process simulation. The Flower task identity fixture these tests
+need is ``flower_task_identity`` in conftest.py.
+
+Importing this module sets (unless already set) the Flower environment variables that keep a
+test run offline and quiet: no runtime dependency installation, no update check, no telemetry.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from collections.abc import Callable  # noqa: E402
+
+from flwr.app import (  # noqa: E402
+    ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict,
+)
+from flwr.clientapp import ClientApp  # noqa: E402
+
+# The tiny federation: 2 sites x 5 synthetic cases of 24x24x20 voxels cropped to 16^3, the
+# narrowest network, batches of 2, no augmentation, on the CPU. Modules add their own keys.
+TINY_FL = [
+    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
+    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
+]
+
+
+def client_train_round(partition: int, arrays: ArrayRecord, state: RecordDict, rnd: int,
+                       run_dir: str) -> Message:
+    """Call the project's ClientApp train handler once, outside Flower, as site ``partition``
+    (of 2) in round ``rnd`` with one local epoch; ``state`` is the site's Context state."""
+    from client.app import train
+
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
+    msg = Message(content=content, dst_node_id=partition + 1, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=partition + 1,
+                      node_config={"partition-id": partition, "num-partitions": 2},
+                      state=state, run_config={})
+    return train(msg, context)
+
+
+def project_client_app_with(mod: Callable[[Message, Context, Callable], Message]) -> ClientApp:
+    """The project's train/evaluate handlers in a ClientApp behind the client mod ``mod``."""
+    from client import app as project
+
+    app = ClientApp(mods=[mod])
+    app.train()(project.train)
+    app.evaluate()(project.evaluate)
+    return app
+
+
+def simulate_two_sites(client_app: ClientApp | None = None) -> None:
+    """Run the project's ServerApp with ``client_app`` (default: the project's ClientApp) on 2
+    SuperNodes in Flower's in-process simulation, one CPU and no GPU each. The run config comes
+    from ``experiment.OVERRIDES_ENV``, which the caller sets."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as project_client
+    from server.app import app as server_app
+
+    run_simulation(server_app, client_app or project_client, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

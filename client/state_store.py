@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from m4fuse.atomic import write_atomic
 
 #: Version of the on-disk layout; a file of another version is refused with a clear error.
 FORMAT = 1
@@ -130,28 +129,6 @@ class SiteState:
                 raise ValueError(f"metric {key!r} must be a finite number, got {value!r}")
 
 
-def _fsync_replace(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class SiteStateStore:
     """Read and write one site's :class:`SiteState` in ``state_dir``.
 
@@ -204,15 +181,12 @@ class SiteStateStore:
                 k: v.detach().cpu().contiguous() for k, v in state.shared.items()
             },
         }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
         target = self.path(state.round)
-        _fsync_replace(buffer.getvalue(), target)
+        write_atomic(target, lambda fh: torch.save(payload, fh), sync_dir=True)
         summary = {"site": state.site, "round": state.round, "metrics": payload["metrics"]}
-        _fsync_replace(
-            (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
-            self.state_dir / "last-metrics.json",
-        )
+        summary_text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        write_atomic(self.state_dir / "last-metrics.json",
+                     lambda fh: fh.write(summary_text.encode()), sync_dir=True)
         for old in self.rounds()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return target
@@ -286,7 +260,7 @@ class SiteStateStore:
             raise ValueError(f"accountant record is not plain JSON data: {err}") from err
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.accountant_path()
-        _fsync_replace((text + "\n").encode(), path)
+        write_atomic(path, lambda fh: fh.write((text + "\n").encode()), sync_dir=True)
         return path
 
     def load_accountant(self) -> dict[str, Any] | None:

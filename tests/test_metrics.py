@@ -35,10 +35,9 @@ def _medpy_directed_p95(a: np.ndarray, b: np.ndarray, spacing) -> float:
     return float(np.percentile(surf(a, b, spacing, 1), 95))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_binary_scores_agree_with_medpy_and_monai(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    a, b = _blob(rng), _blob(rng)
+def _scores_agreeing_with_medpy(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """``(dice, hd95 max, hd95 pooled)`` of binary_scores on ``SPACING``, each asserted equal to
+    medpy's value."""
     dice, hd_max = binary_scores(a, b, SPACING)
     _, hd_pooled = binary_scores(a, b, SPACING, hd95="pooled")
     assert dice == pytest.approx(medpy_binary.dc(a, b), abs=1e-6)
@@ -47,6 +46,14 @@ def test_binary_scores_agree_with_medpy_and_monai(seed: int) -> None:
     # the default is the larger directed 95th percentile (MONAI's definition)
     expected_max = max(_medpy_directed_p95(a, b, SPACING), _medpy_directed_p95(b, a, SPACING))
     assert hd_max == pytest.approx(expected_max, rel=1e-5)
+    return dice, hd_max, hd_pooled
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_binary_scores_agree_with_medpy_and_monai(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = _blob(rng), _blob(rng)
+    dice, hd_max, hd_pooled = _scores_agreeing_with_medpy(a, b)
     monai_hd = compute_hausdorff_distance(
         torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
         include_background=True, percentile=95, spacing=SPACING,
@@ -158,9 +165,4 @@ def test_masks_touching_the_volume_border_agree_with_medpy() -> None:
     a[0:6, 3:12, 14:20] = True  # touches three faces
     b[0:4, 0:10, 15:20] = True
     b[20:24, 20:28, 0:3] = True  # a far second component in the opposite corner
-    dice, hd_max = binary_scores(a, b, SPACING)
-    _, hd_pooled = binary_scores(a, b, SPACING, hd95="pooled")
-    assert dice == pytest.approx(medpy_binary.dc(a, b), abs=1e-6)
-    assert hd_pooled == pytest.approx(medpy_binary.hd95(a, b, voxelspacing=SPACING), rel=1e-5)
-    expected_max = max(_medpy_directed_p95(a, b, SPACING), _medpy_directed_p95(b, a, SPACING))
-    assert hd_max == pytest.approx(expected_max, rel=1e-5)
+    _scores_agreeing_with_medpy(a, b)

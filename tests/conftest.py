@@ -3,6 +3,8 @@ live in engine_fixtures.py and flower_fixtures.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 
@@ -14,3 +16,15 @@ def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run a module's tests with one torch thread, then restore the count: on tiny tensors,
+    thread start-up costs more than it saves (and the CPUs are shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,15 +20,7 @@ from m4fuse.model import (
 from m4fuse.state import expert_state
 
 TINY = (8, 8, 8, 16, 16, 16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves (and CPUs are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw) -> M4FuseConfig:

@@ -9,15 +9,7 @@ from m4fuse.model import M4Fuse, M4FuseConfig
 from m4fuse.state import expert_index, expert_state, is_personal, place_expert, split_state
 
 WIDTHS = (8, 8, 8, 16, 16, 16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves (and CPUs are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(experts: int, seed: int = 0) -> M4Fuse:

@@ -1,8 +1,8 @@
 """Deployment on loopback: a SuperLink and two SuperNodes as separate processes, TLS on,
 SuperNode authentication on, one short run of this project's Flower app on tiny synthetic data.
 
-The commands are the ones docs/deploy.md gives to the coordinator and the hospitals (the last
-test checks that every flag used here is documented there). Every process is started in its
+The commands are the ones the README's 'Deploy across hospitals' gives to the coordinator and
+the hospitals (the last test checks that every flag used here is documented there). Every process is started in its
 own session and stopped by PID at teardown, with all its descendants (the SuperLink's and the
 SuperNodes' SuperExec, ServerApp and ClientApp processes), also when a test fails.
 """
@@ -185,7 +185,7 @@ def _port_open(port: int) -> bool:
 
 
 def start_supernode(fed: Federation, index: int, key: Path, port: int) -> Proc:
-    """A hospital's SuperNode (docs/deploy.md, 'Each hospital')."""
+    """A hospital's SuperNode (README, 'Deploy across hospitals', 'Each hospital')."""
     site = SITES[index]
     hospital = fed.root / f"hospital-{index + 1}"
     node_config = (
@@ -312,8 +312,11 @@ def test_run_finishes_and_each_site_keeps_its_expert(federation: Federation) -> 
 
 
 def test_commands_are_the_documented_ones() -> None:
-    """Every executable and flag this test uses appears in docs/deploy.md."""
-    doc = (REPO / "docs" / "deploy.md").read_text()
+    """Every executable and flag this test uses appears in the README's deployment section."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Deploy across hospitals")
+    end = readme.find("\n## ", start + 1)
+    doc = readme[start:end if end > 0 else None]
     for needed in (
         "flower-superlink", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
         "--enable-supernode-auth", "--database", "flwr supernode register",
@@ -322,4 +325,4 @@ def test_commands_are_the_documented_ones() -> None:
         "flwr run", "--run-config", "--stream", "root-certificates =", "m4fuse certs",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "flwr list",
     ):
-        assert needed in doc, f"docs/deploy.md does not mention {needed!r}"
+        assert needed in doc, f"README 'Deploy across hospitals' does not mention {needed!r}"

@@ -160,9 +160,12 @@ def test_segment_then_evaluate_equals_direct_metrics(tmp_path: Path, ckpt: Path,
     out = tmp_path / "preds" / f"{folder.name}.nii.gz"
     segment_case(folder, ckpt, out, site="siteA", device="cpu")
     pred = np.asarray(nib.load(out).dataobj)
-    direct = label_scores(pred, labels, spacing, et_label=4)
-    # files
     seg = folder / f"{folder.name}_seg.nii.gz"
+    # the spacing `evaluate` reads: the header's zooms, stored as float32 (1.2 -> 1.2000000477)
+    header_spacing = tuple(float(z) for z in nib.load(seg).header.get_zooms()[:3])
+    assert header_spacing == pytest.approx(spacing)
+    direct = label_scores(pred, labels, header_spacing, et_label=4)
+    # files
     capsys.readouterr()
     assert main(["evaluate", str(out), str(seg), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -8,7 +8,6 @@ the round after the saved one, provided the strategy and the config hash (all se
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+from m4fuse.atomic import write_atomic
 
 FORMAT = "m4fuse-server-round/1"
 
@@ -42,23 +43,19 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def save(path: Path, checkpoint: ServerCheckpoint) -> None:
-    """Write ``checkpoint`` to ``path`` atomically."""
+    """Write ``checkpoint`` to ``path`` atomically (:func:`m4fuse.atomic.write_atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(
-        {
-            "format": FORMAT,
-            "server_round": checkpoint.server_round,
-            "strategy": checkpoint.strategy,
-            "config_hash": checkpoint.config_hash,
-            "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
-                       checkpoint.arrays.items()},
-            "mlflow_run_id": checkpoint.mlflow_run_id,
-            "history": checkpoint.history,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    payload = {
+        "format": FORMAT,
+        "server_round": checkpoint.server_round,
+        "strategy": checkpoint.strategy,
+        "config_hash": checkpoint.config_hash,
+        "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                   checkpoint.arrays.items()},
+        "mlflow_run_id": checkpoint.mlflow_run_id,
+        "history": checkpoint.history,
+    }
+    write_atomic(path, lambda fh: torch.save(payload, fh))
 
 
 def load(path: Path) -> ServerCheckpoint:

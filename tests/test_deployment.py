@@ -1,5 +1,7 @@
 """Deployment on loopback: a SuperLink and two SuperNodes as separate processes, TLS on,
-SuperNode authentication on, one short run of this project's Flower app on tiny synthetic data.
+SuperNode authentication on, one short run of this project's Flower app on tiny synthetic data,
+then both SuperNodes restarted (stopped by PID, started again with the same node config and state
+folder) and the run resumed for a second round with ``fl.resume=true`` (issue #6).
 
 The commands are the ones the README's 'Deploy across hospitals' gives to the coordinator and
 the hospitals (the last test checks that every flag used here is documented there). Every process is started in its
@@ -25,6 +27,7 @@ import pytest
 import torch
 
 from m4fuse.commands.certs import make_certificates
+from server import checkpoint as server_ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 #: The Flower app submitted with `flwr run`: this checkout (a copy elsewhere when
@@ -184,8 +187,9 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def start_supernode(fed: Federation, index: int, key: Path, port: int) -> Proc:
-    """A hospital's SuperNode (README, 'Deploy across hospitals', 'Each hospital')."""
+def start_supernode(fed: Federation, index: int, key: Path, port: int, tag: str = "") -> Proc:
+    """A hospital's SuperNode (README, 'Deploy across hospitals', 'Each hospital'); ``tag``
+    (default none) is appended to the process and log name, e.g. for a restarted one."""
     site = SITES[index]
     hospital = fed.root / f"hospital-{index + 1}"
     node_config = (
@@ -193,7 +197,7 @@ def start_supernode(fed: Federation, index: int, key: Path, port: int) -> Proc:
         f'cache-dir="{hospital / "cache"}" state-dir="{hospital / "state"}" device="auto"'
     )
     return fed.start(
-        f"supernode-{index + 1}",
+        f"supernode-{index + 1}{tag}",
         [
             str(BIN / "flower-supernode"),
             "--superlink", f"localhost:{fed.port}",
@@ -204,6 +208,15 @@ def start_supernode(fed: Federation, index: int, key: Path, port: int) -> Proc:
         ],
         home=hospital / "flwr",
     )
+
+
+def online_count(fed: Federation) -> int:
+    """How many SuperNodes the SuperLink lists as online (-1 when the CLI call fails)."""
+    done = fed.flwr("supernode", "ls", CONNECTION, "--format", "json")
+    if done.returncode != 0:
+        return -1
+    nodes = json.loads(done.stdout).get("nodes", [])
+    return sum(n.get("status") == "online" for n in nodes)
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +254,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             )
         for index, name in enumerate(("hospital-1", "hospital-2")):
             start_supernode(fed, index, certs.supernode_keys[name][0], free_port())
-
-        def both_online() -> bool:
-            done = fed.flwr("supernode", "ls", CONNECTION, "--format", "json")
-            if done.returncode != 0:
-                return False
-            nodes = json.loads(done.stdout).get("nodes", [])
-            return sum(n.get("status") == "online" for n in nodes) == 2
-
-        _wait("both SuperNodes online", both_online, 90, fed)
+        _wait("both SuperNodes online", lambda: online_count(fed) == 2, 90, fed)
         yield fed
     finally:
         for proc in reversed(fed.procs):
@@ -276,39 +281,147 @@ def test_unregistered_supernode_is_refused(federation: Federation) -> None:
     assert "Failed to activate SuperNode" in proc.text(), proc.text()
 
 
-def test_run_finishes_and_each_site_keeps_its_expert(federation: Federation) -> None:
-    coordinator_root = federation.root / "coordinator"
-    overrides = f"{OVERRIDES} root={coordinator_root}"
+def submit(fed: Federation, overrides: str) -> tuple[dict, str, float]:
+    """``flwr run`` this app with ``overrides`` as the coordinator does, streaming its log to the
+    end; returns the run's ``flwr list`` entry, the CLI's output and the seconds it took."""
     started = time.monotonic()
-    done = federation.flwr(
+    done = fed.flwr(
         "run", str(APP), CONNECTION, "--run-config", f"overrides='{overrides}'", "--stream",
         timeout=RUN_TIMEOUT_S,
     )
     seconds = time.monotonic() - started
     out = done.stdout + done.stderr
     match = re.search(r"Successfully started run (\d+)", out)
-    assert match, out + federation.logs()
-    listed = federation.flwr("list", CONNECTION, "--run-id", match.group(1), "--format", "json")
-    run = json.loads(listed.stdout)["runs"][0]
+    assert match, out + fed.logs()
+    listed = fed.flwr("list", CONNECTION, "--run-id", match.group(1), "--format", "json")
+    return json.loads(listed.stdout)["runs"][0], out, seconds
+
+
+def site_state(fed: Federation, index: int, server_round: int) -> tuple[Path, dict]:
+    """The one ``site-state-r<round>.pt`` in hospital ``index``'s state folder and its content."""
+    files = list((fed.root / f"hospital-{index + 1}" / "state").rglob(
+        f"site-state-r{server_round}.pt"))
+    assert len(files) == 1, f"hospital-{index + 1}, round {server_round}: {files}"
+    return files[0], torch.load(files[0], weights_only=True)
+
+
+@dataclass
+class FirstRun:
+    """The 1-round run every later test starts from."""
+
+    coordinator_root: Path
+    overrides: str
+    history: list[dict]
+
+
+@pytest.fixture(scope="module")
+def first_run(federation: Federation) -> FirstRun:
+    """One round of the app on the federation, checked to have finished."""
+    coordinator_root = federation.root / "coordinator"
+    overrides = f"{OVERRIDES} root={coordinator_root}"
+    run, out, seconds = submit(federation, overrides)
     assert run["status"] == "finished:completed", f"{run}\n{out}\n{federation.logs()}"
     print(f"flwr run took {seconds:.1f} s; traffic {run['network-traffic']}")
-
-    # both sites reported: the coordinator's round history holds validation from both indices
     history = json.loads((coordinator_root / "runs" / "deploy-test" / "history.json").read_text())
-    assert sorted(history[-1]["val_by_site"]) == ["0", "1"], history[-1]
+    return FirstRun(coordinator_root, overrides, history)
+
+
+def test_run_finishes_and_each_site_keeps_its_expert(federation: Federation,
+                                                      first_run: FirstRun) -> None:
+    # both sites reported: the coordinator's round history holds validation from both indices
+    assert sorted(first_run.history[-1]["val_by_site"]) == ["0", "1"], first_run.history[-1]
 
     # each hospital's state dir holds its own expert, and only expert weights
     experts = []
     for index, site in enumerate(SITES):
-        files = list((federation.root / f"hospital-{index + 1}" / "state").rglob("site-state-r1.pt"))
-        assert len(files) == 1, f"hospital-{index + 1}: {files}"
-        kept = torch.load(files[0], weights_only=True)
+        _, kept = site_state(federation, index, 1)
         assert kept["site"] == site and kept["round"] == 1
         assert kept["expert"] and all("site_experts.*." in k for k in kept["expert"]), list(kept["expert"])[:3]
         assert kept["shared"] is None
         experts.append(kept["expert"])
     key = next(iter(experts[0]))
     assert not torch.equal(experts[0][key], experts[1][key])  # trained apart
+
+
+def _smallest(tensors: dict[str, torch.Tensor]) -> str:
+    """The key of the tensor with the fewest elements (first by name on ties)."""
+    return min(tensors, key=lambda k: (tensors[k].numel(), k))
+
+
+#: Added to one shared tensor in the server checkpoint and one expert tensor in each hospital's
+#: round-1 state while everything is stopped. A round of training moves a weight by a few lr
+#: (AdamW, peak lr 0.008), far less than MARK / 2, so after round 2 the marked tensors show
+#: whether the round started from those files (about MARK away from round 1's values) or from
+#: fresh weights (about 0 away).
+MARK = 1.0
+
+
+def test_restarted_hospitals_resume_the_run(federation: Federation, first_run: FirstRun) -> None:
+    """Issue #6 on loopback: after round 1, stop both SuperNodes, start them again with the same
+    node config and state folders, and resume the run (same run_name and settings,
+    ``fl.rounds=2 fl.resume=true``): round 2 starts from the checkpoint's shared weights and
+    from each hospital's own expert, and round 1 is not repeated."""
+    rdir = first_run.coordinator_root / "runs" / "deploy-test"
+    ckpt_path = rdir / "server_checkpoint.pt"
+    assert server_ckpt.load(ckpt_path).server_round == 1
+
+    # a restarted hospital: stop each SuperNode (with its ClientApp processes) by PID
+    for index, name in enumerate(("hospital-1", "hospital-2")):
+        old = next(p for p in federation.procs if p.name == f"supernode-{index + 1}")
+        old.stop()
+        assert not _alive(old.popen.pid), old.name
+        federation.procs.remove(old)
+    _wait("both SuperNodes offline", lambda: online_count(federation) == 0, 90, federation)
+
+    # mark the shared weights the server resumes from and each hospital's kept expert
+    raw = torch.load(ckpt_path, weights_only=True)
+    shared_key = _smallest(raw["arrays"])
+    marked_shared = raw["arrays"][shared_key] + MARK
+    raw["arrays"][shared_key] = marked_shared
+    torch.save(raw, ckpt_path)
+    r1_experts, marked_experts = [], []
+    for index in range(len(SITES)):
+        path, kept = site_state(federation, index, 1)
+        r1_experts.append({k: v.clone() for k, v in kept["expert"].items()})
+        key = _smallest(kept["expert"])
+        kept["expert"][key] = kept["expert"][key] + MARK
+        marked_experts.append((key, kept["expert"][key]))
+        torch.save(kept, path)
+
+    for index, name in enumerate(("hospital-1", "hospital-2")):
+        start_supernode(federation, index, federation.certs.supernode_keys[name][0], free_port(),
+                        tag="-restarted")
+    _wait("both restarted SuperNodes online", lambda: online_count(federation) == 2, 90,
+          federation)
+
+    run, out, seconds = submit(federation,
+                               f"{first_run.overrides} fl.rounds=2 fl.resume=true")
+    assert run["status"] == "finished:completed", f"{run}\n{out}\n{federation.logs()}"
+    print(f"resumed flwr run took {seconds:.1f} s")
+
+    # the server continued at round 2 and kept round 1 as the first run left it
+    summary = json.loads((rdir / "summary.json").read_text())
+    assert summary["first_round"] == 2, summary
+    history = json.loads((rdir / "history.json").read_text())
+    assert [e["round"] for e in history] == [1, 2], [e["round"] for e in history]
+    assert history[0] == first_run.history[0]
+    assert sorted(history[1]["val_by_site"]) == ["0", "1"], history[1]
+    resumed = server_ckpt.load(ckpt_path)
+    assert resumed.server_round == 2
+    # round 2 was trained from the checkpoint's (marked) shared weights, not fresh ones
+    moved = torch.from_numpy(resumed.arrays[shared_key]) - marked_shared
+    assert moved.abs().max() < MARK / 2, (shared_key, moved)
+
+    for index, site in enumerate(SITES):
+        _, kept = site_state(federation, index, 2)
+        assert kept["site"] == site and kept["round"] == 2 and kept["shared"] is None
+        assert kept["expert"].keys() == r1_experts[index].keys()
+        # trained further: round 2's expert is not round 1's
+        assert any(not torch.equal(kept["expert"][k], v) for k, v in r1_experts[index].items())
+        # continuity: the restarted hospital started round 2 from its own kept (marked) expert
+        key, marked = marked_experts[index]
+        moved = kept["expert"][key] - marked
+        assert moved.abs().max() < MARK / 2, (site, key, moved)
 
 
 def test_commands_are_the_documented_ones() -> None:

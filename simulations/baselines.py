@@ -14,7 +14,9 @@ voxel grid, as in the federated run. MLflow logging uses the same keys as the Se
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,11 @@ def save_models(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module],
                         shared, {site: expert_state(personal, 0)}, size=list(cfg.data.size),
                         metadata={"mode": mode})
     return folder
+
+
+def main(mode: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m simulations.<mode> [hydra overrides...]``: compose the config with the
+    overrides (default: the command line) and run the ``mode`` baseline."""
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    run_baseline(experiment.compose("config", overrides), mode)
+    return 0

@@ -187,3 +187,48 @@ def test_missing_seg_is_skipped_for_training(tmp_path):
     write_fake_case(tmp_path / "root", "BraTS2021_00000", with_seg=False)
     rep = prepare_dataset(tmp_path / "root", tmp_path / "cache", SIZE, workers=1, progress=False)
     assert "no segmentation" in rep.skipped[0][1] and "BraTS2021_00000_seg" in rep.skipped[0][1]
+
+
+def _resave_permuted(files, out_dir, case_id):
+    """Re-save a case with its voxel axes permuted (Y, Z, X) and X flipped, with the affine
+    that keeps every voxel at the same physical position; returns the new files."""
+    out_dir.mkdir(parents=True)
+    out = {}
+    for name, path in files.items():
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        # new voxel (i, j, k) = old (X-1-k, i, j): axes (Y, Z, X) with X flipped
+        new = np.flip(data, axis=0).transpose(1, 2, 0)
+        n_x = data.shape[0]
+        old_from_new = np.array([[0, 0, -1, n_x - 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]],
+                                dtype=np.float64)
+        affine = img.affine @ old_from_new
+        out[name] = out_dir / path.name.replace(files["t1"].parent.name, case_id)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(new), affine), out[name])
+    return out
+
+
+def test_stored_orientation_does_not_change_what_the_network_sees(tmp_path):
+    """A hospital storing its files with other axis order and flips (and the matching affine)
+    feeds the network the same canonical volume and gets predictions back on its own grid at
+    the same physical positions."""
+    files = write_fake_case(tmp_path / "a", "BraTS2021_00007", shape=(28, 24, 20), seed=7)
+    moved = _resave_permuted(files, tmp_path / "b" / "BraTS2021_00008", "BraTS2021_00008")
+    assert nib.aff2axcodes(nib.load(moved["t1"]).affine) != nib.aff2axcodes(nib.load(files["t1"]).affine)
+    size = (16, 24, 24)
+    modalities = ("t1", "t1ce", "t2", "flair")
+    image_a, meta_a = preprocess_case([files[m] for m in modalities], size)
+    image_b, meta_b = preprocess_case([moved[m] for m in modalities], size)
+    np.testing.assert_allclose(image_b, image_a, rtol=0, atol=1e-5)
+    labels_a = preprocess_label(files["seg"], meta_a, et_label=4)
+    labels_b = preprocess_label(moved["seg"], meta_b, et_label=4)
+    np.testing.assert_array_equal(labels_b, labels_a)
+    assert meta_b["original_shape"] == [24, 20, 28] and meta_b["canonical_shape"] == [28, 24, 20]
+    # the same prediction mapped back lands on each file's own grid at the same physical voxels
+    back_a = restore_to_original(labels_a.astype(bool), meta_a)
+    back_b = restore_to_original(labels_b.astype(bool), meta_b)
+    assert back_b.shape == (3, 24, 20, 28)
+    np.testing.assert_array_equal(back_b, np.flip(back_a, axis=1).transpose(0, 2, 3, 1))
+    truth_b = labels_to_regions(np.asarray(nib.load(moved["seg"]).dataobj), 4)
+    for k in range(3):
+        assert _dice(back_b[k], truth_b[k]) > 0.85, k

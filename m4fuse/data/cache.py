@@ -50,8 +50,10 @@ PARTITION_NAME = "partition.csv"
 class CaseRecord:
     """One prepared case: where its arrays are and how to map a prediction back.
 
-    ``meta`` holds ``original_shape``/``spacing``/``crop_start``/``crop_end`` in ``(X, Y, Z)``,
-    ``affine``, ``size`` ``(D, H, W)``, ``source_files`` (T1, T1ce, T2, FLAIR) and ``seg_file``.
+    ``meta`` holds ``original_shape``/``spacing`` in the file's ``(X, Y, Z)``, ``affine``,
+    ``orientation``/``canonical_shape`` (the file's grid -> the canonical LPS grid),
+    ``crop_start``/``crop_end`` in the canonical ``(X, Y, Z)``, ``size`` ``(D, H, W)``,
+    ``source_files`` (T1, T1ce, T2, FLAIR) and ``seg_file``.
     """
 
     case_id: str
@@ -75,7 +77,8 @@ class CaseRecord:
 
     @property
     def crop_box(self) -> tuple[tuple[int, int], ...]:
-        """``((x0, x1), (y0, y1), (z0, z1))`` voxel box of the crop, end exclusive."""
+        """``((x0, x1), (y0, y1), (z0, z1))`` voxel box of the crop in the canonical grid, end
+        exclusive."""
         return tuple(zip(self.meta["crop_start"], self.meta["crop_end"]))  # type: ignore[return-value]
 
     @property

@@ -4,6 +4,9 @@ Pipeline of :func:`preprocess_case` (each step a MONAI transform where MONAI has
 
 1. read the four modalities with nibabel (``(X, Y, Z)``), check that each is a readable 3-D
    NIfTI with finite voxels and that all share shape and affine;
+1b. reorient to the one canonical orientation :data:`CANONICAL_AXCODES` (``LPS``, the BraTS
+   convention) with nibabel's orientation tools (axis permutations and flips only, exact), so
+   the network sees the same anatomy on the same axes whatever voxel order a hospital stores;
 2. brain mask = voxels non-zero in any modality (BraTS volumes are skull-stripped with a zero
    background); crop to its bounding box (``generate_spatial_bounding_box`` + ``SpatialCrop``);
 3. z-score each modality over its brain voxels (``NormalizeIntensity(nonzero=True,
@@ -11,7 +14,8 @@ Pipeline of :func:`preprocess_case` (each step a MONAI transform where MONAI has
 4. transpose to ``(C, Z, Y, X)`` and resize to the training size (``Resize``, trilinear).
 
 Label maps go through the same crop/resize as region masks (:func:`preprocess_label`).
-:func:`restore_to_original` undoes steps 4 and 2 for a prediction.
+:func:`restore_to_original` undoes steps 4, 2 and 1b for a prediction, exactly: a case stored
+with permuted or flipped axes (and the matching affine) gets the same labels in physical space.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ from m4fuse.data.layout import MODALITIES, DataError
 from m4fuse.regions import labels_to_regions, valid_labels
 
 # Bump when the preprocessing changes: it is part of the cache key.
-PREPROCESS_VERSION = 1
+# 2: reorientation to CANONICAL_AXCODES before cropping (crop box in the canonical grid).
+PREPROCESS_VERSION = 2
+#: The orientation every volume is brought to before the network (nibabel axis codes of the
+#: voxel axes X, Y, Z): BraTS releases are stored LPS, so their arrays are unchanged by it.
+CANONICAL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 DEFAULT_SIZE: tuple[int, int, int] = (64, 128, 128)
 # Tolerances for "same affine" between the modalities of a case (millimetres / unitless).
 AFFINE_ATOL = 1e-3
@@ -90,6 +98,35 @@ def _check_same_grid(case_id: str, ref_path: Path, ref: tuple[np.ndarray, np.nda
         )
 
 
+def to_canonical(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform (``(3, 2)`` array: target axis, flip) that brings a
+    volume with ``affine`` to :data:`CANONICAL_AXCODES`; identity for an LPS volume.
+
+    Written with nibabel's ``io_orientation``/``ornt_transform`` rather than MONAI's
+    ``Orientation`` because the inverse has to be applied to plain arrays on the original grid
+    (:func:`restore_to_original`) from what the cache's JSON meta stores.
+    """
+    return nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64)),
+        nib.orientations.axcodes2ornt(CANONICAL_AXCODES),
+    )
+
+
+def reorient(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Apply an orientation ``transform`` to the last three (spatial) axes of ``array``."""
+    if array.ndim == 3:
+        return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
+    return np.stack([reorient(a, transform) for a in array])
+
+
+def _inverse(transform: np.ndarray) -> np.ndarray:
+    """The orientation transform undoing ``transform``."""
+    out = np.zeros_like(transform)
+    for axis, (target, flip) in enumerate(np.asarray(transform)):
+        out[int(target)] = (axis, flip)
+    return out
+
+
 def _as_paths(paths: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike]) -> list[Path]:
     if isinstance(paths, Mapping):
         missing = [m for m in MODALITIES if m not in paths]
@@ -117,9 +154,11 @@ def preprocess_case(
 
     Returns:
         ``image`` float32 ``(4, D, H, W)`` and ``meta`` (JSON-serialisable): ``case_id``,
-        ``source_files``, ``original_shape`` and ``spacing`` in ``(X, Y, Z)``, ``affine``
-        (4×4), ``crop_start``/``crop_end`` (voxel bounding box in ``(X, Y, Z)``, end
-        exclusive), ``size`` ``(D, H, W)``, ``brain_voxels``, ``preprocess_version``.
+        ``source_files``, ``original_shape`` and ``spacing`` in the file's ``(X, Y, Z)``,
+        ``affine`` (4×4, the file's), ``orientation`` (the nibabel transform to the canonical
+        grid, :func:`to_canonical`), ``canonical_shape``, ``crop_start``/``crop_end`` (voxel
+        bounding box in the canonical grid's ``(X, Y, Z)``, end exclusive), ``size``
+        ``(D, H, W)``, ``brain_voxels``, ``preprocess_version``.
     """
     size = check_size(size)
     files = _as_paths(paths)
@@ -127,7 +166,8 @@ def preprocess_case(
     volumes = [load_volume(p, case_id) for p in files]
     for path, vol in zip(files[1:], volumes[1:]):
         _check_same_grid(case_id, files[0], volumes[0], path, vol)
-    stack = np.stack([v[0] for v in volumes])  # (4, X, Y, Z)
+    transform = to_canonical(volumes[0][1])
+    stack = reorient(np.stack([v[0] for v in volumes]), transform)  # (4, X, Y, Z), canonical
     brain = np.any(stack != 0, axis=0, keepdims=True)
     if not brain.any():
         raise DataError(case_id, files[0], "empty brain mask: all four modalities are zero everywhere")
@@ -140,7 +180,9 @@ def preprocess_case(
     meta: dict[str, Any] = {
         "case_id": case_id,
         "source_files": [str(p) for p in files],
-        "original_shape": [int(s) for s in stack.shape[1:]],
+        "original_shape": [int(s) for s in volumes[0][0].shape],
+        "orientation": [[int(a), int(f)] for a, f in transform],
+        "canonical_shape": [int(s) for s in stack.shape[1:]],
         "affine": affine.tolist(),
         "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
         "crop_start": [int(s) for s in start],
@@ -175,6 +217,7 @@ def preprocess_label(seg_path: str | os.PathLike, meta: Mapping[str, Any], et_la
             case_id, seg_path,
             f"unknown label values {unknown[:10]} (expected {sorted(allowed)} for ET = {et_label})",
         )
+    label = reorient(label, _orientation(meta))
     sl = tuple(slice(s, e) for s, e in zip(meta["crop_start"], meta["crop_end"]))
     regions = labels_to_regions(label[sl].astype(np.uint8), et_label=et_label)  # (3, X, Y, Z)
     zyx = torch.from_numpy(np.ascontiguousarray(regions.transpose(0, 3, 2, 1), dtype=np.float32))
@@ -182,11 +225,19 @@ def preprocess_label(seg_path: str | os.PathLike, meta: Mapping[str, Any], et_la
     return (np.asarray(torch.as_tensor(resized)) >= 0.5).astype(np.uint8)
 
 
+def _orientation(meta: Mapping[str, Any]) -> np.ndarray:
+    """The meta's orientation transform (identity for a meta without one)."""
+    if "orientation" not in meta:
+        return np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
+    return np.asarray(meta["orientation"], dtype=np.float64)
+
+
 def restore_to_original(volume: np.ndarray | torch.Tensor, record: Any, mode: str = "auto") -> np.ndarray:
     """Map a ``(C, D, H, W)`` volume at the training size back to the original grid ``(C, X, Y, Z)``.
 
-    Undoes the resize (to the crop box's size), transposes ``(Z, Y, X)`` back to ``(X, Y, Z)`` and
-    pastes into the crop box of a zero volume of the original shape.
+    Undoes the resize (to the crop box's size), transposes ``(Z, Y, X)`` back to ``(X, Y, Z)``,
+    pastes into the crop box of a zero volume of the canonical grid and reorients that to the
+    file's own voxel order.
 
     Args:
         volume: prediction (masks or probabilities) at the training size.
@@ -212,8 +263,14 @@ def restore_to_original(volume: np.ndarray | torch.Tensor, record: Any, mode: st
     kwargs = {"mode": "nearest-exact"} if mode == "nearest" else {"mode": "trilinear", "align_corners": False}
     resized = Resize(spatial_size=crop_zyx, **kwargs)(arr.float())
     resized = torch.as_tensor(resized).permute(0, 3, 2, 1)
-    out = torch.zeros((arr.shape[0], *[int(s) for s in meta["original_shape"]]), dtype=torch.float32)
+    transform = _orientation(meta)
+    canonical_shape = meta.get("canonical_shape", meta["original_shape"])
+    out = torch.zeros((arr.shape[0], *[int(s) for s in canonical_shape]), dtype=torch.float32)
     out[:, start[0]:end[0], start[1]:end[1], start[2]:end[2]] = resized
+    out = torch.from_numpy(reorient(out.numpy(), _inverse(transform)))
+    if list(out.shape[1:]) != [int(s) for s in meta["original_shape"]]:
+        raise ValueError(f"restored shape {tuple(out.shape[1:])} differs from the original "
+                         f"{tuple(meta['original_shape'])} of case {meta.get('case_id')}")
     if out_dtype == torch.bool:
         return (out >= 0.5).numpy()
     return out.to(out_dtype).numpy()

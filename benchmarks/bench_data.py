@@ -64,12 +64,12 @@ def _phase_read(kind: str, cache: str, repeats: int) -> dict[str, Any]:
     import torch
 
     from m4fuse.data import load_records, preprocess_case, preprocess_label
-    from m4fuse.data.loader import CacheDataset
+    from m4fuse.data.loader import PreparedCaseDataset
 
     torch.set_num_threads(1)
     records = load_records(cache)
     if kind == "cache":
-        ds = CacheDataset(records, 0)
+        ds = PreparedCaseDataset(records, 0)
         read = lambda i: ds[i]  # noqa: E731
     elif kind == "cache16":
         copies = []

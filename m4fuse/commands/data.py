@@ -56,8 +56,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _sites(args: argparse.Namespace) -> int:
     from m4fuse.data.layout import discover_cases
-    from m4fuse.data.sites import (institution_sites, random_sites, read_site_csv, split_cases,
-                                   write_partition_csv)
+    from m4fuse.data.partition import read_site_csv, write_partition_csv
+    from m4fuse.data.sites import institution_sites, random_sites, split_cases
 
     cases = discover_cases(args.root)
     ids = [c.case_id for c in cases]

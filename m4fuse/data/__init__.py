@@ -3,7 +3,7 @@ training loader, and the synthetic multi-site set (docs/interfaces.md, "Data")."
 
 from m4fuse.data.cache import CaseRecord, PrepareError, PrepareReport, load_records, prepare_dataset, read_index
 from m4fuse.data.layout import MODALITIES, MODALITIES_2023, CaseFiles, DataError, discover_cases, institution_of
-from m4fuse.data.loader import CacheDataset, make_loader, train_transforms
+from m4fuse.data.loader import PreparedCaseDataset, make_loader, train_transforms
 from m4fuse.data.preprocess import (
     DEFAULT_SIZE,
     PREPROCESS_VERSION,
@@ -12,20 +12,12 @@ from m4fuse.data.preprocess import (
     preprocess_label,
     restore_to_original,
 )
-from m4fuse.data.sites import (
-    SiteSplit,
-    institution_sites,
-    load_split,
-    random_sites,
-    read_site_csv,
-    site_names,
-    split_cases,
-    write_partition_csv,
-)
+from m4fuse.data.partition import read_site_csv, write_partition_csv
+from m4fuse.data.sites import SiteSplit, institution_sites, load_split, random_sites, site_names, split_cases
 from m4fuse.data.synth import SYNTH_SHAPE, SYNTH_SIZE, synthesize
 
 __all__ = [
-    "CacheDataset", "CaseFiles", "CaseRecord", "DataError", "DEFAULT_SIZE", "MODALITIES",
+    "PreparedCaseDataset", "CaseFiles", "CaseRecord", "DataError", "DEFAULT_SIZE", "MODALITIES",
     "MODALITIES_2023", "PREPROCESS_VERSION", "PrepareError", "PrepareReport", "SYNTH_SHAPE",
     "SYNTH_SIZE", "SiteSplit", "discover_cases", "institution_of", "institution_sites",
     "load_records", "load_split", "load_volume", "make_loader", "prepare_dataset",

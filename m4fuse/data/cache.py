@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from m4fuse.data.layout import CaseFiles, DataError, discover_cases, institution_of
+from m4fuse.data.partition import read_site_csv
 from m4fuse.data.preprocess import (
     DEFAULT_SIZE,
     PREPROCESS_VERSION,
@@ -189,8 +190,6 @@ def _prepare_one(case: CaseFiles, size: tuple[int, int, int], cache_dir: Path, k
 def _read_sites_csv_if_any(path: Path | None, case_ids: Sequence[str]) -> dict[str, str]:
     if path is None or not path.is_file():
         return {}
-    from m4fuse.data.sites import read_site_csv
-
     return read_site_csv(path, case_ids=case_ids)
 
 

@@ -49,7 +49,7 @@ def train_transforms() -> Compose:
     ])
 
 
-class CacheDataset(Dataset):
+class PreparedCaseDataset(Dataset):
     """Cached cases of one site as dicts: ``image`` float32 (4, D, H, W), ``label`` float32
     (3, D, H, W) region masks (WT, TC, ET), ``site`` long scalar, ``case`` str.
 
@@ -59,7 +59,7 @@ class CacheDataset(Dataset):
 
     def __init__(self, records: Sequence[CaseRecord], site_index: int, transform: Any = None) -> None:
         if not records:
-            raise ValueError("CacheDataset needs at least one record")
+            raise ValueError("PreparedCaseDataset needs at least one record")
         if not isinstance(site_index, int) or site_index < 0:
             raise ValueError(f"site_index must be an int >= 0, got {site_index!r}")
         for r in records:
@@ -101,7 +101,7 @@ def make_loader(records: Sequence[CaseRecord], site_index: int, batch_size: int,
     if augment:
         transform = train_transforms()
         transform.set_random_state(seed=seed)
-    dataset = CacheDataset(records, site_index, transform)
+    dataset = PreparedCaseDataset(records, site_index, transform)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       generator=generator, persistent_workers=num_workers > 0)

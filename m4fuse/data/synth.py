@@ -41,7 +41,8 @@ from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from m4fuse.data.sites import site_names, write_partition_csv
+from m4fuse.data.partition import write_partition_csv
+from m4fuse.data.sites import site_names
 
 # Default grid (X, Y, Z) in voxels of 1 mm, and the training size (D, H, W) = (Z, Y, X) that
 # suits it: the brain's bounding box (~70 x 84 x 52 voxels) shrinks by ~0.8.

@@ -100,6 +100,134 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _check_names(hosts: list[str], supernodes: list[str], days: int) -> list[str]:
+    """Validate the arguments of :func:`make_certificates`; returns the checked hosts."""
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    if not hosts:
+        raise ValueError("at least one --host is needed (the SuperLink's name or address)")
+    for name in supernodes:
+        if not _NAME.match(name):
+            raise ValueError(
+                f"SuperNode name {name!r} must be letters, digits, '.', '_' or '-' "
+                "(it becomes a file name)"
+            )
+    if len(set(supernodes)) != len(supernodes):
+        raise ValueError(f"SuperNode names repeat: {supernodes}")
+    return [_check_host(h) for h in hosts]
+
+
+def _certificate_set(out: Path, supernodes: list[str], overwrite: bool) -> CertificateSet:
+    """The paths :func:`make_certificates` writes; refuses existing ones unless ``overwrite``."""
+    result = CertificateSet(
+        ca_cert=out / "ca.crt",
+        ca_key=out / "ca.key",
+        server_cert=out / "server.crt",
+        server_key=out / "server.key",
+        supernode_keys={
+            n: (out / "supernodes" / n, out / "supernodes" / f"{n}.pub") for n in supernodes
+        },
+    )
+    targets = [result.ca_cert, result.ca_key, result.server_cert, result.server_key]
+    targets += [p for pair in result.supernode_keys.values() for p in pair]
+    if not overwrite:
+        existing = [str(p) for p in targets if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"refusing to overwrite {', '.join(existing)} (pass --overwrite to replace)"
+            )
+    return result
+
+
+def _key_usage(*, cert_sign: bool, key_agreement: bool) -> x509.KeyUsage:
+    """Digital signature plus certificate/CRL signing (a CA) or key agreement (a server)."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=key_agreement, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def _make_ca(not_before: dt.datetime, not_after: dt.datetime
+             ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed development CA (P-384, SHA-384) that may sign end certificates only."""
+    ca_key = ec.generate_private_key(CURVE())
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "M4Fuse-FL development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "M4Fuse-FL development CA"),
+        ]
+    )
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True, key_agreement=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return ca_key, ca_cert
+
+
+def _make_server_certificate(
+    hosts: list[str], ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+    not_before: dt.datetime, not_after: dt.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's key and certificate, signed by the CA: common name ``hosts[0]``, every
+    host and :data:`LOOPBACK_HOSTS` as subject alternative names."""
+    san_hosts = list(dict.fromkeys([*hosts, *LOOPBACK_HOSTS]))  # keep order, drop repeats
+    server_key = ec.generate_private_key(CURVE())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "M4Fuse-FL development"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in san_hosts]), False)
+        .add_extension(_key_usage(cert_sign=False, key_agreement=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return server_key, server_cert
+
+
+def _write_supernode_key(name: str, priv_path: Path, pub_path: Path) -> None:
+    """A SuperNode's P-384 key pair in OpenSSH format (what ``flwr supernode register`` and
+    ``--auth-supernode-private-key`` read)."""
+    key = ec.generate_private_key(CURVE())
+    _write(
+        priv_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+        private=True,
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(pub_path, public + f" m4fuse-supernode-{name}\n".encode(), private=False)
+
+
 def make_certificates(
     out_dir: str | Path,
     hosts: list[str],
@@ -125,105 +253,13 @@ def make_certificates(
         ValueError: a bad host, name or ``days``.
         FileExistsError: a file to be written exists and ``overwrite`` is false.
     """
-    if days < 1:
-        raise ValueError(f"days must be >= 1, got {days}")
-    if not hosts:
-        raise ValueError("at least one --host is needed (the SuperLink's name or address)")
-    hosts = [_check_host(h) for h in hosts]
-    for name in supernodes:
-        if not _NAME.match(name):
-            raise ValueError(
-                f"SuperNode name {name!r} must be letters, digits, '.', '_' or '-' "
-                "(it becomes a file name)"
-            )
-    if len(set(supernodes)) != len(supernodes):
-        raise ValueError(f"SuperNode names repeat: {supernodes}")
-
-    out = Path(out_dir)
-    result = CertificateSet(
-        ca_cert=out / "ca.crt",
-        ca_key=out / "ca.key",
-        server_cert=out / "server.crt",
-        server_key=out / "server.key",
-        supernode_keys={
-            n: (out / "supernodes" / n, out / "supernodes" / f"{n}.pub") for n in supernodes
-        },
-    )
-    targets = [result.ca_cert, result.ca_key, result.server_cert, result.server_key]
-    targets += [p for pair in result.supernode_keys.values() for p in pair]
-    if not overwrite:
-        existing = [str(p) for p in targets if p.exists()]
-        if existing:
-            raise FileExistsError(
-                f"refusing to overwrite {', '.join(existing)} (pass --overwrite to replace)"
-            )
-
+    hosts = _check_names(hosts, supernodes, days)
+    result = _certificate_set(Path(out_dir), supernodes, overwrite)
     now = dt.datetime.now(dt.timezone.utc)
     not_before = now - dt.timedelta(minutes=5)  # tolerate small clock differences
     not_after = now + dt.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(CURVE())
-    ca_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "M4Fuse-FL development"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "M4Fuse-FL development CA"),
-        ]
-    )
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA384())
-    )
-
-    san_hosts = list(dict.fromkeys([*hosts, *LOOPBACK_HOSTS]))  # keep order, drop repeats
-    server_key = ec.generate_private_key(CURVE())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "M4Fuse-FL development"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
-                ]
-            )
-        )
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([_san(h) for h in san_hosts]), False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-
+    ca_key, ca_cert = _make_ca(not_before, not_after)
+    server_key, server_cert = _make_server_certificate(hosts, ca_key, ca_cert, not_before, not_after)
     _write(result.ca_key, _pem_key(ca_key), private=True)
     _write(result.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(result.server_key, _pem_key(server_key), private=True)
@@ -231,20 +267,7 @@ def make_certificates(
         result.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False
     )
     for name, (priv_path, pub_path) in result.supernode_keys.items():
-        key = ec.generate_private_key(CURVE())
-        _write(
-            priv_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.OpenSSH,
-                serialization.NoEncryption(),
-            ),
-            private=True,
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        _write(pub_path, public + f" m4fuse-supernode-{name}\n".encode(), private=False)
+        _write_supernode_key(name, priv_path, pub_path)
     return result
 
 

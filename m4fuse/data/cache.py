@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,13 +232,50 @@ def prepare_dataset(
     sites = _read_sites_csv_if_any(csv_path, [c.case_id for c in cases])
     cache_dir.mkdir(parents=True, exist_ok=True)
     index_path = cache_dir / INDEX_NAME
-    old: dict[str, Any] = {}
-    if index_path.is_file():
-        try:
-            old = json.loads(index_path.read_text()).get("cases", {})
-        except (json.JSONDecodeError, AttributeError):
-            old = {}
     report = PrepareReport(cache_dir=cache_dir)
+    index, todo = _reusable_cases(cases, size, cache_dir, _read_old_index(index_path), sites, report)
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress or not todo)
+    for case, meta, err in _prepare_all(todo, size, cache_dir, sites, workers):
+        if err is None:
+            index[case.case_id] = meta
+            report.prepared.append(case.case_id)
+        elif isinstance(err, DataError):
+            report.skipped.append((case.case_id, str(err)))
+        else:
+            raise err
+        bar.update()
+    bar.close()
+    _drop_stale_cases(cache_dir / "cases", index)
+    report.prepared.sort()
+    report.skipped.sort()
+    _atomic_write_json(index_path, {
+        "format": CACHE_FORMAT,
+        "preprocess_version": PREPROCESS_VERSION,
+        "size": list(size),
+        "root": str(root.resolve()),
+        "cases": {k: index[k] for k in sorted(index)},
+    })
+    if strict and report.skipped:
+        raise PrepareError(report)
+    return report
+
+
+def _read_old_index(index_path: Path) -> dict[str, Any]:
+    """The ``cases`` of an existing index (``{}`` when there is none or it is unreadable)."""
+    if not index_path.is_file():
+        return {}
+    try:
+        return json.loads(index_path.read_text()).get("cases", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _reusable_cases(
+    cases: Sequence[CaseFiles], size: tuple[int, int, int], cache_dir: Path,
+    old: dict[str, Any], sites: dict[str, str], report: PrepareReport,
+) -> tuple[dict[str, Any], list[tuple[CaseFiles, str]]]:
+    """``(index of the cases whose cached arrays are still valid, [(case, fingerprint)] to
+    prepare)``; a case whose source files cannot be read is recorded as skipped."""
     index: dict[str, Any] = {}
     todo: list[tuple[CaseFiles, str]] = []
     for case in cases:
@@ -256,53 +293,38 @@ def prepare_dataset(
             report.reused.append(case.case_id)
         else:
             todo.append((case, key))
+    return index, todo
 
-    def record(case: CaseFiles, fut_result: dict[str, Any] | None, err: BaseException | None) -> None:
-        if err is None:
-            index[case.case_id] = fut_result
-            report.prepared.append(case.case_id)
-        elif isinstance(err, DataError):
-            report.skipped.append((case.case_id, str(err)))
-        else:
-            raise err
 
-    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress or not todo)
+def _prepare_all(
+    todo: Sequence[tuple[CaseFiles, str]], size: tuple[int, int, int], cache_dir: Path,
+    sites: dict[str, str], workers: int,
+) -> Iterator[tuple[CaseFiles, dict[str, Any] | None, BaseException | None]]:
+    """Prepare each case of ``todo``; yields ``(case, meta or None, error or None)`` as they
+    finish (any order with workers)."""
     if workers <= 1 or len(todo) <= 1:
         for case, key in todo:
             try:
-                record(case, _prepare_one(case, size, cache_dir, key, sites.get(case.case_id)), None)
+                yield case, _prepare_one(case, size, cache_dir, key, sites.get(case.case_id)), None
             except DataError as err:
-                record(case, None, err)
-            bar.update()
-    else:
-        # Threads, not processes: gzip inflation, numpy and torch release the GIL for the heavy
-        # parts, and a spawned process would pay the torch/MONAI import (~10-20 s) per worker.
-        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_prepare_one, case, size, cache_dir, key, sites.get(case.case_id)): case
-                       for case, key in todo}
-            for fut in cf.as_completed(futures):
-                err = fut.exception()
-                record(futures[fut], None if err else fut.result(), err)
-                bar.update()
-    bar.close()
-    # Drop cases that are gone from the source or were skipped now.
-    cases_dir = cache_dir / "cases"
+                yield case, None, err
+        return
+    # Threads, not processes: gzip inflation, numpy and torch release the GIL for the heavy
+    # parts, and a spawned process would pay the torch/MONAI import (~10-20 s) per worker.
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_prepare_one, case, size, cache_dir, key, sites.get(case.case_id)): case
+                   for case, key in todo}
+        for fut in cf.as_completed(futures):
+            err = fut.exception()
+            yield futures[fut], None if err else fut.result(), err
+
+
+def _drop_stale_cases(cases_dir: Path, index: dict[str, Any]) -> None:
+    """Remove cached case folders that are gone from the source or were skipped now."""
     if cases_dir.is_dir():
         for entry in cases_dir.iterdir():
             if entry.name not in index:
                 shutil.rmtree(entry, ignore_errors=True)
-    report.prepared.sort()
-    report.skipped.sort()
-    _atomic_write_json(index_path, {
-        "format": CACHE_FORMAT,
-        "preprocess_version": PREPROCESS_VERSION,
-        "size": list(size),
-        "root": str(root.resolve()),
-        "cases": {k: index[k] for k in sorted(index)},
-    })
-    if strict and report.skipped:
-        raise PrepareError(report)
-    return report
 
 
 def read_index(cache_dir: str | os.PathLike) -> dict[str, Any]:

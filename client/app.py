@@ -32,12 +32,14 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
 from client.faults import FaultConfig, inject_fault, poison_with_nan
@@ -53,8 +55,10 @@ from client.weights import (
     to_record,
 )
 from m4fuse import experiment
+from m4fuse.logs import configure_logging
 from m4fuse.state import expert_state, place_expert, split_state
 
+configure_logging()  # after client.privacy imported Opacus (see m4fuse.logs)
 app = ClientApp()
 
 KEPT_RECORD = "kept"
@@ -134,7 +138,31 @@ def _build(site: Site, msg: Message, context: Context, strategy: str
 def _site(msg: Message, context: Context) -> Site:
     config = msg.content.config_records["config"]
     run_dir = str(config["run-dir"]) if "run-dir" in config else None
-    return Site.resolve(context.run_config, context.node_config, run_dir)
+    site = Site.resolve(context.run_config, context.node_config, run_dir)
+    if RUN_IDENTITY in config:
+        _bind_run(site, str(config[RUN_IDENTITY]), context)
+    return site
+
+
+RUN_IDENTITY = "run-identity"
+
+
+def _bind_run(site: Site, identity: str, context: Context) -> None:
+    """Tie the site's state (``context.state`` and its state folder) to the server's run
+    identity: state of another run (an earlier run of the same name) is dropped, with one
+    log line, so that its expert is never loaded and its DP spending never counted here.
+    A resumed run keeps its identity (the server stores it in its checkpoint)."""
+    known = context.state.config_records.get(RUN_IDENTITY)
+    if known is not None and str(known.get("id", "")) != identity:
+        for name in (KEPT_RECORD,):
+            context.state.array_records.pop(name, None)
+        context.state.config_records.pop(ACCOUNTANT_RECORD, None)
+    context.state.config_records[RUN_IDENTITY] = ConfigRecord({"id": identity})
+    store = _store(site)
+    if store is not None:
+        discarded = store.bind_run(identity)
+        if discarded:
+            log(WARNING, "site %s: %s", site.name, discarded)
 
 
 # --------------------------------------------------------------------------- privacy
@@ -273,7 +301,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, _ = _build(site, msg, context, str(site.cfg.fl.strategy))
     model.eval()
     if bool(config.get("final-test", False)):
-        scores, _ = experiment.test_site(model, site.records["test"], 0, site.device)
+        scores, _ = experiment.test_site(model, site.records["test"], 0, site.device,
+                                             site.cfg)
     else:
         scores = experiment.validate_site(
             model, site.records["val"], 0, site.cfg, site.device

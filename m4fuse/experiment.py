@@ -475,7 +475,14 @@ def validate_site(
     cfg: DictConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Dice/HD95 per region at training resolution on ``records`` (+ ``num-examples``)."""
+    """Dice and HD95 (mm) per region at training resolution on ``records`` (+
+    ``num-examples``).
+
+    HD95 is measured on the resized training grid with each case's own voxel size in mm
+    (:func:`training_grid_spacing`), so it is in the same unit as the test HD95 on the
+    original grid (and :data:`m4fuse.metrics.EMPTY_HD95_MM` is a penalty in mm). Mixed
+    precision follows ``train.amp``/``train.amp_dtype``, as in training.
+    """
     from m4fuse.data import make_loader
     from m4fuse.engine import evaluate
 
@@ -484,13 +491,32 @@ def validate_site(
     loader = make_loader(list(records), expert_index, batch_size=1, augment=False,
                          shuffle=False, num_workers=int(cfg.train.num_workers))
     model.to(device)
-    metrics = evaluate(model, loader, device)
+    metrics = evaluate(model, loader, device,
+                       spacing={r.case_id: training_grid_spacing(r) for r in records},
+                       amp=bool(cfg.train.amp), amp_dtype=str(cfg.train.amp_dtype))
     out = {k: float(v) for k, v in metrics.items() if k in METRIC_KEYS}
     missing = set(METRIC_KEYS) - set(out)
     if missing:
         raise KeyError(f"engine.evaluate returned no {sorted(missing)}; got {sorted(metrics)}")
     out["num-examples"] = float(len(records))
     return out
+
+
+def training_grid_spacing(record: Any) -> tuple[float, float, float]:
+    """Voxel size in mm, ``(D, H, W)``, of a cached case's resized training grid.
+
+    The cache holds the brain's crop box (``crop_start``/``crop_end``, voxels in ``(X, Y, Z)``)
+    of a volume with ``spacing`` (mm, ``(X, Y, Z)``), resized to ``size`` ``(D, H, W)`` with
+    D along Z: a grid voxel spans ``spacing * crop extent / size`` mm on each axis.
+    """
+    meta = record.meta
+    extent = [int(e) - int(s) for s, e in zip(meta["crop_start"], meta["crop_end"])]
+    spacing = [float(v) for v in meta["spacing"]]
+    size = [int(v) for v in meta["size"]]
+    if len(extent) != 3 or len(spacing) != 3 or len(size) != 3 or min(size) < 1:
+        raise ValueError(f"case {record.case_id}: cache meta needs 3-axis crop_start/crop_end, "
+                         f"spacing and size, got {extent}, {spacing}, {size}")
+    return tuple(spacing[2 - axis] * extent[2 - axis] / size[axis] for axis in range(3))  # type: ignore[return-value]
 
 
 METRIC_KEYS: tuple[str, ...] = (
@@ -503,14 +529,20 @@ def test_site(
     records: Sequence[Any],
     expert_index: int,
     device: torch.device,
+    cfg: DictConfig | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``."""
+    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``.
+
+    ``cfg`` (default None: autocast on CUDA in bfloat16) gives ``train.amp``/
+    ``train.amp_dtype``, so that the test forward runs in the precision of training."""
     from m4fuse.engine import test_original_grid
 
     if not records:
         raise ValueError("no test cases for this site")
     model.to(device)
-    rows = list(test_original_grid(model, list(records), device, expert_index))
+    amp = {} if cfg is None else {"amp": bool(cfg.train.amp),
+                                  "amp_dtype": str(cfg.train.amp_dtype)}
+    rows = list(test_original_grid(model, list(records), device, expert_index, **amp))
     means = {k: float(np.mean([float(r[k]) for r in rows])) for k in METRIC_KEYS if k in rows[0]}
     if "dice_mean" not in means:
         means["dice_mean"] = float(np.mean([means[k] for k in ("dice_wt", "dice_tc", "dice_et")]))

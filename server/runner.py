@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
@@ -156,6 +157,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     held, _ = initial_state(cfg)
     arrays = ArrayRecord({k: v for k, v in held.items()}) if held else ArrayRecord()
     first_round, history, run_id = 1, [], None
+    run_identity = uuid.uuid4().hex  # binds the sites' state to this run (client._bind_run)
     if bool(cfg.fl.resume) and ckpt_path.is_file():
         saved = server_ckpt.load(ckpt_path)
         server_ckpt.check_resumable(saved, strategy_name, chash, ckpt_path)
@@ -163,6 +165,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             raise KeyError(f"{ckpt_path} holds other arrays than this model's")
         arrays = saved.to_record()
         first_round, history, run_id = saved.server_round + 1, saved.history, saved.mlflow_run_id
+        run_identity = saved.run_identity or run_identity
         log(INFO, "Resuming %s from %s at round %d", experiment.run_name(cfg), ckpt_path,
             first_round)
     else:
@@ -172,7 +175,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         shutil.rmtree(rdir / "clients", ignore_errors=True)
     (rdir / FAILURE_FILE).unlink(missing_ok=True)
     tracker = Tracker(cfg, experiment.run_name(cfg), run_id,
-                      tags={"kind": "federated", "strategy": strategy_name})
+                      tags={"kind": "federated", "strategy": strategy_name,
+                            "run_identity": run_identity})
     strategy = make_strategy(
         strategy_name,
         num_sites=len(names),
@@ -186,7 +190,13 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         aggregation=str(cfg.fl.aggregation),
         trim=float(cfg.fl.trim),
     )
-    common = {"run-dir": str(rdir)}
+    log(INFO, "run %s: identity %s", experiment.run_name(cfg), run_identity)
+    for entry in history:  # a resumed run: the case counts the sites reported before
+        for index, metrics in entry["train_by_site"].items():
+            if "num-examples" in metrics and 0 <= int(index) < len(names):
+                strategy.train_counts.setdefault(names[int(index)],
+                                                 float(metrics["num-examples"]))
+    common = {"run-dir": str(rdir), "run-identity": run_identity}
     train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
 
     def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
@@ -194,7 +204,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         history.append(entry)
         server_ckpt.save(ckpt_path, server_ckpt.ServerCheckpoint(
             rl.server_round, strategy_name, chash, server_ckpt.record_to_numpy(new_arrays),
-            tracker.run_id, history))
+            tracker.run_id, history, run_identity))
         tracker.log_metrics(round_metrics(entry), step=rl.server_round)
         if rl.failed:
             tracker.log_dict(entry["failed"], f"failed/round-{rl.server_round:03d}.json")
@@ -202,10 +212,16 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
             rl.bytes_sent, rl.bytes_received)
 
+    model_paths: list[Path | None] = []
+
+    def before_final_test(final_arrays: ArrayRecord) -> None:
+        model_paths.append(save_final_model(cfg, rdir, final_arrays, names))
+
     try:
         arrays, final = strategy.run_rounds(
             grid, arrays, first_round, int(cfg.fl.rounds), train_config, ConfigRecord(common),
             float(cfg.fl.round_timeout), on_round_end, float(cfg.fl.wait_for_sites),
+            before_final_test=before_final_test,
         )
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -216,13 +232,24 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         raise
     val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
     test_by_site = dict(final.evaluate_by_site)
+    test_failed = {k.split("/", 1)[-1]: v for k, v in final.failed.items()}
+    if history:
+        history[-1]["test_failed"] = dict(test_failed)
+    if test_failed:
+        # The run finished, but these sites have no test scores (left out of the mean).
+        (rdir / FAILURE_FILE).write_text("".join(
+            f"final test round: {site}: {why}\n" for site, why in sorted(test_failed.items())))
+        tracker.log_dict(test_failed, "failed/test.json")
+        tracker.set_tag("test_failed_sites", ", ".join(sorted(test_failed))[:5000])
     rows = report.site_rows(names, val_by_site, test_by_site)
     table = report.markdown_table(rows)
     sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
     received = sum(e["bytes_received"] for e in history)
     seconds = time.perf_counter() - wall
     title = f"{experiment.run_name(cfg)} ({strategy_name}): per-site results"
-    print(f"\n{title}\n\n{table}\n\nbytes sent {sent}, received {received}, "
+    failed_note = "".join(f"test not scored for {site}: {why}\n"
+                          for site, why in sorted(test_failed.items()))
+    print(f"\n{title}\n\n{table}\n\n{failed_note}bytes sent {sent}, received {received}, "
           f"{seconds:.1f} s (this session)\n", flush=True)
     report.write_csv(rows, rdir / "sites.csv")
     (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
@@ -239,9 +266,9 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
                      if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
     final_metrics.update(site_metrics(test_by_site, prefix="test_"))
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
-                          "wall_seconds": seconds})
+                          "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
-    model_path = save_final_model(cfg, rdir, arrays, names)
+    model_path = model_paths[-1] if model_paths else None
     for path in (rdir / "sites.csv", rdir / "results.md", rdir / "dice_per_round.png",
                  rdir / "history.json"):
         tracker.log_artifact(path)

@@ -157,6 +157,9 @@ class SiteStrategyMixin:
         self.node_sites: dict[int, str] = {}
         self.global_arrays: dict[str, np.ndarray] | None = None
         self.asked: list[int] = []
+        #: Training cases each site reported in its first accepted train reply of the run
+        #: (seeded from the history on resume): later replies must report the same.
+        self.train_counts: dict[str, float] = {}
         self.current = RoundLog(0)
 
     # -- naming ----------------------------------------------------------------------------
@@ -263,6 +266,9 @@ class SiteStrategyMixin:
                 raise ValueError("the arrays sent this round differ from the server's keys")
             accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound)
         failed.update(rejected)
+        for site, reason in self._check_counts(accepted, good).items():
+            accepted.pop(site)
+            failed[site] = reason
         self._note_failures("train", server_round, failed)
         robust.check_quorum(sorted(accepted), failed, self.min_sites, server_round)
         weights = {}
@@ -280,6 +286,27 @@ class SiteStrategyMixin:
         log(INFO, "round %d train: aggregated %d site(s) %s by %s", server_round,
             len(accepted), sorted(accepted), self.aggregation)
         return arrays, metrics
+
+    def _check_counts(self, accepted: Iterable[str], good: dict[str, Message]
+                      ) -> dict[str, str]:
+        """Reasons to drop train replies by their case count (the aggregation weight): zero,
+        or another count than the site reported earlier in the run (a site's training set
+        does not change within a run; a jump would shift the average towards it). The first
+        count of each site is remembered in :attr:`train_counts`."""
+        reasons: dict[str, str] = {}
+        for site in list(accepted):
+            metrics = next(iter(good[site].content.metric_records.values()))
+            count = float(metrics["num-examples"])
+            known = self.train_counts.get(site)
+            if count <= 0:
+                reasons[site] = f"num-examples is {count:g}: a site with no training cases " \
+                                "has no weight in the average"
+            elif known is not None and count != known:
+                reasons[site] = (f"num-examples {count:g} differs from the {known:g} this "
+                                 "site reported earlier in the run")
+            else:
+                self.train_counts[site] = count
+        return reasons
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -309,9 +336,12 @@ class SiteStrategyMixin:
         timeout: float,
         on_round_end: Callable[[RoundLog, ArrayRecord], None],
         node_wait: float = 120.0,
+        before_final_test: Callable[[ArrayRecord], None] | None = None,
     ) -> tuple[ArrayRecord, RoundLog]:
         """Rounds ``first_round..num_rounds`` (train, aggregate, validate every site), then
-        the final test round; ``on_round_end`` sees each round's log and the new arrays.
+        the final test round; ``on_round_end`` sees each round's log and the new arrays,
+        ``before_final_test`` (default None) the final arrays before the test round (the
+        runner writes the model file there, so a failing test round cannot lose it).
         Before each round at least ``min_sites`` SuperNodes must be connected (waits up to
         ``node_wait`` seconds, default 120, then :class:`server.robust.QuorumError`)."""
         for server_round in range(first_round, num_rounds + 1):
@@ -335,6 +365,8 @@ class SiteStrategyMixin:
             self.aggregate_evaluate(server_round, replies)
             self.current.seconds = time.perf_counter() - start
             on_round_end(self.current, arrays)
+        if before_final_test is not None:
+            before_final_test(arrays)
         final = dict(evaluate_config)
         final["final-test"] = True
         self.current = RoundLog(num_rounds)

@@ -185,3 +185,27 @@ def test_error_reasons_shortened_to_the_clients_message():
     assert short_reason(ray) == "injected crash of site 'site0' in round 2"
     assert short_reason("plain") == "plain"
     assert short_reason("x" * 400).endswith(" ...") and len(short_reason("x" * 400)) == 304
+
+
+def test_case_count_that_jumps_or_is_zero_is_dropped():
+    """The aggregation weight cannot change within a run: a site that reported 2 training
+    cases and then 200 is dropped (named, with the reason), as is a zero count; the
+    others are averaged as usual."""
+    s = strategy()
+    s.aggregate_train(1, [reply(arrays(1.0), i) for i in range(4)])
+    assert s.train_counts == {name: 2.0 for name in NAMES}
+    s.current.failed.clear()
+    replies = [reply(arrays(1.0), 0), reply(arrays(9.0), 1, cases=200),
+               reply(arrays(9.0), 2, cases=0), reply(arrays(3.0), 3)]
+    out, metrics = s.aggregate_train(2, replies)
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 2.0))
+    assert set(s.current.failed) == {"train/TCIA01", "train/TCIA02"}
+    assert "differs from the 2 this site reported" in s.current.failed["train/TCIA01"]
+    assert "num-examples is 0" in s.current.failed["train/TCIA02"]
+    assert metrics["num-examples"] == 4
+
+
+def test_all_zero_case_counts_stop_with_the_quorum_error_naming_sites():
+    s = strategy()
+    with pytest.raises(QuorumError, match="num-examples is 0"):
+        s.aggregate_train(1, [reply(arrays(1.0), i, cases=0) for i in range(4)])

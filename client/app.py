@@ -298,17 +298,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config = msg.content.config_records["config"]
     site = _site(msg, context)
+    final_test = bool(config.get("final-test", False))
+    records = site.records["test" if final_test else "val"]
+    site_cases = sum(len(site.records[k]) for k in ("train", "val", "test"))
+    if not records:
+        # A site too small to hold out cases for this stage: not scored (the server leaves
+        # num-examples 0 out of the mean and reports "not scored: <site-cases> cases").
+        values: dict[str, float | int] = {k: 0.0 for k in experiment.METRIC_KEYS}
+        values.update({"num-examples": 0, "site-cases": site_cases, "site-index": site.index,
+                       "seconds": time.perf_counter() - start})
+        return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
     model, _ = _build(site, msg, context, str(site.cfg.fl.strategy))
     model.eval()
-    if bool(config.get("final-test", False)):
-        scores, _ = experiment.test_site(model, site.records["test"], 0, site.device,
-                                             site.cfg)
+    if final_test:
+        scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)
     else:
-        scores = experiment.validate_site(
-            model, site.records["val"], 0, site.cfg, site.device
-        )
-    values: dict[str, float | int] = {k: float(scores[k]) for k in experiment.METRIC_KEYS}
+        scores = experiment.validate_site(model, records, 0, site.cfg, site.device)
+    values = {k: float(scores[k]) for k in experiment.METRIC_KEYS}
     values["num-examples"] = int(scores["num-examples"])
+    values["site-cases"] = site_cases
     values["site-index"] = site.index
     values["seconds"] = time.perf_counter() - start
     content = RecordDict({"metrics": MetricRecord(values)})

@@ -99,6 +99,9 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.data.get(key)
         if value not in (None, "???") and not Path(str(value)).is_absolute():
             raise ValueError(f"data.{key} must be an absolute path, got {value!r}")
+    minimum = cfg.data.get("min_cases_per_site", 1)
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
     if cfg.data.kind not in ("synthetic", "brats"):
         raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
 
@@ -357,7 +360,19 @@ def partition_csv(cfg: DictConfig) -> Path | None:
 
 
 def load_sites(cfg: DictConfig) -> Any:
-    """The :class:`SiteSplit` of the configured data (prepared on first use; memoised)."""
+    """The :class:`SiteSplit` of the configured data (prepared on first use; memoised),
+    without the sites that have fewer cases than ``data.min_cases_per_site``
+    (:func:`small_sites` names them)."""
+    split = _full_split(cfg)
+    minimum = min_cases_per_site(cfg)
+    kept = {site: parts for site, parts in split.items() if _site_cases(parts) >= minimum}
+    if not kept:
+        raise ValueError(f"data.min_cases_per_site={minimum} leaves no site: the largest has "
+                         f"{max(_site_cases(p) for p in split.values())} cases")
+    return kept
+
+
+def _full_split(cfg: DictConfig) -> Any:
     from m4fuse.data import load_split
 
     cache = ensure_data(cfg)
@@ -373,6 +388,25 @@ def load_sites(cfg: DictConfig) -> Any:
             test_fraction=float(cfg.data.test_fraction),
         )
     return _SPLITS[key]
+
+
+def _site_cases(parts: Mapping[str, Sequence[Any]]) -> int:
+    return sum(len(v) for v in parts.values())
+
+
+def min_cases_per_site(cfg: DictConfig) -> int:
+    """``data.min_cases_per_site`` (default 1: every site with a case takes part)."""
+    return int(cfg.data.get("min_cases_per_site", 1) or 1)
+
+
+def small_sites(cfg: DictConfig) -> dict[str, int]:
+    """Sites of the data that :func:`load_sites` leaves out (fewer cases than
+    ``data.min_cases_per_site``): ``{name: number of cases}``; the server says so before
+    training."""
+    split = _full_split(cfg)
+    minimum = min_cases_per_site(cfg)
+    return {site: _site_cases(p) for site, p in sorted(split.items())
+            if _site_cases(p) < minimum}
 
 
 def site_names(split: Mapping[str, Any]) -> list[str]:

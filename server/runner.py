@@ -87,7 +87,13 @@ def federation_sites(cfg: DictConfig) -> list[str]:
         if len(set(names)) != len(names):
             raise ValueError(f"fl.site_names has duplicates: {names}")
         return sorted(names)
-    return experiment.site_names(experiment.load_sites(cfg))
+    names = experiment.site_names(experiment.load_sites(cfg))
+    small = experiment.small_sites(cfg)
+    if small:
+        log(INFO, "data.min_cases_per_site=%d: left out %d site(s) before training: %s",
+            experiment.min_cases_per_site(cfg), len(small),
+            ", ".join(f"{s} ({n} case{'s' if n != 1 else ''})" for s, n in small.items()))
+    return names
 
 
 def _round_entry(rl: RoundLog) -> dict[str, Any]:
@@ -99,6 +105,7 @@ def _round_entry(rl: RoundLog) -> dict[str, Any]:
         "train_by_site": {int(i): dict(m) for i, m in rl.train_by_site.items()},
         "val_by_site": {int(i): dict(m) for i, m in rl.evaluate_by_site.items()},
         "failed": {str(k): str(v) for k, v in rl.failed.items()},
+        "not_scored": {int(i): int(n) for i, n in rl.not_scored.items()},
         "bytes_sent": int(rl.bytes_sent),
         "bytes_received": int(rl.bytes_received),
         "seconds": float(rl.seconds),
@@ -241,7 +248,9 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             f"final test round: {site}: {why}\n" for site, why in sorted(test_failed.items())))
         tracker.log_dict(test_failed, "failed/test.json")
         tracker.set_tag("test_failed_sites", ", ".join(sorted(test_failed))[:5000])
-    rows = report.site_rows(names, val_by_site, test_by_site)
+    not_scored = {"val": {int(i): int(n) for i, n in history[-1].get("not_scored", {}).items()}
+                  if history else {}, "test": dict(final.not_scored)}
+    rows = report.site_rows(names, val_by_site, test_by_site, not_scored)
     table = report.markdown_table(rows)
     sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
     received = sum(e["bytes_received"] for e in history)
@@ -265,6 +274,9 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     final_metrics = {k: float(v) for k, v in mean.items()
                      if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
     final_metrics.update(site_metrics(test_by_site, prefix="test_"))
+    for stage, by_site in not_scored.items():
+        for index, cases in by_site.items():
+            final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
                           "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))

@@ -42,7 +42,7 @@ from m4fuse.state import is_personal
 from server import robust
 
 #: Reply metric keys that identify or time a reply, not averaged into aggregates.
-BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds")
+BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds", "site-cases")
 
 #: Reason recorded for a site that was sent a message and did not answer in time.
 NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
@@ -105,6 +105,9 @@ class RoundLog:
     train_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    #: Sites that answered an evaluation with 0 cases (none held out for them): site index
+    #: -> the site's number of cases (reply key ``site-cases``); not in the mean.
+    not_scored: dict[int, int] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -160,6 +163,7 @@ class SiteStrategyMixin:
         #: Training cases each site reported in its first accepted train reply of the run
         #: (seeded from the history on resume): later replies must report the same.
         self.train_counts: dict[str, float] = {}
+        self.not_scored_logged: set[str] = set()
         self.current = RoundLog(0)
 
     # -- naming ----------------------------------------------------------------------------
@@ -313,13 +317,22 @@ class SiteStrategyMixin:
         good, _, failed = self._collect(list(replies), train=False)
         self._note_failures("evaluate", server_round, failed)
         robust.check_quorum(sorted(good), failed, self.min_sites, server_round)
-        for msg in good.values():
-            metrics = next(iter(msg.content.metric_records.values()))
-            self.current.evaluate_by_site[int(metrics["site-index"])] = {
-                k: float(v) for k, v in metrics.items()
-            }
-        result = self.evaluate_metrics_aggr_fn([good[s].content for s in sorted(good)],
-                                               self.weighted_by_key)
+        scored = []
+        for site in sorted(good):
+            metrics = next(iter(good[site].content.metric_records.values()))
+            index = int(metrics["site-index"])
+            if float(metrics["num-examples"]) == 0:
+                cases = int(metrics.get("site-cases", 0))
+                self.current.not_scored[index] = cases
+                if site not in self.not_scored_logged:  # once per site, not every round
+                    self.not_scored_logged.add(site)
+                    log(INFO, "%s not scored: %d case(s), too few to hold out validation or "
+                        "test cases (it still trains when it has training cases)", site, cases)
+                continue
+            self.current.evaluate_by_site[index] = {k: float(v) for k, v in metrics.items()}
+            scored.append(site)
+        result = (self.evaluate_metrics_aggr_fn([good[s].content for s in scored],
+                                                self.weighted_by_key) if scored else None)
         self.current.evaluate = result
         return result
 

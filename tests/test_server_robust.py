@@ -209,3 +209,28 @@ def test_all_zero_case_counts_stop_with_the_quorum_error_naming_sites():
     s = strategy()
     with pytest.raises(QuorumError, match="num-examples is 0"):
         s.aggregate_train(1, [reply(arrays(1.0), i, cases=0) for i in range(4)])
+
+
+def test_site_without_held_out_cases_is_not_scored_and_left_out_of_the_mean(caplog):
+    """A site too small to hold out validation cases answers with 0 cases: it is reported
+    'not scored: n cases' (one log line over two rounds, no failure), and the mean is over
+    the scored sites only."""
+    from server.report import markdown_table, site_rows
+
+    s = strategy()
+
+    def evaluate_replies():
+        out = [reply({}, i, cases=2, train=False) for i in range(3)]
+        small = reply({}, 3, cases=0, train=False)
+        small.content["metrics"]["site-cases"] = 2
+        return out + [small]
+
+    with caplog.at_level("INFO"):
+        s.aggregate_evaluate(1, evaluate_replies())
+        result = s.aggregate_evaluate(2, evaluate_replies())
+    assert s.current.not_scored == {3: 2} and not s.current.failed
+    assert sorted(s.current.evaluate_by_site) == [0, 1, 2]
+    assert result["num-examples"] == 6 and result["loss"] == pytest.approx(2.0)
+    rows = site_rows(NAMES, s.current.evaluate_by_site, {}, {"val": s.current.not_scored})
+    assert rows[3]["val_num-examples"] == "not scored: 2 cases"
+    assert "| site3 | TMC | not scored: 2 cases |" in markdown_table(rows)

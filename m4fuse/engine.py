@@ -1,6 +1,6 @@
 """The local train / evaluate loop (no Flower): used alike by the Flower client, the pooled and
 the local-only baselines, so that every strategy trains with the same loss, optimiser and
-schedule (DESIGN.md §3).
+schedule (docs/design.md §3).
 
 - Loss: Dice + binary cross-entropy on the sigmoid region channels (``output="regions"``), or
   MONAI ``DiceCELoss`` with softmax over the 4 classes (``output="labels"``, target class map
@@ -438,7 +438,7 @@ def test_original_grid(
     amp: bool = True,
     amp_dtype: str = "bfloat16",
 ) -> list[dict[str, Any]]:
-    """Score test cases on their original voxel grid, at their original spacing (DESIGN §5).
+    """Score test cases on their original voxel grid, at their original spacing (docs/design.md §5).
 
     For each record (``m4fuse.data.CaseRecord``): predict on the cached volume (sliding window
     when it is larger than ``roi_size``, else one forward), map the probabilities back with

@@ -1,8 +1,8 @@
 """Experiment settings and the per-site training steps shared by every training mode.
 
 The Flower ClientApp, the pooled baseline and the local baseline all call the functions here,
-so that they train with the same loss, optimiser, epochs and data split (DESIGN §3). This
-module knows nothing of Flower (DESIGN §1: ``m4fuse/`` stays usable without it); it reads the
+so that they train with the same loss, optimiser, epochs and data split (docs/design.md §3). This
+module knows nothing of Flower (docs/design.md §1: ``m4fuse/`` stays usable without it); it reads the
 Hydra configs in ``configs/`` (composed with :func:`compose`) and turns them into the
 contracts of ``m4fuse.model``, ``m4fuse.engine`` and ``m4fuse.data`` (docs/interfaces.md).
 """

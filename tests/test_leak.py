@@ -1,4 +1,4 @@
-"""What leaves a site over a whole simulated run (DESIGN §3: shared arrays and scalar metrics
+"""What leaves a site over a whole simulated run (docs/design.md §3: shared arrays and scalar metrics
 only; never voxels, never experts, never a path).
 
 A Flower client mod sits around the project's own train and evaluate handlers and writes a

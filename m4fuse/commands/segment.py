@@ -1,5 +1,5 @@
 """``m4fuse segment`` (one case -> a label map on its own grid) and ``m4fuse evaluate``
-(label maps vs references -> Dice / HD95 per region, DESIGN.md §5).
+(label maps vs references -> Dice / HD95 per region, docs/design.md §5).
 
 The work is done by importable functions (:func:`segment_case`, :func:`evaluate_paths`); the
 parsers only translate arguments. torch / MONAI are imported inside them so ``m4fuse --help``

@@ -145,6 +145,23 @@ def _site(msg: Message, context: Context) -> Site:
 
 
 RUN_IDENTITY = "run-identity"
+#: The per-site picture of a test case (in the site's state folder; never sent).
+OVERLAY_PREFIX = "overlay-test-"
+
+
+def _write_overlay(site: Site, model: torch.nn.Module, records: list) -> None:
+    """Axial slices of the site's first test case with reference and prediction outlined,
+    written into its state folder (it stays at the site; in simulation the server logs it
+    to MLflow). A failure to draw is logged, never fails the test round."""
+    if site.state_dir is None or not records:
+        return
+    case = sorted(records, key=lambda r: r.case_id)[0]
+    path = site.state_dir / f"{OVERLAY_PREFIX}{case.case_id}.png"
+    try:
+        experiment.overlay_case(model, case, 0, site.device, path,
+                                title=f"{site.name}: {case.case_id}", cfg=site.cfg)
+    except Exception as exc:  # a picture is a by-product; the scores are already computed
+        log(WARNING, "site %s: no overlay picture for %s: %s", site.name, case.case_id, exc)
 
 
 def _bind_run(site: Site, identity: str, context: Context) -> None:
@@ -312,6 +329,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model.eval()
     if final_test:
         scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)
+        _write_overlay(site, model, records)
     else:
         scores = experiment.validate_site(model, records, 0, site.cfg, site.device)
     values = {k: float(scores[k]) for k in experiment.METRIC_KEYS}

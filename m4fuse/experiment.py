@@ -586,6 +586,44 @@ def test_site(
     return means, rows
 
 
+def overlay_case(
+    model: torch.nn.Module,
+    record: Any,
+    expert_index: int | None,
+    device: torch.device,
+    path: Path,
+    title: str = "",
+    cfg: DictConfig | None = None,
+) -> Path:
+    """PNG of axial slices of one cached case on its original grid (FLAIR and T1ce), with the
+    reference (its segmentation file, when it has one) and the model's prediction outlined per
+    region (:func:`m4fuse.overlay.overlay_png`); ``cfg`` (default None) gives ``train.amp``."""
+    import nibabel as nib
+
+    from m4fuse.data import restore_to_original
+    from m4fuse.inference import output_mode, predict_probs, probs_to_regions
+    from m4fuse.overlay import overlay_png
+    from m4fuse.regions import labels_to_regions
+
+    amp = {} if cfg is None else {"amp": bool(cfg.train.amp),
+                                  "amp_dtype": str(cfg.train.amp_dtype)}
+    model.to(device)
+    probs = predict_probs(model, np.array(record.image(), dtype=np.float32), device,
+                          expert_index, **amp)
+    mode = output_mode(model)
+    prediction = np.asarray(probs_to_regions(restore_to_original(probs.numpy(), record,
+                                                                 mode="linear"), mode))
+    # source_files are T1, T1ce, T2, FLAIR (m4fuse.data.CaseRecord)
+    images = {name: np.asarray(nib.load(f).dataobj, dtype=np.float32)
+              for name, f in zip(("t1", "t1ce", "t2", "flair"), record.source_files)
+              if name in ("t1ce", "flair")}
+    reference = None
+    if record.seg_file:
+        label = np.rint(np.asarray(nib.load(record.seg_file).dataobj)).astype(np.int16)
+        reference = np.asarray(labels_to_regions(label, record.et_label))
+    return overlay_png(images, path, prediction=prediction, reference=reference, title=title)
+
+
 def weighted_mean(rows: Sequence[Mapping[str, float]], weight: str = "num-examples") -> dict:
     """Case-weighted mean of the metric keys of per-site rows."""
     total = sum(float(r[weight]) for r in rows)

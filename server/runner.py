@@ -289,6 +289,12 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     clients = rdir / "clients"
     if clients.is_dir():
         for site_dir in sorted(p for p in clients.iterdir() if p.is_dir()):
+            for picture in sorted(site_dir.glob("overlay-test-*.png")):
+                # simulation only: a deployed site's picture stays in its state folder
+                target = rdir / "overlays" / f"{site_dir.name}-{picture.name}"
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(picture, target)
+                tracker.log_artifact(target, "overlays")
             kept = newest_kept(site_dir)
             if kept is not None:
                 target = rdir / "experts" / f"{site_dir.name}.pt"

@@ -86,10 +86,10 @@ class PrivacyConfig:
         noise_multiplier: σ, noise std as a multiple of ``max_grad_norm`` (default 1.0). Set it
             to None and give ``target_epsilon`` instead to let Opacus choose σ.
         target_epsilon: ε the site may spend over the whole run (default None). σ is then the
-            smallest value (Opacus ``get_noise_multiplier``, tolerance 0.01) that keeps ε at or
-            below it after ``total_epochs`` epochs of Poisson-sampled steps; the same σ is used
-            in every round, and training past the planned steps raises
-            :class:`PrivacyBudgetExhausted`.
+            smallest value (tolerance 0.01 in ε) that keeps ε at or below it after
+            ``total_epochs`` epochs of Poisson-sampled steps, planned each round on what is
+            left (:func:`plan_noise_multiplier`: the restored history plus the remaining
+            steps); training past the planned steps raises :class:`PrivacyBudgetExhausted`.
         max_grad_norm: per-case gradient clipping bound C (default 1.0).
         delta: δ (default None: ``1 / (10 · n)`` with n the site's number of training cases,
             see :func:`resolve_delta`; an explicit value must be in (0, 1)).

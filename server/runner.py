@@ -146,7 +146,8 @@ def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
             raise RuntimeError(
                 f"{connected} SuperNode(s) connected after {timeout:.0f} s, the data split has "
                 f"{count} sites (one SuperNode per site); in simulation run "
-                f"flwr run . --federation-config \"num-supernodes={count}\""
+                f"flwr run . --federation-config \"num-supernodes={count}\" (or once "
+                f"M4FUSE_SITES={count} bash scripts/setup.sh)"
             )
         time.sleep(1.0)
 

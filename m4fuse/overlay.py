@@ -78,7 +78,7 @@ def overlay_png(
     if slices is None:
         slices = tumour_slices(reference if reference is not None else prediction, shape[-1])
     fig, axes = plt.subplots(len(rows), len(slices), squeeze=False,
-                             figsize=(2.6 * len(slices), 2.8 * len(rows)))
+                             figsize=(2.6 * len(slices), 3.1 * len(rows)))
     for r, modality in enumerate(rows):
         volume = np.asarray(images[modality], dtype=np.float32)
         low, high = np.percentile(volume[volume != 0], (1, 99)) if (volume != 0).any() else (0, 1)

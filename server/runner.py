@@ -240,9 +240,9 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         raise
     val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
     test_by_site = dict(final.evaluate_by_site)
+    # Recorded beside the rounds, not in them: the history's entries are what the round
+    # checkpoints hold and a resumed run continues, and the test round is not a round.
     test_failed = {k.split("/", 1)[-1]: v for k, v in final.failed.items()}
-    if history:
-        history[-1]["test_failed"] = dict(test_failed)
     if test_failed:
         # The run finished, but these sites have no test scores (left out of the mean).
         (rdir / FAILURE_FILE).write_text("".join(
@@ -267,7 +267,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     (rdir / "summary.json").write_text(json.dumps(
         {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
          "bytes_received": received, "first_round": first_round,
-         "mlflow_run_id": tracker.run_id}))
+         "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
+         "run_identity": run_identity}))
     report.plot_dice_per_round(
         {e["round"]: {int(i): m for i, m in e["val_by_site"].items()} for e in history},
         names, rdir / "dice_per_round.png", title=f"{experiment.run_name(cfg)}: validation Dice")

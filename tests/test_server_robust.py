@@ -234,3 +234,33 @@ def test_site_without_held_out_cases_is_not_scored_and_left_out_of_the_mean(capl
     rows = site_rows(NAMES, s.current.evaluate_by_site, {}, {"val": s.current.not_scored})
     assert rows[3]["val_num-examples"] == "not scored: 2 cases"
     assert "| site3 | TMC | not scored: 2 cases |" in markdown_table(rows)
+
+
+def test_model_is_saved_before_the_final_test_round(monkeypatch):
+    """run_rounds hands the final arrays to ``before_final_test`` before it sends the test
+    round, so a failing test round cannot lose the trained model."""
+    from flwr.app import ConfigRecord
+
+    s = strategy()
+    events: list[str] = []
+    monkeypatch.setattr(s, "wait_for_quorum", lambda *a: None)
+    monkeypatch.setattr(s, "configure_train", lambda rnd, arrays, config, grid: [])
+    monkeypatch.setattr(s, "aggregate_train", lambda rnd, replies: (None, None))
+
+    def configure_evaluate(rnd, arrays, config, grid):
+        events.append("test" if config.get("final-test") else f"validate {rnd}")
+        return []
+
+    monkeypatch.setattr(s, "configure_evaluate", configure_evaluate)
+    monkeypatch.setattr(s, "aggregate_evaluate", lambda rnd, replies: None)
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            return []
+
+    start = ArrayRecord({k: Array(v) for k, v in arrays(0.0).items()})
+    s.run_rounds(Grid(), start, 1, 2, ConfigRecord({}), ConfigRecord({}), 1.0,
+                 lambda rl, a: events.append(f"round end {rl.server_round}"),
+                 before_final_test=lambda a: events.append(f"save {sorted(a.keys())}"))
+    assert events == ["validate 1", "round end 1", "validate 2", "round end 2",
+                      f"save {sorted(KEYS)}", "test"]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: Input size (D, H, W) of the network table: the training size of DESIGN.md.
+#: Input size (D, H, W) of the network table: the training size of docs/design.md §4.
 DEFAULT_SIZE: tuple[int, int, int] = (64, 128, 128)
 #: Sequence lengths of the scan table: 2048 is the first mixer at 64x128x128; 8192 and
 #: 32768 are that mixer at 2x and 4x the volume along two axes (or a finer first stage).

@@ -32,12 +32,14 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
 from client.faults import FaultConfig, inject_fault, poison_with_nan
@@ -53,8 +55,10 @@ from client.weights import (
     to_record,
 )
 from m4fuse import experiment
+from m4fuse.logs import configure_logging
 from m4fuse.state import expert_state, place_expert, split_state
 
+configure_logging()  # after client.privacy imported Opacus (see m4fuse.logs)
 app = ClientApp()
 
 KEPT_RECORD = "kept"
@@ -134,7 +138,48 @@ def _build(site: Site, msg: Message, context: Context, strategy: str
 def _site(msg: Message, context: Context) -> Site:
     config = msg.content.config_records["config"]
     run_dir = str(config["run-dir"]) if "run-dir" in config else None
-    return Site.resolve(context.run_config, context.node_config, run_dir)
+    site = Site.resolve(context.run_config, context.node_config, run_dir)
+    if RUN_IDENTITY in config:
+        _bind_run(site, str(config[RUN_IDENTITY]), context)
+    return site
+
+
+RUN_IDENTITY = "run-identity"
+#: The per-site picture of a test case (in the site's state folder; never sent).
+OVERLAY_PREFIX = "overlay-test-"
+
+
+def _write_overlay(site: Site, model: torch.nn.Module, records: list) -> None:
+    """Axial slices of the site's first test case with reference and prediction outlined,
+    written into its state folder (it stays at the site; in simulation the server logs it
+    to MLflow). A failure to draw is logged, never fails the test round."""
+    if site.state_dir is None or not records:
+        return
+    case = sorted(records, key=lambda r: r.case_id)[0]
+    path = site.state_dir / f"{OVERLAY_PREFIX}{case.case_id}.png"
+    try:
+        experiment.overlay_case(model, case, 0, site.device, path,
+                                title=f"{site.name}: {case.case_id}", cfg=site.cfg)
+    except Exception as exc:  # a picture is a by-product; the scores are already computed
+        log(WARNING, "site %s: no overlay picture for %s: %s", site.name, case.case_id, exc)
+
+
+def _bind_run(site: Site, identity: str, context: Context) -> None:
+    """Tie the site's state (``context.state`` and its state folder) to the server's run
+    identity: state of another run (an earlier run of the same name) is dropped, with one
+    log line, so that its expert is never loaded and its DP spending never counted here.
+    A resumed run keeps its identity (the server stores it in its checkpoint)."""
+    known = context.state.config_records.get(RUN_IDENTITY)
+    if known is not None and str(known.get("id", "")) != identity:
+        for name in (KEPT_RECORD,):
+            context.state.array_records.pop(name, None)
+        context.state.config_records.pop(ACCOUNTANT_RECORD, None)
+    context.state.config_records[RUN_IDENTITY] = ConfigRecord({"id": identity})
+    store = _store(site)
+    if store is not None:
+        discarded = store.bind_run(identity)
+        if discarded:
+            log(WARNING, "site %s: %s", site.name, discarded)
 
 
 # --------------------------------------------------------------------------- privacy
@@ -270,16 +315,26 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config = msg.content.config_records["config"]
     site = _site(msg, context)
+    final_test = bool(config.get("final-test", False))
+    records = site.records["test" if final_test else "val"]
+    site_cases = sum(len(site.records[k]) for k in ("train", "val", "test"))
+    if not records:
+        # A site too small to hold out cases for this stage: not scored (the server leaves
+        # num-examples 0 out of the mean and reports "not scored: <site-cases> cases").
+        values: dict[str, float | int] = {k: 0.0 for k in experiment.METRIC_KEYS}
+        values.update({"num-examples": 0, "site-cases": site_cases, "site-index": site.index,
+                       "seconds": time.perf_counter() - start})
+        return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
     model, _ = _build(site, msg, context, str(site.cfg.fl.strategy))
     model.eval()
-    if bool(config.get("final-test", False)):
-        scores, _ = experiment.test_site(model, site.records["test"], 0, site.device)
+    if final_test:
+        scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)
+        _write_overlay(site, model, records)
     else:
-        scores = experiment.validate_site(
-            model, site.records["val"], 0, site.cfg, site.device
-        )
-    values: dict[str, float | int] = {k: float(scores[k]) for k in experiment.METRIC_KEYS}
+        scores = experiment.validate_site(model, records, 0, site.cfg, site.device)
+    values = {k: float(scores[k]) for k in experiment.METRIC_KEYS}
     values["num-examples"] = int(scores["num-examples"])
+    values["site-cases"] = site_cases
     values["site-index"] = site.index
     values["seconds"] = time.perf_counter() - start
     content = RecordDict({"metrics": MetricRecord(values)})

@@ -86,10 +86,10 @@ class PrivacyConfig:
         noise_multiplier: σ, noise std as a multiple of ``max_grad_norm`` (default 1.0). Set it
             to None and give ``target_epsilon`` instead to let Opacus choose σ.
         target_epsilon: ε the site may spend over the whole run (default None). σ is then the
-            smallest value (Opacus ``get_noise_multiplier``, tolerance 0.01) that keeps ε at or
-            below it after ``total_epochs`` epochs of Poisson-sampled steps; the same σ is used
-            in every round, and training past the planned steps raises
-            :class:`PrivacyBudgetExhausted`.
+            smallest value (tolerance 0.01 in ε) that keeps ε at or below it after
+            ``total_epochs`` epochs of Poisson-sampled steps, planned each round on what is
+            left (:func:`plan_noise_multiplier`: the restored history plus the remaining
+            steps); training past the planned steps raises :class:`PrivacyBudgetExhausted`.
         max_grad_norm: per-case gradient clipping bound C (default 1.0).
         delta: δ (default None: ``1 / (10 · n)`` with n the site's number of training cases,
             see :func:`resolve_delta`; an explicit value must be in (0, 1)).
@@ -515,9 +515,9 @@ def make_private_training(
                 f"site has taken {done} DP steps, the budget ε={config.target_epsilon} "
                 f"(δ={delta:.3g}) was planned for {planned} ({total_epochs} epochs)"
             )
-        sigma = get_noise_multiplier(
-            target_epsilon=float(config.target_epsilon), target_delta=delta,
-            sample_rate=sample_rate, steps=planned, accountant=config.accountant,
+        sigma = plan_noise_multiplier(
+            float(config.target_epsilon), delta, sample_rate, planned - done,
+            engine.accountant.history, config.accountant,
         )
     else:
         sigma = float(config.noise_multiplier)
@@ -535,6 +535,62 @@ def make_private_training(
         module=module, optimizer=dp_optimizer, loader=dp_loader, engine=engine, model=model,
         noise_multiplier=sigma, delta=delta, sample_rate=sample_rate, planned_steps=planned,
     )
+
+
+#: Largest σ tried when planning on what is left of a budget (Opacus' MAX_SIGMA too).
+MAX_PLANNED_SIGMA = 2000.0
+
+
+def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
+                          remaining_steps: int, history: Sequence[tuple[float, float, int]],
+                          mechanism: str, tolerance: float = 0.01) -> float:
+    """The smallest σ (to ``tolerance`` in ε, default 0.01) such that the steps already
+    spent (``history``, as in an Opacus accountant) plus ``remaining_steps`` steps at σ and
+    ``sample_rate`` stay within ``target_epsilon`` at ``delta``.
+
+    With no history this is Opacus ``get_noise_multiplier`` (called as is). With one, e.g.
+    a ``target_epsilon`` run resumed with more rounds, Opacus has no function that plans on
+    what is left of a budget, hence the same bisection here over the composed history.
+
+    Raises:
+        PrivacyBudgetExhausted: the history alone already spends ``target_epsilon``, or no
+            σ up to :data:`MAX_PLANNED_SIGMA` keeps the total within it.
+    """
+    if remaining_steps < 1:
+        raise ValueError(f"remaining_steps must be >= 1, got {remaining_steps}")
+    if not history:
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=remaining_steps, accountant=mechanism, epsilon_tolerance=tolerance))
+    accountant = create_accountant(mechanism=mechanism)
+
+    def epsilon_with(sigma: float) -> float:
+        accountant.history = list(history) + [(sigma, sample_rate, remaining_steps)]
+        return float(accountant.get_epsilon(delta=delta))
+
+    accountant.history = list(history)
+    spent = float(accountant.get_epsilon(delta=delta))
+    if spent >= target_epsilon:
+        raise PrivacyBudgetExhausted(
+            f"the site has already spent ε={spent:.3f} of its budget ε={target_epsilon} "
+            f"(δ={delta:.3g}); no further DP steps are possible")
+    low, high = 0.0, 10.0
+    eps_high = epsilon_with(high)
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > MAX_PLANNED_SIGMA:
+            raise PrivacyBudgetExhausted(
+                f"ε={spent:.3f} spent of the budget ε={target_epsilon}: {remaining_steps} more "
+                f"steps exceed it even at σ={MAX_PLANNED_SIGMA}")
+        eps_high = epsilon_with(high)
+    while target_epsilon - eps_high > tolerance:
+        mid = (low + high) / 2
+        eps = epsilon_with(mid)
+        if eps < target_epsilon:
+            high, eps_high = mid, eps
+        else:
+            low = mid
+    return high
 
 
 def noise_only_step(optimizer: DPOptimizer) -> None:

@@ -14,6 +14,8 @@ Layout of ``state_dir``::
     dp-accountant.json       with DP-SGD: the site's privacy accountant history (one file,
                              always the newest, never rolled back with the rounds: privacy
                              spent in a round that is later repeated stays spent)
+    run-identity.txt         the identity of the federated run this state belongs to (the
+                             server's ``run-identity``, :meth:`SiteStateStore.bind_run`)
 
 Every file is written to a temporary name in the same folder, flushed, fsync'd and renamed
 over the target (``os.replace``), so a crash or a killed SuperNode leaves either the old or the
@@ -52,6 +54,8 @@ DEFAULT_KEEP = 2
 _FILE = re.compile(r"^site-state-r(\d+)\.pt$")
 #: The accountant file in a state folder (see the module docstring).
 ACCOUNTANT_FILE = "dp-accountant.json"
+#: The file naming the run a state folder belongs to (see :meth:`SiteStateStore.bind_run`).
+RUN_IDENTITY_FILE = "run-identity.txt"
 _EXPERT_KEY = "site_experts.*."
 
 
@@ -242,6 +246,40 @@ class SiteStateStore:
                         f"the model expects {tuple(ref.shape)}"
                     )
         return _to_state(raw)
+
+    def run_identity(self) -> str | None:
+        """The run identity this folder's state belongs to, or None when it names none."""
+        path = self.state_dir / RUN_IDENTITY_FILE
+        return (path.read_text().strip() or None) if path.is_file() else None
+
+    def bind_run(self, identity: str) -> str | None:
+        """Bind this folder to the run ``identity``; returns what had to be discarded.
+
+        The same identity: nothing changes (a resumed run keeps its identity, so its experts
+        and accountant carry on); returns None. Another identity, or state files with no
+        identity: the folder held another run of the same name, whose expert must not be
+        loaded and whose privacy spending is not this run's; its round states,
+        ``last-metrics.json`` and accountant are deleted, the new identity is written, and a
+        sentence saying what was discarded is returned (the caller logs it). An empty
+        folder just gets the identity (returns None).
+        """
+        if not identity:
+            raise ValueError(f"run identity must be a non-empty string, got {identity!r}")
+        previous = self.run_identity()
+        if previous == identity:
+            return None
+        stale = [self.path(r) for r in self.rounds()]
+        stale += [p for p in (self.accountant_path(), self.state_dir / "last-metrics.json")
+                  if p.is_file()]
+        for path in stale:
+            path.unlink()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.state_dir / RUN_IDENTITY_FILE,
+                     lambda fh: fh.write((identity + "\n").encode()), sync_dir=True)
+        if not stale:
+            return None
+        return (f"state folder {self.state_dir} held run {previous or '(no identity)'}, this "
+                f"is run {identity}: started clean (deleted {', '.join(p.name for p in stale)})")
 
     def accountant_path(self) -> Path:
         """The DP accountant file of this folder (:data:`ACCOUNTANT_FILE`)."""

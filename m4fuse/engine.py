@@ -1,6 +1,6 @@
 """The local train / evaluate loop (no Flower): used alike by the Flower client, the pooled and
 the local-only baselines, so that every strategy trains with the same loss, optimiser and
-schedule (DESIGN.md §3).
+schedule (docs/design.md §3).
 
 - Loss: Dice + binary cross-entropy on the sigmoid region channels (``output="regions"``), or
   MONAI ``DiceCELoss`` with softmax over the 4 classes (``output="labels"``, target class map
@@ -353,7 +353,7 @@ def evaluate(
     loader: Iterable[Mapping[str, Any]],
     device: torch.device | str = "auto",
     expert: Expert = "site",
-    spacing: Sequence[float] | float = 1.0,
+    spacing: Sequence[float] | float | Mapping[str, Sequence[float]] = 1.0,
     amp: bool = True,
     amp_dtype: str = "bfloat16",
     loss_cfg: TrainConfig | None = None,
@@ -366,9 +366,12 @@ def evaluate(
         loader: batches as for :func:`train_epochs`.
         device: ``"auto"``, ``"cpu"``, ``"cuda:N"`` or a torch.device.
         expert: ``"site"`` (default), an int, or ``None`` (shared path only).
-        spacing: voxel size (D, H, W) in mm of the resized grid used for HD95; default 1 mm.
-            (Reported numbers come from :func:`test_original_grid` at the original spacing.)
-        amp: autocast on CUDA, default True, in ``amp_dtype`` (default bfloat16).
+        spacing: voxel size (D, H, W) in mm of the resized grid used for HD95: one number or
+            triple for every case (default 1.0, i.e. HD95 in voxels unless the grid is 1 mm),
+            or ``{case id: (D, H, W)}`` for each case's own grid (batches carry ``"case"``;
+            :func:`m4fuse.experiment.training_grid_spacing` gives it for a cached case).
+        amp: autocast on CUDA, default True, in ``amp_dtype`` (default bfloat16); callers
+            pass the run's ``train.amp``/``train.amp_dtype`` so evaluation matches training.
         loss_cfg: loss term weights (default those of ``TrainConfig()``).
 
     Returns:
@@ -376,7 +379,8 @@ def evaluate(
         "dice_mean", "hd95_mean", "num-examples"}``.
     """
     device = _prepare(model, device, None)
-    sp = _as_spacing(spacing)
+    per_case = isinstance(spacing, Mapping)
+    sp = None if per_case else _as_spacing(spacing)  # type: ignore[arg-type]
     mode = output_mode(model)
     loss_fn = make_loss(mode, loss_cfg)
     rows: list[dict[str, float]] = []
@@ -394,7 +398,16 @@ def evaluate(
             probs = logits_to_probs(logits, mode).cpu()
             truth = y.cpu() > 0.5
             for i in range(x.shape[0]):
-                rows.append(region_scores(probs_to_regions(probs[i], mode), truth[i], sp))
+                if per_case:
+                    case = batch.get("case")
+                    case_id = None if case is None else str(case[i])
+                    if case_id not in spacing:  # type: ignore[operator]
+                        raise KeyError(f"no spacing for case {case_id!r} (batch key 'case'); "
+                                       f"spacing has {len(spacing)} cases")
+                    case_sp = _as_spacing(spacing[case_id])  # type: ignore[index]
+                else:
+                    case_sp = sp  # type: ignore[assignment]
+                rows.append(region_scores(probs_to_regions(probs[i], mode), truth[i], case_sp))
     if not rows:
         raise ValueError("the loader gave no batches: nothing to evaluate")
     out: dict[str, float | int] = {"loss": total_loss / len(rows)}
@@ -425,7 +438,7 @@ def test_original_grid(
     amp: bool = True,
     amp_dtype: str = "bfloat16",
 ) -> list[dict[str, Any]]:
-    """Score test cases on their original voxel grid, at their original spacing (DESIGN §5).
+    """Score test cases on their original voxel grid, at their original spacing (docs/design.md §5).
 
     For each record (``m4fuse.data.CaseRecord``): predict on the cached volume (sliding window
     when it is larger than ``roi_size``, else one forward), map the probabilities back with

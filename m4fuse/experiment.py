@@ -1,8 +1,8 @@
 """Experiment settings and the per-site training steps shared by every training mode.
 
 The Flower ClientApp, the pooled baseline and the local baseline all call the functions here,
-so that they train with the same loss, optimiser, epochs and data split (DESIGN §3). This
-module knows nothing of Flower (DESIGN §1: ``m4fuse/`` stays usable without it); it reads the
+so that they train with the same loss, optimiser, epochs and data split (docs/design.md §3). This
+module knows nothing of Flower (docs/design.md §1: ``m4fuse/`` stays usable without it); it reads the
 Hydra configs in ``configs/`` (composed with :func:`compose`) and turns them into the
 contracts of ``m4fuse.model``, ``m4fuse.engine`` and ``m4fuse.data`` (docs/interfaces.md).
 """
@@ -99,6 +99,9 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.data.get(key)
         if value not in (None, "???") and not Path(str(value)).is_absolute():
             raise ValueError(f"data.{key} must be an absolute path, got {value!r}")
+    minimum = cfg.data.get("min_cases_per_site", 1)
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
     if cfg.data.kind not in ("synthetic", "brats"):
         raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
 
@@ -357,7 +360,19 @@ def partition_csv(cfg: DictConfig) -> Path | None:
 
 
 def load_sites(cfg: DictConfig) -> Any:
-    """The :class:`SiteSplit` of the configured data (prepared on first use; memoised)."""
+    """The :class:`SiteSplit` of the configured data (prepared on first use; memoised),
+    without the sites that have fewer cases than ``data.min_cases_per_site``
+    (:func:`small_sites` names them)."""
+    split = _full_split(cfg)
+    minimum = min_cases_per_site(cfg)
+    kept = {site: parts for site, parts in split.items() if _site_cases(parts) >= minimum}
+    if not kept:
+        raise ValueError(f"data.min_cases_per_site={minimum} leaves no site: the largest has "
+                         f"{max(_site_cases(p) for p in split.values())} cases")
+    return kept
+
+
+def _full_split(cfg: DictConfig) -> Any:
     from m4fuse.data import load_split
 
     cache = ensure_data(cfg)
@@ -373,6 +388,25 @@ def load_sites(cfg: DictConfig) -> Any:
             test_fraction=float(cfg.data.test_fraction),
         )
     return _SPLITS[key]
+
+
+def _site_cases(parts: Mapping[str, Sequence[Any]]) -> int:
+    return sum(len(v) for v in parts.values())
+
+
+def min_cases_per_site(cfg: DictConfig) -> int:
+    """``data.min_cases_per_site`` (default 1: every site with a case takes part)."""
+    return int(cfg.data.get("min_cases_per_site", 1) or 1)
+
+
+def small_sites(cfg: DictConfig) -> dict[str, int]:
+    """Sites of the data that :func:`load_sites` leaves out (fewer cases than
+    ``data.min_cases_per_site``): ``{name: number of cases}``; the server says so before
+    training."""
+    split = _full_split(cfg)
+    minimum = min_cases_per_site(cfg)
+    return {site: _site_cases(p) for site, p in sorted(split.items())
+            if _site_cases(p) < minimum}
 
 
 def site_names(split: Mapping[str, Any]) -> list[str]:
@@ -475,7 +509,14 @@ def validate_site(
     cfg: DictConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Dice/HD95 per region at training resolution on ``records`` (+ ``num-examples``)."""
+    """Dice and HD95 (mm) per region at training resolution on ``records`` (+
+    ``num-examples``).
+
+    HD95 is measured on the resized training grid with each case's own voxel size in mm
+    (:func:`training_grid_spacing`), so it is in the same unit as the test HD95 on the
+    original grid (and :data:`m4fuse.metrics.EMPTY_HD95_MM` is a penalty in mm). Mixed
+    precision follows ``train.amp``/``train.amp_dtype``, as in training.
+    """
     from m4fuse.data import make_loader
     from m4fuse.engine import evaluate
 
@@ -484,13 +525,32 @@ def validate_site(
     loader = make_loader(list(records), expert_index, batch_size=1, augment=False,
                          shuffle=False, num_workers=int(cfg.train.num_workers))
     model.to(device)
-    metrics = evaluate(model, loader, device)
+    metrics = evaluate(model, loader, device,
+                       spacing={r.case_id: training_grid_spacing(r) for r in records},
+                       amp=bool(cfg.train.amp), amp_dtype=str(cfg.train.amp_dtype))
     out = {k: float(v) for k, v in metrics.items() if k in METRIC_KEYS}
     missing = set(METRIC_KEYS) - set(out)
     if missing:
         raise KeyError(f"engine.evaluate returned no {sorted(missing)}; got {sorted(metrics)}")
     out["num-examples"] = float(len(records))
     return out
+
+
+def training_grid_spacing(record: Any) -> tuple[float, float, float]:
+    """Voxel size in mm, ``(D, H, W)``, of a cached case's resized training grid.
+
+    The cache holds the brain's crop box (``crop_start``/``crop_end``, voxels in ``(X, Y, Z)``)
+    of a volume with ``spacing`` (mm, ``(X, Y, Z)``), resized to ``size`` ``(D, H, W)`` with
+    D along Z: a grid voxel spans ``spacing * crop extent / size`` mm on each axis.
+    """
+    meta = record.meta
+    extent = [int(e) - int(s) for s, e in zip(meta["crop_start"], meta["crop_end"])]
+    spacing = [float(v) for v in meta["spacing"]]
+    size = [int(v) for v in meta["size"]]
+    if len(extent) != 3 or len(spacing) != 3 or len(size) != 3 or min(size) < 1:
+        raise ValueError(f"case {record.case_id}: cache meta needs 3-axis crop_start/crop_end, "
+                         f"spacing and size, got {extent}, {spacing}, {size}")
+    return tuple(spacing[2 - axis] * extent[2 - axis] / size[axis] for axis in range(3))  # type: ignore[return-value]
 
 
 METRIC_KEYS: tuple[str, ...] = (
@@ -503,14 +563,20 @@ def test_site(
     records: Sequence[Any],
     expert_index: int,
     device: torch.device,
+    cfg: DictConfig | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``."""
+    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``.
+
+    ``cfg`` (default None: autocast on CUDA in bfloat16) gives ``train.amp``/
+    ``train.amp_dtype``, so that the test forward runs in the precision of training."""
     from m4fuse.engine import test_original_grid
 
     if not records:
         raise ValueError("no test cases for this site")
     model.to(device)
-    rows = list(test_original_grid(model, list(records), device, expert_index))
+    amp = {} if cfg is None else {"amp": bool(cfg.train.amp),
+                                  "amp_dtype": str(cfg.train.amp_dtype)}
+    rows = list(test_original_grid(model, list(records), device, expert_index, **amp))
     means = {k: float(np.mean([float(r[k]) for r in rows])) for k in METRIC_KEYS if k in rows[0]}
     if "dice_mean" not in means:
         means["dice_mean"] = float(np.mean([means[k] for k in ("dice_wt", "dice_tc", "dice_et")]))
@@ -518,6 +584,44 @@ def test_site(
         means["hd95_mean"] = float(np.mean([means[k] for k in ("hd95_wt", "hd95_tc", "hd95_et")]))
     means["num-examples"] = float(len(rows))
     return means, rows
+
+
+def overlay_case(
+    model: torch.nn.Module,
+    record: Any,
+    expert_index: int | None,
+    device: torch.device,
+    path: Path,
+    title: str = "",
+    cfg: DictConfig | None = None,
+) -> Path:
+    """PNG of axial slices of one cached case on its original grid (FLAIR and T1ce), with the
+    reference (its segmentation file, when it has one) and the model's prediction outlined per
+    region (:func:`m4fuse.overlay.overlay_png`); ``cfg`` (default None) gives ``train.amp``."""
+    import nibabel as nib
+
+    from m4fuse.data import restore_to_original
+    from m4fuse.inference import output_mode, predict_probs, probs_to_regions
+    from m4fuse.overlay import overlay_png
+    from m4fuse.regions import labels_to_regions
+
+    amp = {} if cfg is None else {"amp": bool(cfg.train.amp),
+                                  "amp_dtype": str(cfg.train.amp_dtype)}
+    model.to(device)
+    probs = predict_probs(model, np.array(record.image(), dtype=np.float32), device,
+                          expert_index, **amp)
+    mode = output_mode(model)
+    prediction = np.asarray(probs_to_regions(restore_to_original(probs.numpy(), record,
+                                                                 mode="linear"), mode))
+    # source_files are T1, T1ce, T2, FLAIR (m4fuse.data.CaseRecord)
+    images = {name: np.asarray(nib.load(f).dataobj, dtype=np.float32)
+              for name, f in zip(("t1", "t1ce", "t2", "flair"), record.source_files)
+              if name in ("t1ce", "flair")}
+    reference = None
+    if record.seg_file:
+        label = np.rint(np.asarray(nib.load(record.seg_file).dataobj)).astype(np.int16)
+        reference = np.asarray(labels_to_regions(label, record.et_label))
+    return overlay_png(images, path, prediction=prediction, reference=reference, title=title)
 
 
 def weighted_mean(rows: Sequence[Mapping[str, float]], weight: str = "num-examples") -> dict:

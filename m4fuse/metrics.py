@@ -1,6 +1,6 @@
 """BraTS segmentation metrics: Dice and HD95 per region (WT, TC, ET), in millimetres.
 
-Conventions (DESIGN.md §5):
+Conventions (docs/design.md §5):
 
 - Scores are computed per region on boolean masks ordered WT, TC, ET
   (:data:`m4fuse.regions.REGIONS`), on the voxel grid the caller gives (the original NIfTI grid

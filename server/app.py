@@ -12,7 +12,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from m4fuse import experiment
+from m4fuse.logs import configure_logging
 from server.runner import run_federated
+
+configure_logging()
 
 app = ServerApp()
 

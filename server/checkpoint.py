@@ -31,6 +31,9 @@ class ServerCheckpoint:
     arrays: dict[str, np.ndarray]
     mlflow_run_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The run's identity (a uuid made by the server at the run's start, sent to the sites in
+    #: every config record); a resumed run keeps it. None in checkpoints written before it.
+    run_identity: str | None = None
 
     def to_record(self) -> ArrayRecord:
         """The arrays as the ArrayRecord the strategy continues from."""
@@ -54,6 +57,7 @@ def save(path: Path, checkpoint: ServerCheckpoint) -> None:
                    checkpoint.arrays.items()},
         "mlflow_run_id": checkpoint.mlflow_run_id,
         "history": checkpoint.history,
+        "run_identity": checkpoint.run_identity,
     }
     write_atomic(path, lambda fh: torch.save(payload, fh))
 
@@ -72,6 +76,7 @@ def load(path: Path) -> ServerCheckpoint:
         arrays={k: v.numpy() for k, v in data["arrays"].items()},
         mlflow_run_id=data.get("mlflow_run_id"),
         history=list(data.get("history", [])),
+        run_identity=data.get("run_identity"),
     )
 
 

@@ -28,15 +28,21 @@ def site_rows(
     site_names: Sequence[str],
     val: Mapping[int, Mapping[str, float]],
     test: Mapping[int, Mapping[str, float]],
+    not_scored: Mapping[str, Mapping[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per site (by index), then the case-weighted ``mean`` row (weights: the
-    number of validation resp. test cases)."""
+    number of validation resp. test cases). ``not_scored`` (default none) maps ``"val"`` /
+    ``"test"`` to ``{site index: its number of cases}`` for sites too small to hold out
+    cases: their ``n val`` / ``n test`` cell says ``not scored: <n> cases``."""
     rows: list[dict[str, Any]] = []
     for index, name in enumerate(site_names):
         row: dict[str, Any] = {"site": f"site{index}", "name": name}
         for prefix, source in (("val", val), ("test", test)):
             for key, value in source.get(index, {}).items():
                 row[f"{prefix}_{key}"] = float(value)
+            cases = (not_scored or {}).get(prefix, {}).get(index)
+            if cases is not None and index not in source:
+                row[f"{prefix}_num-examples"] = f"not scored: {cases} cases"
         rows.append(row)
     mean: dict[str, Any] = {"site": "mean", "name": "weighted by cases"}
     for prefix, source in (("val", val), ("test", test)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
@@ -86,7 +87,13 @@ def federation_sites(cfg: DictConfig) -> list[str]:
         if len(set(names)) != len(names):
             raise ValueError(f"fl.site_names has duplicates: {names}")
         return sorted(names)
-    return experiment.site_names(experiment.load_sites(cfg))
+    names = experiment.site_names(experiment.load_sites(cfg))
+    small = experiment.small_sites(cfg)
+    if small:
+        log(INFO, "data.min_cases_per_site=%d: left out %d site(s) before training: %s",
+            experiment.min_cases_per_site(cfg), len(small),
+            ", ".join(f"{s} ({n} case{'s' if n != 1 else ''})" for s, n in small.items()))
+    return names
 
 
 def _round_entry(rl: RoundLog) -> dict[str, Any]:
@@ -98,6 +105,7 @@ def _round_entry(rl: RoundLog) -> dict[str, Any]:
         "train_by_site": {int(i): dict(m) for i, m in rl.train_by_site.items()},
         "val_by_site": {int(i): dict(m) for i, m in rl.evaluate_by_site.items()},
         "failed": {str(k): str(v) for k, v in rl.failed.items()},
+        "not_scored": {int(i): int(n) for i, n in rl.not_scored.items()},
         "bytes_sent": int(rl.bytes_sent),
         "bytes_received": int(rl.bytes_received),
         "seconds": float(rl.seconds),
@@ -138,7 +146,8 @@ def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
             raise RuntimeError(
                 f"{connected} SuperNode(s) connected after {timeout:.0f} s, the data split has "
                 f"{count} sites (one SuperNode per site); in simulation run "
-                f"flwr run . --federation-config \"num-supernodes={count}\""
+                f"flwr run . --federation-config \"num-supernodes={count}\" (or once "
+                f"M4FUSE_SITES={count} bash scripts/setup.sh)"
             )
         time.sleep(1.0)
 
@@ -156,6 +165,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     held, _ = initial_state(cfg)
     arrays = ArrayRecord({k: v for k, v in held.items()}) if held else ArrayRecord()
     first_round, history, run_id = 1, [], None
+    run_identity = uuid.uuid4().hex  # binds the sites' state to this run (client._bind_run)
     if bool(cfg.fl.resume) and ckpt_path.is_file():
         saved = server_ckpt.load(ckpt_path)
         server_ckpt.check_resumable(saved, strategy_name, chash, ckpt_path)
@@ -163,6 +173,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             raise KeyError(f"{ckpt_path} holds other arrays than this model's")
         arrays = saved.to_record()
         first_round, history, run_id = saved.server_round + 1, saved.history, saved.mlflow_run_id
+        run_identity = saved.run_identity or run_identity
         log(INFO, "Resuming %s from %s at round %d", experiment.run_name(cfg), ckpt_path,
             first_round)
     else:
@@ -172,7 +183,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         shutil.rmtree(rdir / "clients", ignore_errors=True)
     (rdir / FAILURE_FILE).unlink(missing_ok=True)
     tracker = Tracker(cfg, experiment.run_name(cfg), run_id,
-                      tags={"kind": "federated", "strategy": strategy_name})
+                      tags={"kind": "federated", "strategy": strategy_name,
+                            "run_identity": run_identity})
     strategy = make_strategy(
         strategy_name,
         num_sites=len(names),
@@ -186,7 +198,13 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         aggregation=str(cfg.fl.aggregation),
         trim=float(cfg.fl.trim),
     )
-    common = {"run-dir": str(rdir)}
+    log(INFO, "run %s: identity %s", experiment.run_name(cfg), run_identity)
+    for entry in history:  # a resumed run: the case counts the sites reported before
+        for index, metrics in entry["train_by_site"].items():
+            if "num-examples" in metrics and 0 <= int(index) < len(names):
+                strategy.train_counts.setdefault(names[int(index)],
+                                                 float(metrics["num-examples"]))
+    common = {"run-dir": str(rdir), "run-identity": run_identity}
     train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
 
     def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
@@ -194,7 +212,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         history.append(entry)
         server_ckpt.save(ckpt_path, server_ckpt.ServerCheckpoint(
             rl.server_round, strategy_name, chash, server_ckpt.record_to_numpy(new_arrays),
-            tracker.run_id, history))
+            tracker.run_id, history, run_identity))
         tracker.log_metrics(round_metrics(entry), step=rl.server_round)
         if rl.failed:
             tracker.log_dict(entry["failed"], f"failed/round-{rl.server_round:03d}.json")
@@ -202,10 +220,16 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
             rl.bytes_sent, rl.bytes_received)
 
+    model_paths: list[Path | None] = []
+
+    def before_final_test(final_arrays: ArrayRecord) -> None:
+        model_paths.append(save_final_model(cfg, rdir, final_arrays, names))
+
     try:
         arrays, final = strategy.run_rounds(
             grid, arrays, first_round, int(cfg.fl.rounds), train_config, ConfigRecord(common),
             float(cfg.fl.round_timeout), on_round_end, float(cfg.fl.wait_for_sites),
+            before_final_test=before_final_test,
         )
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -216,13 +240,26 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         raise
     val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
     test_by_site = dict(final.evaluate_by_site)
-    rows = report.site_rows(names, val_by_site, test_by_site)
+    # Recorded beside the rounds, not in them: the history's entries are what the round
+    # checkpoints hold and a resumed run continues, and the test round is not a round.
+    test_failed = {k.split("/", 1)[-1]: v for k, v in final.failed.items()}
+    if test_failed:
+        # The run finished, but these sites have no test scores (left out of the mean).
+        (rdir / FAILURE_FILE).write_text("".join(
+            f"final test round: {site}: {why}\n" for site, why in sorted(test_failed.items())))
+        tracker.log_dict(test_failed, "failed/test.json")
+        tracker.set_tag("test_failed_sites", ", ".join(sorted(test_failed))[:5000])
+    not_scored = {"val": {int(i): int(n) for i, n in history[-1].get("not_scored", {}).items()}
+                  if history else {}, "test": dict(final.not_scored)}
+    rows = report.site_rows(names, val_by_site, test_by_site, not_scored)
     table = report.markdown_table(rows)
     sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
     received = sum(e["bytes_received"] for e in history)
     seconds = time.perf_counter() - wall
     title = f"{experiment.run_name(cfg)} ({strategy_name}): per-site results"
-    print(f"\n{title}\n\n{table}\n\nbytes sent {sent}, received {received}, "
+    failed_note = "".join(f"test not scored for {site}: {why}\n"
+                          for site, why in sorted(test_failed.items()))
+    print(f"\n{title}\n\n{table}\n\n{failed_note}bytes sent {sent}, received {received}, "
           f"{seconds:.1f} s (this session)\n", flush=True)
     report.write_csv(rows, rdir / "sites.csv")
     (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
@@ -230,7 +267,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     (rdir / "summary.json").write_text(json.dumps(
         {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
          "bytes_received": received, "first_round": first_round,
-         "mlflow_run_id": tracker.run_id}))
+         "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
+         "run_identity": run_identity}))
     report.plot_dice_per_round(
         {e["round"]: {int(i): m for i, m in e["val_by_site"].items()} for e in history},
         names, rdir / "dice_per_round.png", title=f"{experiment.run_name(cfg)}: validation Dice")
@@ -238,10 +276,13 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     final_metrics = {k: float(v) for k, v in mean.items()
                      if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
     final_metrics.update(site_metrics(test_by_site, prefix="test_"))
+    for stage, by_site in not_scored.items():
+        for index, cases in by_site.items():
+            final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
-                          "wall_seconds": seconds})
+                          "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
-    model_path = save_final_model(cfg, rdir, arrays, names)
+    model_path = model_paths[-1] if model_paths else None
     for path in (rdir / "sites.csv", rdir / "results.md", rdir / "dice_per_round.png",
                  rdir / "history.json"):
         tracker.log_artifact(path)
@@ -250,6 +291,12 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     clients = rdir / "clients"
     if clients.is_dir():
         for site_dir in sorted(p for p in clients.iterdir() if p.is_dir()):
+            for picture in sorted(site_dir.glob("overlay-test-*.png")):
+                # simulation only: a deployed site's picture stays in its state folder
+                target = rdir / "overlays" / f"{site_dir.name}-{picture.name}"
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(picture, target)
+                tracker.log_artifact(target, "overlays")
             kept = newest_kept(site_dir)
             if kept is not None:
                 target = rdir / "experts" / f"{site_dir.name}.pt"

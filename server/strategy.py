@@ -42,7 +42,7 @@ from m4fuse.state import is_personal
 from server import robust
 
 #: Reply metric keys that identify or time a reply, not averaged into aggregates.
-BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds")
+BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds", "site-cases")
 
 #: Reason recorded for a site that was sent a message and did not answer in time.
 NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
@@ -105,6 +105,9 @@ class RoundLog:
     train_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    #: Sites that answered an evaluation with 0 cases (none held out for them): site index
+    #: -> the site's number of cases (reply key ``site-cases``); not in the mean.
+    not_scored: dict[int, int] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -157,6 +160,10 @@ class SiteStrategyMixin:
         self.node_sites: dict[int, str] = {}
         self.global_arrays: dict[str, np.ndarray] | None = None
         self.asked: list[int] = []
+        #: Training cases each site reported in its first accepted train reply of the run
+        #: (seeded from the history on resume): later replies must report the same.
+        self.train_counts: dict[str, float] = {}
+        self.not_scored_logged: set[str] = set()
         self.current = RoundLog(0)
 
     # -- naming ----------------------------------------------------------------------------
@@ -263,6 +270,9 @@ class SiteStrategyMixin:
                 raise ValueError("the arrays sent this round differ from the server's keys")
             accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound)
         failed.update(rejected)
+        for site, reason in self._check_counts(accepted, good).items():
+            accepted.pop(site)
+            failed[site] = reason
         self._note_failures("train", server_round, failed)
         robust.check_quorum(sorted(accepted), failed, self.min_sites, server_round)
         weights = {}
@@ -281,18 +291,48 @@ class SiteStrategyMixin:
             len(accepted), sorted(accepted), self.aggregation)
         return arrays, metrics
 
+    def _check_counts(self, accepted: Iterable[str], good: dict[str, Message]
+                      ) -> dict[str, str]:
+        """Reasons to drop train replies by their case count (the aggregation weight): zero,
+        or another count than the site reported earlier in the run (a site's training set
+        does not change within a run; a jump would shift the average towards it). The first
+        count of each site is remembered in :attr:`train_counts`."""
+        reasons: dict[str, str] = {}
+        for site in list(accepted):
+            metrics = next(iter(good[site].content.metric_records.values()))
+            count = float(metrics["num-examples"])
+            known = self.train_counts.get(site)
+            if count <= 0:
+                reasons[site] = f"num-examples is {count:g}: a site with no training cases " \
+                                "has no weight in the average"
+            elif known is not None and count != known:
+                reasons[site] = (f"num-examples {count:g} differs from the {known:g} this "
+                                 "site reported earlier in the run")
+            else:
+                self.train_counts[site] = count
+        return reasons
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         good, _, failed = self._collect(list(replies), train=False)
         self._note_failures("evaluate", server_round, failed)
         robust.check_quorum(sorted(good), failed, self.min_sites, server_round)
-        for msg in good.values():
-            metrics = next(iter(msg.content.metric_records.values()))
-            self.current.evaluate_by_site[int(metrics["site-index"])] = {
-                k: float(v) for k, v in metrics.items()
-            }
-        result = self.evaluate_metrics_aggr_fn([good[s].content for s in sorted(good)],
-                                               self.weighted_by_key)
+        scored = []
+        for site in sorted(good):
+            metrics = next(iter(good[site].content.metric_records.values()))
+            index = int(metrics["site-index"])
+            if float(metrics["num-examples"]) == 0:
+                cases = int(metrics.get("site-cases", 0))
+                self.current.not_scored[index] = cases
+                if site not in self.not_scored_logged:  # once per site, not every round
+                    self.not_scored_logged.add(site)
+                    log(INFO, "%s not scored: %d case(s), too few to hold out validation or "
+                        "test cases (it still trains when it has training cases)", site, cases)
+                continue
+            self.current.evaluate_by_site[index] = {k: float(v) for k, v in metrics.items()}
+            scored.append(site)
+        result = (self.evaluate_metrics_aggr_fn([good[s].content for s in scored],
+                                                self.weighted_by_key) if scored else None)
         self.current.evaluate = result
         return result
 
@@ -309,9 +349,12 @@ class SiteStrategyMixin:
         timeout: float,
         on_round_end: Callable[[RoundLog, ArrayRecord], None],
         node_wait: float = 120.0,
+        before_final_test: Callable[[ArrayRecord], None] | None = None,
     ) -> tuple[ArrayRecord, RoundLog]:
         """Rounds ``first_round..num_rounds`` (train, aggregate, validate every site), then
-        the final test round; ``on_round_end`` sees each round's log and the new arrays.
+        the final test round; ``on_round_end`` sees each round's log and the new arrays,
+        ``before_final_test`` (default None) the final arrays before the test round (the
+        runner writes the model file there, so a failing test round cannot lose it).
         Before each round at least ``min_sites`` SuperNodes must be connected (waits up to
         ``node_wait`` seconds, default 120, then :class:`server.robust.QuorumError`)."""
         for server_round in range(first_round, num_rounds + 1):
@@ -335,6 +378,8 @@ class SiteStrategyMixin:
             self.aggregate_evaluate(server_round, replies)
             self.current.seconds = time.perf_counter() - start
             on_round_end(self.current, arrays)
+        if before_final_test is not None:
+            before_final_test(arrays)
         final = dict(evaluate_config)
         final["final-test"] = True
         self.current = RoundLog(num_rounds)

@@ -186,3 +186,48 @@ def test_nan_fault_poisons_the_reply_and_crash_fault_raises_in_its_round(
     # site1 has no fault: round 2 trains
     site1_round2 = client_train_round(1, start, RecordDict(), 2, str(tmp_path))
     assert _metrics(site1_round2)["num-examples"] > 0
+
+
+def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, tmp_path):
+    """The same run name, another run identity (a new run): the site drops what it kept in
+    context.state and in its folder and trains from the server's weights alone; the same
+    identity (a resumed run) continues with its expert."""
+    from flwr.app import ConfigRecord, Context, MessageType
+
+    import client.app as client_app
+    from client.state_store import SiteStateStore
+
+    _, start = _use(monkeypatch, root, "run_name=identity")
+    seen: dict[str, torch.Tensor] = {}
+    original = experiment.train_site
+
+    def spy(model, *args, **kwargs):
+        seen.clear()
+        seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(client_app.experiment, "train_site", spy)
+
+    def train_round(identity: str, rnd: int, state: RecordDict) -> None:
+        content = RecordDict({"arrays": start, "config": ConfigRecord(
+            {"server-round": rnd, "local-epochs": 1, "run-dir": str(tmp_path),
+             "run-identity": identity})})
+        msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
+                                                            "num-partitions": 2},
+                          state=state, run_config={})
+        assert not client_app.train(msg, context).has_error()
+
+    state = RecordDict()
+    train_round("run-a", 1, state)
+    kept = state.array_records["kept"].to_torch_state_dict()
+    fresh = experiment.build_model(experiment.compose("config", [f"root={root}", *TINY_FL]), 1)
+    train_round("run-a", 2, state)  # same run: starts from its expert
+    assert all(torch.equal(seen[k], kept[k]) for k in kept)
+    train_round("run-b", 3, state)  # a new run of the same name: the initial expert
+    assert all(torch.equal(seen[k], fresh.state_dict()[k]) for k in kept)
+    store = SiteStateStore(tmp_path / "clients" / "site0", "site0")
+    assert store.run_identity() == "run-b" and store.rounds() == [3]
+    train_round("run-c", 4, RecordDict())  # a restarted client of another run: folder too
+    assert all(torch.equal(seen[k], fresh.state_dict()[k]) for k in kept)
+    assert store.run_identity() == "run-c" and store.rounds() == [4]

@@ -48,7 +48,7 @@ RUN_TIMEOUT_S = 240
 
 
 def flwr_env(home: Path) -> dict[str, str]:
-    """The environment every Flower process of the project gets (DESIGN.md §3a)."""
+    """The environment every Flower process of the project gets (README, "Deploy across hospitals")."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),

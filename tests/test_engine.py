@@ -200,6 +200,33 @@ def test_evaluate_matches_direct_metrics_and_restores_mode() -> None:
     assert out["loss"] > 0
 
 
+def test_evaluate_scores_each_case_at_its_own_spacing() -> None:
+    """HD95 in mm: with ``{case: spacing}`` each case is measured on its own grid; the result
+    equals scoring each case alone at its spacing, and an unknown case is refused."""
+    from types import MappingProxyType
+
+    from m4fuse.experiment import training_grid_spacing
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    batches = toy_batches(2, 1)
+    for i, b in enumerate(batches):
+        b["case"] = [f"case{i}"]
+    spacing = {"case0": (2.0, 1.0, 1.0), "case1": (1.0, 3.0, 0.5)}
+    out = evaluate(model, batches, "cpu", spacing=MappingProxyType(spacing))
+    alone = [evaluate(model, [b], "cpu", spacing=spacing[f"case{i}"])
+             for i, b in enumerate(batches)]
+    for key in ("hd95_wt", "hd95_tc", "hd95_et", "dice_wt"):
+        assert out[key] == pytest.approx((alone[0][key] + alone[1][key]) / 2, abs=1e-6), key
+    with pytest.raises(KeyError, match="case1"):
+        evaluate(model, batches, "cpu", spacing={"case0": (1.0, 1.0, 1.0)})
+    # a cached case: crop box 120 x 100 x 62 voxels of (1, 1, 2.5) mm resized to (32, 40, 48)
+    record = SimpleNamespace(case_id="c", meta={
+        "spacing": [1.0, 1.0, 2.5], "crop_start": [10, 20, 3], "crop_end": [130, 120, 65],
+        "size": [32, 40, 48]})
+    assert training_grid_spacing(record) == pytest.approx((62 * 2.5 / 32, 100 / 40, 120 / 48))
+
+
 def test_labels_output_trains_and_evaluates() -> None:
     model = TinyNet(output="labels")
     cfg = TrainConfig(seed=0)

@@ -1,4 +1,4 @@
-"""What leaves a site over a whole simulated run (DESIGN §3: shared arrays and scalar metrics
+"""What leaves a site over a whole simulated run (docs/design.md §3: shared arrays and scalar metrics
 only; never voxels, never experts, never a path).
 
 A Flower client mod sits around the project's own train and evaluate handlers and writes a
@@ -62,8 +62,10 @@ def record_replies(msg: Message, context: Context,
     """Client mod: pass the message on, write a description of the reply to ``$RECORD_ENV``."""
     reply = call_next(msg, context)
     folder = Path(os.environ[RECORD_ENV])
+    config = msg.content.config_records["config"]
     entry = {"type": msg.metadata.message_type, "node": context.node_id,
-             "round": int(msg.content.config_records["config"]["server-round"]),
+             "round": int(config["server-round"]),
+             "config": {k: repr(v) for k, v in config.items()},
              "error": reply.error.reason if reply.has_error() else None,
              **(describe(reply.content) if reply.has_content() else {"records": {}})}
     (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(entry))
@@ -167,3 +169,48 @@ def test_whole_run_sends_only_shared_arrays_and_numbers(monkeypatch, tmp_path):
         assert e["error"] is None, e["error"]
         problems = reply_problems(e, shared, tuple(cfg.data.size))
         assert not problems, (e["type"], e["round"], problems)
+
+
+def _arrays_of(entries: list[dict], kind: str) -> list[set[str]]:
+    return [set(e["records"]["arrays"]["items"]) for e in entries
+            if e["type"] == kind and "arrays" in e["records"]]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "local"])
+def test_every_strategy_runs_through_the_apps(monkeypatch, tmp_path, strategy):
+    """fedavg, fedprox and local through the real ServerApp and ClientApp (2 sites, 1 round):
+    the run finishes with both sites scored, and the wire carries what the strategy says:
+    fedavg the whole one-expert model, fedprox the shared keys (and the server sends
+    proximal-mu), local no arrays at all; numbers only in metrics, every config record
+    carries the run identity."""
+    replies = tmp_path / "replies"
+    replies.mkdir()
+    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=1", f"run_name={strategy}",
+            f"fl.strategy={strategy}"]
+    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    monkeypatch.setenv(RECORD_ENV, str(replies))
+    simulate_two_sites(app)
+    cfg = experiment.compose("config", args)
+    rdir = experiment.run_dir(cfg)
+    assert (rdir / "summary.json").is_file(), "the run did not finish"
+    assert not (rdir / "failure.txt").exists()
+    entries = [json.loads(p.read_text()) for p in replies.glob("*.json")]
+    assert sorted((e["type"], e["round"]) for e in entries) == sorted(
+        [("train", 1)] * 2 + [("evaluate", 1)] * 4)
+    assert all(e["error"] is None for e in entries), [e["error"] for e in entries]
+    full = experiment.build_model(cfg, num_experts=1).state_dict()
+    shared, _ = split_state(full)
+    expected = {"fedavg": set(full), "fedprox": set(shared), "local": set()}[strategy]
+    sent = _arrays_of(entries, MessageType.TRAIN)
+    assert len(sent) == 2 and all(keys == expected for keys in sent), strategy
+    assert not _arrays_of(entries, MessageType.EVALUATE)
+    for e in entries:
+        for record in e["records"].values():
+            if record["type"] == "metrics":
+                assert all(v["type"] in ("int", "float") for v in record["items"].values())
+        assert "run-identity" in e["config"]
+        assert ("proximal-mu" in e["config"]) == (strategy == "fedprox" and e["type"] == "train")
+    rows = (rdir / "sites.csv").read_text().splitlines()
+    assert len(rows) == 4 and all("test_dice_wt" in rows[0] for _ in rows)
+    history = json.loads((rdir / "history.json").read_text())
+    assert sorted(map(int, history[-1]["val_by_site"])) == [0, 1]

@@ -19,6 +19,7 @@ from client.privacy import (
     epsilon_of,
     make_private_training,
     noise_only_step,
+    plan_noise_multiplier,
     poisson_loader,
     prepare_for_opacus,
     resolve_delta,
@@ -286,6 +287,37 @@ def test_target_epsilon_is_met_at_the_end_of_the_budget() -> None:
     assert eps2 >= target - 0.1  # σ is the smallest that fits (Opacus tolerance 0.01)
     with pytest.raises(PrivacyBudgetExhausted, match="4 DP steps.*planned for 4"):
         _train_round(_model(groups=1), cfg, state, total_epochs=2, seed=3)
+
+
+def test_target_epsilon_resumed_with_more_rounds_plans_on_what_is_left() -> None:
+    """A run planned for 1 epoch spends the whole budget in it; resumed with 3 epochs in all,
+    σ is planned on the 4 steps left, so the total never exceeds the target and ε only
+    grows (planning the 6 steps from scratch would overspend: round 1 used a small σ)."""
+    target = 3.0
+    cfg = _cfg(noise_multiplier=None, target_epsilon=target)
+    eps1, state, steps = _train_round(_model(groups=1), cfg, None, total_epochs=1, seed=1)
+    assert steps == 2 and target - 0.1 <= eps1 <= target
+    sigma1 = state["noise_multiplier"][0]
+    eps2, state, _ = _train_round(_model(groups=1), cfg, state, total_epochs=3, seed=2)
+    eps3, state, steps = _train_round(_model(groups=1), cfg, state, total_epochs=3, seed=3)
+    assert steps == 6
+    assert eps1 <= eps2 <= eps3 <= target
+    assert min(state["noise_multiplier"][1:]) > sigma1  # the rest of the budget is small
+    scratch = accountant_from_record({"mechanism": "rdp", "noise_multiplier": [sigma1],
+                                      "sample_rate": [0.5], "steps": [2]})
+    scratch.history.append((plan_noise_multiplier(target, 0.025, 0.5, 6, [], "rdp"), 0.5, 4))
+    assert scratch.get_epsilon(delta=0.025) > target  # what the old plan would have spent
+
+
+def test_plan_noise_multiplier_refuses_a_spent_budget() -> None:
+    spent = [(0.5, 0.5, 20)]
+    with pytest.raises(PrivacyBudgetExhausted, match="already spent"):
+        plan_noise_multiplier(1.0, 1e-5, 0.5, 2, spent, "rdp")
+    # with no history it is Opacus' get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+    assert plan_noise_multiplier(2.0, 1e-5, 0.5, 4, [], "rdp") == pytest.approx(
+        get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.5, steps=4,
+                             accountant="rdp"))
 
 
 def test_prv_accountant_state_round_trip() -> None:

@@ -122,6 +122,32 @@ def test_segment_writes_input_grid_and_valid_labels(tmp_path: Path, ckpt: Path) 
     assert img.header.get_zooms() == ref.header.get_zooms()
 
 
+def test_segment_png_outlines_prediction_and_reference(tmp_path: Path, ckpt: Path) -> None:
+    """``--png`` writes a picture of axial slices; the slices go through the case's tumour and
+    the drawing refuses masks that do not match the images."""
+    from PIL import Image
+
+    from m4fuse.overlay import overlay_png, tumour_slices
+    from m4fuse.regions import labels_to_regions
+
+    folder, labels, _ = write_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
+    png = tmp_path / "pics" / "case.png"
+    assert main(["segment", str(folder), "--model", str(ckpt), "--site", "siteA", "--out",
+                 str(tmp_path / "seg.nii.gz"), "--device", "cpu", "--png", str(png)]) == 0
+    with Image.open(png) as picture:
+        assert picture.format == "PNG" and picture.size[0] > 300 and picture.size[1] > 300
+    regions = np.asarray(labels_to_regions(labels, 4))
+    zs = np.flatnonzero(regions[0].any(axis=(0, 1)))
+    picks = tumour_slices(regions, labels.shape[-1])
+    assert picks and all(zs.min() <= z <= zs.max() for z in picks)
+    assert int(np.argmax(regions[0].sum(axis=(0, 1)))) in picks
+    flair = np.zeros(labels.shape, np.float32)
+    with pytest.raises(ValueError, match="prediction masks have shape"):
+        overlay_png({"flair": flair}, tmp_path / "x.png", prediction=regions[:, :-1])
+    with pytest.raises(ValueError, match="needs one of"):
+        overlay_png({"t2": flair}, tmp_path / "x.png")
+
+
 def test_segment_site_choice_and_et_convention(tmp_path: Path, ckpt: Path) -> None:
     folder, _, _ = write_case(tmp_path / "in", case_id="BraTS-GLI-00001-000", et_label=3, naming="2023")
     a = segment_case(folder, ckpt, tmp_path / "a.nii.gz", site="siteA", device="cpu")

@@ -185,3 +185,82 @@ def test_error_reasons_shortened_to_the_clients_message():
     assert short_reason(ray) == "injected crash of site 'site0' in round 2"
     assert short_reason("plain") == "plain"
     assert short_reason("x" * 400).endswith(" ...") and len(short_reason("x" * 400)) == 304
+
+
+def test_case_count_that_jumps_or_is_zero_is_dropped():
+    """The aggregation weight cannot change within a run: a site that reported 2 training
+    cases and then 200 is dropped (named, with the reason), as is a zero count; the
+    others are averaged as usual."""
+    s = strategy()
+    s.aggregate_train(1, [reply(arrays(1.0), i) for i in range(4)])
+    assert s.train_counts == {name: 2.0 for name in NAMES}
+    s.current.failed.clear()
+    replies = [reply(arrays(1.0), 0), reply(arrays(9.0), 1, cases=200),
+               reply(arrays(9.0), 2, cases=0), reply(arrays(3.0), 3)]
+    out, metrics = s.aggregate_train(2, replies)
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 2.0))
+    assert set(s.current.failed) == {"train/TCIA01", "train/TCIA02"}
+    assert "differs from the 2 this site reported" in s.current.failed["train/TCIA01"]
+    assert "num-examples is 0" in s.current.failed["train/TCIA02"]
+    assert metrics["num-examples"] == 4
+
+
+def test_all_zero_case_counts_stop_with_the_quorum_error_naming_sites():
+    s = strategy()
+    with pytest.raises(QuorumError, match="num-examples is 0"):
+        s.aggregate_train(1, [reply(arrays(1.0), i, cases=0) for i in range(4)])
+
+
+def test_site_without_held_out_cases_is_not_scored_and_left_out_of_the_mean(caplog):
+    """A site too small to hold out validation cases answers with 0 cases: it is reported
+    'not scored: n cases' (one log line over two rounds, no failure), and the mean is over
+    the scored sites only."""
+    from server.report import markdown_table, site_rows
+
+    s = strategy()
+
+    def evaluate_replies():
+        out = [reply({}, i, cases=2, train=False) for i in range(3)]
+        small = reply({}, 3, cases=0, train=False)
+        small.content["metrics"]["site-cases"] = 2
+        return out + [small]
+
+    with caplog.at_level("INFO"):
+        s.aggregate_evaluate(1, evaluate_replies())
+        result = s.aggregate_evaluate(2, evaluate_replies())
+    assert s.current.not_scored == {3: 2} and not s.current.failed
+    assert sorted(s.current.evaluate_by_site) == [0, 1, 2]
+    assert result["num-examples"] == 6 and result["loss"] == pytest.approx(2.0)
+    rows = site_rows(NAMES, s.current.evaluate_by_site, {}, {"val": s.current.not_scored})
+    assert rows[3]["val_num-examples"] == "not scored: 2 cases"
+    assert "| site3 | TMC | not scored: 2 cases |" in markdown_table(rows)
+
+
+def test_model_is_saved_before_the_final_test_round(monkeypatch):
+    """run_rounds hands the final arrays to ``before_final_test`` before it sends the test
+    round, so a failing test round cannot lose the trained model."""
+    from flwr.app import ConfigRecord
+
+    s = strategy()
+    events: list[str] = []
+    monkeypatch.setattr(s, "wait_for_quorum", lambda *a: None)
+    monkeypatch.setattr(s, "configure_train", lambda rnd, arrays, config, grid: [])
+    monkeypatch.setattr(s, "aggregate_train", lambda rnd, replies: (None, None))
+
+    def configure_evaluate(rnd, arrays, config, grid):
+        events.append("test" if config.get("final-test") else f"validate {rnd}")
+        return []
+
+    monkeypatch.setattr(s, "configure_evaluate", configure_evaluate)
+    monkeypatch.setattr(s, "aggregate_evaluate", lambda rnd, replies: None)
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            return []
+
+    start = ArrayRecord({k: Array(v) for k, v in arrays(0.0).items()})
+    s.run_rounds(Grid(), start, 1, 2, ConfigRecord({}), ConfigRecord({}), 1.0,
+                 lambda rl, a: events.append(f"round end {rl.server_round}"),
+                 before_final_test=lambda a: events.append(f"save {sorted(a.keys())}"))
+    assert events == ["validate 1", "round end 1", "validate 2", "round end 2",
+                      f"save {sorted(KEYS)}", "test"]

@@ -154,3 +154,31 @@ def test_save_checks_arguments(trained, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="round"):
         store.save(SiteState("CBICA", -1, good.fingerprint, good.expert))
     assert store.rounds() == []
+
+
+def test_state_of_another_run_is_discarded_when_the_run_identity_changes(
+        trained, tmp_path: Path) -> None:
+    """A new run with an old run's name must not inherit its expert or its DP spending: the
+    folder is bound to the server's run identity and started clean on a mismatch; the same
+    identity (a resumed run) keeps everything."""
+    config, model, opt = trained
+    store = SiteStateStore(tmp_path / "state", "CBICA")
+    assert store.bind_run("run-a") is None  # empty folder: just bound
+    store.save(_state(config, model, opt, rnd=3))
+    store.save_accountant({"mechanism": "rdp", "noise_multiplier": [1.0], "sample_rate": [0.5],
+                           "steps": [4]})
+    assert store.bind_run("run-a") is None  # resumed: kept
+    assert store.rounds() == [3] and store.load_accountant() is not None
+    message = store.bind_run("run-b")
+    assert message is not None and "run-a" in message and "run-b" in message
+    assert store.rounds() == [] and store.load_accountant() is None
+    assert store.load(model_fingerprint(config)) is None
+    assert SiteStateStore(tmp_path / "state", "CBICA").run_identity() == "run-b"
+
+
+def test_state_without_identity_counts_as_another_run(trained, tmp_path: Path) -> None:
+    config, model, opt = trained
+    store = SiteStateStore(tmp_path / "state", "CBICA")
+    store.save(_state(config, model, opt, rnd=1))  # written before identities existed
+    assert "(no identity)" in store.bind_run("run-c")
+    assert store.rounds() == []

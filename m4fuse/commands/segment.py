@@ -1,5 +1,5 @@
 """``m4fuse segment`` (one case -> a label map on its own grid) and ``m4fuse evaluate``
-(label maps vs references -> Dice / HD95 per region, DESIGN.md §5).
+(label maps vs references -> Dice / HD95 per region, docs/design.md §5).
 
 The work is done by importable functions (:func:`segment_case`, :func:`evaluate_paths`); the
 parsers only translate arguments. torch / MONAI are imported inside them so ``m4fuse --help``
@@ -89,6 +89,7 @@ def segment_case(
     overlap: float = 0.5,
     size: Sequence[int] | None = None,
     amp: bool = True,
+    png: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Segment one BraTS-style case and write the label map on the input's grid.
 
@@ -104,8 +105,12 @@ def segment_case(
         overlap: sliding-window overlap, default 0.5.
         size: training size (D, H, W) when the checkpoint does not record one; default None.
         amp: autocast on CUDA, default True.
+        png: also write a PNG of axial slices (FLAIR, T1ce) with the prediction outlined per
+            region, and the case's own segmentation when its folder has one
+            (:func:`m4fuse.overlay.overlay_png`); default None (no picture).
 
-    Returns a summary dict: case, out, expert (None = shared only), et_label, shape, voxel counts.
+    Returns a summary dict: case, out, expert (None = shared only), et_label, shape, voxel
+    counts, and ``png`` (the picture's path, or None).
     """
     import nibabel as nib
 
@@ -138,6 +143,19 @@ def segment_case(
     et = et_label if et_label is not None else case.et_label
     labels = np.asarray(regions_to_labels(regions.numpy(), et_label=et))
     _write_nifti_atomic(labels, nib.load(paths[0]), out)
+    picture = None
+    if png is not None:
+        from m4fuse.overlay import overlay_png
+        from m4fuse.regions import labels_to_regions
+
+        images = {name: np.asarray(nib.load(case.images[name]).dataobj, dtype=np.float32)
+                  for name in ("flair", "t1ce")}
+        reference = None
+        if case.seg is not None:
+            seg = np.rint(np.asarray(nib.load(case.seg).dataobj)).astype(np.int16)
+            reference = np.asarray(labels_to_regions(seg, case.et_label))
+        picture = str(overlay_png(images, png, prediction=np.asarray(regions.numpy()),
+                                  reference=reference, title=case.case_id))
     return {
         "case": case.case_id,
         "out": str(out),
@@ -145,6 +163,7 @@ def segment_case(
         "et_label": et,
         "shape": list(labels.shape),
         "voxels": {str(v): int((labels == v).sum()) for v in (1, 2, et)},
+        "png": picture,
     }
 
 
@@ -154,10 +173,13 @@ def _run_segment(args: argparse.Namespace) -> int:
     summary = segment_case(
         args.case_dir, args.model, args.out, site=args.site, device=args.device,
         et_label=args.et_label, overlap=args.overlap, size=args.size, amp=not args.no_amp,
+        png=args.png,
     )
     who = "shared model alone" if summary["expert"] is None else f"expert of site {args.site!r}"
     print(f"{summary['case']}: wrote {summary['out']} ({who}; ET label {summary['et_label']}; "
           f"voxels {summary['voxels']})")
+    if summary["png"]:
+        print(f"{summary['case']}: picture {summary['png']}")
     return 0
 
 
@@ -292,6 +314,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     seg.add_argument("--size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                      help="training size, only for checkpoints that do not record it")
     seg.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    seg.add_argument("--png", default=None, metavar="FILE",
+                     help="also write a PNG of axial slices with the prediction (and the "
+                          "case's own segmentation, if present) outlined per region")
     seg.set_defaults(func=_run_segment)
 
     ev = sub.add_parser(

@@ -170,13 +170,17 @@ def finetune_of(cfg: Any) -> Any:
 
 def check_against_run(case_rows: Sequence[Mapping[str, Any]], run_rows: Sequence[Mapping[str, Any]]
                       ) -> dict[str, float]:
-    """Per site: |mean Dice of the comparison's own per-case scores - the run's table|."""
+    """Per site: |mean Dice of the comparison's own per-case scores - the run's table|; nan
+    for a site the run's table has no test score for (e.g. its final evaluation failed)."""
     out = {}
     for row in run_rows:
         site = str(row.get("name", row.get("site")))
         mine = [case_score(r) for r in case_rows if r["site"] == site]
-        if mine and "test_dice_mean" in row:
-            out[site] = abs(float(np.mean(mine)) - float(row["test_dice_mean"]))
+        if not mine:
+            continue
+        theirs = row.get("test_dice_mean")
+        out[site] = (abs(float(np.mean(mine)) - float(theirs))
+                     if isinstance(theirs, (int, float)) else float("nan"))
     return out
 
 
@@ -295,7 +299,8 @@ def pool_new_site(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         by_k[k] = {"test": paired_test(tuned, shared),
                    "seconds": [res["by_k"][k]["seconds"] for res in results],
                    "frozen_unchanged": all(res["by_k"][k]["frozen_unchanged"] for res in results)}
-    return {"site": results[0]["site"], "train_cases": results[0]["train_cases"],
+    return {"site": results[0]["site"], "models": [res["model"] for res in results],
+            "train_cases": results[0]["train_cases"],
             "test_cases": results[0]["test_cases"], "epochs": results[0]["epochs"],
             "by_k": by_k, "rows": rows}
 
@@ -349,13 +354,17 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
         mark = {True: "[x]", False: "[ ]", None: "[-]"}[g["met"]]
         state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
         lines.append(f"- {mark} {g['goal']}: {state}; {g['detail']}")
-    bad = {f"{m} seed {s}": d for m, by in summary["check"].items() for s, d in by.items()
-           if d is not None and d > CHECK_TOLERANCE}
+    bad = sorted(f"{m} seed {s}" for m, by in summary["check"].items() for s, d in by.items()
+                 if d is not None and d > CHECK_TOLERANCE)
+    missing = sorted(f"{m} seed {s}" for m, by in summary["check"].items()
+                     for s, d in by.items() if d is None)
+    known = [d for by in summary["check"].values() for d in by.values() if d is not None]
     lines += ["", "Check: the comparison's own per-case scores against each run's own table "
-              f"(largest per-site difference of mean Dice over all runs: "
-              f"{max([d for by in summary['check'].values() for d in by.values()] or [0]):.4f})"
-              + (f"; MISMATCH above {CHECK_TOLERANCE} in {sorted(bad)}" if bad else "; agree")
-              + "."]
+              f"(largest per-site difference of mean Dice: {max(known or [0.0]):.4f})"
+              + (f"; MISMATCH above {CHECK_TOLERANCE} in {bad}" if bad else "")
+              + (f"; the run's own table lacks a site's test score in {missing}"
+                 if missing else "")
+              + ("; agree" if not bad and not missing else "") + "."]
     if summary["crosssite"]:
         lines += ["", "Cross-site matrix (mean test Dice over the seeds; row: whose model, "
                   "column: whose test cases; `crosssite.png`):"]
@@ -366,7 +375,12 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
         ns = summary["new_site"]
         lines += ["", f"New site {ns['site']} (never trained; {ns['train_cases']} training, "
                   f"{ns['test_cases']} test cases; fine-tuned {ns['epochs']} epochs on k cases, "
-                  "shared weights frozen), default strategy's model, cases of all seeds:", "",
+                  "shared weights frozen), joined to the default strategy's model "
+                  f"(`{Path(ns['models'][0]).name}`"
+                  + (": the server's shared weights with the initial values of the layers "
+                     "the strategy keeps at each site, which the new site fine-tunes"
+                     if Path(ns["models"][0]).name == "federation.ckpt" else "")
+                  + "), cases of all seeds:", "",
                   "| k | shared alone | fine-tuned | mean diff | p | n | frozen unchanged |",
                   "|---|---|---|---|---|---|---|"]
         for k, v in ns["by_k"].items():
@@ -441,8 +455,9 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
         crosssite: modes whose cross-site matrix is scored; default the default strategy and
             ``local`` (those of them that run).
         new_site_cases: k for the held-out site (:mod:`simulations.new_site`), joined to the
-            default strategy's model of every seed; empty: skipped (also when the default
-            strategy is not run, or its run writes no ``model.ckpt``).
+            default strategy's model of every seed
+            (:func:`simulations.new_site.federation_checkpoint`); empty: skipped (also when
+            the default strategy is not run or shares nothing).
         new_site_epochs: fine-tuning epochs of the new site (default 20).
     """
     base = experiment.compose("config", list(overrides))
@@ -498,16 +513,20 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
                 for r in score_cases(model, expert, split[site]["test"], device):
                     mode_rows.append({"mode": mode, "seed": seed, "site": site, **r})
             rows += mode_rows
-            check[mode][str(seed)] = max(check_against_run(mode_rows, run["rows"]).values(),
-                                         default=None)
+            diffs = list(check_against_run(mode_rows, run["rows"]).values())
+            # nan (a site without the run's own score) wins: the check then reads "missing"
+            check[mode][str(seed)] = (None if not diffs or any(np.isnan(diffs))
+                                      else float(max(diffs)))
             if mode in crosssite:
                 for r in score_matrix_rows(models, split, names, device, mode_rows):
                     cross_rows[mode].append({"seed": seed, **r})
             if mode == default and new_site_cases:
                 from simulations.new_site import evaluate_new_site
 
-                model_file = Path(run["run_dir"]) / "model.ckpt"
-                if model_file.is_file():
+                from simulations.new_site import federation_checkpoint
+
+                model_file = federation_checkpoint(Path(run["run_dir"]), cfg)
+                if model_file is not None:
                     new_site_results.append(evaluate_new_site(
                         seed_overrides, model_file, new_site_cases, new_site_epochs,
                         out_dir=Path(run["run_dir"]) / "new_site", label={"seed": seed}))

@@ -38,6 +38,39 @@ def new_site_split(overrides: Sequence[str]) -> tuple[str, dict[str, list[Any]],
     return name, split[name], bigger
 
 
+def federation_checkpoint(run_dir: Path, cfg: Any) -> Path | None:
+    """The model a new site joins: the federated run's ``model.ckpt`` when it wrote one;
+    otherwise (a strategy that keeps norm layers at the sites, whose final model does not fit
+    one checkpoint) ``new_site/federation.ckpt``, built from the server's final arrays plus
+    the *initial* values of the kept non-expert layers (what every site started from; the new
+    site then fine-tunes them with its expert). None for a run without shared weights."""
+    from m4fuse.checkpoint import save_checkpoint
+    from m4fuse.state import is_expert
+    from server import checkpoint as server_ckpt
+    from server.runner import CHECKPOINT_FILE
+
+    run_dir = Path(run_dir)
+    if (run_dir / "model.ckpt").is_file():
+        return run_dir / "model.ckpt"
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return None
+    import numpy as np
+    import torch
+
+    arrays = server_ckpt.load(run_dir / CHECKPOINT_FILE).arrays
+    if not arrays:
+        return None  # local training: nothing shared
+    initial = experiment.build_model(cfg, num_experts=1).state_dict()
+    shared = {k: v.detach().cpu() for k, v in initial.items() if not is_expert(k)}
+    shared.update({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                   if not is_expert(k)})
+    return save_checkpoint(
+        run_dir / "new_site" / "federation.ckpt", experiment.model_config(cfg, num_experts=1),
+        shared, {}, size=list(cfg.data.size),
+        metadata={"strategy": str(cfg.fl.strategy),
+                  "note": "server's shared weights + initial values of the kept layers"})
+
+
 def parse_cases(text: str) -> list[int | str]:
     """``"2,5,all"`` -> ``[2, 5, "all"]``."""
     out: list[int | str] = []
@@ -84,7 +117,7 @@ def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
                         "seconds": time.perf_counter() - start}
         print(f"[new site] {site} k={k}: shared {by_k[str(k)]['shared']:.3f}, fine-tuned "
               f"{by_k[str(k)]['fine-tuned']:.3f} ({by_k[str(k)]['seconds']:.0f} s)", flush=True)
-    return {"site": site, "train_cases": len(records["train"]),
+    return {"site": site, "model": str(model_path), "train_cases": len(records["train"]),
             "test_cases": len(records["test"]), "epochs": int(epochs), "rows": rows,
             "by_k": by_k}
 

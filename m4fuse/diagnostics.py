@@ -1,8 +1,9 @@
 """Diagnostics of personalisation: how much the site experts contribute (issue 9).
 
-* :func:`expert_output_ratios`: per expert unit, ``||expert output|| / ||shared mixer
-  output||`` over a set of cases (forward hooks on the unit's ``shared`` and
-  ``site_experts[k]`` mixers; norms summed over every voxel and case);
+* :func:`expert_output_ratios` / :func:`expert_output_stats`: per expert unit,
+  ``||expert output|| / ||shared mixer output||`` and their cosine over a set of cases
+  (forward hooks on the unit's ``shared`` and ``site_experts[k]`` mixers; sums over every
+  voxel and case);
 * :func:`with_and_without_expert`: a site's test scores with its expert and with the expert
   switched off (``expert=None``: only the shared mixers run);
 * :func:`loss_curve`: the per-round training loss of a run's ``history.json``.
@@ -29,18 +30,33 @@ def expert_output_ratios(model: torch.nn.Module, records: Sequence[Any], expert_
 
     A ratio near 0 means the expert adds next to nothing to the unit's output.
     """
+    return {name: v["ratio"] for name, v in expert_output_stats(
+        model, records, expert_index, device).items()}
+
+
+def expert_output_stats(model: torch.nn.Module, records: Sequence[Any], expert_index: int,
+                        device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Per expert unit ``{"ratio": ||expert|| / ||shared||, "cosine": cos(expert, shared)}``
+    over all voxels of ``records`` (see :func:`expert_output_ratios`). A cosine near 1 means
+    the expert only rescales the shared output, which the GroupNorm after the unit undoes."""
     from m4fuse.data import make_loader
     from m4fuse.model import ExpertUnit
 
     units = {name: m for name, m in model.named_modules() if isinstance(m, ExpertUnit)}
     if not units:
         raise ValueError("the model has no expert unit")
-    sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in units}  # [shared, expert]
+    sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in units}  # ss, ee, se
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name: str, slot: int):
         def record(_module, _inputs, output):
-            sums[name][slot] += float(output.detach().float().pow(2).sum())
+            out = output.detach().float()
+            sums[name][slot] += float(out.pow(2).sum())
+            if slot == 0:
+                outputs[name] = out
+            else:  # the expert runs after the shared mixer (ExpertUnit.forward)
+                sums[name][2] += float((out * outputs.pop(name)).sum())
         return record
 
     for name, unit in units.items():
@@ -59,8 +75,9 @@ def expert_output_ratios(model: torch.nn.Module, records: Sequence[Any], expert_
     finally:
         for h in handles:
             h.remove()
-    return {name: math.sqrt(e) / math.sqrt(s) if s > 0 else math.nan
-            for name, (s, e) in sums.items()}
+    return {name: {"ratio": math.sqrt(e / ss) if ss > 0 else math.nan,
+                   "cosine": se / math.sqrt(ss * e) if ss > 0 and e > 0 else math.nan}
+            for name, (ss, e, se) in sums.items()}
 
 
 def with_and_without_expert(model: torch.nn.Module, records: Sequence[Any], expert_index: int,

@@ -4,7 +4,7 @@
 site's model of ``runs/<RUN_NAME>`` as it was after the last round (the server's last round
 checkpoint plus what the site kept in ``runs/<RUN_NAME>/clients/<site>/``; a ``-ft``
 strategy's fine-tuning is not in there: it happens at the final test only), then prints per
-site: ``||expert|| / ||shared||`` per expert unit (on the site's test cases), the test mean
+site: ``||expert|| / ||shared||`` and their cosine per expert unit (on the site's test cases), the test mean
 Dice with the expert and with ``expert=None``, and the run's training-loss curve. The
 overrides must be those of the run (seed, data); ``fl.strategy`` is read from the run's
 checkpoint. Writes ``runs/<RUN_NAME>/diagnosis.json``.
@@ -48,9 +48,10 @@ def diagnose(run: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         model = site_model(cfg, run, site, arrays)
         test = split[site]["test"]
         row = diagnostics.with_and_without_expert(model, test, 0)
-        row["ratios"] = diagnostics.expert_output_ratios(model, test, 0)
+        row["units"] = diagnostics.expert_output_stats(model, test, 0)
         out["sites"][site] = row
-        ratios = " ".join(f"{k.split('.')[-1]}={v:.3f}" for k, v in row["ratios"].items())
+        ratios = " ".join(f"{k.split('.')[-1]}={v['ratio']:.3f} (cos {v['cosine']:.2f})"
+                          for k, v in row["units"].items())
         print(f"{run} {site}: Dice with expert {row['dice_with']:.3f}, without "
               f"{row['dice_without']:.3f} (delta {row['dice_delta']:+.3f}); "
               f"||expert||/||shared|| {ratios}", flush=True)

@@ -81,6 +81,21 @@ def test_finetune_changes_only_the_personal_set(tmp_path):
     assert all(p.requires_grad for p in model.parameters())  # freezing undone
 
 
+def test_expert_output_stats_see_a_zero_expert(tmp_path):
+    from m4fuse.diagnostics import expert_output_stats
+
+    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
+    split = experiment.load_sites(cfg)
+    records = split[experiment.site_names(split)[0]]["test"]
+    model = experiment.build_model(cfg, num_experts=1)
+    stats = expert_output_stats(model, records, 0)
+    assert set(stats) == {"encoder.unit4", "encoder.unit5", "encoder.bottleneck"}
+    assert all(v["ratio"] > 0 and -1 <= v["cosine"] <= 1 for v in stats.values())
+    for unit in (model.encoder.unit4, model.encoder.unit5, model.encoder.bottleneck):
+        unit.site_experts[0] = unit.new_expert()  # zero output projection
+    assert all(v["ratio"] == 0 for v in expert_output_stats(model, records, 0).values())
+
+
 def test_personal_lr_scale_makes_its_own_param_group():
     from m4fuse.engine import make_optimizer
 

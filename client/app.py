@@ -301,14 +301,30 @@ def evaluate(msg: Message, context: Context) -> Message:
 def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, float]:
     """Fine-tune the personal set ``personal`` of ``model`` on the site's training cases for
     ``fl.finetune_epochs`` epochs, every other weight frozen (the "+FT" of a strategy, run
-    once after the last round, before the final test). Returns ``finetune-steps``,
-    ``finetune-epochs`` and ``finetune-loss`` for the reply's metrics."""
+    once after the last round, before the final test). The site's validation cases decide:
+    when the fine-tuned model's validation mean Dice is below the model's before, the
+    fine-tuning is undone (the test cases are never looked at). Returns ``finetune-steps``,
+    ``finetune-epochs``, ``finetune-loss``, ``finetune-kept`` (1/0) and the validation mean
+    Dice before/after (``finetune-val-before``/``-after``) for the reply's metrics."""
     epochs = int(site.cfg.fl.finetune_epochs)
     seed = int(site.cfg.seed) * 1000 + site.index * 100 + 99
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def val_dice() -> float:
+        model.eval()
+        return float(experiment.validate_site(model, site.records["val"], 0, site.cfg,
+                                              site.device)["dice_mean"])
+
+    before = val_dice()
     result = experiment.finetune_site(model, site.records["train"], 0, site.cfg, site.device,
                                       personal=personal, epochs=epochs, seed=seed)
+    after = val_dice()
+    kept = after >= before
+    if not kept:
+        model.load_state_dict(saved)
     return {"finetune-steps": float(result["steps"]), "finetune-epochs": float(epochs),
-            "finetune-loss": float(result["loss"])}
+            "finetune-loss": float(result["loss"]), "finetune-kept": float(kept),
+            "finetune-val-before": before, "finetune-val-after": after}
 
 
 __all__ = ["app", "train", "evaluate", "privacy_config", "check_dp_training"]

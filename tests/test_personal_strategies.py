@@ -161,6 +161,8 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     for e in finals:  # fine-tuned before the final test, the steps reported
         (metrics,) = e["metrics"]
         assert metrics["finetune-steps"] >= 1 and metrics["finetune-epochs"] == 1
+        kept_ft = metrics["finetune-val-after"] >= metrics["finetune-val-before"]
+        assert metrics["finetune-kept"] == float(kept_ft)
         assert e["arrays"] == []
     others = [e for e in entries if e["type"] != MessageType.TRAIN and not e["final"]]
     assert others and all("finetune-steps" not in e["metrics"][0] for e in others)
@@ -172,3 +174,22 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
 
     kept = newest_kept(rdir / "clients" / "site0")
     assert kept is not None and set(kept["state"]) == mine
+
+
+@pytest.mark.parametrize("val_after, kept", [(0.2, False), (0.9, True)])
+def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, val_after, kept):
+    from client.app import finetune
+    from client.site import Site
+
+    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1"])
+    split = experiment.load_sites(cfg)
+    name = experiment.site_names(split)[0]
+    model = experiment.build_model(cfg, num_experts=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.5, val_after])  # validation mean Dice before, after fine-tuning
+    monkeypatch.setattr(experiment, "validate_site",
+                        lambda *a, **k: {"dice_mean": next(scores)})
+    out = finetune(model, Site(cfg, name, 0, split[name], torch.device("cpu"), None), "norms")
+    assert out["finetune-kept"] == float(kept) and out["finetune-steps"] >= 1
+    same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert same is (not kept)

@@ -162,6 +162,11 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
     if strategy == "fedprox":
         raise ValueError("privacy.enabled with fl.strategy=fedprox is not supported: the "
                          "proximal term is not a per-case gradient (use fl.strategy=personal)")
+    if state_strategy(strategy).finetune and int(cfg.fl.get("finetune_epochs", 0)) > 0:
+        raise ValueError(f"privacy.enabled with fl.strategy={strategy} is not supported: its "
+                         "fine-tuning after the last round is not DP-SGD and the final test "
+                         "scores would leave the site unaccounted (use fl.finetune_epochs=0 "
+                         "or a strategy without -ft, e.g. personal-norm)")
     if bool(cfg.train.amp) and str(cfg.train.amp_dtype) == "float16":
         raise ValueError("privacy.enabled with train.amp_dtype=float16 is not supported: "
                          "loss scaling changes the per-case gradients Opacus clips "

@@ -96,6 +96,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"fl.finetune_epochs must be >= 0, got {cfg.fl.finetune_epochs!r}")
     if not float(cfg.fl.get("personal_lr_scale", 1.0)) > 0:
         raise ValueError(f"fl.personal_lr_scale must be > 0, got {cfg.fl.personal_lr_scale!r}")
+    privacy = cfg.get("privacy")
+    if (privacy is not None and bool(privacy.get("enabled", False)) and chosen.finetune
+            and int(cfg.fl.get("finetune_epochs", 0)) > 0):
+        raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "
+                         "the fine-tuning after the last round is not DP-SGD (use "
+                         "fl.finetune_epochs=0 or fl.strategy=personal-norm)")
     if chosen.kept not in ("experts", "none", "all") or chosen.finetune:
         # The personal layers must exist in the configured model (a cheap tiny build).
         names = list(build_model(cfg, num_experts=1).state_dict())

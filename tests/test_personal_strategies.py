@@ -56,6 +56,9 @@ def test_bad_settings_fail_before_training():
         experiment.compose("config", [*TINY, "fl.finetune_epochs=-1"])
     with pytest.raises(ValueError, match="fl.personal_lr_scale"):
         experiment.compose("config", [*TINY, "fl.personal_lr_scale=0"])
+    with pytest.raises(ValueError, match="fl.strategy=personal-norm-ft with privacy.enabled"):
+        experiment.compose("config", [*TINY, "fl.strategy=personal-norm-ft", "privacy=dp"])
+    experiment.compose("config", [*TINY, "fl.strategy=personal-norm", "privacy=dp"])
     # a personal set naming layers the model does not have
     no_norms = [n for n in _names() if ".norm" not in n]
     with pytest.raises(ValueError, match="fl.strategy.*'norms'.*no norm layer"):

@@ -124,3 +124,20 @@ def test_join_trains_only_the_new_expert(compared, tmp_path, capsys):
     # the fresh expert started as zero output projection; training moved it
     assert any(bool(v.abs().sum() > 0) and not torch.equal(v, before.experts["site0"][k])
                for k, v in new.items())
+
+
+def test_pairs_match_cases_and_identical_scores_give_p_one():
+    from m4fuse.stats import pair_cases, paired_test
+
+    def row(mode, case, dice, seed=0):
+        return {"mode": mode, "seed": seed, "site": "s", "case": case, "dice_wt": dice,
+                "dice_tc": dice, "dice_et": dice}
+
+    rows = [row("a", "c2", 0.9), row("a", "c1", 0.5), row("b", "c1", 0.4), row("b", "c2", 0.6)]
+    a, b = pair_cases(rows, "a", "b")
+    assert a.tolist() == [0.5, 0.9] and b.tolist() == [0.4, 0.6]  # paired by case, not order
+    with pytest.raises(ValueError, match="different cases"):
+        pair_cases([*rows, row("a", "c3", 0.1)], "a", "b")
+    assert paired_test([0.5, 0.7], [0.5, 0.7])["p"] == 1.0
+    test = paired_test([0.9, 0.8, 0.7, 0.95, 0.85, 0.9], [0.1, 0.2, 0.3, 0.15, 0.25, 0.2])
+    assert test["mean_diff"] > 0.6 and test["p"] < 0.05 and test["n"] == 6

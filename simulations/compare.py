@@ -237,8 +237,9 @@ def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default:
         below = [s for s, (d, l) in diffs.items() if d is None or l is None or d < l]
         out.append({"goal": f"{default} >= local on every site (mean over seeds)",
                     "met": not below,
-                    "detail": ", ".join(f"{s} {d:.3f} vs {l:.3f}" for s, (d, l) in diffs.items()
-                                        if d is not None and l is not None)})
+                    "detail": ", ".join(f"{s} {d:.4f} vs {l:.4f}" for s, (d, l) in diffs.items()
+                                        if d is not None and l is not None)
+                              + (f"; below local on {below}" if below else "")})
     else:
         out.append({"goal": "default >= local on every site", "met": None,
                     "detail": f"needs modes {default} and local"})

@@ -57,6 +57,7 @@ from client.weights import (
 from m4fuse import experiment
 from m4fuse.logs import configure_logging
 from m4fuse.state import expert_state, place_expert, split_state
+from m4fuse.state import strategy as state_strategy
 
 configure_logging()  # after client.privacy imported Opacus (see m4fuse.logs)
 app = ClientApp()
@@ -73,7 +74,9 @@ def _fingerprint(cfg: DictConfig, strategy: str) -> str:
     ``all``): an expert of another architecture, or a whole ``local`` model read by a
     ``personal`` run of the same name, is refused by :meth:`SiteStateStore.load`."""
     fields = dataclasses.asdict(experiment.model_config(cfg, num_experts=1))
-    fields["kept"] = KEPT[strategy]
+    # "personal" for the experts-only set: the name site states were written with before
+    # the personal sets existed, so their folders stay readable.
+    fields["kept"] = {"experts": "personal"}.get(KEPT[strategy], KEPT[strategy])
     return model_fingerprint(fields)
 
 
@@ -95,18 +98,20 @@ def _kept(context: Context, site: Site, model: torch.nn.Module, strategy: str,
     if saved is None:
         return None
     kept = place_expert(saved.expert, 0)
-    if KEPT[strategy] == "all":
+    if KEPT[strategy] != "experts":
+        # The set keeps more than the expert: the rest is in the state's ``shared`` field.
         if not saved.shared:
-            raise ValueError(f"{store.path(saved.round)} holds no shared weights, "
-                             f"strategy {strategy!r} keeps the whole model")
+            raise ValueError(f"{store.path(saved.round)} holds no non-expert weights, "
+                             f"strategy {strategy!r} keeps {KEPT[strategy]!r}")
         kept.update(saved.shared)
     return kept
 
 
 def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, server_round: int,
                metrics: Mapping[str, float]) -> None:
-    """Write the round's :class:`SiteState` (expert index-free; shared weights only under
-    ``local``; the round's finite metrics). The optimiser is not kept: every round starts a
+    """Write the round's :class:`SiteState` (expert index-free; the kept weights outside the
+    expert, e.g. the norms of ``personal-norm`` or the whole model of ``local``, in its
+    ``shared`` field; the round's finite metrics). The optimiser is not kept: every round starts a
     fresh AdamW (``experiment.train_site``)."""
     store = _store(site)
     if store is None or not kept:
@@ -116,7 +121,7 @@ def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, serv
         site=site.name, round=server_round, fingerprint=_fingerprint(site.cfg, strategy),
         expert=expert_state(personal, 0), optimizer=None,
         metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
-        shared=shared if KEPT[strategy] == "all" else None,
+        shared=shared if KEPT[strategy] != "experts" else None,
     ))
 
 
@@ -202,6 +207,11 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
     if strategy == "fedprox":
         raise ValueError("privacy.enabled with fl.strategy=fedprox is not supported: the "
                          "proximal term is not a per-case gradient (use fl.strategy=personal)")
+    if state_strategy(strategy).finetune and int(cfg.fl.get("finetune_epochs", 0)) > 0:
+        raise ValueError(f"privacy.enabled with fl.strategy={strategy} is not supported: its "
+                         "fine-tuning after the last round is not DP-SGD and the final test "
+                         "scores would leave the site unaccounted (use fl.finetune_epochs=0 "
+                         "or a strategy without -ft, e.g. personal-norm)")
     if bool(cfg.train.amp) and str(cfg.train.amp_dtype) == "float16":
         raise ValueError("privacy.enabled with train.amp_dtype=float16 is not supported: "
                          "loss scaling changes the per-case gradients Opacus clips "
@@ -279,6 +289,7 @@ def train(msg: Message, context: Context) -> Message:
             schedule=(server_round - 1, max(server_round, int(cfg.fl.rounds))),
             wrap=wrap if privacy.enabled else None,
             on_empty_batch=noise_only_step if privacy.enabled else None,
+            lr_scale=experiment.personal_lr_scale(model, cfg),
         )
     finally:
         # Steps taken are spent even if the round fails later: persist the accountant first.
@@ -326,6 +337,10 @@ def evaluate(msg: Message, context: Context) -> Message:
                        "seconds": time.perf_counter() - start})
         return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
     model, _ = _build(site, msg, context, str(site.cfg.fl.strategy))
+    strategy = state_strategy(str(site.cfg.fl.strategy))
+    tuned: dict[str, float] = {}
+    if final_test and strategy.finetune and int(site.cfg.fl.finetune_epochs) > 0:
+        tuned = finetune(model, site, strategy.finetune)
     model.eval()
     if final_test:
         scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)
@@ -336,9 +351,39 @@ def evaluate(msg: Message, context: Context) -> Message:
     values["num-examples"] = int(scores["num-examples"])
     values["site-cases"] = site_cases
     values["site-index"] = site.index
+    values.update(tuned)
     values["seconds"] = time.perf_counter() - start
     content = RecordDict({"metrics": MetricRecord(values)})
     return Message(content=content, reply_to=msg)
+
+
+def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, float]:
+    """Fine-tune the personal set ``personal`` of ``model`` on the site's training cases for
+    ``fl.finetune_epochs`` epochs, every other weight frozen (the "+FT" of a strategy, run
+    once after the last round, before the final test). The site's validation cases decide:
+    when the fine-tuned model's validation mean Dice is below the model's before, the
+    fine-tuning is undone (the test cases are never looked at). Returns ``finetune-steps``,
+    ``finetune-epochs``, ``finetune-loss``, ``finetune-kept`` (1/0) and the validation mean
+    Dice before/after (``finetune-val-before``/``-after``) for the reply's metrics."""
+    epochs = int(site.cfg.fl.finetune_epochs)
+    seed = int(site.cfg.seed) * 1000 + site.index * 100 + 99
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def val_dice() -> float:
+        model.eval()
+        return float(experiment.validate_site(model, site.records["val"], 0, site.cfg,
+                                              site.device)["dice_mean"])
+
+    before = val_dice()
+    result = experiment.finetune_site(model, site.records["train"], 0, site.cfg, site.device,
+                                      personal=personal, epochs=epochs, seed=seed)
+    after = val_dice()
+    kept = after >= before
+    if not kept:
+        model.load_state_dict(saved)
+    return {"finetune-steps": float(result["steps"]), "finetune-epochs": float(epochs),
+            "finetune-loss": float(result["loss"]), "finetune-kept": float(kept),
+            "finetune-val-before": before, "finetune-val-after": after}
 
 
 __all__ = ["app", "train", "evaluate", "privacy_config", "check_dp_training"]

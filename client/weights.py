@@ -3,9 +3,14 @@
 Which weights cross the wire is decided by the strategy and by :func:`m4fuse.state.split_state`
 (the one owner of the shared/personal split):
 
-* ``personal`` / ``fedprox``: the shared arrays travel; the site's expert stays on the site.
-* ``fedavg``: the whole model (one expert that everyone averages).
+* ``personal`` / ``fedprox`` / ``personal-ft``: the shared arrays travel; the site's expert
+  stays on the site.
+* ``personal-norm`` (``-ft``) / ``personal-stem``: as ``personal``, and the site's
+  normalisation affine weights (and first convolution) stay on the site too.
+* ``fedavg`` / ``fedavg-ft``: the whole model (one expert that everyone averages).
 * ``local``: nothing (an empty ArrayRecord, so replies keep Flower's one-ArrayRecord shape).
+
+The tables below are derived from :data:`m4fuse.state.STRATEGIES`.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.state_store import newest_state
-from m4fuse.state import place_expert, split_state
+from m4fuse.state import STRATEGIES, place_expert, split_state
 
 #: strategy -> what the outgoing ArrayRecord carries ("shared" | "all" | "none").
-SENT: dict[str, str] = {"personal": "shared", "fedprox": "shared", "fedavg": "all", "local": "none"}
-#: strategy -> what the site keeps between rounds ("personal" | "all" | "none").
-KEPT: dict[str, str] = {"personal": "personal", "fedprox": "personal", "fedavg": "none",
-                        "local": "all"}
+SENT: dict[str, str] = {name: s.sent for name, s in STRATEGIES.items()}
+#: strategy -> the personal set the site keeps between rounds (m4fuse.state.PERSONAL_SETS:
+#: "experts" | "norms" | "stem" | "all" | "none").
+KEPT: dict[str, str] = {name: s.kept for name, s in STRATEGIES.items()}
 
 
 def _check_strategy(strategy: str) -> None:
@@ -36,16 +41,16 @@ def outgoing_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Ten
     """The tensors the site sends after training under ``strategy``."""
     _check_strategy(strategy)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    shared, _ = split_state(state)
-    return {"shared": shared, "all": state, "none": {}}[SENT[strategy]]
+    shared, _ = split_state(state, KEPT[strategy])
+    return shared
 
 
 def kept_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
     """The tensors the site keeps for itself between rounds under ``strategy``."""
     _check_strategy(strategy)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _, personal = split_state(state)
-    return {"personal": personal, "all": state, "none": {}}[KEPT[strategy]]
+    _, personal = split_state(state, KEPT[strategy])
+    return personal
 
 
 def load_round_state(
@@ -56,14 +61,15 @@ def load_round_state(
 ) -> None:
     """Put the server's arrays and the site's kept arrays into ``model``.
 
-    ``personal``/``fedprox``: ``incoming`` must be exactly the shared keys (loaded with
-    ``strict=False``; the keys left missing must be exactly the experts), then the kept expert
-    (if the site has one yet; otherwise its fresh initialisation stays). ``fedavg``: the whole
+    Strategies that share part of the model (``personal``, ``personal-norm`` ...):
+    ``incoming`` must be exactly the shared keys (loaded with ``strict=False``; the keys left
+    missing must be exactly the strategy's personal set), then the kept personal weights (if
+    the site has them yet; otherwise their fresh initialisation stays). ``fedavg``: the whole
     state, strict. ``local``: ``incoming`` must be empty; the kept whole model if any.
     """
     _check_strategy(strategy)
     names = set(model.state_dict())
-    personal_names = set(split_state(dict.fromkeys(names))[1])
+    personal_names = set(split_state(dict.fromkeys(names), KEPT[strategy])[1])
     mode = SENT[strategy]
     if mode == "shared":
         result = model.load_state_dict(dict(incoming), strict=False)
@@ -74,7 +80,7 @@ def load_round_state(
             raise KeyError(f"server arrays are not exactly the shared weights; differ at {wrong[:5]}")
         if kept:
             if set(kept) != personal_names:
-                raise KeyError(f"kept expert keys do not match the model: {sorted(set(kept) ^ personal_names)[:5]}")
+                raise KeyError(f"kept personal keys do not match the model: {sorted(set(kept) ^ personal_names)[:5]}")
             model.load_state_dict(dict(kept), strict=False)
     elif mode == "all":
         model.load_state_dict(dict(incoming), strict=True)

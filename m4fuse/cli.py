@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "m4fuse.commands.segment",  # m4fuse segment, m4fuse evaluate
     "m4fuse.commands.certs",  # m4fuse certs
     "m4fuse.commands.bench",  # m4fuse bench model|data
+    "m4fuse.commands.site",  # m4fuse site join (a hospital joining later)
 )
 
 

@@ -176,7 +176,8 @@ def make_loss(mode: str, cfg: TrainConfig | None = None) -> nn.Module:
 
 
 def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, total_steps: int, start_step: int = 0
+    model: nn.Module, cfg: TrainConfig, total_steps: int, start_step: int = 0,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over the trainable parameters and a warm-up + cosine schedule stepped per batch.
 
@@ -186,6 +187,8 @@ def make_optimizer(
         total_steps: optimiser steps of the whole schedule (e.g. rounds × epochs × batches).
         start_step: steps already done (a later federated round continues the same curve);
             default 0.
+        lr_scale: parameter name -> lr multiplier (own AdamW param group per multiplier, same
+            schedule shape); default None: one lr for all.
 
     Returns ``(optimizer, scheduler)``.
     """
@@ -198,9 +201,18 @@ def make_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    scales = dict(lr_scale or {})
+    unknown = sorted(set(scales) - {n for n, _ in model.named_parameters()})
+    if unknown:
+        raise KeyError(f"lr_scale names parameters the model lacks: {unknown[:5]}")
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            by_scale.setdefault(float(scales.get(name, 1.0)), []).append(p)
+    groups = [{"params": ps, "lr": cfg.lr * k} for k, ps in by_scale.items()]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr  # lets the scheduler start at start_step
+        group["initial_lr"] = group["lr"]  # lets the scheduler start at start_step
     scheduler = WarmupCosineSchedule(
         optimizer, warmup_steps=cfg.warmup_steps, t_total=total_steps, end_lr=cfg.min_lr,
         last_epoch=start_step - 1,

@@ -27,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 #: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
 CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
 
-STRATEGIES: tuple[str, ...] = ("personal", "fedavg", "fedprox", "local")
+def _strategy_names() -> tuple[str, ...]:
+    from m4fuse.state import STRATEGIES as table
+
+    return tuple(table)
+
+
+#: The ``fl.strategy`` names (what each keeps/sends: :data:`m4fuse.state.STRATEGIES`).
+STRATEGIES: tuple[str, ...] = _strategy_names()
 
 # Split records are loaded once per process (a Ray actor serves many messages).
 _SPLITS: dict[tuple, Any] = {}
@@ -81,8 +88,26 @@ def compose_run(run_config: Mapping[str, Any]) -> DictConfig:
 
 def check_config(cfg: DictConfig) -> None:
     """Fail early, naming the key and the bad value, on settings that cannot work."""
-    if cfg.fl.strategy not in STRATEGIES:
-        raise ValueError(f"fl.strategy must be one of {STRATEGIES}, got {cfg.fl.strategy!r}")
+    from m4fuse.state import check_personal_set
+    from m4fuse.state import strategy as named_strategy
+
+    chosen = named_strategy(str(cfg.fl.strategy))  # unknown names fail here, listing the known
+    if int(cfg.fl.get("finetune_epochs", 0)) < 0:
+        raise ValueError(f"fl.finetune_epochs must be >= 0, got {cfg.fl.finetune_epochs!r}")
+    if not float(cfg.fl.get("personal_lr_scale", 1.0)) > 0:
+        raise ValueError(f"fl.personal_lr_scale must be > 0, got {cfg.fl.personal_lr_scale!r}")
+    privacy = cfg.get("privacy")
+    if (privacy is not None and bool(privacy.get("enabled", False)) and chosen.finetune
+            and int(cfg.fl.get("finetune_epochs", 0)) > 0):
+        raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "
+                         "the fine-tuning after the last round is not DP-SGD (use "
+                         "fl.finetune_epochs=0 or fl.strategy=personal-norm)")
+    if chosen.kept not in ("experts", "none", "all") or chosen.finetune:
+        # The personal layers must exist in the configured model (a cheap tiny build).
+        names = list(build_model(cfg, num_experts=1).state_dict())
+        check_personal_set(names, chosen.kept, f"fl.strategy={cfg.fl.strategy}")
+        if chosen.finetune:
+            check_personal_set(names, chosen.finetune, f"fl.strategy={cfg.fl.strategy}")
     if int(cfg.fl.rounds) < 1:
         raise ValueError(f"fl.rounds must be >= 1, got {cfg.fl.rounds!r}")
     if int(cfg.fl.local_epochs) < 1:
@@ -435,6 +460,7 @@ def train_site(
     schedule: tuple[int, int] | None = None,
     wrap: Wrap | None = None,
     on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``.
 
@@ -447,7 +473,8 @@ def train_site(
     wrap(model, optimizer, loader)`` after the optimiser and its schedule are built and right
     before the training loop (the ClientApp's DP-SGD wraps them with Opacus there; the caller
     keeps what it needs, e.g. extra metrics, in its own closure). ``on_empty_batch`` (default
-    None) goes to :func:`m4fuse.engine.train_epochs` (a 0-case Poisson batch).
+    None) goes to :func:`m4fuse.engine.train_epochs` (a 0-case Poisson batch). ``lr_scale``
+    (default None: one lr) multiplies the lr of the named parameters (e.g. the personal ones).
     """
     from m4fuse.data import make_loader
 
@@ -457,7 +484,8 @@ def train_site(
         num_workers=int(cfg.train.num_workers), seed=seed,
     )
     return run_epochs(model, loader, cfg, device, epochs, seed, prox_mu, prox_reference,
-                      schedule, len(records), wrap=wrap, on_empty_batch=on_empty_batch)
+                      schedule, len(records), wrap=wrap, on_empty_batch=on_empty_batch,
+                      lr_scale=lr_scale)
 
 
 def run_epochs(
@@ -473,6 +501,7 @@ def run_epochs(
     num_cases: int | None = None,
     wrap: Wrap | None = None,
     on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes of :func:`m4fuse.engine.train_epochs` with the configured optimiser
     (see :func:`train_site` for ``schedule``, ``wrap`` and ``on_empty_batch``)."""
@@ -486,7 +515,8 @@ def run_epochs(
     tcfg = train_config(cfg, epochs, seed)
     steps = epochs * len(loader)
     model.to(device)
-    optimizer, scheduler = make_optimizer(model, tcfg, steps * count, start_step=steps * index)
+    optimizer, scheduler = make_optimizer(model, tcfg, steps * count, start_step=steps * index,
+                                          lr_scale=lr_scale)
     if prox_reference is not None:
         params = dict(model.named_parameters())
         prox_reference = {k: v for k, v in prox_reference.items() if k in params}
@@ -496,10 +526,59 @@ def run_epochs(
         model, loader, optimizer, scheduler, tcfg, device,
         prox_mu=prox_mu, prox_reference=prox_reference, on_empty_batch=on_empty_batch,
     )
-    result = {"loss": float(out["loss"]), "num-examples": float(out["num-examples"])}
+    result = {"loss": float(out["loss"]), "num-examples": float(out["num-examples"]),
+              "steps": float(steps)}
     if num_cases is not None:
         result["num-examples"] = float(num_cases)
     return result
+
+
+def finetune_site(
+    model: torch.nn.Module,
+    records: Sequence[Any],
+    expert_index: int,
+    cfg: DictConfig,
+    device: torch.device,
+    personal: str,
+    epochs: int,
+    seed: int,
+) -> dict[str, float]:
+    """Fine-tune only the personal set ``personal`` (:data:`m4fuse.state.PERSONAL_SETS`) of
+    ``model`` on ``records`` for ``epochs`` epochs, every other weight frozen: a fresh AdamW
+    at ``train.lr`` x ``fl.personal_lr_scale`` (default 1) on its own warm-up/cosine curve.
+    The freezing is undone afterwards. Returns ``{"loss", "num-examples", "steps"}``."""
+    from m4fuse.state import split_state
+
+    if epochs < 1:
+        raise ValueError(f"fine-tuning epochs must be >= 1, got {epochs}")
+    names = set(split_state(dict(model.named_parameters()), personal)[1])
+    if not names:
+        raise ValueError(f"personal set {personal!r} selects no parameter of the model")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    scale = float(cfg.fl.get("personal_lr_scale", 1.0))
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        model.train()
+        return train_site(model, records, expert_index, cfg, device, epochs, seed,
+                          lr_scale={n: scale for n in names} if scale != 1.0 else None)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
+
+
+def personal_lr_scale(model: torch.nn.Module, cfg: DictConfig) -> dict[str, float] | None:
+    """``{parameter name: fl.personal_lr_scale}`` for the parameters of the strategy's kept
+    set, or None when the scale is 1 (default) or the strategy keeps nothing/everything."""
+    from m4fuse.state import split_state
+    from m4fuse.state import strategy as named_strategy
+
+    scale = float(cfg.fl.get("personal_lr_scale", 1.0))
+    kept = named_strategy(str(cfg.fl.strategy)).kept
+    if scale == 1.0 or kept in ("none", "all"):
+        return None
+    names = split_state(dict(model.named_parameters()), kept)[1]
+    return {n: scale for n in names}
 
 
 def validate_site(

@@ -1,25 +1,131 @@
 """The one place that decides which weights are shared and which are personal.
 
-A parameter or buffer is *personal* when it belongs to a site expert of an expert unit
-(its name contains ``.site_experts.<k>.``); everything else (encoder, shared mixers, bridge,
-decoder, head) is *shared*. Federated code, checkpoints and tests all ask these functions
-instead of matching names themselves.
+Which weights stay at a site is named by a *personal set* (:data:`PERSONAL_SETS`):
+
+* ``experts`` (default; the paper's scheme): the weights of the site experts of the expert
+  units (names containing ``.site_experts.<k>.``);
+* ``norms``: the experts plus every normalisation layer's affine weight and bias (the
+  GroupNorms of encoder and decoder, the LayerNorms in front of the mixers), FedBN-style;
+* ``stem``: ``norms`` plus the first encoder convolution (``encoder.conv1``), the layer that
+  sees the raw intensities first;
+* ``none``: nothing (FedAvg of the whole model, one expert everyone averages);
+* ``all``: everything (local training).
+
+Each federated strategy (:data:`STRATEGIES`) names the set it keeps at the site across
+rounds, the set it fine-tunes on the site's training cases after the last round (shared
+weights frozen), and the Flower aggregation on the server. Federated code, checkpoints and
+tests all ask these functions instead of matching names themselves.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 V = TypeVar("V")
 
 _EXPERT = re.compile(r"(^|\.)site_experts\.(\d+)\.")
+# Affine weights of GroupNorm/LayerNorm layers: the model names them norm, norm1 ... norm5
+# (m4fuse.model); matched by name because a state dict carries no module types.
+_NORM = re.compile(r"(^|\.)norm\d*\.(weight|bias)$")
+_STEM = re.compile(r"^encoder\.conv1\.")
+
+#: personal set -> description (see the module docstring).
+PERSONAL_SETS: dict[str, str] = {
+    "none": "nothing (every weight is averaged)",
+    "experts": "the site experts of the expert units",
+    "norms": "experts + GroupNorm/LayerNorm affine weights",
+    "stem": "experts + norm affine weights + the first encoder convolution",
+    "all": "every weight (no exchange)",
+}
 
 
-def is_personal(key: str) -> bool:
+def _check_set(personal: str) -> None:
+    if personal not in PERSONAL_SETS:
+        raise ValueError(f"unknown personal set {personal!r}; expected one of {sorted(PERSONAL_SETS)}")
+
+
+def is_personal(key: str, personal: str = "experts") -> bool:
+    """True when ``key`` belongs to the personal set ``personal`` (default ``experts``:
+    a weight of a site expert)."""
+    _check_set(personal)
+    if personal == "none":
+        return False
+    if personal == "all" or _EXPERT.search(key) is not None:
+        return True
+    if personal in ("norms", "stem") and _NORM.search(key) is not None:
+        return True
+    return personal == "stem" and _STEM.search(key) is not None
+
+
+def is_expert(key: str) -> bool:
     """True when ``key`` names a weight of a site expert."""
     return _EXPERT.search(key) is not None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a federated strategy keeps, fine-tunes and how the server aggregates.
+
+    Args:
+        kept: personal set kept at the site across rounds (never sent).
+        finetune: personal set fine-tuned on the site's own training cases after the last
+            round (shared weights frozen), for ``fl.finetune_epochs`` epochs, before the
+            final test; None: no fine-tuning.
+        server: ``fedavg`` or ``fedprox`` (Flower's ``flwr.serverapp.strategy`` classes).
+    """
+
+    kept: str
+    finetune: str | None = None
+    server: str = "fedavg"
+
+    @property
+    def sent(self) -> str:
+        """What the reply carries: ``all`` (nothing kept), ``none`` (everything kept) or
+        ``shared`` (everything outside the kept set)."""
+        return {"none": "all", "all": "none"}.get(self.kept, "shared")
+
+
+#: ``fl.strategy`` -> :class:`Strategy`. ``personal`` is the paper's scheme (experts only).
+STRATEGIES: dict[str, Strategy] = {
+    "personal": Strategy("experts"),
+    "fedavg": Strategy("none"),
+    "fedprox": Strategy("experts", server="fedprox"),
+    "local": Strategy("all"),
+    # FedBN-style: normalisation affine weights stay at the site too.
+    "personal-norm": Strategy("norms"),
+    "personal-stem": Strategy("stem"),
+    # "+FT": after the last round each site fine-tunes its personal part, shared frozen.
+    "personal-ft": Strategy("experts", finetune="experts"),
+    "personal-norm-ft": Strategy("norms", finetune="norms"),
+    "fedavg-ft": Strategy("none", finetune="norms"),
+}
+
+
+def strategy(name: str) -> Strategy:
+    """The :class:`Strategy` called ``name`` (``fl.strategy``); unknown names fail with the
+    list of known ones."""
+    if name not in STRATEGIES:
+        raise ValueError(f"fl.strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
+    return STRATEGIES[name]
+
+
+def check_personal_set(names: Iterable[str], personal: str, key: str = "fl.strategy") -> None:
+    """Fail when the personal set ``personal`` selects none of the model's weights ``names``
+    beyond the experts (a set naming layers the model does not have), naming ``key``."""
+    _check_set(personal)
+    names = list(names)
+    if personal in ("none", "all"):
+        return
+    chosen = {n for n in names if is_personal(n, personal)}
+    if not chosen:
+        raise ValueError(f"{key}: personal set {personal!r} selects no weight of the model")
+    if personal in ("norms", "stem") and not any(_NORM.search(n) for n in chosen):
+        raise ValueError(f"{key}: personal set {personal!r} found no norm layer in the model")
+    if personal == "stem" and not any(_STEM.search(n) for n in chosen):
+        raise ValueError(f"{key}: personal set 'stem' found no encoder.conv1 in the model")
 
 
 def expert_index(key: str) -> int | None:
@@ -28,13 +134,16 @@ def expert_index(key: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
-def split_state(state: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
-    """Split a state dict into ``(shared, personal)``; disjoint, together they are ``state``."""
+def split_state(state: Mapping[str, V], personal: str = "experts"
+                ) -> tuple[dict[str, V], dict[str, V]]:
+    """Split a state dict into ``(shared, personal)`` by the personal set ``personal``
+    (default ``experts``); disjoint, together they are ``state``."""
+    _check_set(personal)
     shared: dict[str, V] = {}
-    personal: dict[str, V] = {}
+    mine: dict[str, V] = {}
     for key, value in state.items():
-        (personal if is_personal(key) else shared)[key] = value
-    return shared, personal
+        (mine if is_personal(key, personal) else shared)[key] = value
+    return shared, mine
 
 
 def expert_state(state: Mapping[str, V], index: int) -> dict[str, V]:

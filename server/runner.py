@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from client.weights import newest_kept
 from m4fuse import experiment
 from m4fuse.state import split_state
+from m4fuse.state import strategy as named_strategy
 from server import checkpoint as server_ckpt
 from server import report
 from server.strategy import RoundLog, make_strategy
@@ -63,9 +64,9 @@ def initial_state(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, t
     """``(what the server holds, the whole initial model)`` for ``fl.strategy``."""
     model = experiment.build_model(cfg, num_experts=1)
     full = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    shared, _ = split_state(full)
-    held = {"personal": shared, "fedprox": shared, "fedavg": full, "local": {}}
-    return held[str(cfg.fl.strategy)], full
+    # The server holds what the strategy shares: never a weight of its personal set.
+    shared, _ = split_state(full, named_strategy(str(cfg.fl.strategy)).kept)
+    return shared, full
 
 
 def resume_hash(cfg: DictConfig) -> str:
@@ -121,6 +122,12 @@ def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: li
     strategy = str(cfg.fl.strategy)
     if strategy == "local":
         return None  # no shared model; each site's own model stays in its state folder
+    if named_strategy(strategy).kept not in ("experts", "none"):
+        # The checkpoint format holds one shared model plus an expert per site; per-site
+        # norms do not fit it, they stay in each site's state folder.
+        print(f"[server] no {FINAL_MODEL_FILE}: strategy {strategy!r} keeps "
+              f"{named_strategy(strategy).kept!r} at each site (see clients/<site>/)")
+        return None
     held = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     shared, personal = split_state(held)
     experts: dict[str, dict[str, torch.Tensor]] = {}

@@ -39,6 +39,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from m4fuse.state import is_personal
+from m4fuse.state import strategy as named_strategy
 from server import robust
 
 #: Reply metric keys that identify or time a reply, not averaged into aggregates.
@@ -458,13 +459,12 @@ def make_strategy(
         train_metrics_aggr_fn=aggregate_without_bookkeeping,
         evaluate_metrics_aggr_fn=aggregate_without_bookkeeping,
     )
-    if name == "fedprox":
+    chosen = named_strategy(name)  # unknown names fail here
+    if chosen.server == "fedprox":
         strategy: SiteStrategyMixin = SiteFedProx(proximal_mu=proximal_mu, **kwargs)
-    elif name in ("personal", "fedavg", "local"):
-        strategy = SiteFedAvg(**kwargs)
     else:
-        raise ValueError(f"unknown strategy {name!r}")
-    strategy.setup(expected_keys, personal_strategy=name in ("personal", "fedprox"),
+        strategy = SiteFedAvg(**kwargs)
+    strategy.setup(expected_keys, personal_strategy=chosen.kept not in ("none", "all"),
                    site_names=site_names, min_sites=min_sites, norm_bound=norm_bound,
                    aggregation=aggregation, trim=trim)
     return strategy

@@ -1,72 +1,398 @@
-"""Pooled vs local vs FedAvg vs personal experts, on the same split, seed and budget.
+"""Pooled vs local vs federated strategies over several seeds, per case, with paired tests.
 
-``python -m simulations.compare [hydra overrides]`` (e.g. ``fl.rounds=6 seed=1``) runs the
-four modes with the same composed config (only ``fl.strategy`` and ``run_name`` differ), then
-writes ``<root>/runs/<name>/comparison.md`` (per site and case-weighted mean: test Dice
-ET/TC/WT, mean Dice, HD95, bytes communicated, wall time) and ``comparison.png``, and logs
-both to one MLflow run. Each mode also has its own MLflow run and run folder
-(``<name>-<mode>``).
+``python -m simulations.compare --seeds 0,1,2 --modes pooled,local,fedavg,personal
+[hydra overrides...]`` runs every mode on every seed with the same composed config (only
+``seed``, ``fl.strategy`` and ``run_name`` differ; each seed has its own synthetic set and
+split), then scores every run's final per-site models on their site's test cases, case by
+case, and writes into ``<root>/runs/<name>/`` (``name``: ``run_name`` or ``compare``):
+
+* ``comparison.json``: ``{"rows": [...], "summary": {...}}``, one row per mode, seed, site
+  and test case (``mode, seed, site, case, dice_wt, dice_tc, dice_et, hd95_wt, hd95_tc,
+  hd95_et``; Dice in [0, 1], HD95 in mm, null where not finite); the summary holds mean +- sd
+  over seeds per mode and site, the Wilcoxon tests, the goals, wall times, the check against
+  each run's own table, the cross-site matrices and the new-site results;
+* ``comparison.md`` (the report), ``comparison.png`` (mean +- sd per site and mode),
+  ``crosssite.png`` (every site's model on every site's test cases).
+
+Modes: ``pooled`` and ``local`` (the baselines, :mod:`simulations.baselines`), any
+``fl.strategy`` of :data:`m4fuse.experiment.STRATEGIES` (run as a Flower simulation), and
+``<strategy>-dp`` (that strategy with ``privacy=dp``). The *default strategy* is
+``fl.strategy`` of the composed config.
+
+Per-case rows: the federated ServerApp only receives each site's mean scores (the sites send
+nothing more), so the comparison rebuilds each site's final model from the run folder (the
+server's final arrays in ``server_checkpoint.pt`` plus the site's kept weights in
+``clients/<site>``, put together by the ClientApp's own ``client.weights.load_round_state``)
+and, for a "+FT" strategy, the ClientApp's own fine-tuning repeated with the same seed, since
+the sites do not keep the fine-tuned weights) and scores it itself with
+:func:`m4fuse.experiment.test_site`; baselines are rebuilt from
+their ``model.ckpt`` / ``models/<site>.ckpt``. The per-site means are checked against the
+run's own ``sites.csv``; a difference is reported, never hidden.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from m4fuse import experiment
-from server import report
-from server.tracking import Tracker
-from simulations.baselines import run_baseline
-from simulations.federated import simulate
+from m4fuse.crosssite import SCORE_KEYS, heatmap, markdown as matrix_markdown, matrix, score_cases
+from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
 
-MODES: tuple[str, ...] = ("pooled", "local", "fedavg", "personal", "personal-dp")
-# Federated modes: the strategy and extra overrides each runs with. `personal-dp` is `personal`
-# with DP-SGD on every client (configs/privacy/dp.yaml), so the utility cost of DP shows.
-FEDERATED: dict[str, list[str]] = {
-    "fedavg": ["fl.strategy=fedavg"],
-    "personal": ["fl.strategy=personal"],
-    "personal-dp": ["fl.strategy=personal", "privacy=dp"],
-}
-
-COLUMNS: list[tuple[str, str]] = [
-    ("mode", "mode"), ("site", "site"), ("Dice ET", "test_dice_et"), ("Dice TC", "test_dice_tc"),
-    ("Dice WT", "test_dice_wt"), ("Dice mean", "test_dice_mean"), ("HD95 mean", "test_hd95_mean"),
-    ("bytes", "bytes"), ("wall s", "seconds"), ("n test", "test_num-examples"),
-]
+BASELINES: tuple[str, ...] = ("pooled", "local")
+DP_SUFFIX = "-dp"
+ROW_KEYS: tuple[str, ...] = ("mode", "seed", "site", "case", *SCORE_KEYS)
+#: A difference of a site's mean test Dice between the comparison's own scoring and the run's
+#: table above this is reported as a mismatch.
+CHECK_TOLERANCE = 2e-3
 
 
-def run_mode(mode: str, overrides: list[str], name: str) -> dict[str, Any]:
-    """One mode; returns ``{"rows", "bytes", "seconds", "history", "site_names"}``."""
-    args = [*overrides, f"run_name={name}-{mode}"]
-    start = time.perf_counter()
-    if mode in ("pooled", "local"):
+def known_modes() -> list[str]:
+    """Every mode the comparison can run: the baselines, each strategy, each strategy
+    ``-dp``."""
+    strategies = [s for s in experiment.STRATEGIES if s not in BASELINES]
+    return [*BASELINES, *strategies, *(s + DP_SUFFIX for s in strategies)]
+
+
+def check_modes(modes: Sequence[str]) -> list[str]:
+    """The modes, checked (unknown or repeated ones fail naming ``--modes``)."""
+    modes = [m for m in modes if m]
+    if not modes:
+        raise ValueError("--modes is empty")
+    unknown = [m for m in modes if m not in known_modes()]
+    if unknown:
+        raise ValueError(f"--modes: unknown {unknown}; choose from {known_modes()}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"--modes repeats a mode: {list(modes)}")
+    return list(modes)
+
+
+def mode_overrides(mode: str) -> list[str]:
+    """The overrides that make ``mode`` (a strategy, optionally with DP)."""
+    if mode in BASELINES:
+        return []
+    if mode.endswith(DP_SUFFIX):
+        return [f"fl.strategy={mode[:-len(DP_SUFFIX)]}", "privacy=dp"]
+    return [f"fl.strategy={mode}"]
+
+
+# --------------------------------------------------------------------------- run and score
+
+
+def run_mode(mode: str, overrides: Sequence[str], run_name: str) -> dict[str, Any]:
+    """Train and test one mode; returns ``{"cfg", "run_dir", "rows", "history", "bytes",
+    "site_names"}`` (``rows``: the run's own per-site table)."""
+    args = [*overrides, *mode_overrides(mode), f"run_name={run_name}"]
+    if mode in BASELINES:
+        from simulations.baselines import run_baseline
+
         cfg = experiment.compose("config", args)
         out = run_baseline(cfg, mode)
-        result = {"rows": out.rows, "bytes": 0.0, "history": out.history,
-                  "site_names": out.site_names}
+        return {"cfg": cfg, "run_dir": out.run_dir, "rows": out.rows, "history": out.history,
+                "bytes": 0.0, "site_names": out.site_names}
+    from simulations.federated import simulate
+
+    sim = simulate(args)
+    return {"cfg": sim["cfg"], "run_dir": sim["run_dir"], "rows": sim["rows"],
+            "history": sim["history"], "site_names": sim["site_names"],
+            "bytes": float(sim["summary"]["bytes_sent"] + sim["summary"]["bytes_received"])}
+
+
+def site_models(mode: str, cfg: Any, run_dir: Path, names: Sequence[str]
+                ) -> dict[str, tuple[torch.nn.Module, int | None]]:
+    """Each site's final model of a finished run: ``{site: (model in eval mode, expert)}``.
+
+    pooled: ``model.ckpt`` with the site's expert; local: ``models/<site>.ckpt``; federated:
+    the server's final arrays plus the site's newest kept weights, loaded as the ClientApp's
+    evaluate does (``client.weights.load_round_state``), then for a "+FT" strategy the
+    ClientApp's fine-tuning (:func:`finetune_of`).
+    """
+    from m4fuse.checkpoint import build_model, load_checkpoint
+
+    if mode == "pooled":
+        ckpt = load_checkpoint(run_dir / "model.ckpt")
+        return {s: build_model(ckpt, s) for s in names}
+    if mode == "local":
+        return {s: build_model(load_checkpoint(run_dir / "models" / f"{s}.ckpt"), s)
+                for s in names}
+    from client.weights import load_round_state, newest_kept
+    from server import checkpoint as server_ckpt
+    from server.runner import CHECKPOINT_FILE
+
+    strategy = str(cfg.fl.strategy)
+    saved = server_ckpt.load(run_dir / CHECKPOINT_FILE)
+    incoming = {k: torch.from_numpy(np.array(v)) for k, v in saved.arrays.items()}
+    finetune = finetune_of(cfg)
+    out = {}
+    for index, site in enumerate(names):
+        model = experiment.build_model(cfg, num_experts=1)
+        kept = newest_kept(run_dir / "clients" / site)
+        load_round_state(model, strategy, incoming, None if kept is None else kept["state"])
+        if finetune is not None:
+            finetune(model, cfg, site, index)
+        model.eval()
+        out[site] = (model, 0)
+    return out
+
+
+def finetune_of(cfg: Any) -> Any:
+    """For a "+FT" strategy (``m4fuse.state.STRATEGIES[...].finetune``): a function
+    ``(model, cfg, site, index)`` that repeats the fine-tuning the ClientApp's evaluate runs
+    before its final test (``client.app.finetune``, same seed), since the sites do not keep
+    the fine-tuned weights; None for other strategies (or code without fine-tuning)."""
+    try:
+        from m4fuse.state import strategy as named_strategy
+
+        spec = named_strategy(str(cfg.fl.strategy))
+    except ImportError:
+        return None
+    if not getattr(spec, "finetune", None) or int(cfg.fl.get("finetune_epochs", 0) or 0) < 1:
+        return None
+    from client.app import finetune
+    from client.site import Site
+
+    def run(model: torch.nn.Module, cfg: Any, site: str, index: int) -> None:
+        split = experiment.load_sites(cfg)
+        device = experiment.resolve_device(str(cfg.device))
+        finetune(model, Site(cfg, site, index, split[site], device, None), spec.finetune)
+
+    return run
+
+
+def check_against_run(case_rows: Sequence[Mapping[str, Any]], run_rows: Sequence[Mapping[str, Any]]
+                      ) -> dict[str, float]:
+    """Per site: |mean Dice of the comparison's own per-case scores - the run's table|; nan
+    for a site the run's table has no test score for (e.g. its final evaluation failed)."""
+    out = {}
+    for row in run_rows:
+        site = str(row.get("name", row.get("site")))
+        mine = [case_score(r) for r in case_rows if r["site"] == site]
+        if not mine:
+            continue
+        theirs = row.get("test_dice_mean")
+        out[site] = (abs(float(np.mean(mine)) - float(theirs))
+                     if isinstance(theirs, (int, float)) else float("nan"))
+    return out
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def site_table(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: Sequence[int],
+               sites: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{mode: {site or "mean": {"mean", "sd", "n_seeds", "per_seed": {seed: v}}}}``: per
+    seed the mean over the site's test cases of the per-case mean Dice (``"mean"``: over all
+    sites' cases), then mean and sd over seeds."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode in modes:
+        out[mode] = {}
+        for site in [*sites, "mean"]:
+            per_seed = {}
+            for seed in seeds:
+                scores = [case_score(r) for r in rows if r["mode"] == mode and r["seed"] == seed
+                          and (site == "mean" or r["site"] == site)]
+                if scores:
+                    per_seed[str(seed)] = float(np.mean(scores))
+            mean, sd, n = mean_sd(per_seed.values())
+            out[mode][site] = {"mean": _finite(mean), "sd": _finite(sd), "n_seeds": n,
+                               "per_seed": per_seed}
+    return out
+
+
+def paired_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequence[str],
+                 sites: Sequence[str]) -> list[dict[str, Any]]:
+    """Wilcoxon of ``default`` against each of ``others`` per site and over all sites (the
+    cases of all seeds)."""
+    out = []
+    for other in others:
+        for site in [*sites, None]:
+            a, b = pair_cases(rows, default, other, site)
+            out.append({"a": default, "b": other, "site": site or "all", **paired_test(a, b)})
+    return out
+
+
+def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default: str,
+          sites: Sequence[str], new_site: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The issue's goals as ``{"goal", "met" (True/False/None: not measured), "detail"}``."""
+    out: list[dict[str, Any]] = []
+
+    def site_mean(mode: str, site: str) -> float | None:
+        return table.get(mode, {}).get(site, {}).get("mean")
+
+    if default in table and "local" in table and default != "local":
+        diffs = {s: (site_mean(default, s), site_mean("local", s)) for s in sites}
+        below = [s for s, (d, l) in diffs.items() if d is None or l is None or d < l]
+        out.append({"goal": f"{default} >= local on every site (mean over seeds)",
+                    "met": not below,
+                    "detail": ", ".join(f"{s} {d:.4f} vs {l:.4f}" for s, (d, l) in diffs.items()
+                                        if d is not None and l is not None)
+                              + (f"; below local on {below}" if below else "")})
     else:
-        sim = simulate([*args, *FEDERATED[mode]])
-        result = {"rows": sim["rows"], "history": sim["history"], "site_names": sim["site_names"],
-                  "bytes": float(sim["summary"]["bytes_sent"] + sim["summary"]["bytes_received"])}
-    result["seconds"] = time.perf_counter() - start
-    return result
+        out.append({"goal": "default >= local on every site", "met": None,
+                    "detail": f"needs modes {default} and local"})
+    targets = [s for s in sites[2:4]]
+    fed = {t["site"]: t for t in tests if t["b"] == "fedavg"}
+    if fed and default != "fedavg" and targets:
+        parts, met = [], True
+        for s in targets:
+            t = fed[s]
+            ok = t["mean_diff"] is not None and t["mean_diff"] > 0 and t["p"] is not None \
+                and t["p"] < 0.05
+            met &= ok
+            p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
+            parts.append(f"{s} diff {(t['mean_diff'] or 0):+.3f}, p {p}")
+        out.append({"goal": f"{default} > fedavg on {' and '.join(targets)} with p < 0.05 "
+                            "(paired, cases of all seeds)", "met": met,
+                    "detail": "; ".join(parts)})
+    else:
+        out.append({"goal": "default > fedavg on sites 2 and 3 with p < 0.05", "met": None,
+                    "detail": f"needs modes {default} and fedavg and >= 3 sites"})
+    d, p = site_mean(default, "mean"), site_mean("pooled", "mean")
+    if d is not None and p is not None and p > 0:
+        ratio = d / p
+        out.append({"goal": f"{default} mean Dice >= 97 % of pooled (stretch 99 %)",
+                    "met": ratio >= 0.97,
+                    "detail": f"{d:.3f} / {p:.3f} = {100 * ratio:.1f} %"
+                              + (" (stretch met)" if ratio >= 0.99 else "")})
+    else:
+        out.append({"goal": "default mean Dice >= 97 % of pooled", "met": None,
+                    "detail": f"needs modes {default} and pooled"})
+    if new_site and "5" in new_site.get("by_k", {}):
+        k5 = new_site["by_k"]["5"]
+        t = k5["test"]
+        p_text = "n/a" if t["p"] is None else f"{t['p']:.3g}"
+        out.append({"goal": "new site: fine-tuned expert > shared model alone at k = 5",
+                    "met": bool(t["mean_diff"] is not None and t["mean_diff"] > 0),
+                    "detail": f"{t['mean_a']:.3f} vs {t['mean_b']:.3f}, paired p {p_text}, "
+                              f"n {t['n']}"})
+    else:
+        out.append({"goal": "new site: fine-tuned expert > shared model alone at k = 5",
+                    "met": None, "detail": "not run (--new-site-cases without 5)"})
+    return out
 
 
-def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per mode: one row per site and the mean row, with bytes and wall time on the mean."""
-    rows = []
-    for mode, result in results.items():
-        for row in result["rows"]:
-            out = {"mode": mode, "site": row["site"]}
-            out.update({k: row[k] for _, k in COLUMNS if k in row})
-            if row["site"] == "mean":
-                out["bytes"] = float(result["bytes"])
-                out["seconds"] = float(result["seconds"])
-            rows.append(out)
-    return rows
+def pool_new_site(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The new-site results of all seeds as one: per k the per-case test over all seeds."""
+    if not results:
+        return None
+    rows = [r for res in results for r in res["rows"]]
+    by_k = {}
+    for k in results[0]["by_k"]:
+        pairs: dict[tuple, dict[str, float]] = {}
+        for r in rows:
+            if str(r["k"]) == k:
+                pairs.setdefault((r.get("seed"), r["case"]), {})[r["model"]] = case_score(r)
+        tuned = [v["fine-tuned"] for v in pairs.values()]
+        shared = [v["shared"] for v in pairs.values()]
+        by_k[k] = {"test": paired_test(tuned, shared),
+                   "seconds": [res["by_k"][k]["seconds"] for res in results],
+                   "frozen_unchanged": all(res["by_k"][k]["frozen_unchanged"] for res in results)}
+    return {"site": results[0]["site"], "models": [res["model"] for res in results],
+            "train_cases": results[0]["train_cases"],
+            "test_cases": results[0]["test_cases"], "epochs": results[0]["epochs"],
+            "by_k": by_k, "rows": rows}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if sd is None else f"{value:.3f} ± {sd:.3f}"
+
+
+def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
+    """The Markdown report of a summary."""
+    modes, sites, seeds = summary["modes"], summary["sites"], summary["seeds"]
+    table = summary["by_site"]
+    lines = [f"# Comparison {name}", "",
+             f"Seeds {seeds}; modes {modes}; default strategy `{summary['default_strategy']}`; "
+             f"budget {summary['budget']['rounds']} rounds x {summary['budget']['local_epochs']} "
+             f"local epochs; overrides `{' '.join(summary['overrides']) or 'none'}`.",
+             f"Test cases per site and seed: {summary['test_cases']}. Scores: per case the mean "
+             "Dice of WT, TC, ET on the original grid; per site and seed the mean over its "
+             "cases; below, mean ± sd over seeds.", "",
+             "| mode | " + " | ".join([*sites, "all sites"]) + " |",
+             "|" + "---|" * (len(sites) + 2)]
+    for mode in modes:
+        cells = [fmt(table[mode][s]["mean"], table[mode][s]["sd"]) for s in [*sites, "mean"]]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines += ["", "Wall time per mode and seed (training and the run's own test; then the "
+              "comparison's scoring):", ""]
+    for mode in modes:
+        parts = [f"seed {s}: {summary['seconds'][mode][str(s)]['run']:.0f} s + "
+                 f"{summary['seconds'][mode][str(s)]['scoring']:.0f} s" for s in seeds]
+        lines.append(f"- {mode}: " + ", ".join(parts))
+    lines += ["", f"Paired per-case Wilcoxon signed-rank tests (two-sided, scipy) of "
+              f"`{summary['default_strategy']}` (a) against each mode (b), cases of all seeds:",
+              ""]
+    if summary["tests"]:
+        lines += ["| a | b | site | n | mean a | mean b | mean a-b | median a-b | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t in summary["tests"]:
+            p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
+            lines.append(f"| {t['a']} | {t['b']} | {t['site']} | {t['n']} | {fmt(t['mean_a'])} | "
+                         f"{fmt(t['mean_b'])} | {(t['mean_diff'] or 0):+.3f} | "
+                         f"{(t['median_diff'] or 0):+.3f} | {p} |")
+    else:
+        lines.append("(none: the default strategy was run without fedavg or local)")
+    lines += ["", "Goals of issue 9:", ""]
+    for g in summary["goals"]:
+        mark = {True: "[x]", False: "[ ]", None: "[-]"}[g["met"]]
+        state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        lines.append(f"- {mark} {g['goal']}: {state}; {g['detail']}")
+    bad = sorted(f"{m} seed {s}" for m, by in summary["check"].items() for s, d in by.items()
+                 if d is not None and d > CHECK_TOLERANCE)
+    missing = sorted(f"{m} seed {s}" for m, by in summary["check"].items()
+                     for s, d in by.items() if d is None)
+    known = [d for by in summary["check"].values() for d in by.values() if d is not None]
+    lines += ["", "Check: the comparison's own per-case scores against each run's own table "
+              f"(largest per-site difference of mean Dice: {max(known or [0.0]):.4f})"
+              + (f"; MISMATCH above {CHECK_TOLERANCE} in {bad}" if bad else "")
+              + (f"; the run's own table lacks a site's test score in {missing}"
+                 if missing else "")
+              + ("; agree" if not bad and not missing else "") + "."]
+    if summary["crosssite"]:
+        lines += ["", "Cross-site matrix (mean test Dice over the seeds; row: whose model, "
+                  "column: whose test cases; `crosssite.png`):"]
+        for mode, m in summary["crosssite"].items():
+            values = np.array([[np.nan if v is None else v for v in row] for row in m["values"]])
+            lines += ["", f"{mode}:", "", matrix_markdown(m["model_sites"], m["sites"], values)]
+    if summary.get("new_site"):
+        ns = summary["new_site"]
+        lines += ["", f"New site {ns['site']} (never trained; {ns['train_cases']} training, "
+                  f"{ns['test_cases']} test cases; fine-tuned {ns['epochs']} epochs on k cases, "
+                  "shared weights frozen), joined to the default strategy's model "
+                  f"(`{Path(ns['models'][0]).name}`"
+                  + (": the server's shared weights with the initial values of the layers "
+                     "the strategy keeps at each site, which the new site fine-tunes"
+                     if Path(ns["models"][0]).name == "federation.ckpt" else "")
+                  + "), cases of all seeds:", "",
+                  "| k | shared alone | fine-tuned | mean diff | p | n | frozen unchanged |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, v in ns["by_k"].items():
+            t = v["test"]
+            p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
+            lines.append(f"| {k} | {fmt(t['mean_b'])} | {fmt(t['mean_a'])} | "
+                         f"{(t['mean_diff'] or 0):+.3f} | {p} | {t['n']} | "
+                         f"{v['frozen_unchanged']} |")
+    if summary.get("convergence"):
+        lines += ["", "Validation mean Dice of the last rounds:", "", *summary["convergence"]]
+    return lines
 
 
 def convergence_lines(results: dict[str, dict[str, Any]], last: int = 4) -> list[str]:
@@ -84,34 +410,27 @@ def convergence_lines(results: dict[str, dict[str, Any]], last: int = 4) -> list
     return lines
 
 
-def site_matrix(results: dict[str, dict[str, Any]], key: str = "test_dice_mean") -> str:
-    """Markdown: one row per mode, one column per site (+ mean) of ``key``."""
-    sites = [r["site"] for r in next(iter(results.values()))["rows"]]
-    lines = ["| mode | " + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 1)]
-    for mode, result in results.items():
-        values = {r["site"]: r.get(key, float("nan")) for r in result["rows"]}
-        lines.append(f"| {mode} | " + " | ".join(f"{float(values[s]):.3f}" for s in sites) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Bar chart of test mean Dice per site and mode."""
+def plot(table: Mapping[str, Any], modes: Sequence[str], sites: Sequence[str], path: Path) -> Path:
+    """Bars of mean test Dice per site (and all sites) and mode, error bars sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    sites = [r["site"] for r in next(iter(results.values()))["rows"]]
-    width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (mode, result) in enumerate(results.items()):
-        values = {r["site"]: float(r.get("test_dice_mean", np.nan)) for r in result["rows"]}
-        ax.bar(np.arange(len(sites)) + i * width, [values[s] for s in sites], width, label=mode)
-    ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
-    ax.set_ylabel("test Dice (mean of ET, TC, WT)")
+    columns = [*sites, "mean"]
+    width = 0.8 / max(len(modes), 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(columns))
+    for i, mode in enumerate(modes):
+        means = [table[mode][c]["mean"] if table[mode][c]["mean"] is not None else np.nan
+                 for c in columns]
+        sds = [table[mode][c]["sd"] if table[mode][c]["sd"] is not None else 0.0
+               for c in columns]
+        ax.bar(x + i * width, means, width, yerr=sds, capsize=2, label=mode)
+    ax.set_xticks(x + 0.4 - width / 2, [*sites, "all sites"])
+    ax.set_ylabel("test Dice (mean of WT, TC, ET)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,64 +439,230 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] = MODES) -> Path:
-    """Run ``modes`` with ``overrides``; returns the path of the Markdown report."""
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise ValueError(f"unknown modes {unknown}; choose from {MODES}")
-    overrides = [o for o in overrides if not o.startswith(("run_name=", "fl.strategy="))]
-    cfg = experiment.compose("config", overrides)
-    name = str(cfg.run_name) if cfg.run_name else f"compare-seed{int(cfg.seed)}"
-    results = {mode: run_mode(mode, list(overrides), name) for mode in modes}
-    out = experiment.project_root(cfg) / "runs" / name
-    table = report.markdown_table(comparison_rows(results), COLUMNS)
-    matrix = site_matrix(results)
-    lines = [f"# Comparison {name}", "",
-             f"Same split, seed {int(cfg.seed)} and budget ({int(cfg.fl.rounds)} rounds x "
-             f"{int(cfg.fl.local_epochs)} local epochs); test cases scored on the original grid.",
-             "", table, "", "Test mean Dice per site:", "", matrix, ""]
-    convergence = convergence_lines(results)
-    if convergence:
-        lines += ["Validation mean Dice of the last rounds:", "", *convergence, ""]
-    means = {m: next(r for r in res["rows"] if r["site"] == "mean") for m, res in results.items()}
-    if "pooled" in means and "personal" in means:
-        ratio = means["personal"]["test_dice_mean"] / max(means["pooled"]["test_dice_mean"], 1e-9)
-        lines.append(f"personal / pooled mean Dice: {100 * ratio:.1f} %")
-    if "fedavg" in results and "personal" in results:
-        better = [r["site"] for r, f in zip(results["personal"]["rows"], results["fedavg"]["rows"])
-                  if r["site"] != "mean" and r["test_dice_mean"] > f["test_dice_mean"]]
-        lines.append(f"sites where personal beats fedavg (test mean Dice): {better or 'none'}")
-    text = "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------- driver
+
+
+def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = None,
+                seeds: Sequence[int] | None = None, crosssite: Sequence[str] | None = None,
+                new_site_cases: Sequence[int | str] = (2, 5, "all"), new_site_epochs: int = 20
+                ) -> Path:
+    """Run ``modes`` x ``seeds`` and write the report; returns ``comparison.json``'s path.
+
+    Args:
+        overrides: Hydra overrides for every run (``seed``, ``run_name`` and ``fl.strategy``
+            are taken from them for the defaults, then replaced per run).
+        modes: default ``pooled, local, fedavg`` and the default strategy.
+        seeds: default the config's ``seed``.
+        crosssite: modes whose cross-site matrix is scored; default the default strategy and
+            ``local`` (those of them that run).
+        new_site_cases: k for the held-out site (:mod:`simulations.new_site`), joined to the
+            default strategy's model of every seed
+            (:func:`simulations.new_site.federation_checkpoint`); empty: skipped (also when
+            the default strategy is not run or shares nothing).
+        new_site_epochs: fine-tuning epochs of the new site (default 20).
+    """
+    base = experiment.compose("config", list(overrides))
+    default = str(base.fl.strategy)
+    name = str(base.run_name) if base.run_name else "compare"
+    overrides = [o for o in overrides
+                 if not o.lstrip("+~").startswith(("run_name=", "fl.strategy=", "seed="))]
+    if modes is None:
+        modes = list(dict.fromkeys(["pooled", "local", "fedavg", default]))
+    modes = check_modes(modes)
+    seeds = [int(base.seed)] if not seeds else [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {seeds}")
+    if crosssite is None:
+        crosssite = [m for m in dict.fromkeys([default, "local"]) if m in modes]
+    bad = [m for m in crosssite if m not in modes]
+    if bad:
+        raise ValueError(f"--crosssite: {bad} are not among --modes {modes}")
+    new_site_cases = list(new_site_cases) if default in modes else []
+    if new_site_cases:
+        from m4fuse.newsite import check_cases
+        from simulations.new_site import new_site_split
+
+        site, records, _ = new_site_split([*overrides, f"seed={seeds[0]}"])
+        for k in new_site_cases:  # bad k fail here, before any training
+            check_cases(k, len(records["train"]), site)
+    out = experiment.project_root(base) / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    cross_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in crosssite}
+    seconds: dict[str, dict[str, dict[str, float]]] = {m: {} for m in modes}
+    check: dict[str, dict[str, float | None]] = {m: {} for m in modes}
+    histories: dict[str, dict[str, Any]] = {}
+    new_site_results: list[dict[str, Any]] = []
+    sites: list[str] = []
+    test_cases: dict[str, dict[str, int]] = {}
+    bytes_by_mode: dict[str, list[float]] = {m: [] for m in modes}
+    for seed in seeds:
+        seed_overrides = [*overrides, f"seed={seed}"]
+        for mode in modes:
+            start = time.perf_counter()
+            run = run_mode(mode, seed_overrides, f"{name}-{mode}-seed{seed}")
+            trained = time.perf_counter() - start
+            cfg, names = run["cfg"], list(run["site_names"])
+            sites = sites or names
+            split = experiment.load_sites(cfg)
+            test_cases[str(seed)] = {s: len(split[s]["test"]) for s in names}
+            device = experiment.resolve_device(str(cfg.device))
+            experiment.apply_threads(cfg)
+            models = site_models(mode, cfg, Path(run["run_dir"]), names)
+            mode_rows = []
+            for site, (model, expert) in models.items():
+                for r in score_cases(model, expert, split[site]["test"], device):
+                    mode_rows.append({"mode": mode, "seed": seed, "site": site, **r})
+            rows += mode_rows
+            diffs = list(check_against_run(mode_rows, run["rows"]).values())
+            # nan (a site without the run's own score) wins: the check then reads "missing"
+            check[mode][str(seed)] = (None if not diffs or any(np.isnan(diffs))
+                                      else float(max(diffs)))
+            if mode in crosssite:
+                for r in score_matrix_rows(models, split, names, device, mode_rows):
+                    cross_rows[mode].append({"seed": seed, **r})
+            if mode == default and new_site_cases:
+                from simulations.new_site import evaluate_new_site
+
+                from simulations.new_site import federation_checkpoint
+
+                model_file = federation_checkpoint(Path(run["run_dir"]), cfg)
+                if model_file is not None:
+                    new_site_results.append(evaluate_new_site(
+                        seed_overrides, model_file, new_site_cases, new_site_epochs,
+                        out_dir=Path(run["run_dir"]) / "new_site", label={"seed": seed}))
+            scoring = time.perf_counter() - start - trained
+            seconds[mode][str(seed)] = {"run": trained, "scoring": scoring}
+            bytes_by_mode[mode].append(run["bytes"])
+            histories[f"{mode} seed {seed}"] = {"history": run["history"]}
+            print(f"[compare] {mode} seed {seed}: run {trained:.0f} s, scoring {scoring:.0f} s",
+                  flush=True)
+    table = site_table(rows, modes, seeds, sites)
+    others = [m for m in ("fedavg", "local") if m in modes and m != default]
+    tests = paired_tests(rows, default, others, sites) if default in modes else []
+    new_site = pool_new_site(new_site_results)
+    crossdata = {}
+    for mode, crows in cross_rows.items():
+        ms, ts, values = matrix(crows)
+        crossdata[mode] = {"model_sites": ms, "sites": ts,
+                           "values": [[_finite(v) for v in row] for row in values]}
+    summary = {
+        "name": name, "default_strategy": default, "modes": modes, "seeds": seeds,
+        "sites": sites, "overrides": list(overrides), "test_cases": test_cases,
+        "budget": {"rounds": int(base.fl.rounds), "local_epochs": int(base.fl.local_epochs)},
+        "score": "per case: mean of dice_wt, dice_tc, dice_et",
+        "by_site": table, "tests": tests,
+        "goals": goals(table, tests, default, sites, new_site),
+        "seconds": seconds, "bytes": bytes_by_mode, "check": check,
+        "crosssite": crossdata,
+        "new_site": None if new_site is None else {k: v for k, v in new_site.items()
+                                                   if k != "rows"},
+        "convergence": convergence_lines(histories),
+    }
+    json_rows = [{k: (_finite(r[k]) if k in SCORE_KEYS else r[k]) for k in ROW_KEYS}
+                 for r in rows]
+    payload = {"rows": json_rows, "summary": summary,
+               "crosssite_rows": [{k: (_finite(v) if k in SCORE_KEYS else v)
+                                   for k, v in {"mode": m, **r}.items()}
+                                  for m, crows in cross_rows.items() for r in crows],
+               "new_site_rows": [] if new_site is None else
+               [{k: (_finite(v) if k in SCORE_KEYS else v) for k, v in r.items()}
+                for r in new_site["rows"]]}
+    json_path = out / "comparison.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    text = "\n".join(report_lines(name, summary)) + "\n"
     md = out / "comparison.md"
     md.write_text(text)
-    png = plot(results, out / "comparison.png")
+    png = plot(table, modes, sites, out / "comparison.png")
+    artifacts = [json_path, md, png]
+    if crossdata:
+        artifacts.append(heatmap({f"{m}: site model x test site": (
+            d["model_sites"], d["sites"],
+            np.array([[np.nan if v is None else v for v in row] for row in d["values"]]))
+            for m, d in crossdata.items()}, out / "crosssite.png"))
     print(text, flush=True)
+    log_tracking(base, name, summary, artifacts)
+    return json_path
+
+
+def score_matrix_rows(models: Mapping[str, tuple[torch.nn.Module, int | None]], split: Mapping,
+                      names: Sequence[str], device: torch.device,
+                      own_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The cross-site rows of one run: each site's model on the other sites' test cases (the
+    diagonal reuses ``own_rows``, the run's per-case scores at home)."""
+    out = [{"model_site": r["site"], **{k: v for k, v in r.items() if k not in ("mode", "seed")}}
+           for r in own_rows]
+    for model_site, (model, expert) in models.items():
+        for site in names:
+            if site != model_site:
+                out += [{"model_site": model_site, "site": site, **r}
+                        for r in score_cases(model, expert, split[site]["test"], device)]
+    return out
+
+
+def log_tracking(cfg: Any, name: str, summary: Mapping[str, Any], artifacts: Sequence[Path]
+                 ) -> None:
+    """One MLflow run of the comparison: mean test Dice per mode and site, and the files."""
+    from server.tracking import Tracker
+
     tracker = Tracker(cfg, name, tags={"kind": "comparison"})
-    metrics: dict[str, float] = {}
-    for mode, mean in means.items():
-        for key in ("test_dice_et", "test_dice_tc", "test_dice_wt", "test_dice_mean",
-                    "test_hd95_mean"):
-            metrics[f"{mode}/{key}"] = float(mean[key])
-        metrics[f"{mode}/bytes"] = float(results[mode]["bytes"])
-        metrics[f"{mode}/wall_seconds"] = float(results[mode]["seconds"])
+    metrics = {}
+    for mode, by_site in summary["by_site"].items():
+        for site, v in by_site.items():
+            if v["mean"] is not None:
+                metrics[f"{mode}/{site}/test_dice_mean"] = float(v["mean"])
     tracker.log_metrics(metrics, step=0)
-    tracker.log_artifact(md)
-    tracker.log_artifact(png)
+    for path in artifacts:
+        tracker.log_artifact(path)
     tracker.finish()
-    return md
+
+
+def _list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.compare",
+        description="Run pooled, local and federated modes on several seeds and compare them "
+                    "case by case (mean ± sd over seeds, paired Wilcoxon tests, cross-site "
+                    "matrix, a held-out new site). Writes comparison.{md,png,json} and "
+                    "crosssite.png into <root>/runs/<run_name or 'compare'>/.",
+        epilog="Example: python -m simulations.compare --seeds 0,1,2 --modes "
+               "pooled,local,fedavg,personal fl.rounds=10")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds (default: the config's seed)")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated modes: pooled, local, any fl.strategy, or "
+                             "<strategy>-dp (default: pooled,local,fedavg and the default "
+                             "strategy)")
+    parser.add_argument("--crosssite", default=None,
+                        help="modes whose cross-site matrix is scored, or 'none' (default: the "
+                             "default strategy and local)")
+    parser.add_argument("--new-site-cases", default="2,5,all",
+                        help="k training cases of the held-out new site joined to the default "
+                             "strategy's model, or 'none' (default 2,5,all)")
+    parser.add_argument("--new-site-epochs", type=int, default=20,
+                        help="fine-tuning epochs of the new site (default 20)")
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides for every run, e.g. fl.rounds=10 data.sites=4")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.compare [--modes a,b] [hydra overrides...]`` (default: all modes)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    modes: Sequence[str] = MODES
-    if args and args[0] == "--modes":
-        if len(args) < 2:
-            raise SystemExit(f"--modes needs a comma-separated list of {MODES}")
-        modes = [m for m in args[1].split(",") if m]
-        args = args[2:]
-    run_compare(args, modes)
+    """``python -m simulations.compare [--seeds 0,1,2] [--modes a,b] [hydra overrides...]``."""
+    from simulations.new_site import parse_cases
+
+    args = build_parser().parse_args(argv)
+    try:
+        seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    modes = _list(args.modes) if args.modes else None
+    crosssite = None if args.crosssite is None else (
+        [] if args.crosssite == "none" else _list(args.crosssite))
+    cases = [] if args.new_site_cases in ("", "none") else parse_cases(args.new_site_cases)
+    run_compare(args.overrides, modes, seeds, crosssite, cases, args.new_site_epochs)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Pooled and local baselines (no Flower) on a tiny synthetic split, and the comparison table."""
+"""Pooled and local baselines (no Flower) on a tiny synthetic split (the comparison: test_compare.py)."""
 
 from __future__ import annotations
 
@@ -53,27 +53,6 @@ def test_pooled_and_local_train_and_score_every_site(cfg_args):
     assert any(not torch.equal(a[k], b[k]) for k in a), "pooled experts should differ by site"
     assert sorted(p.name for p in (local.run_dir / "models").iterdir()) == [
         "site0.ckpt", "site1.ckpt"]
-
-
-def test_compare_table_lists_modes_sites_and_means(cfg_args, monkeypatch):
-    from simulations import compare
-
-    fake = {
-        mode: {"rows": [{"site": s, "test_dice_et": d, "test_dice_tc": d, "test_dice_wt": d,
-                         "test_dice_mean": d, "test_hd95_mean": 5.0}
-                        for s, d in (("site0", 0.5 + i / 10), ("site1", 0.4), ("mean", 0.45))],
-               "bytes": 100.0 * i, "seconds": 1.0, "history": [], "site_names": ["a", "b"]}
-        for i, mode in enumerate(compare.MODES)
-    }
-    monkeypatch.setattr(compare, "run_mode", lambda mode, overrides, name: fake[mode])
-    md = compare.run_compare([*cfg_args, "run_name=cmp"])
-    text = md.read_text()
-    for mode in compare.MODES:
-        assert f"| {mode} | mean |" in text
-    assert "| personal | site0 | 0.800 |" in text
-    assert "personal / pooled mean Dice: 100.0 %" in text
-    assert "sites where personal beats fedavg (test mean Dice): ['site0']" in text
-    assert (md.parent / "comparison.png").stat().st_size > 0
 
 
 def test_train_command_runs_the_local_baseline(cfg_args, capsys):

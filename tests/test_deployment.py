@@ -42,7 +42,7 @@ OVERRIDES = (
     "run_name=deploy-test data.sites=2 data.cases_per_site=4 data.val_fraction=0.25 "
     "data.test_fraction=0.25 data.shape=[24,24,20] data.size=[16,16,16] data.workers=1 "
     "model.widths=[4,4,8,8,8,8] fl.rounds=1 fl.local_epochs=1 train.batch_size=2 "
-    "train.amp=false train.augment=false tracking.enabled=false device=cpu"
+    "train.amp=false train.augment=false tracking.enabled=false device=cpu fl.strategy=personal"
 )
 RUN_TIMEOUT_S = 240
 

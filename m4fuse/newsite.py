@@ -1,0 +1,155 @@
+"""A hospital joining the federation later: a fresh expert fine-tuned on its own cases.
+
+The federation's model (a :mod:`m4fuse.checkpoint` file) is loaded, ``model.add_expert()``
+appends a fresh expert to every expert unit (its output projection is zero, so it starts as
+the shared model), and only that expert (plus the non-expert part of the federation's
+personal set, e.g. the norm layers of a FedBN-style strategy; :mod:`m4fuse.state`) is trained
+on ``k`` of the site's training cases with every other weight frozen. The shared model alone
+(``expert=None``) and the fine-tuned model are scored on the site's test cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from m4fuse import experiment
+from m4fuse.checkpoint import Checkpoint, build_model, save_checkpoint
+from m4fuse.crosssite import score_cases
+from m4fuse.state import expert_index, expert_state, is_personal, split_state
+
+
+@dataclass
+class JoinResult:
+    """What :func:`join_site` returns.
+
+    Attributes:
+        site: the new site's name.
+        cases: training cases used (k).
+        trained: names of the trained parameters.
+        shared_rows / tuned_rows: per-case test scores of the shared model alone and of the
+            model with the fine-tuned expert.
+        frozen_unchanged: every frozen weight is bitwise what the checkpoint held.
+        checkpoint: the written checkpoint (None when no ``out`` was given).
+        train: ``{"loss", "num-examples"}`` of the fine-tuning.
+    """
+
+    site: str
+    cases: int
+    trained: list[str]
+    shared_rows: list[dict[str, Any]]
+    tuned_rows: list[dict[str, Any]]
+    frozen_unchanged: bool
+    checkpoint: Path | None = None
+    train: dict[str, float] = field(default_factory=dict)
+
+
+def personal_set_of(checkpoint: Checkpoint) -> str:
+    """The personal set the new site fine-tunes besides its expert: the kept set of the
+    checkpoint's strategy (``metadata["strategy"]``, :data:`m4fuse.state.STRATEGIES` when that
+    table exists) when it is a partial set (``experts``, ``norms``, ``stem``); ``experts``
+    otherwise (FedAvg, pooled, unknown)."""
+    from m4fuse import state
+
+    name = checkpoint.metadata.get("strategy")
+    table = getattr(state, "STRATEGIES", {})
+    kept = getattr(table.get(name), "kept", "experts") if isinstance(table, dict) else "experts"
+    return kept if kept in ("experts", "norms", "stem") else "experts"
+
+
+def check_cases(cases: int | str | None, available: int, site: str) -> int:
+    """``cases`` as a number in ``1..available`` (``None``/``"all"``: all); a clear error
+    naming ``--cases`` and the value otherwise (before any training)."""
+    if cases is None or str(cases) == "all":
+        if available < 1:
+            raise ValueError(f"site {site!r} has no training cases")
+        return available
+    try:
+        k = int(cases)
+    except (TypeError, ValueError):
+        raise ValueError(f"--cases must be a number or 'all', got {cases!r}") from None
+    if not 1 <= k <= available:
+        raise ValueError(f"--cases must be in 1..{available} (site {site!r} has {available} "
+                         f"training cases), got {k}")
+    return k
+
+
+def choose_cases(records: Sequence[Any], k: int, seed: int) -> list[Any]:
+    """``k`` of ``records``: the first ``k`` of one seeded permutation, so the cases for a
+    smaller ``k`` are among those of a larger one."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    return [records[i] for i in order[:k]]
+
+
+def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records: Sequence[Any],
+              site: str, cfg: DictConfig, cases: int | str | None = None, epochs: int = 20,
+              seed: int = 0, device: torch.device | None = None, out: Path | None = None
+              ) -> JoinResult:
+    """Fine-tune a fresh expert for ``site`` and score it against the shared model alone.
+
+    Args:
+        checkpoint: the federation's model (:func:`m4fuse.checkpoint.load_checkpoint`).
+        train_records / test_records: the site's cases (``m4fuse.data.CaseRecord``).
+        site: the new site's name; must not already have an expert in ``checkpoint``.
+        cfg: composed config (training settings ``train.*``).
+        cases: training cases to use, ``1..len(train_records)``, or None/``"all"`` (default).
+        epochs: fine-tuning epochs over the chosen cases (default 20; one warm-up/cosine lr
+            curve over them).
+        seed: seed of the case choice, loader and augmentation (default 0).
+        device: default ``cfg.device`` resolved.
+        out: checkpoint to write (shared weights + the new site's expert; the other sites'
+            experts too when only expert weights were trained); default None: none written.
+    """
+    if site in checkpoint.experts:
+        raise ValueError(f"--site {site!r} already has an expert in {checkpoint.path}; "
+                         f"choose a new name")
+    k = check_cases(cases, len(train_records), site)
+    if not test_records:
+        raise ValueError(f"site {site!r} has no test cases to score")
+    if int(epochs) < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    device = device or experiment.resolve_device(str(cfg.device))
+    personal = personal_set_of(checkpoint)
+    model, _ = build_model(checkpoint, site=None)
+    new = model.add_expert()
+    before = {n: v.detach().clone() for n, v in model.state_dict().items()}
+
+    def trainable(name: str) -> bool:
+        index = expert_index(name)
+        return index == new or (index is None and personal != "experts"
+                                 and is_personal(name, personal))
+
+    trained = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable(name))
+        if param.requires_grad:
+            trained.append(name)
+    shared_rows = score_cases(model, None, test_records, device)
+    chosen = choose_cases(list(train_records), k, seed)
+    model.train()
+    train = experiment.train_site(model, chosen, new, cfg, device, int(epochs), seed)
+    model.eval()
+    tuned_rows = score_cases(model, new, test_records, device)
+    after = model.state_dict()
+    frozen_unchanged = all(torch.equal(before[n].cpu(), after[n].detach().cpu())
+                           for n in before if not trainable(n))
+    written = None
+    if out is not None:
+        state = {n: v.detach().cpu() for n, v in after.items()}
+        shared, experts_all = split_state(state)
+        experts = {site: expert_state(experts_all, new)}
+        if all(expert_index(n) is not None for n in trained):  # shared weights untouched
+            experts.update(checkpoint.experts)
+        written = save_checkpoint(
+            out, model.config, shared, experts, size=checkpoint.size,
+            metadata={**checkpoint.metadata, "joined_site": site, "join_cases": k,
+                      "join_epochs": int(epochs), "join_trained": personal,
+                      "joined_from": str(checkpoint.path)})
+    return JoinResult(site, k, trained, shared_rows, tuned_rows, frozen_unchanged, written,
+                      {k2: float(v) for k2, v in train.items()})

@@ -1,0 +1,170 @@
+"""A held-out fifth site that never trained joins a finished federation.
+
+``python -m simulations.new_site --model runs/<run>/model.ckpt [--cases 2,5,all]
+[--epochs 20] [hydra overrides...]``: the synthetic set of the composed config is generated
+with one site more (``data.sites + 1``; the extra site has its own scanner, see
+:func:`m4fuse.data.synth.site_acquisition`); that site's training cases were never seen by
+the federation. For each k a fresh expert is fine-tuned on k of its training cases
+(:func:`m4fuse.newsite.join_site`, shared weights frozen) and scored with the shared model
+alone on the site's test cases; the per-case pairs go through a Wilcoxon test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from m4fuse import experiment
+from m4fuse.stats import case_score, mean_sd, paired_test
+
+
+def new_site_split(overrides: Sequence[str]) -> tuple[str, dict[str, list[Any]], Any]:
+    """``(site name, {"train", "val", "test": records}, config)`` of the site one past the
+    federation's (``site<data.sites>``), from the synthetic set with ``data.sites + 1``
+    sites (same seed, so the first sites' cases are those of the federation's set)."""
+    cfg = experiment.compose("config", list(overrides))
+    if cfg.data.kind != "synthetic":
+        raise ValueError(f"a held-out synthetic site needs data.kind=synthetic, got "
+                         f"{cfg.data.kind!r}; use `m4fuse site join --data` for real data")
+    sites = int(cfg.data.sites)
+    bigger = experiment.compose("config", [*overrides, f"data.sites={sites + 1}"])
+    split = experiment.load_sites(bigger)
+    name = experiment.site_names(split)[-1]
+    return name, split[name], bigger
+
+
+def federation_checkpoint(run_dir: Path, cfg: Any) -> Path | None:
+    """The model a new site joins: the federated run's ``model.ckpt`` when it wrote one;
+    otherwise (a strategy that keeps norm layers at the sites, whose final model does not fit
+    one checkpoint) ``new_site/federation.ckpt``, built from the server's final arrays plus
+    the *initial* values of the kept non-expert layers (what every site started from; the new
+    site then fine-tunes them with its expert). None for a run without shared weights."""
+    from m4fuse.checkpoint import save_checkpoint
+    from m4fuse.state import is_expert
+    from server import checkpoint as server_ckpt
+    from server.runner import CHECKPOINT_FILE
+
+    run_dir = Path(run_dir)
+    if (run_dir / "model.ckpt").is_file():
+        return run_dir / "model.ckpt"
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return None
+    import numpy as np
+    import torch
+
+    arrays = server_ckpt.load(run_dir / CHECKPOINT_FILE).arrays
+    if not arrays:
+        return None  # local training: nothing shared
+    initial = experiment.build_model(cfg, num_experts=1).state_dict()
+    shared = {k: v.detach().cpu() for k, v in initial.items() if not is_expert(k)}
+    shared.update({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                   if not is_expert(k)})
+    return save_checkpoint(
+        run_dir / "new_site" / "federation.ckpt", experiment.model_config(cfg, num_experts=1),
+        shared, {}, size=list(cfg.data.size),
+        metadata={"strategy": str(cfg.fl.strategy),
+                  "note": "server's shared weights + initial values of the kept layers"})
+
+
+def parse_cases(text: str) -> list[int | str]:
+    """``"2,5,all"`` -> ``[2, 5, "all"]``."""
+    out: list[int | str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        out.append("all" if part == "all" else int(part))
+    return out
+
+
+def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
+                      cases: Sequence[int | str] = (2, 5, "all"), epochs: int = 20,
+                      out_dir: Path | None = None, label: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Join the held-out site for each k in ``cases``; returns ``{"site", "rows", "by_k"}``.
+
+    ``rows``: one per k, model (``shared`` / ``fine-tuned``) and test case, with the case
+    scores and ``label`` (e.g. ``{"seed": 0}``); ``by_k``: per k the mean test Dice of both,
+    the paired Wilcoxon test and the wall time. Bad k fail before any training.
+    """
+    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.newsite import check_cases
+
+    site, records, cfg = new_site_split(overrides)
+    experiment.apply_threads(cfg)
+    ks = [check_cases(k, len(records["train"]), site) for k in cases]  # fail early
+    checkpoint = load_checkpoint(model_path)
+    rows: list[dict[str, Any]] = []
+    by_k: dict[str, Any] = {}
+    from m4fuse.newsite import join_site
+
+    for k in ks:
+        start = time.perf_counter()
+        out = None if out_dir is None else Path(out_dir) / f"{site}-k{k}.ckpt"
+        result = join_site(checkpoint, records["train"], records["test"], site, cfg, cases=k,
+                           epochs=epochs, seed=int(cfg.seed), out=out)
+        for model, case_rows in (("shared", result.shared_rows),
+                                 ("fine-tuned", result.tuned_rows)):
+            rows += [{**(label or {}), "site": site, "k": k, "model": model, **r}
+                     for r in case_rows]
+        shared = [case_score(r) for r in result.shared_rows]
+        tuned = [case_score(r) for r in result.tuned_rows]
+        by_k[str(k)] = {"shared": mean_sd(shared)[0], "fine-tuned": mean_sd(tuned)[0],
+                        "test": paired_test(tuned, shared), "train_loss": result.train["loss"],
+                        "frozen_unchanged": result.frozen_unchanged,
+                        "seconds": time.perf_counter() - start}
+        print(f"[new site] {site} k={k}: shared {by_k[str(k)]['shared']:.3f}, fine-tuned "
+              f"{by_k[str(k)]['fine-tuned']:.3f} ({by_k[str(k)]['seconds']:.0f} s)", flush=True)
+    return {"site": site, "model": str(model_path), "train_cases": len(records["train"]),
+            "test_cases": len(records["test"]), "epochs": int(epochs), "rows": rows,
+            "by_k": by_k}
+
+
+def markdown(results: Sequence[dict[str, Any]]) -> str:
+    """A table of one or more :func:`evaluate_new_site` results (e.g. one per seed): per k
+    the mean test Dice of the shared model alone and of the fine-tuned expert, and the
+    per-case Wilcoxon test over the cases of all of them."""
+    if not results:
+        return ""
+    lines = ["| k (training cases) | shared alone | fine-tuned expert | difference | "
+             "Wilcoxon p | n cases |", "|---|---|---|---|---|---|"]
+    for k in results[0]["by_k"]:
+        pairs: dict[tuple, dict[str, float]] = {}
+        for res in results:
+            for r in res["rows"]:
+                if str(r["k"]) == k:
+                    pairs.setdefault((r.get("seed"), r["case"]), {})[r["model"]] = case_score(r)
+        shared = [v["shared"] for v in pairs.values()]
+        tuned = [v["fine-tuned"] for v in pairs.values()]
+        test = paired_test(tuned, shared)
+        p = "n/a" if test["p"] is None else f"{test['p']:.3g}"
+        lines.append(f"| {k} | {mean_sd(shared)[0]:.3f} | {mean_sd(tuned)[0]:.3f} | "
+                     f"{(test['mean_diff'] or 0.0):+.3f} | {p} | {test['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simulations.new_site --model PATH [--cases 2,5,all] [--epochs N]
+    [hydra overrides...]``."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.new_site",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="the federation's model.ckpt (or its run folder)")
+    parser.add_argument("--cases", default="2,5,all",
+                        help="comma-separated k (training cases of the new site) or 'all' "
+                             "(default 2,5,all)")
+    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default 20)")
+    parser.add_argument("--out", default=None, help="JSON file for the results (default: none)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=1")
+    args = parser.parse_args(argv)
+    result = evaluate_new_site(args.overrides, args.model, parse_cases(args.cases), args.epochs)
+    print(markdown([result]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

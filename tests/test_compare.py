@@ -1,0 +1,143 @@
+"""simulations.compare over seeds (per-case JSON, Wilcoxon lines, cross-site matrix, the new
+site) and ``m4fuse site join`` (a fresh expert, shared weights frozen), on a 2-site, 1-round,
+16^3 federation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from m4fuse import experiment
+
+TINY = [
+    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
+    "model.widths=[4,8,8,8,8,8]", "train.augment=false", "device=cpu", "fl.rounds=1",
+    "fl.local_epochs=1", "tracking.enabled=false", "fl.strategy=personal",
+]
+ROW_KEYS = {"mode", "seed", "site", "case", "dice_wt", "dice_tc", "dice_et", "hd95_wt",
+            "hd95_tc", "hd95_et"}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    from simulations.compare import main
+
+    root = tmp_path_factory.mktemp("compare")
+    args = [f"root={root}", *TINY]
+    assert main(["--seeds", "0,1", "--modes", "pooled,local,personal", "--new-site-cases", "1",
+                 "--new-site-epochs", "1", *args]) == 0
+    out = root / "runs" / "compare"
+    return args, out, json.loads((out / "comparison.json").read_text())
+
+
+def test_help_prints_usage_without_hydra(capsys):
+    from simulations.compare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--seeds" in text and "--modes" in text and "overrides" in text
+
+
+def test_bad_modes_and_seeds_fail_before_training(tmp_path):
+    from simulations.compare import main, run_compare
+
+    with pytest.raises(ValueError, match=r"--modes: unknown \['fedbogus'\]"):
+        run_compare([f"root={tmp_path}", *TINY], modes=["local", "fedbogus"])
+    with pytest.raises(SystemExit, match="--seeds must be comma-separated integers"):
+        main(["--seeds", "0,x", f"root={tmp_path}", *TINY])
+    # k larger than the new site's 2 training cases: named, before any run folder exists
+    with pytest.raises(ValueError, match=r"--cases must be in 1\.\.2 .*got 9"):
+        run_compare([f"root={tmp_path}", *TINY], modes=["local", "personal"], seeds=[0],
+                    new_site_cases=[9])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_json_has_one_row_per_mode_seed_site_and_case(compared):
+    args, out, data = compared
+    rows = data["rows"]
+    assert rows and all(set(r) == ROW_KEYS for r in rows)
+    for seed in (0, 1):
+        split = experiment.load_sites(experiment.compose("config", [*args, f"seed={seed}"]))
+        expected = {(s, r.case_id) for s in split for r in split[s]["test"]}
+        for mode in ("pooled", "local", "personal"):
+            got = [(r["site"], r["case"]) for r in rows if r["mode"] == mode and r["seed"] == seed]
+            assert sorted(got) == sorted(expected)  # every test case once
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("dice_wt", "dice_tc", "dice_et"))
+    summary = data["summary"]
+    assert summary["default_strategy"] == "personal" and summary["seeds"] == [0, 1]
+    by_site = summary["by_site"]["personal"]["site0"]
+    assert by_site["n_seeds"] == 2 and set(by_site["per_seed"]) == {"0", "1"}
+    # the comparison's own scoring agrees with every run's own per-site table
+    assert all(d is not None and d < 2e-3 for by in summary["check"].values()
+               for d in by.values())
+
+
+def test_report_has_wilcoxon_lines_goals_and_plots(compared):
+    _, out, data = compared
+    text = (out / "comparison.md").read_text()
+    tests = data["summary"]["tests"]
+    assert [(t["b"], t["site"]) for t in tests] == [("local", "site0"), ("local", "site1"),
+                                                    ("local", "all")]
+    assert tests[-1]["n"] == tests[0]["n"] + tests[1]["n"] == 8  # 2 seeds x 2 sites x 2 cases
+    for t in tests:
+        p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
+        assert f"| personal | local | {t['site']} | {t['n']} |" in text and f"| {p} |" in text
+    assert "personal >= local on every site" in text
+    assert "mean Dice >= 97 % of pooled" in text
+    for name in ("comparison.png", "crosssite.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cross = data["summary"]["crosssite"]
+    assert set(cross) == {"personal", "local"}
+    assert cross["personal"]["model_sites"] == cross["personal"]["sites"] == ["site0", "site1"]
+    new_site = data["summary"]["new_site"]
+    assert new_site["site"] == "site2" and new_site["by_k"]["1"]["frozen_unchanged"]
+
+
+def test_join_trains_only_the_new_expert(compared, tmp_path, capsys):
+    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.cli import main
+    from m4fuse.state import expert_index
+
+    args, out, _ = compared
+    model = out.parent / "compare-personal-seed0" / "model.ckpt"
+    bigger = experiment.compose("config", [*args, "data.sites=3"])
+    source, cache = experiment.data_paths(bigger)
+    csv = str(source / "partition.csv")
+    join = ["site", "join", "--model", str(model), "--data", str(cache), "--site", "site2",
+            "--partition-csv", csv, "--epochs", "2", *args]
+    assert main([*join, "--cases", "3"]) == 2  # site2 has 2 training cases
+    assert "--cases must be in 1..2 (site 'site2' has 2 training cases), got 3" in \
+        capsys.readouterr().err
+    target = tmp_path / "joined.ckpt"
+    assert main([*join, "--cases", "2", "--out", str(target)]) == 0
+    assert "shared weights unchanged: True" in capsys.readouterr().out
+    before, after = load_checkpoint(model), load_checkpoint(target)
+    assert set(before.shared) == set(after.shared)
+    assert all(torch.equal(before.shared[k], after.shared[k]) for k in before.shared)
+    assert set(after.experts) == {"site0", "site1", "site2"}
+    new = after.experts["site2"]
+    assert all(expert_index(k.replace("*", "0")) == 0 for k in new)
+    # the fresh expert started as zero output projection; training moved it
+    assert any(bool(v.abs().sum() > 0) and not torch.equal(v, before.experts["site0"][k])
+               for k, v in new.items())
+
+
+def test_pairs_match_cases_and_identical_scores_give_p_one():
+    from m4fuse.stats import pair_cases, paired_test
+
+    def row(mode, case, dice, seed=0):
+        return {"mode": mode, "seed": seed, "site": "s", "case": case, "dice_wt": dice,
+                "dice_tc": dice, "dice_et": dice}
+
+    rows = [row("a", "c2", 0.9), row("a", "c1", 0.5), row("b", "c1", 0.4), row("b", "c2", 0.6)]
+    a, b = pair_cases(rows, "a", "b")
+    assert a.tolist() == pytest.approx([0.5, 0.9]) and b.tolist() == pytest.approx([0.4, 0.6])
+    with pytest.raises(ValueError, match="different cases"):
+        pair_cases([*rows, row("a", "c3", 0.1)], "a", "b")
+    assert paired_test([0.5, 0.7], [0.5, 0.7])["p"] == 1.0
+    test = paired_test([0.9, 0.8, 0.7, 0.95, 0.85, 0.9], [0.1, 0.2, 0.3, 0.15, 0.25, 0.2])
+    assert test["mean_diff"] > 0.6 and test["p"] < 0.05 and test["n"] == 6

@@ -1,0 +1,198 @@
+"""The personalisation strategies of issue 9 (m4fuse.state.STRATEGIES): personal sets, the
+"+FT" fine-tuning, the personal learning rate, bad settings, and a whole run of
+``personal-norm-ft`` through the project's ServerApp/ClientApp in Flower's simulation: what
+each reply carries and what stays at the site."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
+
+from m4fuse import experiment
+from m4fuse.state import (
+    PERSONAL_SETS,
+    STRATEGIES,
+    check_personal_set,
+    is_expert,
+    split_state,
+)
+
+RECORD_ENV = "M4FUSE_TEST_PERSONAL_DIR"
+TINY = [*TINY_FL, "tracking.enabled=false", "fl.local_epochs=1"]
+
+
+def _names(strategy: str = "personal") -> list[str]:
+    cfg = experiment.compose("config", [*TINY, f"fl.strategy={strategy}"])
+    return list(experiment.build_model(cfg, num_experts=1).state_dict())
+
+
+def test_personal_sets_nest_and_split_disjointly():
+    names = _names()
+    chosen = {s: set(split_state(dict.fromkeys(names), s)[1]) for s in PERSONAL_SETS}
+    assert chosen["none"] == set() and chosen["all"] == set(names)
+    assert chosen["experts"] == {n for n in names if is_expert(n)} and chosen["experts"]
+    assert chosen["experts"] < chosen["norms"] < chosen["stem"] < chosen["all"]
+    norms = chosen["norms"] - chosen["experts"]
+    assert "encoder.norm1.weight" in norms and "decoder.mix1.norm.bias" in norms
+    assert all(".norm" in n and n.endswith((".weight", ".bias")) for n in norms)
+    assert chosen["stem"] - chosen["norms"] == {"encoder.conv1.weight", "encoder.conv1.bias"}
+    for s in PERSONAL_SETS:
+        shared, mine = split_state(dict.fromkeys(names), s)
+        assert not set(shared) & set(mine) and set(shared) | set(mine) == set(names)
+
+
+def test_bad_settings_fail_before_training():
+    with pytest.raises(ValueError, match="fl.strategy.*'fedbogus'"):
+        experiment.compose("config", [*TINY, "fl.strategy=fedbogus"])
+    with pytest.raises(ValueError, match="fl.finetune_epochs"):
+        experiment.compose("config", [*TINY, "fl.finetune_epochs=-1"])
+    with pytest.raises(ValueError, match="fl.personal_lr_scale"):
+        experiment.compose("config", [*TINY, "fl.personal_lr_scale=0"])
+    with pytest.raises(ValueError, match="fl.strategy=personal-norm-ft with privacy.enabled"):
+        experiment.compose("config", [*TINY, "fl.strategy=personal-norm-ft", "privacy=dp"])
+    experiment.compose("config", [*TINY, "fl.strategy=personal-norm", "privacy=dp"])
+    # a personal set naming layers the model does not have
+    no_norms = [n for n in _names() if ".norm" not in n]
+    with pytest.raises(ValueError, match="fl.strategy.*'norms'.*no norm layer"):
+        check_personal_set(no_norms, "norms")
+    with pytest.raises(ValueError, match="unknown personal set 'bogus'"):
+        check_personal_set(no_norms, "bogus")
+
+
+def test_finetune_changes_only_the_personal_set(tmp_path):
+    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1",
+                                        "fl.personal_lr_scale=2.0"])
+    split = experiment.load_sites(cfg)
+    site = experiment.site_names(split)[0]
+    model = experiment.build_model(cfg, num_experts=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = experiment.finetune_site(model, split[site]["train"], 0, cfg, torch.device("cpu"),
+                                   personal="norms", epochs=1, seed=3)
+    assert out["steps"] >= 1
+    after = model.state_dict()
+    mine = set(split_state(dict(after), "norms")[1])
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and changed <= mine, sorted(changed - mine)[:5]
+    assert all(p.requires_grad for p in model.parameters())  # freezing undone
+
+
+def test_expert_output_stats_see_a_zero_expert(tmp_path):
+    from m4fuse.diagnostics import expert_output_stats
+
+    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
+    split = experiment.load_sites(cfg)
+    records = split[experiment.site_names(split)[0]]["test"]
+    model = experiment.build_model(cfg, num_experts=1)
+    stats = expert_output_stats(model, records, 0)
+    assert set(stats) == {"encoder.unit4", "encoder.unit5", "encoder.bottleneck"}
+    assert all(v["ratio"] > 0 and -1 <= v["cosine"] <= 1 for v in stats.values())
+    for unit in (model.encoder.unit4, model.encoder.unit5, model.encoder.bottleneck):
+        unit.site_experts[0] = unit.new_expert()  # zero output projection
+    assert all(v["ratio"] == 0 for v in expert_output_stats(model, records, 0).values())
+
+
+def test_personal_lr_scale_makes_its_own_param_group():
+    from m4fuse.engine import make_optimizer
+
+    cfg = experiment.compose("config", [*TINY, "fl.strategy=personal-norm",
+                                        "fl.personal_lr_scale=3.0"])
+    model = experiment.build_model(cfg, num_experts=1)
+    scales = experiment.personal_lr_scale(model, cfg)
+    assert scales and set(scales) == set(split_state(dict(model.named_parameters()), "norms")[1])
+    optimizer, _ = make_optimizer(model, experiment.train_config(cfg, 1), 10, lr_scale=scales)
+    lrs = sorted(g["initial_lr"] for g in optimizer.param_groups)
+    assert lrs == pytest.approx([float(cfg.train.lr), 3.0 * float(cfg.train.lr)])
+    sizes = sorted(sum(p.numel() for p in g["params"]) for g in optimizer.param_groups)
+    assert sum(sizes) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(KeyError, match="lacks"):
+        make_optimizer(model, experiment.train_config(cfg, 1), 10, lr_scale={"nope": 2.0})
+
+
+# --------------------------------------------------------------------------- whole run
+
+
+def record(msg: Message, context: Context,
+           call_next: Callable[[Message, Context], Message]) -> Message:
+    """Client mod: pass the message on; write the reply's array keys and metrics, and the
+    keys the site keeps in its Context state, to ``$RECORD_ENV``."""
+    reply = call_next(msg, context)
+    arrays = [list(r.keys()) for r in reply.content.values() if isinstance(r, ArrayRecord)]
+    metrics = [dict(r) for r in reply.content.values() if isinstance(r, MetricRecord)]
+    kept = context.state.array_records.get("kept")
+    entry = {"type": msg.metadata.message_type, "node": context.node_id,
+             "final": bool(msg.content.config_records["config"].get("final-test", False)),
+             "arrays": arrays, "metrics": metrics,
+             "kept": sorted(kept.keys()) if kept is not None else []}
+    (Path(os.environ[RECORD_ENV]) / f"{uuid.uuid4().hex}.json").write_text(json.dumps(entry))
+    return reply
+
+
+app = project_client_app_with(record)
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
+    assert STRATEGIES["personal-norm-ft"].kept == "norms"
+    replies = tmp_path / "replies"
+    replies.mkdir()
+    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "fl.strategy=personal-norm-ft",
+            "fl.finetune_epochs=1", "run_name=pnft"]
+    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    monkeypatch.setenv(RECORD_ENV, str(replies))
+    simulate_two_sites(app)
+    cfg = experiment.compose("config", args)
+    rdir = experiment.run_dir(cfg)
+    assert (rdir / "summary.json").is_file(), "the run did not finish"
+    names = list(experiment.build_model(cfg, num_experts=1).state_dict())
+    shared, mine = (set(p) for p in split_state(dict.fromkeys(names), "norms"))
+    entries = [json.loads(p.read_text()) for p in replies.glob("*.json")]
+    trains = [e for e in entries if e["type"] == MessageType.TRAIN]
+    assert len(trains) == 4
+    for e in trains:  # exactly the shared arrays: no expert, no norm weight
+        assert [set(a) for a in e["arrays"]] == [shared]
+        assert set(e["kept"]) == mine  # the site keeps its experts and norms
+    finals = [e for e in entries if e["final"]]
+    assert len(finals) == 2
+    for e in finals:  # fine-tuned before the final test, the steps reported
+        (metrics,) = e["metrics"]
+        assert metrics["finetune-steps"] >= 1 and metrics["finetune-epochs"] == 1
+        kept_ft = metrics["finetune-val-after"] >= metrics["finetune-val-before"]
+        assert metrics["finetune-kept"] == float(kept_ft)
+        assert e["arrays"] == []
+    others = [e for e in entries if e["type"] != MessageType.TRAIN and not e["final"]]
+    assert others and all("finetune-steps" not in e["metrics"][0] for e in others)
+    # the server never held a personal array
+    ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
+    assert set(ckpt["arrays"]) == shared
+    # the site's state folder keeps the norms (for a restarted client or a resumed run)
+    from client.weights import newest_kept
+
+    kept = newest_kept(rdir / "clients" / "site0")
+    assert kept is not None and set(kept["state"]) == mine
+
+
+@pytest.mark.parametrize("val_after, kept", [(0.2, False), (0.9, True)])
+def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, val_after, kept):
+    from client.app import finetune
+    from client.site import Site
+
+    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1"])
+    split = experiment.load_sites(cfg)
+    name = experiment.site_names(split)[0]
+    model = experiment.build_model(cfg, num_experts=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.5, val_after])  # validation mean Dice before, after fine-tuning
+    monkeypatch.setattr(experiment, "validate_site",
+                        lambda *a, **k: {"dice_mean": next(scores)})
+    out = finetune(model, Site(cfg, name, 0, split[name], torch.device("cpu"), None), "norms")
+    assert out["finetune-kept"] == float(kept) and out["finetune-steps"] >= 1
+    same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert same is (not kept)

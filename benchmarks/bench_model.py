@@ -79,9 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (0: torch's default). On a shared, "
                              "oversubscribed CPU, 1 avoids OpenMP stalls on many small ops")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of the tables, profile one training step of the first "
-                             "of --presets block by block (benchmarks/profile_model.py); "
+                        help="instead of the tables, profile one training step of "
+                             "--profile-preset block by block (benchmarks/profile_model.py); "
                              "--threads 0 means 1 thread here")
+    parser.add_argument("--profile-preset", default="B", choices=("T", "S", "B", "L"),
+                        help="preset of the profiled model (B)")
     parser.add_argument("--experts", type=int, default=2,
                         help="site experts of the profiled model (2)")
     parser.add_argument("--quick", action="store_true",

@@ -155,14 +155,20 @@ def run_chain(blocks: Sequence[Block], values: dict[str, torch.Tensor]) -> dict[
 
 
 def time_block(block: Block | Callable, inputs: Sequence[torch.Tensor], device: torch.device,
-               repeats: int, warmup: int, clock: ScanClock, name: str) -> BlockTimes:
-    """Median forward / backward / scan seconds and peak memory of one block in isolation."""
+               repeats: int, warmup: int, clock: ScanClock, name: str,
+               needs_grad: Sequence[bool] | None = None) -> BlockTimes:
+    """Median forward / backward / scan seconds and peak memory of one block in isolation.
+
+    ``needs_grad`` (default: every floating input) says which inputs get a gradient; the
+    network's input image does not, as in training."""
     result = BlockTimes(name)
     fn = block.fn if isinstance(block, Block) else block
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def once(record: bool) -> None:
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        flags = needs_grad if needs_grad is not None else [True] * len(inputs)
+        leaves = [t.detach().requires_grad_(t.is_floating_point() and flag)
+                  for t, flag in zip(inputs, flags)]
         clock.reset()
         _sync(device)
         start = time.perf_counter()
@@ -215,11 +221,11 @@ def profile_table(rows: Sequence[BlockTimes], title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Profile one preset (the first of ``--presets``, default B) at ``--size``."""
+    """Profile ``--profile-preset`` (default B) with ``--experts`` (default 2) at ``--size``."""
     from m4fuse.engine import make_loss
     from m4fuse.model import M4Fuse, M4FuseConfig
 
-    preset = (args.presets.split(",")[0].strip().upper() or DEFAULT_PRESET)
+    preset = getattr(args, "profile_preset", DEFAULT_PRESET)
     experts = args.experts
     threads = args.threads or 1
     torch.set_num_threads(threads)
@@ -257,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
         for block in blocks:
             print(f"profiling {block.name} ...", file=sys.stderr, flush=True)
             rows.append(time_block(block, [values[k] for k in block.inputs], device, repeats,
-                                   warmup, clock, block.name))
+                                   warmup, clock, block.name,
+                                   needs_grad=[k != "x" for k in block.inputs]))
         rows.append(time_block(lambda logits: (loss_fn(logits, target),), [values["logits"]],
                                device, repeats, warmup, clock, "loss (Dice+BCE)"))
 

@@ -24,6 +24,10 @@ Where this file differs from the paper's code:
   zeroing the dt bias, which we do not copy.
 - ``add_expert`` adds a site expert whose output projection is zero, so a new site starts
   exactly at the shared model.
+- The 3x3x3 convolutions and the trilinear upsampling run in channels-last 3D layout
+  (:data:`CHANNELS_LAST`), GroupNorm in the default layout; the bridge's output
+  ``t_sp + g * t_sp + t`` is one ``addcmul``. Outputs equal the plain layout's to float32
+  rounding (tests/test_model_speed.py pins them to the code before this change).
 """
 
 from __future__ import annotations

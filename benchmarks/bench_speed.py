@@ -9,6 +9,8 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
    :class:`benchmarks.bench_model.PeakMemory`). Models:
 
    * ``M4Fuse-B now``: :class:`m4fuse.model.M4Fuse`, preset B, 2 experts, routed to expert 0;
+   * ``M4Fuse-B now, channels-last``: the same model with ``m4fuse.model.CHANNELS_LAST`` on
+     (peer ``channels-last``);
    * ``M4Fuse-B 1cc4274``: the same network and weights in the code before issue 11
      (``benchmarks/m4fuse_1cc4274.py``, that commit's ``m4fuse/model.py`` verbatim);
    * ``SegResNet-32``: MONAI ``SegResNet(init_filters=32, blocks_down=(1, 2, 2, 4),
@@ -42,6 +44,24 @@ import torch
 from benchmarks.bench_model import PeakMemory, _device, _sync
 
 
+class _ChannelsLast(torch.nn.Module):
+    """The same model (same weights) with :data:`m4fuse.model.CHANNELS_LAST` on in forward
+    (backward follows the graph that forward built)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from m4fuse import model as m4
+
+        previous, m4.CHANNELS_LAST = m4.CHANNELS_LAST, True
+        try:
+            return self.model(*args)
+        finally:
+            m4.CHANNELS_LAST = previous
+
+
 def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     from monai.networks.nets import SegResNet
 
@@ -51,6 +71,8 @@ def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     torch.manual_seed(0)
     now = M4Fuse(M4FuseConfig.preset("B", num_experts=2))
     models: list[tuple[str, torch.nn.Module, bool]] = [("M4Fuse-B now", now, True)]
+    if "channels-last" in which:
+        models.append(("M4Fuse-B now, channels-last", _ChannelsLast(now), True))
     if "before" in which:
         old = before.M4Fuse(before.M4FuseConfig.preset("B", num_experts=2))
         old.load_state_dict(now.state_dict())
@@ -195,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--infer-repeats", type=int, default=1)
     parser.add_argument("--parts", default="train,infer,sizes",
                         help="comma-separated tables to run among train,infer,sizes")
-    parser.add_argument("--peers", default="before,segresnet",
-                        help="comma-separated peers among before,segresnet")
+    parser.add_argument("--peers", default="channels-last,before,segresnet",
+                        help="comma-separated peers among channels-last,before,segresnet")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"train", "infer", "sizes"}

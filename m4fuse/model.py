@@ -24,10 +24,10 @@ Where this file differs from the paper's code:
   zeroing the dt bias, which we do not copy.
 - ``add_expert`` adds a site expert whose output projection is zero, so a new site starts
   exactly at the shared model.
-- The 3x3x3 convolutions and the trilinear upsampling run in channels-last 3D layout
-  (:data:`CHANNELS_LAST`), GroupNorm in the default layout; the bridge's output
-  ``t_sp + g * t_sp + t`` is one ``addcmul``. Outputs equal the plain layout's to float32
-  rounding (tests/test_model_speed.py pins them to the code before this change).
+- The 3x3x3 convolutions and the trilinear upsampling can run in channels-last 3D layout
+  (:data:`CHANNELS_LAST`, off by default), GroupNorm always in the default layout; the
+  bridge's output ``t_sp + g * t_sp + t`` is one ``addcmul``. Outputs equal the code before
+  these changes to float32 rounding (tests/test_model_speed.py pins them).
 """
 
 from __future__ import annotations
@@ -357,13 +357,15 @@ def _conv3(cin: int, cout: int) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, 3, padding=1)
 
 
-#: Run the 3x3x3 convolutions and the trilinear upsampling in channels-last 3D layout.
-#: On CPU (oneDNN) both are faster there (conv forward+backward 0.57-0.89x, upsample 0.4x of
-#: the default layout's time, README "Benchmarks"). GroupNorm is NOT run channels-last: its
-#: CPU channels-last kernel accumulates in a way that loses precision on large volumes
+#: Run the 3x3x3 convolutions and the trilinear upsampling in channels-last 3D layout
+#: (default False). Measured alone on CPU (oneDNN, 1 thread) both were faster there (conv
+#: forward+backward 0.57-0.89x, upsample 0.4x of the default layout's time), but whole-model
+#: runs on the loaded 2-core machine were not (1.2-1.65x, README "Benchmarks"), so it stays off
+#: until measured on a quiet machine (benchmarks/bench_speed.py has a row for it). GroupNorm
+#: is never run channels-last: its CPU channels-last kernel loses precision on large volumes
 #: (2.6e-3 max error vs float64 at 32x64x128x128 against 5e-7 in the default layout), so
 #: convolution outputs go back to the default layout before their GroupNorm.
-CHANNELS_LAST: bool = True
+CHANNELS_LAST: bool = False
 
 
 def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,7 @@ def test_channels_last_switch_gives_same_output(monkeypatch: pytest.MonkeyPatch)
     new.eval()
     x = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
+        monkeypatch.setattr(m4, "CHANNELS_LAST", True)
         fast = new(x, torch.tensor([0]))
         monkeypatch.setattr(m4, "CHANNELS_LAST", False)
         plain = new(x, torch.tensor([0]))

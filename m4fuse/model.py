@@ -25,9 +25,9 @@ Where this file differs from the paper's code:
 - ``add_expert`` adds a site expert whose output projection is zero, so a new site starts
   exactly at the shared model.
 - The 3x3x3 convolutions and the trilinear upsampling can run in channels-last 3D layout
-  (:data:`CHANNELS_LAST`, off by default), GroupNorm always in the default layout; the
-  bridge's output ``t_sp + g * t_sp + t`` is one ``addcmul``. Outputs equal the code before
-  these changes to float32 rounding (tests/test_model_speed.py pins them).
+  (:data:`CHANNELS_LAST`, off by default), GroupNorm always in the default layout. Outputs
+  equal the code before this switch to float32 rounding (tests/test_model_speed.py pins
+  them).
 """
 
 from __future__ import annotations
@@ -435,11 +435,7 @@ class Bridge(nn.Module):
     def forward(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         spatial = []
         for t in skips:
-            # max().values, not amax(): same forward, and its backward scatters the gradient
-            # to the arg-max (one pass) where amax's compares, counts and divides over the
-            # full-size tensor to split it among ties (0.5-0.9x the time at 32x64x128x128).
-            peak = t.max(1, keepdim=True).values
-            stats = torch.cat([t.mean(1, keepdim=True), peak], dim=1)
+            stats = torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], dim=1)
             # (B, 2, D, H, W). oneDNN runs this 2 -> 1 channel 7^3 conv about 4x faster
             # (forward + backward, measured on CPU at 32x64x64) in channels-last layout; its
             # one-channel output is laid out the same either way.
@@ -448,8 +444,7 @@ class Bridge(nn.Module):
         pooled = torch.cat([t.mean(dim=(2, 3, 4)) for t in spatial], dim=1)  # (B, sum)
         mixed = self.channel_mix(pooled.unsqueeze(1)).squeeze(1)  # (B, sum)
         gates = torch.sigmoid(self.gates(mixed)).split(self.widths, dim=1)  # (B, c_s) each
-        # t_sp + g * t_sp + t as one fused pass per scale: t + t_sp * (1 + g).
-        return [torch.addcmul(t, sp, 1.0 + g[:, :, None, None, None])
+        return [sp + g[:, :, None, None, None] * sp + t
                 for t, sp, g in zip(skips, spatial, gates)]
 
 

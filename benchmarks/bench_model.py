@@ -78,6 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default). On a shared, "
                              "oversubscribed CPU, 1 avoids OpenMP stalls on many small ops")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the tables, profile one training step of "
+                             "--profile-preset block by block (benchmarks/profile_model.py); "
+                             "--threads 0 means 1 thread here")
+    parser.add_argument("--profile-preset", default="B", choices=("T", "S", "B", "L"),
+                        help="preset of the profiled model (B)")
+    parser.add_argument("--experts", type=int, default=2,
+                        help="site experts of the profiled model (2)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: size {QUICK_SIZE}, scan L={QUICK_SCAN_LENGTHS}, "
                              f"shape {QUICK_SCAN_SHAPE}, 1 repeat, no warm-up")
@@ -340,6 +348,12 @@ def _device(name: str) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its markdown tables; returns 0."""
+    if getattr(args, "profile", False):
+        from benchmarks import profile_model
+
+        if args.experts < 1:
+            raise SystemExit(f"--experts must be >= 1, got {args.experts}")
+        return profile_model.run(args)
     presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
     bad = [p for p in presets if p not in ("T", "S", "B", "L")]
     if bad:

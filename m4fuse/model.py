@@ -25,6 +25,10 @@ Where this file differs from the paper's code:
   zeroing the dt bias, which we do not copy.
 - ``add_expert`` adds a site expert whose output projection is zero, so a new site starts
   exactly at the shared model.
+- The 3x3x3 convolutions and the trilinear upsampling can run in channels-last 3D layout
+  (:data:`CHANNELS_LAST`, off by default), GroupNorm always in the default layout. Outputs
+  equal the code before this switch to float32 rounding (tests/test_model_speed.py pins
+  them).
 """
 
 from __future__ import annotations
@@ -278,17 +282,23 @@ class GroupedMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         n = math.prod(spatial)
-        t = self.norm(x.reshape(b, c, n).transpose(1, 2))  # (B, N, C)
+        channels_last = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+        if channels_last:  # (B, D, H, W, C) in memory: the token matrix is a free view
+            tokens = x.permute(0, 2, 3, 4, 1).reshape(b, n, c)
+        else:
+            tokens = x.reshape(b, c, n).transpose(1, 2)
+        t = self.norm(tokens)  # (B, N, C)
         # Channel-first for Mamba: (B, C, N). Group k is channels [k*C/G, (k+1)*C/G), a
         # block Mamba folds into its batch; one call serves all G groups.
         t = t.transpose(1, 2).contiguous()
         y = self.mamba(t) + self.skip(t)  # (B, C, N)
         y = self.norm(y.transpose(1, 2))  # (B, N, C)
         y = self.proj(y)  # (B, N, C_out)
-        # (B, N, C_out) -> (B, C_out, D, H, W). clone() rather than contiguous(): with one
-        # voxel the transposed view already counts as contiguous but keeps channels-last
-        # strides, which would send later ops (GroupNorm) down another kernel; canonical
-        # strides on every path keep results bit-identical (e.g. after add_expert).
+        # (B, N, C_out) -> (B, C_out, D, H, W), always in the default layout (GroupNorm
+        # follows; see _conv). clone() rather than contiguous(): with one voxel the
+        # transposed view already counts as contiguous but keeps channels-last strides, which
+        # would send later ops (GroupNorm) down another kernel; canonical strides on every
+        # path keep results bit-identical (e.g. after add_expert).
         y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format)
         return y.view(b, -1, *spatial)
 
@@ -348,12 +358,34 @@ def _conv3(cin: int, cout: int) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, 3, padding=1)
 
 
+#: Run the 3x3x3 convolutions and the trilinear upsampling in channels-last 3D layout
+#: (default False). Measured alone on CPU (oneDNN, 1 thread) both were faster there (conv
+#: forward+backward 0.57-0.89x, upsample 0.4x of the default layout's time), but whole-model
+#: runs on the loaded 2-core machine were not (1.2-1.65x, README "Benchmarks"), so it stays off
+#: until measured on a quiet machine (benchmarks/bench_speed.py has a row for it). GroupNorm
+#: is never run channels-last: its CPU channels-last kernel loses precision on large volumes
+#: (2.6e-3 max error vs float64 at 32x64x128x128 against 5e-7 in the default layout), so
+#: convolution outputs go back to the default layout before their GroupNorm.
+CHANNELS_LAST: bool = False
+
+
+def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` run channels-last (see :data:`CHANNELS_LAST`), output in default layout."""
+    if not CHANNELS_LAST:
+        return conv(x)
+    return conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+
+
 def _pool(x: torch.Tensor) -> torch.Tensor:
     # ceil_mode keeps the last voxel of odd sizes; the decoder upsamples to each skip's size.
     return F.max_pool3d(x, 2, ceil_mode=True)
 
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Output channels-last when CHANNELS_LAST: it feeds a convolution (taken as is) or a
+    # mixer (whose token matrix is then a free view).
+    if CHANNELS_LAST:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     return F.interpolate(x, size=like.shape[2:], mode="trilinear", align_corners=True)
 
 
@@ -374,9 +406,9 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, routes: Routes | None
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``x`` (B, C_in, D, H, W) -> skips [t1..t5] (widths c0..c4), bottleneck (c5)."""
-        t1 = F.gelu(self.norm1(self.conv1(x)))  # full size
-        t2 = F.gelu(self.norm2(self.conv2(_pool(t1))))  # 1/2
-        t3 = F.gelu(self.norm3(self.conv3(_pool(t2))))  # 1/4
+        t1 = F.gelu(self.norm1(_conv(self.conv1, x)))  # full size
+        t2 = F.gelu(self.norm2(_conv(self.conv2, _pool(t1))))  # 1/2
+        t3 = F.gelu(self.norm3(_conv(self.conv3, _pool(t2))))  # 1/4
         t4 = F.gelu(self.norm4(self.unit4(_pool(self.dropout(t3)), routes)))  # 1/8
         t5 = F.gelu(self.norm5(self.unit5(_pool(t4), routes)))  # 1/16
         return [t1, t2, t3, t4, t5], F.gelu(self.bottleneck(t5, routes))  # bottleneck 1/16
@@ -437,8 +469,8 @@ class Decoder(nn.Module):
         x = F.gelu(self.norm1(self.mix1(x))) + t5  # 1/16
         x = F.gelu(self.norm2(self.mix2(_up(x, t4)))) + t4  # 1/8
         x = self.dropout(F.gelu(self.norm3(self.mix3(_up(x, t3)))) + t3)  # 1/4
-        x = F.gelu(self.norm4(self.conv4(_up(x, t2)))) + t2  # 1/2
-        x = F.gelu(self.norm5(self.conv5(_up(x, t1)))) + t1  # full size
+        x = F.gelu(self.norm4(_conv(self.conv4, _up(x, t2)))) + t2  # 1/2
+        x = F.gelu(self.norm5(_conv(self.conv5, _up(x, t1)))) + t1  # full size
         return self.head(x)  # (B, out_channels, D, H, W)
 
 

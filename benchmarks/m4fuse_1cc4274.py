@@ -1,10 +1,13 @@
-"""The M4Fuse network in one readable file (config, blocks, model, parameter table).
+"""Frozen reference: the project's M4Fuse network as of commit 1cc4274, kept unchanged (except
+this docstring's citation) as the oracle that tests/test_model_speed.py compares today's
+m4fuse/model.py against (same weights -> same outputs) and as a peer in benchmarks/bench_speed.py.
 
-M4Fuse (Tong et al., "M4Fuse", CVPR 2025; public code tonxycs/M4Fuse) is a lightweight
+M4Fuse ("M4Fuse: Lightweight State-Space MoE with a Cross-Scale Gating Bridge for Brain Tumor
+Segmentation", arXiv:2605.02444; code github.com/tonxycs/M4Fuse) is a lightweight
 U-shaped 3D segmentation network: a convolutional encoder, three sample-level
 mixture-of-experts units built from grouped state-space mixers (Mamba), a cross-scale
 dual-stage gating bridge over the five skips, and a decoder with one block per stage and
-additive skips. See DESIGN.md section 2.
+additive skips. See docs/design.md section 2.
 
 Parameter counts match the paper's code exactly (4 output classes): T 0.290M/0.324M,
 S 0.633M/0.705M, B 1.108M/1.231M, L 2.456M/2.724M with 1/2 experts. In the paper's code a

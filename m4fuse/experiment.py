@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -184,10 +183,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as torch parses it."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(name))
+    """The configured ``device`` (``None``/empty = ``auto``) as a torch device, with the checks
+    of :func:`m4fuse.inference.resolve_device` (the one implementation; a CUDA device asked
+    for where there is none is an error naming it)."""
+    from m4fuse.inference import resolve_device as resolve
+
+    return resolve("auto" if name in (None, "") else str(name))
 
 
 def apply_threads(cfg: DictConfig) -> None:
@@ -197,13 +198,6 @@ def apply_threads(cfg: DictConfig) -> None:
         raise ValueError(f"threads must be >= 0, got {threads}")
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (initialisation and loaders are then repeatable)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- model / train

@@ -195,6 +195,23 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     layers = [ckpt.site_layers[s] for s in ckpt.sites]
     assert set(layers[0]) == set(layers[1]) == mine - {n for n in mine if is_expert(n)}
     assert any(not torch.equal(layers[0][k], layers[1][k]) for k in layers[0])
+    # scored again from model.ckpt, every site's test cases give the run's own test Dice
+    # (the final test scored the fine-tuned weights; the file holds those)
+    import csv
+
+    from m4fuse.crosssite import score_cases
+    from simulations.compare import check_against_run, site_models
+
+    split = experiment.load_sites(cfg)
+    case_rows = [{"site": site, **r}
+                 for site, (model, expert) in site_models("personal-norm-ft", cfg, rdir,
+                                                          ckpt.sites).items()
+                 for r in score_cases(model, expert, split[site]["test"], torch.device("cpu"))]
+    with open(rdir / "sites.csv") as handle:
+        run_rows = [{"name": r["name"], "test_dice_mean": float(r["test_dice_mean"])}
+                    for r in csv.DictReader(handle) if r["name"] in ckpt.sites]
+    diffs = check_against_run(case_rows, run_rows)
+    assert set(diffs) == set(ckpt.sites) and max(diffs.values()) < 2e-3, diffs
     segmented = tmp_path / "seg.nii.gz"
     from engine_fixtures import write_case
 

@@ -186,3 +186,32 @@ def test_segment_site_of_a_version2_checkpoint(tmp_path, models):
         outs[site] = np.asarray(img.dataobj)
         assert outs[site].shape == labels.shape and np.allclose(img.affine, affine)
         assert set(np.unique(outs[site]).tolist()) <= {0, 1, 2, 4}
+
+
+def test_site_join_keeps_every_sites_layers_and_adds_its_own(tmp_path, models):
+    """``m4fuse site join`` on a personal-norm checkpoint: the shared weights and the other
+    sites' experts and layers are kept; the new site's trained norms are its site_layers."""
+    from flower_fixtures import TINY_FL
+
+    from m4fuse import experiment
+    from m4fuse.newsite import join_site
+
+    cfg = experiment.compose("config", [f"root={tmp_path / 'root'}", *TINY_FL,
+                                        "tracking.enabled=false"])
+    split = experiment.load_sites(cfg)
+    records = split[experiment.site_names(split)[0]]
+    before = load_checkpoint(_write_v2(tmp_path / "model.ckpt", models))
+    result = join_site(before, records["train"], records["test"], "siteN", cfg, cases=1,
+                       epochs=1, out=tmp_path / "joined.ckpt")
+    after = load_checkpoint(result.checkpoint)
+    assert after.sites == ["siteA", "siteB", "siteN"]
+    assert all(torch.equal(before.shared[k], v) for k, v in after.shared.items())
+    for site in ("siteA", "siteB"):
+        assert all(torch.equal(before.site_layers[site][k], v)
+                   for k, v in after.site_layers[site].items())
+        assert all(torch.equal(before.experts[site][k], v) for k, v in after.experts[site].items())
+    own = after.site_layers["siteN"]
+    assert set(own) == set(before.site_layers["siteA"])  # the norms, trained
+    assert any(not torch.equal(own[k], before.shared[k]) for k in own)
+    with pytest.raises(ValueError, match="'siteA' already has"):
+        join_site(after, records["train"], records["test"], "siteA", cfg, cases=1, epochs=1)

@@ -19,7 +19,7 @@ Per train message, in order:
 The site's personal weights (its expert; the whole model under ``local``) live in
 ``context.state["kept"]`` between rounds (the first source, in simulation and in a running
 SuperNode) and in the site's state folder (``state-dir`` of the node config; in simulation
-``<run dir>/clients/<site>``) as :class:`client.state_store.SiteState` files, the fallback
+``<run dir>/clients/<site>``) as :class:`m4fuse.site_state.SiteState` files, the fallback
 for a restarted client or a resumed run. The DP accountant likewise lives in
 ``context.state["dp-accountant"]`` and in the folder's ``dp-accountant.json``. None of it
 ever enters a reply.
@@ -45,7 +45,6 @@ from omegaconf import DictConfig, OmegaConf
 from client.faults import FaultConfig, inject_fault, poison_with_nan
 from client.privacy import PrivacyConfig, PrivateTraining, make_private_training, noise_only_step
 from client.site import Site
-from client.state_store import SiteState, SiteStateStore, model_fingerprint
 from client.weights import (
     KEPT,
     from_record,
@@ -56,6 +55,7 @@ from client.weights import (
 )
 from m4fuse import experiment
 from m4fuse.logs import configure_logging
+from m4fuse.site_state import SiteState, SiteStateStore, model_fingerprint
 from m4fuse.state import expert_state, place_expert, split_state
 from m4fuse.state import strategy as state_strategy
 
@@ -123,6 +123,23 @@ def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, serv
         metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
         shared=shared if KEPT[strategy] != "experts" else None,
     ))
+
+
+def _save_finetuned(context: Context, site: Site, model: torch.nn.Module, strategy: str,
+                    server_round: int, metrics: Mapping[str, float]) -> None:
+    """After a kept fine-tuning (final test): the site's personal state becomes the
+    fine-tuned one, in ``context.state`` and in its folder as the state of ``server_round``
+    (the last round's file is overwritten), so the final model (``m4fuse.checkpoint.
+    save_final_model``) and a resumed run see what the final test scored. The set saved is
+    what the strategy keeps, or, for one that keeps nothing (``fedavg-ft``), what it
+    fine-tunes (only the final model reads that)."""
+    spec = state_strategy(strategy)
+    personal = spec.kept if spec.kept != "none" else str(spec.finetune)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _, mine = split_state(state, personal)
+    if spec.kept != "none":
+        context.state.array_records[KEPT_RECORD] = to_record(mine)
+    _save_kept(site, mine, strategy, server_round, metrics)
 
 
 def _build(site: Site, msg: Message, context: Context, strategy: str
@@ -341,6 +358,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     tuned: dict[str, float] = {}
     if final_test and strategy.finetune and int(site.cfg.fl.finetune_epochs) > 0:
         tuned = finetune(model, site, strategy.finetune)
+        if tuned["finetune-kept"]:
+            _save_finetuned(context, site, model, str(site.cfg.fl.strategy),
+                            int(config["server-round"]), tuned)
     model.eval()
     if final_test:
         scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)

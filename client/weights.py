@@ -16,14 +16,11 @@ The tables below are derived from :data:`m4fuse.state.STRATEGIES`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
-from client.state_store import newest_state
-from m4fuse.state import STRATEGIES, place_expert, split_state
+from m4fuse.state import STRATEGIES, split_state
 
 #: strategy -> what the outgoing ArrayRecord carries ("shared" | "all" | "none").
 SENT: dict[str, str] = {name: s.sent for name, s in STRATEGIES.items()}
@@ -99,21 +96,3 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """ArrayRecord -> state dict of CPU tensors (empty record -> {})."""
     return dict(record.to_torch_state_dict()) if len(record) else {}
-
-
-def newest_kept(folder: Path, before_round: int | None = None) -> dict[str, Any] | None:
-    """The kept weights of the newest site state in ``folder`` (a
-    :class:`client.state_store.SiteStateStore` folder; round < ``before_round`` when given),
-    as ``{"state": weights with the expert at index 0 (plus the shared weights under
-    ``local``), "round": int, "site": str, "metrics": dict}``, or None when there is none.
-
-    For the coordinator of a simulation, which shares the file system with its sites and
-    collects their experts for the final model; no site or fingerprint check (a site reads its
-    own folder with ``SiteStateStore.load``).
-    """
-    saved = newest_state(folder, before_round)
-    if saved is None:
-        return None
-    state = dict(saved.shared or {})
-    state.update(place_expert(saved.expert, 0))
-    return {"state": state, "round": saved.round, "site": saved.site, "metrics": saved.metrics}

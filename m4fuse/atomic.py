@@ -2,7 +2,7 @@
 file or the complete new one, never a partial write.
 
 Used by the model checkpoint (:mod:`m4fuse.checkpoint`) and the sites' state store
-(``client/state_store.py``).
+(``m4fuse/site_state.py``).
 """
 
 from __future__ import annotations

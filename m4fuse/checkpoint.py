@@ -1,18 +1,25 @@
-"""One-file model checkpoints: network config, training size, shared weights, experts by site.
+"""One-file model checkpoints: network config, training size, shared weights, each site's
+personal weights.
 
 A checkpoint is ``torch.save`` of a plain dict (readable with ``torch.load(weights_only=True)``,
 so loading never runs pickled code)::
 
-    {"format": "m4fuse-checkpoint", "version": 1,
+    {"format": "m4fuse-checkpoint", "version": 2,
      "model_config": {...M4FuseConfig fields...},
      "size": [D, H, W] | None,            # training size the preprocessing resizes to
      "shared": {name: tensor},            # every weight that is not a site expert
      "experts": {site: {"…site_experts.*.…": tensor}},   # index-free (m4fuse.state.expert_state)
+     "site_layers": {site: {name: tensor}},  # version 2: a site's own copy of some shared
+                                             # weights (the norms of personal-norm ...)
      "metadata": {...JSON values...}}
+
+A site's model is ``shared``, overwritten by its ``site_layers`` (keys and shapes must be
+those of ``shared``), plus its expert. Version 1 files (no ``site_layers``) still load.
 
 Writes are atomic (temporary file in the same folder, fsync, rename). A run folder holds its
 final model as :data:`CHECKPOINT_NAME` (``model.ckpt``); :func:`resolve_checkpoint_path` accepts
-either the file or such a folder.
+either the file or such a folder. :func:`save_final_model` puts a federated run's final model
+together from the server's weights and the sites' state folders it can read.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from m4fuse.atomic import write_atomic
 from m4fuse.state import expert_state, is_personal, place_expert, split_state
 
 FORMAT = "m4fuse-checkpoint"
-VERSION = 1
+VERSION = 2
+#: Versions :func:`load_checkpoint` reads (1: no ``site_layers``).
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 CHECKPOINT_NAME = "model.ckpt"
 REQUIRED_KEYS: tuple[str, ...] = ("format", "version", "model_config", "size", "shared", "experts")
 
@@ -55,6 +64,8 @@ class Checkpoint:
             record it.
         shared: shared weights by state-dict name.
         experts: ``{site name: index-free expert weights}``.
+        site_layers: ``{site name: {shared weight name: the site's own tensor}}`` (version 2;
+            empty for version 1 files and for strategies that keep only the expert).
         metadata: free JSON-like values (strategy, rounds, metrics ...).
         path: the file it was read from (None for one built in memory).
     """
@@ -65,11 +76,12 @@ class Checkpoint:
     experts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    site_layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
-        """Sites that have an expert, sorted."""
-        return sorted(self.experts)
+        """Sites that have an expert or site layers, sorted."""
+        return sorted(set(self.experts) | set(self.site_layers))
 
 
 def _config_dict(model_config: Any) -> dict[str, Any]:
@@ -118,6 +130,26 @@ def _check_size(size: Sequence[int] | None) -> tuple[int, int, int] | None:
     return out  # type: ignore[return-value]
 
 
+def _site_layers_problem(site_layers: Any, shared: Mapping[str, Any]) -> str | None:
+    """Why ``site_layers`` is not ``{site: {shared key: tensor of the shared shape}}``, or None."""
+    if not isinstance(site_layers, Mapping):
+        return f"'site_layers' must map site names to dicts of tensors, got {type(site_layers).__name__}"
+    for site, layers in site_layers.items():
+        if not isinstance(site, str) or not site:
+            return f"site_layers: site names must be non-empty str, got {site!r}"
+        if not isinstance(layers, Mapping) or not layers:
+            return f"site_layers[{site!r}] must be a non-empty dict of tensors"
+        for key, value in layers.items():
+            if not isinstance(value, torch.Tensor):
+                return f"site_layers[{site!r}][{key!r}] is a {type(value).__name__}, not a tensor"
+            if key not in shared:
+                return f"site_layers[{site!r}][{key!r}] is not a shared weight"
+            if tuple(value.shape) != tuple(shared[key].shape):
+                return (f"site_layers[{site!r}][{key!r}] has shape {tuple(value.shape)}, the "
+                        f"shared weight {tuple(shared[key].shape)}")
+    return None
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model_config: Any,
@@ -125,8 +157,9 @@ def save_checkpoint(
     experts: Mapping[str, Mapping[str, Any]] | None = None,
     size: Sequence[int] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    site_layers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and return its path.
+    """Write a checkpoint (version :data:`VERSION`) atomically and return its path.
 
     Args:
         path: file to write (parent folders are created).
@@ -137,6 +170,10 @@ def save_checkpoint(
         size: training size ``(D, H, W)`` the model was trained at (needed by ``segment``);
             default None (not recorded).
         metadata: free JSON values; default empty.
+        site_layers: ``{site name: {shared weight name: tensor}}``, each site's own copy of
+            some shared weights (e.g. its norms under ``personal-norm``), which replaces the
+            shared one when that site's model is built; keys must be in ``shared`` with the
+            same shapes; default none.
     """
     path = Path(path)
     personal = sorted(k for k in shared if is_personal(k))
@@ -155,6 +192,11 @@ def save_checkpoint(
             raise ValueError(f"expert of site {site!r} has other keys than the first expert's")
         first_keys = keys
         expert_sets[site] = _tensors(state, f"experts[{site!r}]")
+    layer_sets = {site: _tensors(layers, f"site_layers[{site!r}]")
+                  for site, layers in (site_layers or {}).items()}
+    problem = _site_layers_problem(layer_sets, shared)
+    if problem:
+        raise ValueError(problem)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -162,6 +204,7 @@ def save_checkpoint(
         "size": list(s) if (s := _check_size(size)) else None,
         "shared": _tensors(shared, "shared"),
         "experts": expert_sets,
+        "site_layers": layer_sets,
         "metadata": _json_plain(dict(metadata or {}), "metadata"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,8 +255,9 @@ def load_checkpoint(run_or_checkpoint: str | os.PathLike) -> Checkpoint:
 
     Raises:
         FileNotFoundError: no such file / folder.
-        CheckpointError: not a torch file, truncated, another format, a newer version, or
-            missing / ill-typed parts; the message names the file.
+        CheckpointError: not a torch file, truncated, another format, a version not in
+            :data:`READABLE_VERSIONS`, or missing / ill-typed parts (``site_layers`` naming
+            a weight that is not shared, or of another shape); the message names the file.
     """
     path = resolve_checkpoint_path(run_or_checkpoint)
     try:
@@ -227,9 +271,11 @@ def load_checkpoint(run_or_checkpoint: str | os.PathLike) -> Checkpoint:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not an M4Fuse checkpoint (format {found!r}, expected {FORMAT!r})")
     version = payload.get("version")
-    if not isinstance(version, int) or not 1 <= version <= VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {version!r} not supported (this code reads 1..{VERSION})")
-    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} not supported (this code "
+                              f"reads {', '.join(map(str, READABLE_VERSIONS))})")
+    required = REQUIRED_KEYS + (("site_layers",) if version >= 2 else ())
+    missing = [k for k in required if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
     shared, experts = payload["shared"], payload["experts"]
@@ -244,6 +290,10 @@ def load_checkpoint(run_or_checkpoint: str | os.PathLike) -> Checkpoint:
         for s, e in experts.items()
     ):
         raise CheckpointError(f"{path}: 'experts' must map site names to dicts of tensors")
+    site_layers = payload.get("site_layers", {})
+    problem = _site_layers_problem(site_layers, shared)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         size = _check_size(payload["size"])
     except ValueError as err:
@@ -255,16 +305,18 @@ def load_checkpoint(run_or_checkpoint: str | os.PathLike) -> Checkpoint:
         experts=experts,
         metadata=payload.get("metadata") or {},
         path=path,
+        site_layers={site: dict(layers) for site, layers in site_layers.items()},
     )
 
 
 def build_model(checkpoint: Checkpoint, site: str | None = None) -> tuple[nn.Module, int | None]:
     """Rebuild the network for one site: ``(model in eval mode, expert index or None)``.
 
-    The model has one expert slot. When ``site`` has an expert in the checkpoint it is loaded
-    at index 0 and ``0`` is returned; otherwise (no site, or a site without an expert) the
-    shared path alone is used and ``None`` is returned (pass it as ``expert`` to the model).
-    Which of the two happened is logged.
+    The model has one expert slot and starts from the shared weights. When ``site`` has site
+    layers in the checkpoint (version 2: e.g. its own norms) they replace the shared ones.
+    When it has an expert, that is loaded at index 0 and ``0`` is returned; otherwise (no
+    site, or a site without an expert) the shared path alone is used and ``None`` is returned
+    (pass it as ``expert`` to the model). Which of these happened is logged.
     """
     from m4fuse.model import M4Fuse, M4FuseConfig
 
@@ -276,15 +328,22 @@ def build_model(checkpoint: Checkpoint, site: str | None = None) -> tuple[nn.Mod
     model = M4Fuse(config)
     state = dict(checkpoint.shared)
     expert: int | None = None
+    layers = checkpoint.site_layers.get(site, {}) if site is not None else {}
+    state.update(layers)
     if site is not None and site in checkpoint.experts:
         state.update(place_expert(checkpoint.experts[site], 0))
         expert = 0
-        log.info("site %r: using its expert from %s", site, where)
-    elif site is not None:
-        log.info("site %r has no expert in %s (sites with one: %s): shared model alone",
-                 site, where, checkpoint.sites or "none")
-    else:
+    if site is None:
         log.info("no site given: shared model alone (%s)", where)
+    elif expert is None and not layers:
+        log.info("site %r has no personal weights in %s (sites with some: %s): shared model "
+                 "alone", site, where, checkpoint.sites or "none")
+    else:
+        log.info("site %r: shared weights with its %s from %s", site,
+                 " and ".join(p for p, have in (("expert", expert is not None),
+                                                (f"{len(layers)} own layer tensors", layers))
+                              if have),
+                 where)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -297,3 +356,73 @@ def build_model(checkpoint: Checkpoint, site: str | None = None) -> tuple[nn.Mod
         )
     model.eval()
     return model, expert
+
+
+def save_final_model(
+    path: str | os.PathLike,
+    model_config: Any,
+    strategy: str,
+    held: Mapping[str, Any],
+    initial: Mapping[str, Any],
+    site_folders: Mapping[str, str | os.PathLike | None],
+    size: Sequence[int] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """Write a federated run's final model: the server's weights plus each site's personal
+    weights that can be read from its state folder. Returns the path, or None for
+    ``local`` (no shared model: each site's whole model stays in its folder).
+
+    Args:
+        path: file to write.
+        model_config: the one-expert network config (:class:`m4fuse.model.M4FuseConfig`).
+        strategy: ``fl.strategy`` (:data:`m4fuse.state.STRATEGIES`), recorded in the metadata.
+        held: what the server holds at the end: the shared weights (the whole one-expert
+            model under ``fedavg``).
+        initial: the whole initial one-expert model; fills the weights the server never held
+            (the strategy's personal set outside the expert, e.g. the norms of
+            ``personal-norm``) with what a site without a state of its own starts from.
+        site_folders: ``{site: its state folder}`` (:class:`m4fuse.site_state.SiteStateStore`
+            layout); a folder that is None or holds no state is skipped (deployment: the
+            sites' folders are on their own machines). The newest state gives the site's
+            expert (``experts``) and its other kept weights (``site_layers``).
+        size: training size ``(D, H, W)``; default None.
+        metadata: extra JSON values; default none. ``strategy`` and the round of each site's
+            state (``site_rounds``) are added.
+
+    Under a strategy that keeps nothing (``fedavg``...) every site gets the held expert
+    unless its folder holds a state (the personal set of a "+FT" fine-tuning).
+    """
+    from m4fuse.site_state import newest_kept
+    from m4fuse.state import expert_state
+    from m4fuse.state import strategy as named_strategy
+
+    if named_strategy(strategy).kept == "all":
+        return None
+    unknown = sorted(set(held) - set(initial))
+    if unknown:
+        raise KeyError(f"server weights the initial model lacks: {unknown[:5]}")
+    full = {k: torch.as_tensor(v) for k, v in initial.items()}
+    full.update({k: torch.as_tensor(v) for k, v in held.items()})
+    shared, personal = split_state(full)
+    held_expert = expert_state(personal, 0) if any(is_personal(k) for k in held) else None
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    site_layers: dict[str, dict[str, torch.Tensor]] = {}
+    rounds: dict[str, int] = {}
+    for site, folder in site_folders.items():
+        if held_expert is not None:
+            experts[site] = held_expert
+        kept = newest_kept(folder) if folder is not None else None
+        if kept is None:
+            continue
+        if kept["site"] != site:
+            raise ValueError(f"state folder {folder} holds site {kept['site']!r}, not {site!r}")
+        layers, own = split_state(kept["state"])
+        if own:
+            experts[site] = expert_state(own, 0)
+        if layers:
+            site_layers[site] = layers
+        rounds[site] = int(kept["round"])
+    meta = {**dict(metadata or {}), "strategy": strategy, "site_rounds": rounds}
+    log.info("final model %s: %d site(s) with an expert, %d with own layers", path,
+             len(experts), len(site_layers))
+    return save_checkpoint(path, model_config, shared, experts, size, meta, site_layers)

@@ -103,10 +103,12 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
             curve over them).
         seed: seed of the case choice, loader and augmentation (default 0).
         device: default ``cfg.device`` resolved.
-        out: checkpoint to write (shared weights + the new site's expert; the other sites'
-            experts too when only expert weights were trained); default None: none written.
+        out: checkpoint to write: the federation's shared weights, every site's expert and
+            site layers, plus the new site's expert and (when the personal set holds more
+            than experts, e.g. norms) its trained non-expert weights as its ``site_layers``
+            (checkpoint version 2); default None: none written.
     """
-    if site in checkpoint.experts:
+    if site in checkpoint.sites:
         raise ValueError(f"--site {site!r} already has an expert in {checkpoint.path}; "
                          f"choose a new name")
     k = check_cases(cases, len(train_records), site)
@@ -142,14 +144,17 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
     written = None
     if out is not None:
         state = {n: v.detach().cpu() for n, v in after.items()}
-        shared, experts_all = split_state(state)
-        experts = {site: expert_state(experts_all, new)}
-        if all(expert_index(n) is not None for n in trained):  # shared weights untouched
-            experts.update(checkpoint.experts)
+        _, experts_all = split_state(state)
+        experts = {**checkpoint.experts, site: expert_state(experts_all, new)}
+        # Trained non-expert weights (norms ...) are the new site's own: the shared weights
+        # and the other sites' personal weights stay as the federation left them.
+        own = {n: state[n] for n in trained if expert_index(n) is None}
+        site_layers = {**checkpoint.site_layers, **({site: own} if own else {})}
         written = save_checkpoint(
-            out, model.config, shared, experts, size=checkpoint.size,
+            out, model.config, checkpoint.shared, experts, size=checkpoint.size,
             metadata={**checkpoint.metadata, "joined_site": site, "join_cases": k,
                       "join_epochs": int(epochs), "join_trained": personal,
-                      "joined_from": str(checkpoint.path)})
+                      "joined_from": str(checkpoint.path)},
+            site_layers=site_layers)
     return JoinResult(site, k, trained, shared_rows, tuned_rows, frozen_unchanged, written,
                       {k2: float(v) for k2, v in train.items()})

@@ -3,9 +3,12 @@ and the per-site results table.
 
 What the server holds: the shared arrays (``personal``/``fedprox``), the whole one-expert
 model (``fedavg``) or nothing (``local``). Experts never cross the wire. The final model file
-(:mod:`m4fuse.checkpoint` format) gets the shared weights; experts are added only where the
-server can read the clients' state folders, which is the case in simulation
-(``<run dir>/clients/<site>``, same machine) and never in deployment.
+(``model.ckpt``, :func:`m4fuse.checkpoint.save_final_model`) is written before the final test
+(a failed test still leaves a model) and again after it: the shared weights, plus each site's
+personal weights (expert, own norms ..., fine-tuned where the site kept its fine-tuning) only
+where the server can read the sites' state folders, which is the case in simulation
+(``<run dir>/clients/<site>``, same machine) and never in deployment. Nothing here imports
+``client/``: the site-state format is :mod:`m4fuse.site_state`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from client.weights import newest_kept
 from m4fuse import experiment
+from m4fuse.checkpoint import save_final_model as write_final_model
+from m4fuse.site_state import newest_kept
 from m4fuse.state import split_state
 from m4fuse.state import strategy as named_strategy
 from server import checkpoint as server_ckpt
@@ -115,33 +119,15 @@ def _round_entry(rl: RoundLog) -> dict[str, Any]:
 
 def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: list[str]
                      ) -> Path | None:
-    """The final model in :mod:`m4fuse.checkpoint` format (shared + experts found locally)."""
-    from m4fuse.checkpoint import save_checkpoint
-    from m4fuse.state import expert_state
-
-    strategy = str(cfg.fl.strategy)
-    if strategy == "local":
-        return None  # no shared model; each site's own model stays in its state folder
-    if named_strategy(strategy).kept not in ("experts", "none"):
-        # The checkpoint format holds one shared model plus an expert per site; per-site
-        # norms do not fit it, they stay in each site's state folder.
-        print(f"[server] no {FINAL_MODEL_FILE}: strategy {strategy!r} keeps "
-              f"{named_strategy(strategy).kept!r} at each site (see clients/<site>/)")
-        return None
+    """Write ``<run dir>/model.ckpt`` from the server's ``arrays`` and the sites' state
+    folders ``<run dir>/clients/<site>`` that exist on this machine (simulation); None for
+    ``local`` (:func:`m4fuse.checkpoint.save_final_model`)."""
     held = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
-    shared, personal = split_state(held)
-    experts: dict[str, dict[str, torch.Tensor]] = {}
-    for name in names:
-        if strategy == "fedavg":
-            experts[name] = expert_state(personal, 0)
-            continue
-        kept = newest_kept(rdir / "clients" / name)
-        if kept is not None:  # simulation: the site's folder is on this machine
-            experts[name] = expert_state(kept["state"], 0)
-    path = rdir / FINAL_MODEL_FILE
-    save_checkpoint(path, experiment.model_config(cfg, num_experts=1), shared, experts,
-                    size=list(cfg.data.size), metadata={"strategy": strategy})
-    return path
+    _, initial = initial_state(cfg)
+    folders = {name: rdir / "clients" / name for name in names}
+    return write_final_model(rdir / FINAL_MODEL_FILE, experiment.model_config(cfg, num_experts=1),
+                             str(cfg.fl.strategy), held, initial, folders,
+                             size=list(cfg.data.size))
 
 
 def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
@@ -227,10 +213,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
             rl.bytes_sent, rl.bytes_received)
 
-    model_paths: list[Path | None] = []
-
     def before_final_test(final_arrays: ArrayRecord) -> None:
-        model_paths.append(save_final_model(cfg, rdir, final_arrays, names))
+        save_final_model(cfg, rdir, final_arrays, names)
 
     try:
         arrays, final = strategy.run_rounds(
@@ -289,7 +273,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
                           "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
-    model_path = model_paths[-1] if model_paths else None
+    # Again after the final test: the sites have saved what their fine-tuning kept.
+    model_path = save_final_model(cfg, rdir, arrays, names)
     for path in (rdir / "sites.csv", rdir / "results.md", rdir / "dice_per_round.png",
                  rdir / "history.json"):
         tracker.log_artifact(path)

@@ -20,12 +20,10 @@ Modes: ``pooled`` and ``local`` (the baselines, :mod:`simulations.baselines`), a
 ``fl.strategy`` of the composed config.
 
 Per-case rows: the federated ServerApp only receives each site's mean scores (the sites send
-nothing more), so the comparison rebuilds each site's final model from the run folder (the
-server's final arrays in ``server_checkpoint.pt`` plus the site's kept weights in
-``clients/<site>``, put together by the ClientApp's own ``client.weights.load_round_state``)
-and, for a "+FT" strategy, the ClientApp's own fine-tuning repeated with the same seed, since
-the sites do not keep the fine-tuned weights) and scores it itself with
-:func:`m4fuse.experiment.test_site`; baselines are rebuilt from
+nothing more), so the comparison rebuilds each site's final model from the run's
+``model.ckpt`` (the server's final weights plus the site's personal weights, fine-tuned
+where the site kept its fine-tuning: :func:`m4fuse.checkpoint.save_final_model`) and scores
+it itself with :func:`m4fuse.experiment.test_site`; baselines are rebuilt from
 their ``model.ckpt`` / ``models/<site>.ckpt``. The per-site means are checked against the
 run's own ``sites.csv``; a difference is reported, never hidden.
 """
@@ -111,61 +109,17 @@ def site_models(mode: str, cfg: Any, run_dir: Path, names: Sequence[str]
                 ) -> dict[str, tuple[torch.nn.Module, int | None]]:
     """Each site's final model of a finished run: ``{site: (model in eval mode, expert)}``.
 
-    pooled: ``model.ckpt`` with the site's expert; local: ``models/<site>.ckpt``; federated:
-    the server's final arrays plus the site's newest kept weights, loaded as the ClientApp's
-    evaluate does (``client.weights.load_round_state``), then for a "+FT" strategy the
-    ClientApp's fine-tuning (:func:`finetune_of`).
+    local: ``models/<site>.ckpt``; pooled and every federated strategy: ``model.ckpt`` with
+    the site's personal weights (federated: as the site's final test scored them, fine-tuned
+    for a "+FT" strategy where the site kept the fine-tuning).
     """
     from m4fuse.checkpoint import build_model, load_checkpoint
 
-    if mode == "pooled":
-        ckpt = load_checkpoint(run_dir / "model.ckpt")
-        return {s: build_model(ckpt, s) for s in names}
     if mode == "local":
         return {s: build_model(load_checkpoint(run_dir / "models" / f"{s}.ckpt"), s)
                 for s in names}
-    from client.weights import load_round_state, newest_kept
-    from server import checkpoint as server_ckpt
-    from server.runner import CHECKPOINT_FILE
-
-    strategy = str(cfg.fl.strategy)
-    saved = server_ckpt.load(run_dir / CHECKPOINT_FILE)
-    incoming = {k: torch.from_numpy(np.array(v)) for k, v in saved.arrays.items()}
-    finetune = finetune_of(cfg)
-    out = {}
-    for index, site in enumerate(names):
-        model = experiment.build_model(cfg, num_experts=1)
-        kept = newest_kept(run_dir / "clients" / site)
-        load_round_state(model, strategy, incoming, None if kept is None else kept["state"])
-        if finetune is not None:
-            finetune(model, cfg, site, index)
-        model.eval()
-        out[site] = (model, 0)
-    return out
-
-
-def finetune_of(cfg: Any) -> Any:
-    """For a "+FT" strategy (``m4fuse.state.STRATEGIES[...].finetune``): a function
-    ``(model, cfg, site, index)`` that repeats the fine-tuning the ClientApp's evaluate runs
-    before its final test (``client.app.finetune``, same seed), since the sites do not keep
-    the fine-tuned weights; None for other strategies (or code without fine-tuning)."""
-    try:
-        from m4fuse.state import strategy as named_strategy
-
-        spec = named_strategy(str(cfg.fl.strategy))
-    except ImportError:
-        return None
-    if not getattr(spec, "finetune", None) or int(cfg.fl.get("finetune_epochs", 0) or 0) < 1:
-        return None
-    from client.app import finetune
-    from client.site import Site
-
-    def run(model: torch.nn.Module, cfg: Any, site: str, index: int) -> None:
-        split = experiment.load_sites(cfg)
-        device = experiment.resolve_device(str(cfg.device))
-        finetune(model, Site(cfg, site, index, split[site], device, None), spec.finetune)
-
-    return run
+    ckpt = load_checkpoint(run_dir / "model.ckpt")
+    return {s: build_model(ckpt, s) for s in names}
 
 
 def check_against_run(case_rows: Sequence[Mapping[str, Any]], run_rows: Sequence[Mapping[str, Any]]

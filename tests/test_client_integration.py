@@ -84,7 +84,7 @@ def test_engine_empty_batch_hook_steps_scheduler_and_skips_forward() -> None:
 
 def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, root, tmp_path):
     from client.app import ACCOUNTANT_RECORD
-    from client.state_store import ACCOUNTANT_FILE
+    from m4fuse.site_state import ACCOUNTANT_FILE
 
     _, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp")
     state = RecordDict()
@@ -155,7 +155,7 @@ def test_restarted_client_continues_with_its_expert_from_disk(monkeypatch, root,
 
 
 def test_state_of_another_model_is_refused(monkeypatch, root, tmp_path):
-    from client.state_store import StateStoreError
+    from m4fuse.site_state import StateStoreError
 
     _, start = _use(monkeypatch, root, "run_name=fp")
     client_train_round(0, start, RecordDict(), 1, str(tmp_path))
@@ -195,7 +195,7 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
     from flwr.app import ConfigRecord, Context, MessageType
 
     import client.app as client_app
-    from client.state_store import SiteStateStore
+    from m4fuse.site_state import SiteStateStore
 
     _, start = _use(monkeypatch, root, "run_name=identity")
     seen: dict[str, torch.Tensor] = {}
@@ -231,3 +231,44 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
     train_round("run-c", 4, RecordDict())  # a restarted client of another run: folder too
     assert all(torch.equal(seen[k], fresh.state_dict()[k]) for k in kept)
     assert store.run_identity() == "run-c" and store.rounds() == [4]
+
+
+@pytest.mark.parametrize("val_after, kept", [(0.9, True), (0.1, False)])
+def test_kept_finetuning_becomes_the_sites_final_state(monkeypatch, root, tmp_path,
+                                                       val_after, kept):
+    """personal-norm-ft: after the final test's fine-tuning is kept, the last round's state
+    file and context.state hold the fine-tuned norms and expert (what the test scored); an
+    undone fine-tuning leaves both as they were."""
+    from flwr.app import ConfigRecord, Context, MessageType
+
+    import client.app as client_app
+    from m4fuse.site_state import newest_kept
+
+    _, start = _use(monkeypatch, root, "run_name=ftsave", "fl.strategy=personal-norm-ft",
+                    "fl.finetune_epochs=1")
+    state = RecordDict()
+    shared = start  # the server's arrays (without the site's norms and expert)
+    assert not client_train_round(0, shared, state, 1, str(tmp_path)).has_error()
+    folder = tmp_path / "clients" / "site0"
+    before = newest_kept(folder)
+    assert before is not None and before["round"] == 1
+    scores = iter([0.5, val_after])  # validation mean Dice before / after fine-tuning
+    monkeypatch.setattr(client_app.experiment, "validate_site",
+                        lambda *a, **k: {"dice_mean": next(scores)})
+    content = RecordDict({"arrays": shared, "config": ConfigRecord(
+        {"server-round": 1, "run-dir": str(tmp_path), "final-test": True})})
+    msg = Message(content=content, dst_node_id=1, message_type=MessageType.EVALUATE)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=state, run_config={})
+    reply = client_app.evaluate(msg, context)
+    assert not reply.has_error() and _metrics(reply)["finetune-kept"] == float(kept)
+    after = newest_kept(folder)
+    assert after["round"] == 1 and set(after["state"]) == set(before["state"])
+    in_context = state.array_records["kept"].to_torch_state_dict()
+    assert all(torch.equal(in_context[k], after["state"][k]) for k in after["state"])
+    changed = {k for k in before["state"] if not torch.equal(before["state"][k], after["state"][k])}
+    if kept:
+        assert changed and after["metrics"]["finetune-kept"] == 1.0
+        assert any(".norm" in k for k in changed)
+    else:
+        assert not changed and "finetune-kept" not in after["metrics"]

@@ -137,7 +137,7 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
     assert ckpt["arrays"] and not any(is_personal(k) for k in ckpt["arrays"])
     rows = (first["dir"] / "sites.csv").read_text().splitlines()
     assert rows[0].startswith("site,name") and len(rows) == 4  # header, 2 sites, mean
-    from client.state_store import newest_state
+    from m4fuse.site_state import newest_state
 
     saved = [newest_state(first["dir"] / "clients" / s) for s in ("site0", "site1")]
     assert [(x.site, x.round) for x in saved] == [("site0", 2), ("site1", 2)]

@@ -173,10 +173,54 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
     assert set(ckpt["arrays"]) == shared
     # the site's state folder keeps the norms (for a restarted client or a resumed run)
-    from client.weights import newest_kept
+    from m4fuse.site_state import newest_kept
 
     kept = newest_kept(rdir / "clients" / "site0")
     assert kept is not None and set(kept["state"]) == mine
+    # the final model gives each site its own norms and expert: what the site kept after
+    # the final test (fine-tuned where the fine-tuning was kept)
+    from m4fuse.checkpoint import build_model, load_checkpoint
+
+    ckpt = load_checkpoint(rdir)
+    assert ckpt.sites == ["site0", "site1"] and ckpt.metadata["strategy"] == "personal-norm-ft"
+    tuned = {int(e["metrics"][0]["site-index"]): e["metrics"][0]["finetune-kept"] for e in finals}
+    for index, site in enumerate(ckpt.sites):
+        final_state = newest_kept(rdir / "clients" / site)
+        assert final_state["round"] == 2
+        assert ("finetune-kept" in final_state["metrics"]) is bool(tuned[index])
+        model, expert = build_model(ckpt, site)
+        assert expert == 0
+        built = model.state_dict()
+        assert all(torch.equal(built[k], v) for k, v in final_state["state"].items())
+    layers = [ckpt.site_layers[s] for s in ckpt.sites]
+    assert set(layers[0]) == set(layers[1]) == mine - {n for n in mine if is_expert(n)}
+    assert any(not torch.equal(layers[0][k], layers[1][k]) for k in layers[0])
+    # scored again from model.ckpt, every site's test cases give the run's own test Dice
+    # (the final test scored the fine-tuned weights; the file holds those)
+    import csv
+
+    from m4fuse.crosssite import score_cases
+    from simulations.compare import check_against_run, site_models
+
+    split = experiment.load_sites(cfg)
+    case_rows = [{"site": site, **r}
+                 for site, (model, expert) in site_models("personal-norm-ft", cfg, rdir,
+                                                          ckpt.sites).items()
+                 for r in score_cases(model, expert, split[site]["test"], torch.device("cpu"))]
+    with open(rdir / "sites.csv") as handle:
+        run_rows = [{"name": r["name"], "test_dice_mean": float(r["test_dice_mean"])}
+                    for r in csv.DictReader(handle) if r["name"] in ckpt.sites]
+    diffs = check_against_run(case_rows, run_rows)
+    assert set(diffs) == set(ckpt.sites) and max(diffs.values()) < 2e-3, diffs
+    segmented = tmp_path / "seg.nii.gz"
+    from engine_fixtures import write_case
+
+    from m4fuse.cli import main
+
+    case, _, _ = write_case(tmp_path / "case")
+    assert main(["segment", str(case), "--model", str(rdir), "--site", "site1",
+                 "--out", str(segmented), "--device", "cpu"]) == 0
+    assert segmented.is_file()
 
 
 @pytest.mark.parametrize("val_after, kept", [(0.2, False), (0.9, True)])

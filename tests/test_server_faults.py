@@ -108,7 +108,7 @@ def test_too_few_sites_stop_the_run_then_resume(monkeypatch, root, tmp_path):
     stopped = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
     assert stopped["server_round"] == 1  # the last complete round
 
-    from client.weights import newest_kept
+    from m4fuse.site_state import newest_kept
 
     experts = {s: newest_kept(rdir / "clients" / s, before_round=2)["state"]
                for s in ("site0", "site1")}

@@ -37,3 +37,24 @@ def test_resume_may_change_rounds_faults_and_quorum_not_the_rule(tmp_path):
     assert resume_hash(same) == base
     for change in ("fl.aggregation=median", "fl.norm_bound=2.0", "fl.local_epochs=1"):
         assert resume_hash(_cfg(tmp_path, change)) != base, change
+
+
+def test_server_package_imports_nothing_from_client():
+    """Issue 12: what server and sites both need (the site-state format) lives in m4fuse/;
+    every import in server/*.py, at any depth (also inside functions), is checked."""
+    import ast
+    from pathlib import Path
+
+    import server
+
+    files = sorted(Path(server.__file__).parent.glob("*.py"))
+    assert len(files) > 3
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            bad += [f"{path.name}:{node.lineno} {n}" for n in names
+                    if n == "client" or n.startswith("client.")]
+    assert not bad, bad

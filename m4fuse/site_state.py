@@ -1,5 +1,9 @@
 """A hospital's personal state on its own disk (the node config's ``state-dir``).
 
+The format both the ClientApp (which writes and reads its own folder) and the final-model
+assembly (:func:`m4fuse.checkpoint.save_final_model`, which reads the sites' folders where it
+can) need; it imports nothing from ``client/`` or ``server/``.
+
 What a site keeps between rounds and across SuperNode restarts: its expert (index-free keys
 from :func:`m4fuse.state.expert_state`, so it loads at whatever index the site's model uses),
 its optimiser state, the metrics of its last round and the round number. None of it is ever
@@ -42,6 +46,7 @@ from typing import Any
 import torch
 
 from m4fuse.atomic import write_atomic
+from m4fuse.state import place_expert
 
 #: Version of the on-disk layout; a file of another version is refused with a clear error.
 FORMAT = 1
@@ -366,3 +371,22 @@ def newest_state(state_dir: str | Path, before_round: int | None = None) -> Site
     if not rounds:
         return None
     return _to_state(_read_state_file(folder / f"site-state-r{rounds[-1]}.pt"))
+
+
+def newest_kept(folder: str | Path, before_round: int | None = None) -> dict[str, Any] | None:
+    """The kept weights of the newest site state in ``folder`` (a :class:`SiteStateStore`
+    folder; round < ``before_round`` when given), as ``{"state": weights with the expert at
+    index 0 plus the state's ``shared`` field (the norms of ``personal-norm``, the whole model
+    of ``local`` ...), "round": int, "site": str, "metrics": dict}``, or None when there is
+    none.
+
+    For readers on the same file system as the sites (the simulation's final model, the
+    comparison, diagnostics); no site or fingerprint check (a site reads its own folder with
+    :meth:`SiteStateStore.load`).
+    """
+    saved = newest_state(folder, before_round)
+    if saved is None:
+        return None
+    state = dict(saved.shared or {})
+    state.update(place_expert(saved.expert, 0))
+    return {"state": state, "round": saved.round, "site": saved.site, "metrics": saved.metrics}

@@ -36,11 +36,16 @@ def test_amp_step_runs_in_low_precision_with_float32_grads(amp_dtype: str) -> No
     loss, finite = gpu_check.make_amp_step(model, True, x, target, amp_dtype)()
     hook.remove()
     assert seen == [getattr(torch, amp_dtype)]  # the head really ran in the AMP dtype
-    assert finite and torch.isfinite(torch.tensor(loss))
+    assert torch.isfinite(torch.tensor(loss))
     # Every parameter but expert 1's (the batch is routed to expert 0) has a float32 grad.
     grads = [p.grad for n, p in model.named_parameters() if "site_experts.1." not in n]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+    # The step's finiteness flag is what the GPU check reports: it must match the gradients.
+    # (Not asserted True on CPU: with bfloat16 autocast on the CPU, the gradient of the bridge's
+    # 7x7x7 spatial convolution came out NaN for 1 seed in 12 at one thread, 0 at two; CPU
+    # training runs in float32, so this only matters for the GPU check, which reports it.)
+    assert finite == all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def test_scan_part_without_fused_kernel(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import PeakMemory, _device, _sync
+from benchmarks.bench_model import PeakMemory, _device, _sync, median_time
 
 #: Profile defaults: the preset, experts and size of the issue's table.
 DEFAULT_PRESET = "B"
@@ -274,17 +274,8 @@ def run(args: argparse.Namespace) -> int:
             model.zero_grad(set_to_none=True)
             loss_fn(model(x, expert), target).backward()
 
-        for _ in range(warmup):
-            step()
-        whole_times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            whole_times.append(time.perf_counter() - start)
+        whole = median_time(step, device, repeats, warmup)
     print()
     print(profile_table(rows, f"M4Fuse-{preset} blocks, forward and backward in isolation"))
-    print(f"whole training step (forward + loss + backward, median): "
-          f"{statistics.median(whole_times):.3f} s")
+    print(f"whole training step (forward + loss + backward, median): {whole:.3f} s")
     return 0

@@ -70,3 +70,25 @@ def simulate_two_sites(client_app: ClientApp | None = None) -> None:
 
     run_simulation(server_app, client_app or project_client, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+
+
+def simulate_recorded(client_app: ClientApp, args: list[str], record_env: str, folder,
+                      monkeypatch) -> tuple[object, object, list[dict]]:
+    """Run :func:`simulate_two_sites` with ``client_app`` (a project ClientApp behind a client
+    mod that writes one JSON file per reply into ``$<record_env>``) on the Hydra overrides
+    ``args``; checks that the run finished and returns ``(composed config, run folder, the
+    recorded entries)``."""
+    import json
+
+    from m4fuse import experiment
+
+    folder.mkdir()
+    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    monkeypatch.setenv(record_env, str(folder))
+    simulate_two_sites(client_app)
+    cfg = experiment.compose("config", args)
+    rdir = experiment.run_dir(cfg)
+    assert (rdir / "summary.json").is_file(), "the run did not finish"
+    entries = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    return cfg, rdir, entries
+

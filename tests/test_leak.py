@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
+from flower_fixtures import TINY_FL, project_client_app_with, simulate_recorded
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -150,15 +150,8 @@ def test_problems_found_in_leaking_replies(tmp_path):
 
 
 def test_whole_run_sends_only_shared_arrays_and_numbers(monkeypatch, tmp_path):
-    replies = tmp_path / "replies"
-    replies.mkdir()
     args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "run_name=leak"]
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    monkeypatch.setenv(RECORD_ENV, str(replies))
-    simulate_two_sites(app)
-    cfg = experiment.compose("config", args)
-    assert (experiment.run_dir(cfg) / "summary.json").is_file(), "the run did not finish"
-    entries = [json.loads(p.read_text()) for p in replies.glob("*.json")]
+    cfg, _, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies", monkeypatch)
     seen = sorted((e["type"], e["round"]) for e in entries)
     # 2 sites x (2 train + 2 validation + 1 final test) replies
     assert seen == sorted([("train", r) for r in (1, 2)] * 2 + [("evaluate", r) for r in
@@ -183,18 +176,11 @@ def test_every_strategy_runs_through_the_apps(monkeypatch, tmp_path, strategy):
     fedavg the whole one-expert model, fedprox the shared keys (and the server sends
     proximal-mu), local no arrays at all; numbers only in metrics, every config record
     carries the run identity."""
-    replies = tmp_path / "replies"
-    replies.mkdir()
     args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=1", f"run_name={strategy}",
             f"fl.strategy={strategy}"]
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    monkeypatch.setenv(RECORD_ENV, str(replies))
-    simulate_two_sites(app)
-    cfg = experiment.compose("config", args)
-    rdir = experiment.run_dir(cfg)
-    assert (rdir / "summary.json").is_file(), "the run did not finish"
+    cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
+                                           monkeypatch)
     assert not (rdir / "failure.txt").exists()
-    entries = [json.loads(p.read_text()) for p in replies.glob("*.json")]
     assert sorted((e["type"], e["round"]) for e in entries) == sorted(
         [("train", 1)] * 2 + [("evaluate", 1)] * 4)
     assert all(e["error"] is None for e in entries), [e["error"] for e in entries]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
+from flower_fixtures import TINY_FL, project_client_app_with, simulate_recorded
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 
 from m4fuse import experiment
@@ -141,19 +141,12 @@ app = project_client_app_with(record)
 @pytest.mark.usefixtures("flower_task_identity")
 def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     assert STRATEGIES["personal-norm-ft"].kept == "norms"
-    replies = tmp_path / "replies"
-    replies.mkdir()
     args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "fl.strategy=personal-norm-ft",
             "fl.finetune_epochs=1", "run_name=pnft"]
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    monkeypatch.setenv(RECORD_ENV, str(replies))
-    simulate_two_sites(app)
-    cfg = experiment.compose("config", args)
-    rdir = experiment.run_dir(cfg)
-    assert (rdir / "summary.json").is_file(), "the run did not finish"
+    cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
+                                           monkeypatch)
     names = list(experiment.build_model(cfg, num_experts=1).state_dict())
     shared, mine = (set(p) for p in split_state(dict.fromkeys(names), "norms"))
-    entries = [json.loads(p.read_text()) for p in replies.glob("*.json")]
     trains = [e for e in entries if e["type"] == MessageType.TRAIN]
     assert len(trains) == 4
     for e in trains:  # exactly the shared arrays: no expert, no norm weight

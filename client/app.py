@@ -193,8 +193,7 @@ def _bind_run(site: Site, identity: str, context: Context) -> None:
     A resumed run keeps its identity (the server stores it in its checkpoint)."""
     known = context.state.config_records.get(RUN_IDENTITY)
     if known is not None and str(known.get("id", "")) != identity:
-        for name in (KEPT_RECORD,):
-            context.state.array_records.pop(name, None)
+        context.state.array_records.pop(KEPT_RECORD, None)
         context.state.config_records.pop(ACCOUNTANT_RECORD, None)
     context.state.config_records[RUN_IDENTITY] = ConfigRecord({"id": identity})
     store = _store(site)

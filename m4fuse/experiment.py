@@ -612,17 +612,20 @@ def validate_site(
 def training_grid_spacing(record: Any) -> tuple[float, float, float]:
     """Voxel size in mm, ``(D, H, W)``, of a cached case's resized training grid.
 
-    The cache holds the brain's crop box (``crop_start``/``crop_end``, voxels in ``(X, Y, Z)``)
-    of a volume with ``spacing`` (mm, ``(X, Y, Z)``), resized to ``size`` ``(D, H, W)`` with
-    D along Z: a grid voxel spans ``spacing * crop extent / size`` mm on each axis.
+    The cache holds the brain's crop box (``crop_start``/``crop_end``, voxels in the canonical
+    grid's ``(X, Y, Z)``) of a volume with that grid's voxel size
+    (:func:`m4fuse.data.preprocess.canonical_spacing`, mm), resized to ``size`` ``(D, H, W)``
+    with D along Z: a grid voxel spans ``spacing * crop extent / size`` mm on each axis.
     """
+    from m4fuse.data.preprocess import canonical_spacing
+
     meta = record.meta
     extent = [int(e) - int(s) for s, e in zip(meta["crop_start"], meta["crop_end"])]
-    spacing = [float(v) for v in meta["spacing"]]
     size = [int(v) for v in meta["size"]]
-    if len(extent) != 3 or len(spacing) != 3 or len(size) != 3 or min(size) < 1:
+    if len(extent) != 3 or len(meta["spacing"]) != 3 or len(size) != 3 or min(size) < 1:
         raise ValueError(f"case {record.case_id}: cache meta needs 3-axis crop_start/crop_end, "
-                         f"spacing and size, got {extent}, {spacing}, {size}")
+                         f"spacing and size, got {extent}, {list(meta['spacing'])}, {size}")
+    spacing = canonical_spacing(meta)
     return tuple(spacing[2 - axis] * extent[2 - axis] / size[axis] for axis in range(3))  # type: ignore[return-value]
 
 

@@ -232,3 +232,23 @@ def test_stored_orientation_does_not_change_what_the_network_sees(tmp_path):
     truth_b = labels_to_regions(np.asarray(nib.load(moved["seg"]).dataobj), 4)
     for k in range(3):
         assert _dice(back_b[k], truth_b[k]) > 0.85, k
+
+
+def test_training_grid_spacing_follows_the_canonical_axes(tmp_path):
+    """Anisotropic voxels: a case stored with permuted axes has its spacing listed in its own
+    axis order; the training grid's voxel size (validation HD95 in mm) is the same as for the
+    case stored LPS."""
+    from m4fuse.data import CaseRecord
+    from m4fuse.experiment import training_grid_spacing
+
+    files = write_fake_case(tmp_path / "a", "BraTS2021_00009", shape=(28, 24, 20), seed=9,
+                            affine=np.diag([-1.0, -1.5, 2.5, 1.0]))
+    moved = _resave_permuted(files, tmp_path / "b" / "BraTS2021_00010", "BraTS2021_00010")
+    modalities = ("t1", "t1ce", "t2", "flair")
+    spacings = []
+    for case in (files, moved):
+        _, meta = preprocess_case([case[m] for m in modalities], (16, 24, 24))
+        record = CaseRecord(meta["case_id"], None, tmp_path / "x.npy", None, 4, meta)
+        spacings.append(training_grid_spacing(record))
+    assert spacings[1] == pytest.approx(spacings[0])
+    assert len(set(np.round(spacings[0], 6))) == 3  # really anisotropic, so the order matters

@@ -232,6 +232,16 @@ def _orientation(meta: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(meta["orientation"], dtype=np.float64)
 
 
+def canonical_spacing(meta: Mapping[str, Any]) -> tuple[float, float, float]:
+    """Voxel size in mm along the canonical grid's ``(X, Y, Z)`` (the axes of ``crop_start``/
+    ``crop_end``); ``meta["spacing"]`` is along the file's own axes."""
+    spacing = [float(v) for v in meta["spacing"]]
+    out = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(_orientation(meta)):
+        out[int(target)] = spacing[axis]
+    return out[0], out[1], out[2]
+
+
 def restore_to_original(volume: np.ndarray | torch.Tensor, record: Any, mode: str = "auto") -> np.ndarray:
     """Map a ``(C, D, H, W)`` volume at the training size back to the original grid ``(C, X, Y, Z)``.
 

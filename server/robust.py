@@ -1,4 +1,4 @@
-"""Checks on client updates and robust aggregation of the shared arrays (issue #6).
+"""Checks on client updates before Flower combines the shared arrays (issue #6).
 
 Pure functions over ``dict[str, np.ndarray]`` updates keyed by site name; no Flower import, so
 the ServerApp's strategy calls them on the arrays it already holds (``ArrayRecord.to_numpy_ndarrays``
@@ -15,8 +15,11 @@ Order of use in one round (:func:`screen_updates` does 1 and 2):
    three or more sites to mean something.
 3. :func:`check_quorum`: fewer than ``min_sites`` accepted updates stops the run with a message
    that names every failed site and why.
-4. :func:`aggregate` over the accepted updates: weighted mean (weights = training cases, the
-   FedAvg rule), coordinate-wise trimmed mean or coordinate-wise median.
+4. the accepted updates are combined by Flower (:mod:`server.strategy`: FedAvg's case-weighted
+   mean, FedTrimmedAvg or FedMedian for :data:`AGGREGATIONS`). The checks stay here, written
+   by hand: Flower's strategies combine whatever arrays a reply carries (they check only that
+   every reply has the same keys), so a NaN, a wrong shape, a key the server must never see
+   (a site's expert) or a huge update would enter the model.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 Arrays = Mapping[str, np.ndarray]
 """One model's shared arrays, by state-dict key."""
 
+#: The values of ``fl.aggregation`` (the Flower strategies are in :mod:`server.strategy`).
 AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed_mean", "median")
 
 
@@ -159,57 +162,3 @@ def check_quorum(
             f"round {server_round}: only {len(accepted)} usable update(s) "
             f"({sorted(accepted)}), at least min_sites={min_sites} needed. Failed sites: {detail}"
         )
-
-
-def aggregate(
-    updates: Mapping[str, Arrays],
-    weights: Mapping[str, float],
-    method: str = "mean",
-    trim: float = 0.2,
-) -> dict[str, np.ndarray]:
-    """Aggregate the sites' arrays key by key.
-
-    Args:
-        updates: ``{site: arrays}`` with equal keys, shapes and dtypes (run :func:`check_update`
-            first).
-        weights: ``{site: weight}``, the number of training cases; used by ``"mean"`` only.
-        method: ``"mean"`` (weighted mean, the FedAvg rule; default), ``"trimmed_mean"``
-            (coordinate-wise: drop the ``floor(trim·n)`` smallest and largest of the n site values,
-            average the rest unweighted; ``scipy.stats.trim_mean``) or ``"median"``
-            (coordinate-wise unweighted median; for an even n the mean of the two middle values).
-        trim: fraction cut from each end by ``"trimmed_mean"``, in [0, 0.5) (default 0.2, which
-            cuts one value from each end from 5 sites on and nothing below).
-
-    Returns:
-        ``{key: array}`` in the dtype of the inputs (floating results are computed in float64).
-    """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation method {method!r}; expected one of {AGGREGATIONS}")
-    if not 0.0 <= trim < 0.5:
-        raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    sites = list(updates)
-    if method == "mean":
-        missing = [s for s in sites if s not in weights]
-        if missing:
-            raise KeyError(f"no weight for site(s) {missing}")
-        w = np.array([float(weights[s]) for s in sites], dtype=np.float64)
-        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {dict(weights)}")
-        w = w / w.sum()
-    keys = list(updates[sites[0]])
-    out: dict[str, np.ndarray] = {}
-    for key in keys:
-        stack = np.stack([np.asarray(updates[s][key], dtype=np.float64) for s in sites])
-        if method == "mean":
-            value = np.tensordot(w, stack, axes=1)
-        elif method == "trimmed_mean":
-            value = np.asarray(stats.trim_mean(stack, trim, axis=0))
-        else:
-            value = np.median(stack, axis=0)
-        dtype = np.asarray(updates[sites[0]][key]).dtype
-        if dtype.kind in "iub":
-            value = np.rint(value)
-        out[key] = np.asarray(value).astype(dtype, copy=False)
-    return out

@@ -1,21 +1,28 @@
 """Server strategies: Flower's FedAvg / FedProx, weighted by training cases, plus what a
 federated BraTS study needs around them.
 
-Messages (sampling, configs, ``proximal-mu``) are Flower's. Aggregation goes through
-:mod:`server.robust` instead of ``FedAvg.aggregate_train``: Flower's FedMedian/FedTrimmedAvg
-are separate strategy classes (they cannot be combined with FedProx) and Flower checks no
-update before averaging it, while a federated study must survive a broken site. Per round:
+Messages (sampling, configs, ``proximal-mu``) are Flower's FedAvg/FedProx. The combination of
+the accepted shared arrays is Flower's too, but not the outer strategy's own
+``aggregate_train``: Flower checks no update before combining it, while a federated study must
+survive a broken site, and FedMedian/FedTrimmedAvg/FedAvgM/FedAdam are separate classes that
+cannot be combined with FedProx's messages. So each strategy holds a second Flower strategy,
+the *combiner* (:func:`make_combiner`), that only ever sees the accepted replies. Per round:
 
-* every train reply is checked (:func:`server.robust.screen_updates`): exactly the keys the
-  server holds (under ``personal``/``fedprox`` the shared keys only: an expert key is refused,
-  never averaged), their shapes and dtypes, finite values, and an update norm at most
-  ``norm_bound`` x the round's median; a failing reply, an error reply (the ClientApp raised)
-  and a site that did not answer within the round timeout are dropped, logged and kept in
-  :attr:`RoundLog.failed` (site name -> reason);
+* every train reply is checked (:func:`server.robust.screen_updates`, hand-written because
+  Flower has no such check): exactly the keys the server holds (under ``personal``/``fedprox``
+  the shared keys only: an expert key is refused, never averaged), their shapes and dtypes,
+  finite values, and an update norm at most ``norm_bound`` x the round's median; a failing
+  reply, an error reply (the ClientApp raised) and a site that did not answer within the round
+  timeout are dropped, logged and kept in :attr:`RoundLog.failed` (site name -> reason);
 * fewer than ``min_sites`` usable train (or evaluate) replies stop the run with
   :class:`server.robust.QuorumError`, whose message names every failed site and why;
-* the accepted updates are combined by ``aggregation``: ``mean`` (weighted by each reply's
-  ``num-examples`` = training cases, the FedAvg rule), ``trimmed_mean`` or ``median``;
+* the accepted updates (the shared arrays and the case count, nothing else) go to the
+  combiner's ``aggregate_train``: ``aggregation`` ``mean`` is Flower's ``FedAvg`` (weighted by
+  ``num-examples`` = training cases), ``trimmed_mean`` Flower's ``FedTrimmedAvg`` (``beta`` =
+  ``trim``), ``median`` Flower's ``FedMedian``; with ``server_opt`` (default ``none``) Flower's
+  ``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad`` then take a server step from the arrays
+  sent this round towards that aggregate (:mod:`m4fuse.server_opt`). The result is cast back
+  to the dtypes of the server's arrays (Flower keeps the arithmetic's dtype);
 * per-site bookkeeping (train loss, validation and test scores by ``site-index``) and bytes
   sent/received per round (serialised array bytes);
 * a round loop that can start at any round (resume) and a final test round sent through
@@ -27,17 +34,35 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from m4fuse.server_opt import SERVER_OPTS
 from m4fuse.state import is_personal
 from m4fuse.state import strategy as named_strategy
 from server import robust
@@ -47,6 +72,62 @@ BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds", "site-cases")
 
 #: Reason recorded for a site that was sent a message and did not answer in time.
 NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
+
+#: ``fl.aggregation`` -> the Flower strategy whose ``aggregate_train`` combines the accepted
+#: shared arrays. Flower's FedTrimmedAvg cuts ``int(beta * n)`` values at each end of every
+#: coordinate and averages the rest unweighted, as ``scipy.stats.trim_mean`` (the rule of
+#: ``fl.trim`` before), and FedMedian takes the coordinate-wise unweighted median.
+AGGREGATORS: dict[str, type[FedAvg]] = {
+    "mean": FedAvg,
+    "trimmed_mean": FedTrimmedAvg,
+    "median": FedMedian,
+}
+#: ``fl.server_opt`` -> the Flower strategy that steps from the round's arrays towards the
+#: aggregate (None: the aggregate is the new model).
+OPTIMISERS: dict[str, type[FedAvg] | None] = {
+    "none": None,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+}
+assert tuple(OPTIMISERS) == SERVER_OPTS and tuple(AGGREGATORS) == robust.AGGREGATIONS
+
+
+def make_combiner(aggregation: str = "mean", trim: float = 0.2, server_opt: str = "none",
+                  server_opt_args: Mapping[str, float] | None = None,
+                  weight_key: str = "num-examples") -> FedAvg:
+    """The Flower strategy that combines a round's accepted replies (its ``aggregate_train``).
+
+    ``aggregation`` picks :data:`AGGREGATORS` (``trim`` is FedTrimmedAvg's ``beta``),
+    ``server_opt`` :data:`OPTIMISERS` with ``server_opt_args`` (keyword arguments of that
+    class, :func:`m4fuse.server_opt.server_opt_settings`; default none: Flower's defaults).
+    A server optimiser over a robust rule is the two Flower classes in one: FedAvgM and the
+    FedOpt family call ``super().aggregate_train`` for the aggregate, which the class order
+    (optimiser first) makes FedTrimmedAvg's or FedMedian's.
+
+    The combiner sends no messages (``fraction_train`` 0): the owning strategy calls its
+    ``configure_train`` each round only so that FedAvgM/FedOpt record the arrays the round
+    starts from, the point their step starts from.
+    """
+    if aggregation not in AGGREGATORS:
+        raise ValueError(f"fl.aggregation must be one of {robust.AGGREGATIONS}, "
+                         f"got {aggregation!r}")
+    if server_opt not in OPTIMISERS:
+        raise ValueError(f"fl.server_opt must be one of {SERVER_OPTS}, got {server_opt!r}")
+    rule, optimiser = AGGREGATORS[aggregation], OPTIMISERS[server_opt]
+    if optimiser is None:
+        cls = rule
+    elif rule is FedAvg:
+        cls = optimiser
+    else:
+        cls = type(f"{optimiser.__name__}Over{rule.__name__}", (optimiser, rule), {})
+    kwargs = dict(server_opt_args or {}) if optimiser is not None else {}
+    combiner = cls(weighted_by_key=weight_key, **kwargs)
+    if isinstance(combiner, FedTrimmedAvg):
+        combiner.beta = float(trim)  # set after __init__: FedAvgM/FedOpt do not pass it on
+    combiner.fraction_train = 0.0
+    return combiner
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -115,8 +196,9 @@ class RoundLog:
 
 
 class SiteStrategyMixin:
-    """Update checks, quorum, robust aggregation, per-site bookkeeping and a resumable round
-    loop, mixed into Flower's :class:`FedAvg` / :class:`FedProx`.
+    """Update checks, quorum, Flower's combination of the accepted shared arrays (the
+    :attr:`combiner`), per-site bookkeeping and a resumable round loop, mixed into Flower's
+    :class:`FedAvg` / :class:`FedProx`.
 
     ``expected_keys`` are the keys of the arrays the server holds (every train reply must
     carry exactly these); ``site_names`` (sorted, position = ``site-index``) name the sites in
@@ -130,14 +212,17 @@ class SiteStrategyMixin:
     norm_bound: float
     aggregation: str
     trim: float
+    combiner: FedAvg
     current: RoundLog
 
     def setup(self, expected_keys: Iterable[str], personal_strategy: bool,
               site_names: Sequence[str] = (), min_sites: int = 1,
               norm_bound: float = math.inf, aggregation: str = "mean",
-              trim: float = 0.2) -> None:
-        """Remember the checks' settings (call after ``__init__``); defaults: no names, one
-        usable site per round, no norm rule, case-weighted mean, trim 0.2."""
+              trim: float = 0.2, server_opt: str = "none",
+              server_opt_args: Mapping[str, float] | None = None) -> None:
+        """Remember the checks' settings and build the combiner (call after ``__init__``);
+        defaults: no names, one usable site per round, no norm rule, case-weighted mean,
+        trim 0.2, no server optimiser."""
         self.expected_keys = frozenset(expected_keys)
         self.personal_strategy = personal_strategy
         if personal_strategy:
@@ -158,6 +243,10 @@ class SiteStrategyMixin:
         self.norm_bound = float(norm_bound)
         self.aggregation = aggregation
         self.trim = float(trim)
+        self.combiner = make_combiner(aggregation, trim, server_opt, server_opt_args,
+                                      self.weighted_by_key)
+        log(INFO, "aggregation: Flower %s%s", type(self.combiner).__name__,
+            f" (beta {self.trim:g})" if isinstance(self.combiner, FedTrimmedAvg) else "")
         self.node_sites: dict[int, str] = {}
         self.global_arrays: dict[str, np.ndarray] | None = None
         self.asked: list[int] = []
@@ -208,6 +297,8 @@ class SiteStrategyMixin:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.current.bytes_sent += record_bytes(arrays) * len(messages)
         self.global_arrays = {k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}
+        # The combiner sends nothing; FedAvgM/FedOpt remember where the round starts from.
+        self.combiner.configure_train(server_round, arrays, ConfigRecord(), grid)
         self.asked = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -283,14 +374,42 @@ class SiteStrategyMixin:
             self.current.train_by_site[int(metrics["site-index"])] = {
                 k: float(v) for k, v in metrics.items()
             }
-        combined = robust.aggregate(accepted, weights, self.aggregation, self.trim)
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in combined.items()})
+        arrays = self.combine(server_round, accepted, weights, reference)
         metrics = self.train_metrics_aggr_fn([good[s].content for s in sorted(accepted)],
                                              self.weighted_by_key)
         self.current.train = metrics
-        log(INFO, "round %d train: aggregated %d site(s) %s by %s", server_round,
-            len(accepted), sorted(accepted), self.aggregation)
+        log(INFO, "round %d train: aggregated %d site(s) %s by Flower %s", server_round,
+            len(accepted), sorted(accepted), type(self.combiner).__name__)
         return arrays, metrics
+
+    def combine(self, server_round: int, accepted: Mapping[str, Mapping[str, np.ndarray]],
+                weights: Mapping[str, float], reference: Mapping[str, np.ndarray]
+                ) -> ArrayRecord:
+        """The new shared arrays: the combiner's ``aggregate_train`` over one message per
+        accepted site holding its shared arrays (in the order of ``reference``, the server's
+        arrays: FedAvgM pairs arrays by position) and its case count, nothing else; cast back
+        to ``reference``'s dtypes (integers rounded), since Flower keeps the arithmetic's
+        dtype (a float32 mean stays float32, an int64 one becomes float64, FedAdam's bias
+        correction makes float64)."""
+        replies = [
+            Message(content=RecordDict({
+                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(accepted[site][k]))
+                                       for k in reference}),
+                "metrics": MetricRecord({self.weighted_by_key: float(weights[site])}),
+            }), dst_node_id=0, message_type=MessageType.TRAIN)
+            for site in sorted(accepted)
+        ]
+        combined, _ = self.combiner.aggregate_train(server_round, replies)
+        if combined is None or set(combined.keys()) != set(reference):
+            raise RuntimeError(f"Flower's {type(self.combiner).__name__} returned no arrays "
+                               "or other keys than the server's")
+        out = {}
+        for key in reference:
+            value, dtype = combined[key].numpy(), np.asarray(reference[key]).dtype
+            if dtype.kind in "iub" and value.dtype.kind not in "iub":
+                value = np.rint(value)
+            out[key] = Array(np.ascontiguousarray(value.astype(dtype, copy=False)))
+        return ArrayRecord(out)
 
     def _check_counts(self, accepted: Iterable[str], good: dict[str, Message]
                       ) -> dict[str, str]:
@@ -430,12 +549,17 @@ def make_strategy(
     norm_bound: float = math.inf,
     aggregation: str = "mean",
     trim: float = 0.2,
+    server_opt: str = "none",
+    server_opt_args: Mapping[str, float] | None = None,
 ) -> SiteStrategyMixin:
     """The strategy of ``fl.strategy``; every round evaluates every connected site.
 
     ``site_names`` (default none: ``site<k>``) name the sites in logs; ``min_sites`` (default
     1), ``norm_bound`` (default inf: off), ``aggregation`` (default ``mean``) and ``trim``
-    (default 0.2) are the update checks and the rule of :mod:`server.robust`.
+    (default 0.2) are the update checks of :mod:`server.robust` and the Flower rule that
+    combines what passed them (:data:`AGGREGATORS`); ``server_opt`` (default ``none``) and
+    ``server_opt_args`` the Flower server optimiser (:data:`OPTIMISERS`) stepping on the
+    shared arrays.
     """
     if num_sites < 1:
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
@@ -466,5 +590,6 @@ def make_strategy(
         strategy = SiteFedAvg(**kwargs)
     strategy.setup(expected_keys, personal_strategy=chosen.kept not in ("none", "all"),
                    site_names=site_names, min_sites=min_sites, norm_bound=norm_bound,
-                   aggregation=aggregation, trim=trim)
+                   aggregation=aggregation, trim=trim, server_opt=server_opt,
+                   server_opt_args=server_opt_args)
     return strategy

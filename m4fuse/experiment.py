@@ -115,6 +115,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"fl.fraction_train must be in (0, 1], got {cfg.fl.fraction_train!r}")
     if float(cfg.fl.proximal_mu) < 0:
         raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
+    from m4fuse.server_opt import server_opt_settings
+    server_opt_settings(cfg.fl)  # fl.server_opt and its parameters
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
     if cfg.root is not None and not Path(str(cfg.root)).is_absolute():

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from m4fuse import experiment
 from m4fuse.checkpoint import save_final_model as write_final_model
+from m4fuse.server_opt import server_opt_settings
 from m4fuse.site_state import newest_kept
 from m4fuse.state import split_state
 from m4fuse.state import strategy as named_strategy
@@ -178,6 +179,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     tracker = Tracker(cfg, experiment.run_name(cfg), run_id,
                       tags={"kind": "federated", "strategy": strategy_name,
                             "run_identity": run_identity})
+    server_opt, server_opt_args = server_opt_settings(cfg.fl)
     strategy = make_strategy(
         strategy_name,
         num_sites=len(names),
@@ -190,6 +192,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         norm_bound=float(cfg.fl.norm_bound),
         aggregation=str(cfg.fl.aggregation),
         trim=float(cfg.fl.trim),
+        server_opt=server_opt,
+        server_opt_args=server_opt_args,
     )
     log(INFO, "run %s: identity %s", experiment.run_name(cfg), run_identity)
     for entry in history:  # a resumed run: the case counts the sites reported before

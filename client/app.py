@@ -7,14 +7,15 @@ and the result becomes a reply with one ArrayRecord (what the strategy shares, s
 
 Per train message, in order:
 
-1. faults (:mod:`client.faults`, config ``fl.faults``; default none): a configured delay,
-   crash (the handler raises, the reply is an error) or NaN reply for this site and round;
+1. faults (:mod:`client.faults`, config ``fl.faults``; default none) are not the handler's:
+   :func:`client.faults.fault_mod`, a Flower client mod of :data:`app`, delays or crashes
+   the site before the handler runs, or turns its reply's arrays into NaN after it;
 2. the model: the server's arrays plus what the site kept (below);
 3. training, with DP-SGD when ``privacy.enabled`` (:mod:`client.privacy`): Opacus wraps the
    model, optimiser and loader inside :func:`m4fuse.experiment.train_site`; the accountant's
    history survives rounds and restarts, and every reply carries ``dp-epsilon``,
    ``dp-delta``, ``dp-noise-multiplier`` and ``dp-steps`` (same keys from every site);
-4. the reply: the shared arrays (poisoned with NaN for a ``nan_round`` fault) and metrics.
+4. the reply: the shared arrays and metrics.
 
 The site's personal weights (its expert; the whole model under ``local``) live in
 ``context.state["kept"]`` between rounds (the first source, in simulation and in a running
@@ -35,14 +36,13 @@ from collections.abc import Mapping
 from logging import WARNING
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
-from client.faults import FaultConfig, inject_fault, poison_with_nan
+from client.faults import fault_mod
 from client.privacy import PrivacyConfig, PrivateTraining, make_private_training, noise_only_step
 from client.site import Site
 from client.weights import (
@@ -60,7 +60,9 @@ from m4fuse.state import expert_state, place_expert, split_state
 from m4fuse.state import strategy as state_strategy
 
 configure_logging()  # after client.privacy imported Opacus (see m4fuse.logs)
-app = ClientApp()
+#: The ClientApp's mods, outermost first: fault injection around the handlers.
+MODS = [fault_mod]
+app = ClientApp(mods=MODS)
 
 KEPT_RECORD = "kept"
 ACCOUNTANT_RECORD = "dp-accountant"
@@ -264,12 +266,6 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])
     site = _site(msg, context)
-    faults = site.cfg.fl.get("faults")
-    action = inject_fault(
-        FaultConfig.from_mapping(
-            None if faults is None else OmegaConf.to_container(faults, resolve=True)),
-        site.name, server_round,
-    )
     strategy = str(site.cfg.fl.strategy)
     privacy = privacy_config(site.cfg)
     cfg = check_dp_training(site.cfg, strategy) if privacy.enabled else site.cfg
@@ -327,9 +323,6 @@ def train(msg: Message, context: Context) -> Message:
         context.state.array_records[KEPT_RECORD] = to_record(kept)
         _save_kept(site, kept, strategy, server_round, values)
     outgoing = outgoing_state(model, strategy)
-    if action.send_nan:
-        poisoned = poison_with_nan({k: v.numpy() for k, v in outgoing.items()})
-        outgoing = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in poisoned.items()}
     values["seconds"] = time.perf_counter() - start
     content = RecordDict({"arrays": to_record(outgoing), "metrics": MetricRecord(values)})
     return Message(content=content, reply_to=msg)

@@ -1,18 +1,20 @@
 """Fault injection for the ClientApp, driven by config (issue #6, robustness tests).
 
-A :class:`FaultConfig` maps a site name to a :class:`SiteFault`. The ClientApp's train handler
-calls :func:`inject_fault` first thing with the site and the server round (Flower's
-``server-round``, which starts at 1):
+A :class:`FaultConfig` maps a site name to a :class:`SiteFault`. :func:`fault_mod`, a Flower
+client mod around the ClientApp's handlers (``ClientApp(mods=[fault_mod])`` in
+:mod:`client.app`), calls :func:`inject_fault` before a train message reaches the train
+handler, with the site and the server round (Flower's ``server-round``, which starts at 1):
 
-* ``crash_round``: the handler raises :class:`InjectedFault` in that round (the reply is an
+* ``crash_round``: the mod raises :class:`InjectedFault` in that round (the reply is an
   error message; the server must go on while ``min-sites`` sites answered);
 * ``nan_round``: training runs, but the returned :class:`FaultAction` has ``send_nan=True`` and
-  the handler passes its shared arrays through :func:`poison_with_nan` before replying (the
-  server's update check must drop it);
+  the mod passes the reply's shared arrays through :func:`poison_with_nan` (the server's
+  update check must drop it);
 * ``delay_s`` (with ``delay_round``, None = every round): sleeps that many seconds before
   training, to exceed the server's round timeout.
 
-Everything defaults to "no fault", so an empty config changes nothing.
+Everything defaults to "no fault", so an empty config changes nothing. The handlers and the
+training code know nothing of faults.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from omegaconf import OmegaConf
 
 
 class InjectedFault(RuntimeError):
@@ -143,3 +147,34 @@ def poison_with_nan(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not any(np.asarray(v).dtype.kind in "fc" for v in out.values()):
         raise ValueError("no floating array to poison with NaN")
     return out
+
+
+def fault_mod(msg: Message, context: Context,
+              call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower client mod: this site's configured faults (``fl.faults``) around a train message.
+
+    Evaluate messages, and sites without faults, pass through unchanged. Otherwise the delay
+    and crash of :func:`inject_fault` happen before the handler runs; for a NaN fault the
+    handler's reply (not an error reply) gets its one ArrayRecord replaced by
+    :func:`poison_with_nan` of it.
+    """
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    # Imported here: client.site loads the experiment code (torch), which the fault rules
+    # above do not need. Its config and split are memoised per process.
+    from client.site import Site
+
+    site = Site.resolve(context.run_config, context.node_config, None)
+    faults = site.cfg.fl.get("faults")
+    if not faults:
+        return call_next(msg, context)
+    config = FaultConfig.from_mapping(OmegaConf.to_container(faults, resolve=True))
+    server_round = int(msg.content.config_records["config"]["server-round"])
+    action = inject_fault(config, site.name, server_round)
+    reply = call_next(msg, context)
+    if action.send_nan and not reply.has_error():
+        name, record = next(iter(reply.content.array_records.items()))
+        poisoned = poison_with_nan({k: v.numpy() for k, v in record.items()})
+        reply.content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                           for k, v in poisoned.items()})
+    return reply

@@ -50,10 +50,11 @@ def client_train_round(partition: int, arrays: ArrayRecord, state: RecordDict, r
 
 
 def project_client_app_with(mod: Callable[[Message, Context, Callable], Message]) -> ClientApp:
-    """The project's train/evaluate handlers in a ClientApp behind the client mod ``mod``."""
+    """The project's train/evaluate handlers in a ClientApp behind the client mod ``mod``
+    (outermost) and the project's own mods (fault injection)."""
     from client import app as project
 
-    app = ClientApp(mods=[mod])
+    app = ClientApp(mods=[mod, *project.MODS])
     app.train()(project.train)
     app.evaluate()(project.evaluate)
     return app

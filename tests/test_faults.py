@@ -85,3 +85,82 @@ def test_poisoned_update_is_rejected_by_the_server_check() -> None:
     assert "not finite" in str(check_update(bad, reference_spec(arrays)))
     with pytest.raises(ValueError, match="no floating"):
         poison_with_nan({"n": np.array([1])})
+
+
+class _Site:
+    """What :func:`fault_mod` reads of a resolved site: its name and the run config."""
+
+    def __init__(self, name: str, faults: dict) -> None:
+        from omegaconf import OmegaConf
+
+        self.name = name
+        self.cfg = OmegaConf.create({"fl": {"faults": faults}})
+
+
+def _train_message(server_round: int, message_type: str = "train"):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=1, message_type=message_type)
+
+
+@pytest.fixture
+def mod_site(monkeypatch, flower_task_identity):
+    """fault_mod on site ``B`` of ``{"A": crash in round 2, "B": NaN in round 1}``."""
+    from client.site import Site
+
+    site = _Site("B", {"A": {"crash_round": 2}, "B": {"nan_round": 1}})
+    monkeypatch.setattr(Site, "resolve", classmethod(lambda cls, *a: site))
+    return site
+
+
+def _handler(calls: list):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    def handler(msg, context):
+        calls.append(msg.metadata.message_type)
+        arrays = {"w": np.ones((2, 2), np.float32), "n": np.array([3], np.int64)}
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content=content, reply_to=msg)
+
+    return handler
+
+
+def test_fault_mod_poisons_only_the_configured_train_reply(mod_site) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.faults import fault_mod
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    calls: list = []
+    reply = fault_mod(_train_message(1), context, _handler(calls))
+    assert np.isnan(reply.content["arrays"]["w"].numpy()).all()
+    assert reply.content["arrays"]["n"].numpy().tolist() == [3]  # integers unchanged
+    assert reply.content["metrics"]["num-examples"] == 1
+    for message in (_train_message(2), _train_message(1, "evaluate")):
+        reply = fault_mod(message, context, _handler(calls))
+        assert np.isfinite(reply.content["arrays"]["w"].numpy()).all()
+    assert calls == ["train", "train", "evaluate"]
+
+
+def test_fault_mod_crashes_before_the_handler(mod_site) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.faults import fault_mod
+
+    mod_site.name = "A"
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    calls: list = []
+    with pytest.raises(InjectedFault, match="site 'A' in round 2"):
+        fault_mod(_train_message(2), context, _handler(calls))
+    assert calls == []
+    fault_mod(_train_message(1), context, _handler(calls))
+    assert calls == ["train"]
+
+
+def test_project_client_app_has_the_fault_mod() -> None:
+    from client import app as project
+    from client.faults import fault_mod
+
+    assert project.MODS == [fault_mod]

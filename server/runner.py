@@ -75,11 +75,16 @@ def initial_state(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 
 def resume_hash(cfg: DictConfig) -> str:
-    """The config hash a resumed run must match (all settings but :data:`RESUME_FREE`)."""
+    """The config hash a resumed run must match (all settings but :data:`RESUME_FREE`).
+
+    Under ``fl.server_opt: none`` the server optimiser's keys (``fl.server_*``) change
+    nothing and are left out, so a run checkpointed before those keys existed resumes."""
     from omegaconf import OmegaConf
 
     flat = experiment.flatten(OmegaConf.to_container(cfg, resolve=True))
     free = [k for k in flat if any(k == p or k.startswith(p + ".") for p in RESUME_FREE)]
+    if server_opt_settings(cfg.fl)[0] == "none":
+        free += [k for k in flat if k.startswith("fl.server_")]
     return experiment.config_hash(cfg, ignore=free)
 
 

@@ -39,6 +39,23 @@ def test_resume_may_change_rounds_faults_and_quorum_not_the_rule(tmp_path):
         assert resume_hash(_cfg(tmp_path, change)) != base, change
 
 
+def test_resume_hash_and_the_server_optimiser(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = _cfg(tmp_path)
+    base = resume_hash(cfg)
+    # a run checkpointed before the fl.server_* keys existed (server_opt none) still resumes
+    OmegaConf.set_struct(cfg, False)
+    for key in ("server_opt", "server_lr", "server_momentum", "server_beta_1",
+                "server_beta_2", "server_tau"):
+        cfg.fl.pop(key)
+    assert resume_hash(cfg) == base
+    assert resume_hash(_cfg(tmp_path, "fl.server_lr=0.5")) == base  # unused under none
+    adam = resume_hash(_cfg(tmp_path, "fl.server_opt=fedadam"))
+    assert adam != base
+    assert resume_hash(_cfg(tmp_path, "fl.server_opt=fedadam", "fl.server_lr=0.5")) != adam
+
+
 def test_server_package_imports_nothing_from_client():
     """Issue 12: what server and sites both need (the site-state format) lives in m4fuse/;
     every import in server/*.py, at any depth (also inside functions), is checked."""

@@ -289,7 +289,8 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
               "comparison's scoring):", ""]
     for mode in modes:
         parts = [f"seed {s}: {summary['seconds'][mode][str(s)]['run']:.0f} s + "
-                 f"{summary['seconds'][mode][str(s)]['scoring']:.0f} s" for s in seeds]
+                 f"{summary['seconds'][mode][str(s)]['scoring']:.0f} s" for s in seeds
+                 if str(s) in summary["seconds"].get(mode, {})]
         lines.append(f"- {mode}: " + ", ".join(parts))
     lines += ["", f"Paired per-case Wilcoxon signed-rank tests (two-sided, scipy) of "
               f"`{summary['default_strategy']}` (a) against each mode (b), cases of all seeds:",
@@ -491,52 +492,169 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
             histories[f"{mode} seed {seed}"] = {"history": run["history"]}
             print(f"[compare] {mode} seed {seed}: run {trained:.0f} s, scoring {scoring:.0f} s",
                   flush=True)
+    summary = summarise(
+        name=name, default=default, modes=modes, seeds=seeds, sites=sites,
+        overrides=list(overrides), test_cases=test_cases,
+        budget={"rounds": int(base.fl.rounds), "local_epochs": int(base.fl.local_epochs)},
+        rows=rows, cross_rows=cross_rows, new_site=pool_new_site(new_site_results),
+        seconds=seconds, bytes_by_mode=bytes_by_mode, check=check,
+        convergence=convergence_lines(histories))
+    json_path, artifacts = write_report(out, summary, rows, cross_rows,
+                                        summary.pop("_new_site_rows"))
+    log_tracking(base, name, summary, artifacts)
+    return json_path
+
+
+def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[int],
+              sites: Sequence[str], overrides: Sequence[str], test_cases: Mapping[str, Any],
+              budget: Mapping[str, int], rows: Sequence[Mapping[str, Any]],
+              cross_rows: Mapping[str, Sequence[Mapping[str, Any]]],
+              new_site: Mapping[str, Any] | None, seconds: Mapping[str, Any],
+              bytes_by_mode: Mapping[str, Any], check: Mapping[str, Any],
+              convergence: Sequence[str]) -> dict[str, Any]:
+    """The comparison's summary from its per-case rows: the table of mean +- sd over seeds,
+    the paired tests of the default strategy, the goals and the cross-site matrices (the
+    new site's per-case rows ride along under ``_new_site_rows`` for :func:`write_report`)."""
     table = site_table(rows, modes, seeds, sites)
     others = [m for m in ("fedavg", "local") if m in modes and m != default]
     tests = paired_tests(rows, default, others, sites) if default in modes else []
-    new_site = pool_new_site(new_site_results)
     crossdata = {}
     for mode, crows in cross_rows.items():
         ms, ts, values = matrix(crows)
         crossdata[mode] = {"model_sites": ms, "sites": ts,
                            "values": [[_finite(v) for v in row] for row in values]}
-    summary = {
-        "name": name, "default_strategy": default, "modes": modes, "seeds": seeds,
-        "sites": sites, "overrides": list(overrides), "test_cases": test_cases,
-        "budget": {"rounds": int(base.fl.rounds), "local_epochs": int(base.fl.local_epochs)},
+    return {
+        "name": name, "default_strategy": default, "modes": list(modes), "seeds": list(seeds),
+        "sites": list(sites), "overrides": list(overrides), "test_cases": dict(test_cases),
+        "budget": dict(budget),
         "score": "per case: mean of dice_wt, dice_tc, dice_et",
         "by_site": table, "tests": tests,
         "goals": goals(table, tests, default, sites, new_site),
-        "seconds": seconds, "bytes": bytes_by_mode, "check": check,
+        "seconds": dict(seconds), "bytes": dict(bytes_by_mode), "check": dict(check),
         "crosssite": crossdata,
         "new_site": None if new_site is None else {k: v for k, v in new_site.items()
                                                    if k != "rows"},
-        "convergence": convergence_lines(histories),
+        "convergence": list(convergence),
+        "_new_site_rows": [] if new_site is None else list(new_site["rows"]),
     }
+
+
+def write_report(out: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                 cross_rows: Mapping[str, Sequence[Mapping[str, Any]]],
+                 new_site_rows: Sequence[Mapping[str, Any]]) -> tuple[Path, list[Path]]:
+    """Write ``comparison.json``, ``comparison.md``, ``comparison.png`` (and ``crosssite.png``
+    when there are matrices) into ``out``; returns the JSON's path and every file written."""
+    out.mkdir(parents=True, exist_ok=True)
     json_rows = [{k: (_finite(r[k]) if k in SCORE_KEYS else r[k]) for k in ROW_KEYS}
                  for r in rows]
     payload = {"rows": json_rows, "summary": summary,
                "crosssite_rows": [{k: (_finite(v) if k in SCORE_KEYS else v)
                                    for k, v in {"mode": m, **r}.items()}
                                   for m, crows in cross_rows.items() for r in crows],
-               "new_site_rows": [] if new_site is None else
-               [{k: (_finite(v) if k in SCORE_KEYS else v) for k, v in r.items()}
-                for r in new_site["rows"]]}
+               "new_site_rows": [{k: (_finite(v) if k in SCORE_KEYS else v)
+                                  for k, v in r.items()} for r in new_site_rows]}
     json_path = out / "comparison.json"
     json_path.write_text(json.dumps(payload, indent=1))
-    text = "\n".join(report_lines(name, summary)) + "\n"
+    text = "\n".join(report_lines(str(summary["name"]), summary)) + "\n"
     md = out / "comparison.md"
     md.write_text(text)
-    png = plot(table, modes, sites, out / "comparison.png")
+    png = plot(summary["by_site"], summary["modes"], summary["sites"], out / "comparison.png")
     artifacts = [json_path, md, png]
+    crossdata = summary["crosssite"]
     if crossdata:
         artifacts.append(heatmap({f"{m}: site model x test site": (
             d["model_sites"], d["sites"],
             np.array([[np.nan if v is None else v for v in row] for row in d["values"]]))
             for m, d in crossdata.items()}, out / "crosssite.png"))
     print(text, flush=True)
-    log_tracking(base, name, summary, artifacts)
+    return json_path, artifacts
+
+
+def merge_comparisons(paths: Sequence[Path], out: Path, name: str) -> Path:
+    """One comparison from several ``comparison.json`` of the same settings (e.g. seed 0 of
+    one run and seeds 1, 2 of another): their per-case rows, cross-site rows, new-site rows,
+    wall times and checks are joined and the summary (table, tests, goals) is computed again
+    from the joined rows. Refuses files whose default strategy, budget, sites or overrides
+    differ, or that hold the same (mode, seed). A mode that ran on only some seeds is
+    reported with its ``n_seeds``. Returns the merged ``comparison.json``'s path."""
+    if len(paths) < 2:
+        raise ValueError(f"--merge needs at least two comparison.json files, got {list(paths)}")
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((Path(path), json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read comparison {path}: {err}") from None
+    first_path, first = loaded[0]
+    same = ("default_strategy", "budget", "sites", "overrides")
+    for path, payload in loaded[1:]:
+        for key in same:
+            if payload["summary"][key] != first["summary"][key]:
+                raise ValueError(f"cannot merge {path} with {first_path}: summary.{key} differs "
+                                 f"({payload['summary'][key]!r} vs {first['summary'][key]!r})")
+    modes: list[str] = []
+    seeds: set[int] = set()
+    seen: dict[tuple[str, int], Path] = {}
+    for path, payload in loaded:
+        s = payload["summary"]
+        modes += [m for m in s["modes"] if m not in modes]
+        for mode in s["modes"]:
+            for seed in s["seeds"]:
+                if (mode, seed) in seen:
+                    raise ValueError(f"{mode} seed {seed} is in both {seen[(mode, seed)]} and "
+                                     f"{path}")
+                seen[(mode, seed)] = path
+        seeds.update(int(x) for x in s["seeds"])
+    rows = [r for _, p in loaded for r in p["rows"]]
+    for r in rows:
+        for k in SCORE_KEYS:
+            r[k] = float("nan") if r[k] is None else r[k]
+    cross_rows: dict[str, list[dict[str, Any]]] = {}
+    for _, p in loaded:
+        for r in p.get("crosssite_rows", []):
+            r = dict(r)
+            cross_rows.setdefault(r.pop("mode"), []).append(
+                {k: (float("nan") if k in SCORE_KEYS and v is None else v) for k, v in r.items()})
+    new_site_results = [
+        {**p["summary"]["new_site"], "model": p["summary"]["new_site"]["models"][0],
+         "rows": p.get("new_site_rows", [])}
+        for _, p in loaded if p["summary"].get("new_site")]
+
+    def joined(key: str) -> dict[str, Any]:
+        out_: dict[str, Any] = {}
+        for _, p in loaded:
+            for mode, value in p["summary"][key].items():
+                if isinstance(value, dict):
+                    out_.setdefault(mode, {}).update(value)
+                else:
+                    out_.setdefault(mode, []).extend(value)
+        return out_
+
+    summary = summarise(
+        name=name, default=first["summary"]["default_strategy"], modes=modes,
+        seeds=sorted(seeds), sites=first["summary"]["sites"],
+        overrides=first["summary"]["overrides"],
+        test_cases={k: v for _, p in loaded for k, v in p["summary"]["test_cases"].items()},
+        budget=first["summary"]["budget"], rows=rows, cross_rows=cross_rows,
+        new_site=merge_new_site(new_site_results), seconds=joined("seconds"),
+        bytes_by_mode=joined("bytes"), check=joined("check"),
+        convergence=[line for _, p in loaded for line in p["summary"]["convergence"]])
+    summary["merged_from"] = [str(path) for path, _ in loaded]
+    json_path, _ = write_report(out, summary, rows, cross_rows, summary.pop("_new_site_rows"))
     return json_path
+
+
+def merge_new_site(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The new-site results of merged comparisons: per k the per-case test over all their
+    rows (:func:`pool_new_site` on results whose ``by_k`` already pools several seeds)."""
+    if not results:
+        return None
+    per_k = [{**r, "by_k": {k: {"seconds": sum(v["seconds"]) if isinstance(v["seconds"], list)
+                                else v["seconds"], "frozen_unchanged": v["frozen_unchanged"]}
+                            for k, v in r["by_k"].items()}} for r in results]
+    pooled = pool_new_site(per_k)
+    pooled["models"] = [m for r in results for m in r["models"]]
+    return pooled
 
 
 def score_matrix_rows(models: Mapping[str, tuple[torch.nn.Module, int | None]], split: Mapping,
@@ -598,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "strategy's model, or 'none' (default 2,5,all)")
     parser.add_argument("--new-site-epochs", type=int, default=20,
                         help="fine-tuning epochs of the new site (default 20)")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated comparison.json files of the same settings to "
+                             "join into one report (no training; e.g. seed 0 of one run and "
+                             "seeds 1,2 of another); written to <root>/runs/<run_name or "
+                             "'merged'>/")
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides for every run, e.g. fl.rounds=10 data.sites=4")
     return parser
@@ -608,6 +731,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simulations.new_site import parse_cases
 
     args = build_parser().parse_args(argv)
+    if args.merge:
+        base = experiment.compose("config", list(args.overrides))
+        name = str(base.run_name) if base.run_name else "merged"
+        try:
+            merge_comparisons([Path(p) for p in _list(args.merge)],
+                              experiment.project_root(base) / "runs" / name, name)
+        except ValueError as err:
+            raise SystemExit(f"--merge: {err}") from None
+        return 0
     try:
         seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
     except ValueError:

@@ -1,0 +1,66 @@
+"""Joining comparisons of the same settings (``python -m simulations.compare --merge``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations.compare import merge_comparisons, summarise, write_report
+
+SITES = ["site0", "site1", "site2", "site3"]
+
+
+def _rows(mode: str, seed: int, dice: float) -> list[dict]:
+    return [{"mode": mode, "seed": seed, "site": site, "case": f"{site}-c{c}",
+             "dice_wt": dice + 0.01 * c, "dice_tc": dice, "dice_et": dice,
+             "hd95_wt": 3.0, "hd95_tc": 3.0, "hd95_et": 3.0}
+            for site in SITES for c in range(6)]
+
+
+def _comparison(tmp_path, name: str, modes_dice: dict[str, float], seeds: list[int],
+                budget=None) -> str:
+    rows = [r for seed in seeds for mode, d in modes_dice.items()
+            for r in _rows(mode, seed, d + 0.02 * seed)]
+    modes = list(modes_dice)
+    summary = summarise(
+        name=name, default="personal-norm-ft", modes=modes, seeds=seeds, sites=SITES,
+        overrides=["fl.rounds=60"], test_cases={str(s): {x: 6 for x in SITES} for s in seeds},
+        budget=budget or {"rounds": 60, "local_epochs": 1}, rows=rows, cross_rows={},
+        new_site=None, seconds={m: {str(s): {"run": 1.0, "scoring": 0.5} for s in seeds}
+                                for m in modes},
+        bytes_by_mode={m: [0.0] * len(seeds) for m in modes},
+        check={m: {str(s): 0.0 for s in seeds} for m in modes}, convergence=[])
+    path, _ = write_report(tmp_path / name, summary, rows, {}, summary.pop("_new_site_rows"))
+    return path
+
+
+def test_merge_joins_seeds_and_recomputes_the_summary(tmp_path):
+    a = _comparison(tmp_path, "a", {"pooled": 0.8, "fedavg": 0.7, "personal-norm-ft": 0.75,
+                                    "personal": 0.7}, [0])
+    b = _comparison(tmp_path, "b", {"pooled": 0.8, "fedavg": 0.7, "personal-norm-ft": 0.75},
+                    [1, 2])
+    merged = json.loads(merge_comparisons([a, b], tmp_path / "m", "m").read_text())
+    s = merged["summary"]
+    assert s["seeds"] == [0, 1, 2]
+    assert s["modes"] == ["pooled", "fedavg", "personal-norm-ft", "personal"]
+    assert len(merged["rows"]) == (4 + 3 + 3) * 24
+    # pooled per seed: 0.8 + 0.02 seed + (0.01 x mean c = 0.025) / 3 on WT only
+    per_seed = s["by_site"]["pooled"]["mean"]["per_seed"]
+    assert per_seed == pytest.approx({"0": 0.80 + 0.025 / 3, "1": 0.82 + 0.025 / 3,
+                                      "2": 0.84 + 0.025 / 3})
+    assert s["by_site"]["personal"]["mean"]["n_seeds"] == 1
+    fed_all = next(t for t in s["tests"] if t["b"] == "fedavg" and t["site"] == "all")
+    assert fed_all["n"] == 3 * 4 * 6 and fed_all["mean_diff"] == pytest.approx(0.05)
+    assert "seed 1" in (tmp_path / "m" / "comparison.md").read_text()
+
+
+def test_merge_refuses_other_budgets_and_repeated_runs(tmp_path):
+    a = _comparison(tmp_path, "a", {"pooled": 0.8}, [0])
+    b = _comparison(tmp_path, "b", {"pooled": 0.8}, [1], budget={"rounds": 120,
+                                                                 "local_epochs": 1})
+    with pytest.raises(ValueError, match="summary.budget differs"):
+        merge_comparisons([a, b], tmp_path / "m", "m")
+    c = _comparison(tmp_path, "c", {"pooled": 0.8}, [0])
+    with pytest.raises(ValueError, match="pooled seed 0 is in both"):
+        merge_comparisons([a, c], tmp_path / "m", "m")

@@ -1,7 +1,7 @@
 """The Flower ClientApp: one hospital (site) of the federation.
 
 Only translation lives here: the message's arrays and config become a model state and a call
-into :mod:`m4fuse.experiment` (the same training steps the pooled and local baselines use),
+into :mod:`m4fuse.site_steps` (the same training steps the pooled and local baselines use),
 and the result becomes a reply with one ArrayRecord (what the strategy shares, see
 :mod:`client.weights`) and one MetricRecord with the same keys from every site.
 
@@ -12,7 +12,7 @@ Per train message, in order:
    the site before the handler runs, or turns its reply's arrays into NaN after it;
 2. the model: the server's arrays plus what the site kept (below);
 3. training, with DP-SGD when ``privacy.enabled`` (:mod:`client.privacy`): Opacus wraps the
-   model, optimiser and loader inside :func:`m4fuse.experiment.train_site`; the accountant's
+   model, optimiser and loader inside :func:`m4fuse.site_steps.train_site`; the accountant's
    history survives rounds and restarts, and every reply carries ``dp-epsilon``,
    ``dp-delta``, ``dp-noise-multiplier`` and ``dp-steps`` (same keys from every site);
 4. the reply: the shared arrays and metrics.
@@ -53,8 +53,9 @@ from client.weights import (
     outgoing_state,
     to_record,
 )
-from m4fuse import experiment
+from m4fuse import settings, site_steps
 from m4fuse.logs import configure_logging
+from m4fuse.metrics import REPORTED_METRIC_KEYS
 from m4fuse.site_state import SiteState, SiteStateStore, model_fingerprint
 from m4fuse.state import expert_state, place_expert, split_state
 from m4fuse.state import strategy as state_strategy
@@ -75,7 +76,7 @@ def _fingerprint(cfg: DictConfig, strategy: str) -> str:
     """Fingerprint of the site model's config plus what the strategy keeps (``personal`` or
     ``all``): an expert of another architecture, or a whole ``local`` model read by a
     ``personal`` run of the same name, is refused by :meth:`SiteStateStore.load`."""
-    fields = dataclasses.asdict(experiment.model_config(cfg, num_experts=1))
+    fields = dataclasses.asdict(settings.model_config(cfg, num_experts=1))
     # "personal" for the experts-only set: the name site states were written with before
     # the personal sets existed, so their folders stay readable.
     fields["kept"] = {"experts": "personal"}.get(KEPT[strategy], KEPT[strategy])
@@ -114,7 +115,7 @@ def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, serv
     """Write the round's :class:`SiteState` (expert index-free; the kept weights outside the
     expert, e.g. the norms of ``personal-norm`` or the whole model of ``local``, in its
     ``shared`` field; the round's finite metrics). The optimiser is not kept: every round starts a
-    fresh AdamW (``experiment.train_site``)."""
+    fresh AdamW (``site_steps.train_site``)."""
     store = _store(site)
     if store is None or not kept:
         return
@@ -149,7 +150,7 @@ def _build(site: Site, msg: Message, context: Context, strategy: str
     """The site's model for this message: server arrays plus its kept weights."""
     config = msg.content.config_records["config"]
     # Same seed on every site: all sites start from the same initial weights as the server.
-    model = experiment.build_model(site.cfg, num_experts=1)
+    model = settings.build_model(site.cfg, num_experts=1)
     incoming = from_record(msg.content.array_records["arrays"])
     server_round = int(config["server-round"])
     # Train round r starts from what the site kept before r; evaluation of round r scores
@@ -182,7 +183,7 @@ def _write_overlay(site: Site, model: torch.nn.Module, records: list) -> None:
     case = sorted(records, key=lambda r: r.case_id)[0]
     path = site.state_dir / f"{OVERLAY_PREFIX}{case.case_id}.png"
     try:
-        experiment.overlay_case(model, case, 0, site.device, path,
+        site_steps.overlay_case(model, case, 0, site.device, path,
                                 title=f"{site.name}: {case.case_id}", cfg=site.cfg)
     except Exception as exc:  # a picture is a by-product; the scores are already computed
         log(WARNING, "site %s: no overlay picture for %s: %s", site.name, case.case_id, exc)
@@ -288,7 +289,7 @@ def train(msg: Message, context: Context) -> Message:
         return wrapped.module, wrapped.optimizer, wrapped.loader
 
     try:
-        result = experiment.train_site(
+        result = site_steps.train_site(
             model,
             site.records["train"],
             expert_index=0,
@@ -301,7 +302,7 @@ def train(msg: Message, context: Context) -> Message:
             schedule=(server_round - 1, max(server_round, int(cfg.fl.rounds))),
             wrap=wrap if privacy.enabled else None,
             on_empty_batch=noise_only_step if privacy.enabled else None,
-            lr_scale=experiment.personal_lr_scale(model, cfg),
+            lr_scale=site_steps.personal_lr_scale(model, cfg),
         )
     finally:
         # Steps taken are spent even if the round fails later: persist the accountant first.
@@ -341,7 +342,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not records:
         # A site too small to hold out cases for this stage: not scored (the server leaves
         # num-examples 0 out of the mean and reports "not scored: <site-cases> cases").
-        values: dict[str, float | int] = {k: 0.0 for k in experiment.METRIC_KEYS}
+        values: dict[str, float | int] = {k: 0.0 for k in REPORTED_METRIC_KEYS}
         values.update({"num-examples": 0, "site-cases": site_cases, "site-index": site.index,
                        "seconds": time.perf_counter() - start})
         return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
@@ -355,11 +356,11 @@ def evaluate(msg: Message, context: Context) -> Message:
                             int(config["server-round"]), tuned)
     model.eval()
     if final_test:
-        scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)
+        scores, _ = site_steps.test_site(model, records, 0, site.device, site.cfg)
         _write_overlay(site, model, records)
     else:
-        scores = experiment.validate_site(model, records, 0, site.cfg, site.device)
-    values = {k: float(scores[k]) for k in experiment.METRIC_KEYS}
+        scores = site_steps.validate_site(model, records, 0, site.cfg, site.device)
+    values = {k: float(scores[k]) for k in REPORTED_METRIC_KEYS}
     values["num-examples"] = int(scores["num-examples"])
     values["site-cases"] = site_cases
     values["site-index"] = site.index
@@ -383,11 +384,11 @@ def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, flo
 
     def val_dice() -> float:
         model.eval()
-        return float(experiment.validate_site(model, site.records["val"], 0, site.cfg,
+        return float(site_steps.validate_site(model, site.records["val"], 0, site.cfg,
                                               site.device)["dice_mean"])
 
     before = val_dice()
-    result = experiment.finetune_site(model, site.records["train"], 0, site.cfg, site.device,
+    result = site_steps.finetune_site(model, site.records["train"], 0, site.cfg, site.device,
                                       personal=personal, epochs=epochs, seed=seed)
     after = val_dice()
     kept = after >= before

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from m4fuse import experiment
+from m4fuse import provision, runtime, settings, workspace
 
 _CONFIGS: dict[tuple, DictConfig] = {}
 
@@ -30,10 +30,10 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
     """The Hydra config of the run (``config-name`` + ``overrides`` of the Flower run config),
     with the node's data paths applied; memoised per process."""
     key = (str(run_config.get("config-name", "config")), str(run_config.get("overrides", "")),
-           os.environ.get(experiment.OVERRIDES_ENV, ""),
+           os.environ.get(settings.OVERRIDES_ENV, ""),
            tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key not in _CONFIGS:
-        cfg = experiment.compose_run(run_config)
+        cfg = settings.compose_run(run_config)
         OmegaConf.set_struct(cfg, False)
         if "data-root" in node_config:
             cfg.data.source = str(node_config["data-root"])
@@ -41,7 +41,7 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
             cfg.data.cache_dir = str(node_config["cache-dir"])
         if "partition-csv" in node_config:
             cfg.data.partition_csv = str(node_config["partition-csv"])
-        experiment.check_config(cfg)
+        settings.check_config(cfg)
         _CONFIGS[key] = cfg
     return _CONFIGS[key]
 
@@ -63,8 +63,8 @@ class Site:
     ) -> Site:
         """Resolve the site from the node config (see module docstring)."""
         cfg = site_config(run_config, node_config)
-        split = experiment.load_sites(cfg)
-        names = experiment.site_names(split)
+        split = provision.load_sites(cfg)
+        names = provision.site_names(split)
         if "site" in node_config:
             name = str(node_config["site"])
             if name not in split:
@@ -84,10 +84,10 @@ class Site:
                     f"(run with --federation-config \"num-supernodes={len(names)}\")"
                 )
             name, index = names[pid], pid
-        experiment.apply_threads(cfg)
-        device = experiment.resolve_device(str(node_config.get("device", cfg.device)))
+        runtime.apply_threads(cfg)
+        device = runtime.resolve_device(str(node_config.get("device", cfg.device)))
         if "state-dir" in node_config:
-            state_dir: Path | None = Path(str(node_config["state-dir"])) / experiment.run_name(cfg)
+            state_dir: Path | None = Path(str(node_config["state-dir"])) / workspace.run_name(cfg)
         elif run_dir:
             # Simulation only: server and clients share this machine's file system.
             state_dir = Path(run_dir) / "clients" / name

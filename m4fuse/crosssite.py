@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m4fuse import experiment
+from m4fuse import site_steps
 from m4fuse.stats import case_score
 
 SCORE_KEYS: tuple[str, ...] = ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et")
@@ -24,10 +24,10 @@ SCORE_KEYS: tuple[str, ...] = ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95
 def score_cases(model: torch.nn.Module, expert: int | None, records: Sequence[Any],
                 device: torch.device) -> list[dict[str, Any]]:
     """Per-case test scores of ``model`` routed to ``expert`` (None: shared path alone) on
-    ``records``, on the original voxel grid (:func:`m4fuse.experiment.test_site`):
+    ``records``, on the original voxel grid (:func:`m4fuse.site_steps.test_site`):
     ``[{"case", "dice_wt", ..., "hd95_et"}]``."""
     model.eval()
-    _, rows = experiment.test_site(model, records, expert, device)
+    _, rows = site_steps.test_site(model, records, expert, device)
     return [{"case": str(r["case"]), **{k: float(r[k]) for k in SCORE_KEYS}} for r in rows]
 
 

@@ -84,7 +84,7 @@ def with_and_without_expert(model: torch.nn.Module, records: Sequence[Any], expe
                             device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean test Dice (original grid) of ``records`` with expert ``expert_index`` and with
     no expert (``expert=None``): ``{"dice_with", "dice_without", "dice_delta"}``."""
-    from m4fuse.experiment import test_site
+    from m4fuse.site_steps import test_site
 
     model.eval()
     with_expert, _ = test_site(model, records, expert_index, torch.device(device))

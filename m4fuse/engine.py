@@ -19,7 +19,6 @@ whose loader gives index 0), an int fixes one expert, ``None`` runs the shared p
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +39,11 @@ from m4fuse.inference import (
     output_mode,
     predict_probs,
     probs_to_regions,
-    resolve_device,
     unwrap,
 )
-from m4fuse.metrics import METRIC_KEYS, mean_scores, region_scores
+from m4fuse.metrics import REGION_METRIC_KEYS, mean_scores, region_scores
 from m4fuse.regions import labels_to_regions, regions_to_labels
+from m4fuse.runtime import resolve_device, seed_everything
 
 Expert = str | int | None
 
@@ -220,13 +219,6 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (all devices) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _prepare(model: nn.Module, device: torch.device | str, cfg: TrainConfig | None) -> torch.device:
     device = resolve_device(device)
     model.to(device)
@@ -381,7 +373,7 @@ def evaluate(
         spacing: voxel size (D, H, W) in mm of the resized grid used for HD95: one number or
             triple for every case (default 1.0, i.e. HD95 in voxels unless the grid is 1 mm),
             or ``{case id: (D, H, W)}`` for each case's own grid (batches carry ``"case"``;
-            :func:`m4fuse.experiment.training_grid_spacing` gives it for a cached case).
+            :func:`m4fuse.site_steps.training_grid_spacing` gives it for a cached case).
         amp: autocast on CUDA, default True, in ``amp_dtype`` (default bfloat16); callers
             pass the run's ``train.amp``/``train.amp_dtype`` so evaluation matches training.
         loss_cfg: loss term weights (default those of ``TrainConfig()``).
@@ -499,6 +491,6 @@ def test_original_grid(
 
 
 __all__ = [
-    "METRIC_KEYS", "LabelDiceCELoss", "RegionDiceBCELoss", "TrainConfig", "evaluate",
+    "REGION_METRIC_KEYS", "LabelDiceCELoss", "RegionDiceBCELoss", "TrainConfig", "evaluate",
     "make_loss", "make_optimizer", "seed_everything", "test_original_grid", "train_epochs",
 ]

@@ -20,35 +20,10 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from m4fuse.regions import classes_to_regions
+from m4fuse.runtime import resolve_device
 
 OUTPUT_MODES: tuple[str, ...] = ("regions", "labels")
 AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """A torch device from ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or
-    ``"cuda:N"``. Asking for CUDA where there is none, or an index past the last GPU, is an
-    error naming the request."""
-    if isinstance(spec, torch.device):
-        spec = str(spec)
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present"
-            )
-    elif device.type != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
-    return device
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> contextlib.AbstractContextManager:

@@ -41,10 +41,14 @@ EMPTY_HD95_MM: float = 373.13
 
 HD95_DEFINITIONS: tuple[str, ...] = ("max_directed", "pooled")
 
-METRIC_KEYS: tuple[str, ...] = tuple(f"dice_{r.lower()}" for r in REGIONS) + tuple(
+REGION_METRIC_KEYS: tuple[str, ...] = tuple(f"dice_{r.lower()}" for r in REGIONS) + tuple(
     f"hd95_{r.lower()}" for r in REGIONS
 )
 """Per-region keys in the order dice_wt, dice_tc, dice_et, hd95_wt, hd95_tc, hd95_et."""
+
+REPORTED_METRIC_KEYS: tuple[str, ...] = REGION_METRIC_KEYS + ("dice_mean", "hd95_mean")
+"""The per-region keys and their means over the regions: what a site's validation and test
+report, the results tables hold and MLflow logs."""
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -246,7 +250,7 @@ def label_scores(
 
 
 def mean_scores(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Mean over cases of each metric key (:data:`METRIC_KEYS`, plus the two means).
+    """Mean over cases of each metric key (:data:`REGION_METRIC_KEYS`, plus the two means).
 
     Raises ValueError for no rows or a row missing a key.
     """
@@ -254,7 +258,7 @@ def mean_scores(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
     if not rows:
         raise ValueError("mean_scores needs at least one row")
     out: dict[str, float] = {}
-    for key in METRIC_KEYS:
+    for key in REGION_METRIC_KEYS:
         missing = [i for i, r in enumerate(rows) if key not in r]
         if missing:
             raise ValueError(f"row {missing[0]} has no {key!r}")

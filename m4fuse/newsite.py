@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from m4fuse import experiment
+from m4fuse import runtime, site_steps
 from m4fuse.checkpoint import Checkpoint, build_model, save_checkpoint
 from m4fuse.crosssite import score_cases
 from m4fuse.state import expert_index, expert_state, is_personal, split_state
@@ -116,7 +116,7 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
         raise ValueError(f"site {site!r} has no test cases to score")
     if int(epochs) < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
-    device = device or experiment.resolve_device(str(cfg.device))
+    device = device or runtime.resolve_device(str(cfg.device))
     personal = personal_set_of(checkpoint)
     model, _ = build_model(checkpoint, site=None)
     new = model.add_expert()
@@ -135,7 +135,7 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
     shared_rows = score_cases(model, None, test_records, device)
     chosen = choose_cases(list(train_records), k, seed)
     model.train()
-    train = experiment.train_site(model, chosen, new, cfg, device, int(epochs), seed)
+    train = site_steps.train_site(model, chosen, new, cfg, device, int(epochs), seed)
     model.eval()
     tuned_rows = score_cases(model, new, test_records, device)
     after = model.state_dict()

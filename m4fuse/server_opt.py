@@ -1,6 +1,6 @@
 """The server optimiser settings ``fl.server_opt`` and its parameters (issue 9): names and checks.
 
-No Flower import, so :func:`m4fuse.experiment.check_config` can refuse a bad value when the
+No Flower import, so :func:`m4fuse.settings.check_config` can refuse a bad value when the
 config is composed, before any training; :mod:`server.strategy` maps the names to Flower's own
 strategy classes (``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad`` of
 ``flwr.serverapp.strategy``), which take the step on the shared arrays only.

@@ -3,7 +3,7 @@
 The Flower run config names the Hydra config (``config-name``, default ``config``) and its
 ``overrides`` (a space-separated string, e.g. ``"fl.rounds=5 fl.strategy=fedavg"``); the
 ClientApp composes the same config (``$M4FUSE_OVERRIDES`` is applied after both, see
-:func:`m4fuse.experiment.compose_run`). Everything else is in :mod:`server.runner`.
+:func:`m4fuse.settings.compose_run`). Everything else is in :mod:`server.runner`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from m4fuse import experiment
+from m4fuse import settings
 from m4fuse.logs import configure_logging
 from server.runner import run_federated
 
@@ -23,5 +23,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment of the run config on ``grid``; prints the per-site table."""
-    cfg = experiment.compose_run(context.run_config)
+    cfg = settings.compose_run(context.run_config)
     run_federated(grid, cfg)

@@ -13,7 +13,6 @@ where the server can read the sites' state folders, which is the case in simulat
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import uuid
@@ -28,16 +27,15 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from m4fuse import experiment
+from m4fuse import provision, report, settings, workspace
 from m4fuse.checkpoint import save_final_model as write_final_model
 from m4fuse.server_opt import server_opt_settings
 from m4fuse.site_state import newest_kept
 from m4fuse.state import split_state
 from m4fuse.state import strategy as named_strategy
+from m4fuse.tracking import Tracker, final_test_metrics, round_metrics
 from server import checkpoint as server_ckpt
-from server import report
 from server.strategy import RoundLog, make_strategy
-from server.tracking import Tracker, round_metrics, site_metrics
 
 CHECKPOINT_FILE = "server_checkpoint.pt"
 FINAL_MODEL_FILE = "model.ckpt"
@@ -67,7 +65,7 @@ class RunSummary:
 
 def initial_state(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(what the server holds, the whole initial model)`` for ``fl.strategy``."""
-    model = experiment.build_model(cfg, num_experts=1)
+    model = settings.build_model(cfg, num_experts=1)
     full = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # The server holds what the strategy shares: never a weight of its personal set.
     shared, _ = split_state(full, named_strategy(str(cfg.fl.strategy)).kept)
@@ -81,11 +79,11 @@ def resume_hash(cfg: DictConfig) -> str:
     nothing and are left out, so a run checkpointed before those keys existed resumes."""
     from omegaconf import OmegaConf
 
-    flat = experiment.flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = settings.flatten(OmegaConf.to_container(cfg, resolve=True))
     free = [k for k in flat if any(k == p or k.startswith(p + ".") for p in RESUME_FREE)]
     if server_opt_settings(cfg.fl)[0] == "none":
         free += [k for k in flat if k.startswith("fl.server_")]
-    return experiment.config_hash(cfg, ignore=free)
+    return settings.config_hash(cfg, ignore=free)
 
 
 def federation_sites(cfg: DictConfig) -> list[str]:
@@ -98,11 +96,11 @@ def federation_sites(cfg: DictConfig) -> list[str]:
         if len(set(names)) != len(names):
             raise ValueError(f"fl.site_names has duplicates: {names}")
         return sorted(names)
-    names = experiment.site_names(experiment.load_sites(cfg))
-    small = experiment.small_sites(cfg)
+    names = provision.site_names(provision.load_sites(cfg))
+    small = provision.small_sites(cfg)
     if small:
         log(INFO, "data.min_cases_per_site=%d: left out %d site(s) before training: %s",
-            experiment.min_cases_per_site(cfg), len(small),
+            provision.min_cases_per_site(cfg), len(small),
             ", ".join(f"{s} ({n} case{'s' if n != 1 else ''})" for s, n in small.items()))
     return names
 
@@ -131,7 +129,7 @@ def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: li
     held = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     _, initial = initial_state(cfg)
     folders = {name: rdir / "clients" / name for name in names}
-    return write_final_model(rdir / FINAL_MODEL_FILE, experiment.model_config(cfg, num_experts=1),
+    return write_final_model(rdir / FINAL_MODEL_FILE, settings.model_config(cfg, num_experts=1),
                              str(cfg.fl.strategy), held, initial, folders,
                              size=list(cfg.data.size))
 
@@ -157,7 +155,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     strategy_name = str(cfg.fl.strategy)
     names = federation_sites(cfg)
     wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
-    rdir = experiment.run_dir(cfg)
+    rdir = workspace.run_dir(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = rdir / CHECKPOINT_FILE
     chash = resume_hash(cfg)
@@ -173,7 +171,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         arrays = saved.to_record()
         first_round, history, run_id = saved.server_round + 1, saved.history, saved.mlflow_run_id
         run_identity = saved.run_identity or run_identity
-        log(INFO, "Resuming %s from %s at round %d", experiment.run_name(cfg), ckpt_path,
+        log(INFO, "Resuming %s from %s at round %d", workspace.run_name(cfg), ckpt_path,
             first_round)
     else:
         # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation
@@ -181,7 +179,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         ckpt_path.unlink(missing_ok=True)
         shutil.rmtree(rdir / "clients", ignore_errors=True)
     (rdir / FAILURE_FILE).unlink(missing_ok=True)
-    tracker = Tracker(cfg, experiment.run_name(cfg), run_id,
+    tracker = Tracker(cfg, workspace.run_name(cfg), run_id,
                       tags={"kind": "federated", "strategy": strategy_name,
                             "run_identity": run_identity})
     server_opt, server_opt_args = server_opt_settings(cfg.fl)
@@ -200,7 +198,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         server_opt=server_opt,
         server_opt_args=server_opt_args,
     )
-    log(INFO, "run %s: identity %s", experiment.run_name(cfg), run_identity)
+    log(INFO, "run %s: identity %s", workspace.run_name(cfg), run_identity)
     for entry in history:  # a resumed run: the case counts the sites reported before
         for index, metrics in entry["train_by_site"].items():
             if "num-examples" in metrics and 0 <= int(index) < len(names):
@@ -234,7 +232,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
         (rdir / FAILURE_FILE).write_text(message + "\n")
-        log(ERROR, "federated run %s stopped: %s", experiment.run_name(cfg), message)
+        log(ERROR, "federated run %s stopped: %s", workspace.run_name(cfg), message)
         tracker.set_tag("failure", message[:5000])
         tracker.finish("FAILED")
         raise
@@ -252,30 +250,23 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     not_scored = {"val": {int(i): int(n) for i, n in history[-1].get("not_scored", {}).items()}
                   if history else {}, "test": dict(final.not_scored)}
     rows = report.site_rows(names, val_by_site, test_by_site, not_scored)
-    table = report.markdown_table(rows)
     sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
     received = sum(e["bytes_received"] for e in history)
     seconds = time.perf_counter() - wall
-    title = f"{experiment.run_name(cfg)} ({strategy_name}): per-site results"
     failed_note = "".join(f"test not scored for {site}: {why}\n"
                           for site, why in sorted(test_failed.items()))
-    print(f"\n{title}\n\n{table}\n\n{failed_note}bytes sent {sent}, received {received}, "
-          f"{seconds:.1f} s (this session)\n", flush=True)
-    report.write_csv(rows, rdir / "sites.csv")
-    (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
-    (rdir / "history.json").write_text(json.dumps(history, indent=1))
-    (rdir / "summary.json").write_text(json.dumps(
+    table, outputs = report.write_run_outputs(
+        rdir, names, rows, history,
         {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
          "bytes_received": received, "first_round": first_round,
          "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
-         "run_identity": run_identity}))
-    report.plot_dice_per_round(
-        {e["round"]: {int(i): m for i, m in e["val_by_site"].items()} for e in history},
-        names, rdir / "dice_per_round.png", title=f"{experiment.run_name(cfg)}: validation Dice")
-    mean = rows[-1]  # case-weighted means: val_* (last round) and test_*
-    final_metrics = {k: float(v) for k, v in mean.items()
-                     if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
-    final_metrics.update(site_metrics(test_by_site, prefix="test_"))
+         "run_identity": run_identity},
+        title=f"{workspace.run_name(cfg)} ({strategy_name}): per-site results",
+        plot_title=f"{workspace.run_name(cfg)}: validation Dice",
+        footer=f"{failed_note}bytes sent {sent}, received {received}, "
+               f"{seconds:.1f} s (this session)")
+    # case-weighted means of the mean row: test_* (val_* is the last round's)
+    final_metrics = final_test_metrics(rows[-1], test_by_site)
     for stage, by_site in not_scored.items():
         for index, cases in by_site.items():
             final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
@@ -284,8 +275,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
     # Again after the final test: the sites have saved what their fine-tuning kept.
     model_path = save_final_model(cfg, rdir, arrays, names)
-    for path in (rdir / "sites.csv", rdir / "results.md", rdir / "dice_per_round.png",
-                 rdir / "history.json"):
+    for path in outputs:
         tracker.log_artifact(path)
     if model_path is not None:
         tracker.log_artifact(model_path, "model")

@@ -14,8 +14,8 @@ case, and writes into ``<root>/runs/<name>/`` (``name``: ``run_name`` or ``compa
 * ``comparison.md`` (the report), ``comparison.png`` (mean +- sd per site and mode),
   ``crosssite.png`` (every site's model on every site's test cases).
 
-Modes: ``pooled`` and ``local`` (the baselines, :mod:`simulations.baselines`), any
-``fl.strategy`` of :data:`m4fuse.experiment.STRATEGIES` (run as a Flower simulation), and
+Modes: ``pooled`` and ``local`` (the baselines, :mod:`m4fuse.baselines`), any
+``fl.strategy`` of :data:`m4fuse.settings.STRATEGIES` (run as a Flower simulation), and
 ``<strategy>-dp`` (that strategy with ``privacy=dp``). The *default strategy* is
 ``fl.strategy`` of the composed config.
 
@@ -23,7 +23,7 @@ Per-case rows: the federated ServerApp only receives each site's mean scores (th
 nothing more), so the comparison rebuilds each site's final model from the run's
 ``model.ckpt`` (the server's final weights plus the site's personal weights, fine-tuned
 where the site kept its fine-tuning: :func:`m4fuse.checkpoint.save_final_model`) and scores
-it itself with :func:`m4fuse.experiment.test_site`; baselines are rebuilt from
+it itself with :func:`m4fuse.site_steps.test_site`; baselines are rebuilt from
 their ``model.ckpt`` / ``models/<site>.ckpt``. The per-site means are checked against the
 run's own ``sites.csv``; a difference is reported, never hidden.
 """
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m4fuse import experiment
+from m4fuse import provision, runtime, settings, workspace
 from m4fuse.crosssite import SCORE_KEYS, heatmap, markdown as matrix_markdown, matrix, score_cases
 from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
 
@@ -57,7 +57,7 @@ CHECK_TOLERANCE = 2e-3
 def known_modes() -> list[str]:
     """Every mode the comparison can run: the baselines, each strategy, each strategy
     ``-dp``."""
-    strategies = [s for s in experiment.STRATEGIES if s not in BASELINES]
+    strategies = [s for s in settings.STRATEGIES if s not in BASELINES]
     return [*BASELINES, *strategies, *(s + DP_SUFFIX for s in strategies)]
 
 
@@ -91,9 +91,9 @@ def run_mode(mode: str, overrides: Sequence[str], run_name: str) -> dict[str, An
     "site_names"}`` (``rows``: the run's own per-site table)."""
     args = [*overrides, *mode_overrides(mode), f"run_name={run_name}"]
     if mode in BASELINES:
-        from simulations.baselines import run_baseline
+        from m4fuse.baselines import run_baseline
 
-        cfg = experiment.compose("config", args)
+        cfg = settings.compose("config", args)
         out = run_baseline(cfg, mode)
         return {"cfg": cfg, "run_dir": out.run_dir, "rows": out.rows, "history": out.history,
                 "bytes": 0.0, "site_names": out.site_names}
@@ -416,7 +416,7 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
             the default strategy is not run or shares nothing).
         new_site_epochs: fine-tuning epochs of the new site (default 20).
     """
-    base = experiment.compose("config", list(overrides))
+    base = settings.compose("config", list(overrides))
     default = str(base.fl.strategy)
     name = str(base.run_name) if base.run_name else "compare"
     overrides = [o for o in overrides
@@ -440,7 +440,7 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
         site, records, _ = new_site_split([*overrides, f"seed={seeds[0]}"])
         for k in new_site_cases:  # bad k fail here, before any training
             check_cases(k, len(records["train"]), site)
-    out = experiment.project_root(base) / "runs" / name
+    out = workspace.project_root(base) / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     cross_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in crosssite}
@@ -459,10 +459,10 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
             trained = time.perf_counter() - start
             cfg, names = run["cfg"], list(run["site_names"])
             sites = sites or names
-            split = experiment.load_sites(cfg)
+            split = provision.load_sites(cfg)
             test_cases[str(seed)] = {s: len(split[s]["test"]) for s in names}
-            device = experiment.resolve_device(str(cfg.device))
-            experiment.apply_threads(cfg)
+            device = runtime.resolve_device(str(cfg.device))
+            runtime.apply_threads(cfg)
             models = site_models(mode, cfg, Path(run["run_dir"]), names)
             mode_rows = []
             for site, (model, expert) in models.items():
@@ -675,7 +675,7 @@ def score_matrix_rows(models: Mapping[str, tuple[torch.nn.Module, int | None]], 
 def log_tracking(cfg: Any, name: str, summary: Mapping[str, Any], artifacts: Sequence[Path]
                  ) -> None:
     """One MLflow run of the comparison: mean test Dice per mode and site, and the files."""
-    from server.tracking import Tracker
+    from m4fuse.tracking import Tracker
 
     tracker = Tracker(cfg, name, tags={"kind": "comparison"})
     metrics = {}
@@ -732,11 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.merge:
-        base = experiment.compose("config", list(args.overrides))
+        base = settings.compose("config", list(args.overrides))
         name = str(base.run_name) if base.run_name else "merged"
         try:
             merge_comparisons([Path(p) for p in _list(args.merge)],
-                              experiment.project_root(base) / "runs" / name, name)
+                              workspace.project_root(base) / "runs" / name, name)
         except ValueError as err:
             raise SystemExit(f"--merge: {err}") from None
         return 0

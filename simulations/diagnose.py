@@ -24,10 +24,10 @@ def site_model(cfg: Any, run: str, site: str, arrays: dict[str, torch.Tensor]) -
     """Site ``site``'s model after the last round of run ``run``."""
     from client.weights import load_round_state
     from m4fuse.site_state import newest_kept
-    from m4fuse import experiment
+    from m4fuse import settings, workspace
 
-    model = experiment.build_model(cfg, num_experts=1)
-    kept = newest_kept(experiment.project_root(cfg) / "runs" / run / "clients" / site)
+    model = settings.build_model(cfg, num_experts=1)
+    kept = newest_kept(workspace.project_root(cfg) / "runs" / run / "clients" / site)
     load_round_state(model, str(cfg.fl.strategy), arrays,
                      None if kept is None else kept["state"])
     return model
@@ -35,17 +35,17 @@ def site_model(cfg: Any, run: str, site: str, arrays: dict[str, torch.Tensor]) -
 
 def diagnose(run: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The diagnosis of run ``run`` (see the module docstring) as a JSON-able dict."""
-    from m4fuse import diagnostics, experiment
+    from m4fuse import diagnostics, provision, settings, workspace
 
-    cfg = experiment.compose(overrides=list(overrides))
-    rdir = experiment.project_root(cfg) / "runs" / run
+    cfg = settings.compose(overrides=list(overrides))
+    rdir = workspace.project_root(cfg) / "runs" / run
     ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True, map_location="cpu")
     cfg.fl.strategy = str(ckpt["strategy"])
     arrays = {k: torch.as_tensor(v) for k, v in ckpt["arrays"].items()}
-    split = experiment.load_sites(cfg)
+    split = provision.load_sites(cfg)
     out: dict[str, Any] = {"run": run, "strategy": cfg.fl.strategy, "sites": {},
                            "train_loss": diagnostics.loss_curve(rdir / "history.json")}
-    for site in experiment.site_names(split):
+    for site in provision.site_names(split):
         model = site_model(cfg, run, site, arrays)
         test = split[site]["test"]
         row = diagnostics.with_and_without_expert(model, test, 0)

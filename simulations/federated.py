@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from m4fuse import experiment
+from m4fuse import provision, settings, workspace
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -36,20 +36,20 @@ def simulate(overrides: Sequence[str], cpus_per_site: int = 1) -> dict[str, Any]
         raise ValueError(f"cpus_per_site must be >= 1, got {cpus_per_site}")
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    cfg = experiment.compose("config", list(overrides))
-    sites = experiment.site_names(experiment.load_sites(cfg))  # prepares the data once
-    previous = os.environ.get(experiment.OVERRIDES_ENV)
-    os.environ[experiment.OVERRIDES_ENV] = shlex.join(list(overrides))
+    cfg = settings.compose("config", list(overrides))
+    sites = provision.site_names(provision.load_sites(cfg))  # prepares the data once
+    previous = os.environ.get(settings.OVERRIDES_ENV)
+    os.environ[settings.OVERRIDES_ENV] = shlex.join(list(overrides))
     try:
         run_simulation(server_app, client_app, num_supernodes=len(sites),
                        backend_config={"client_resources": {"num_cpus": cpus_per_site,
                                                             "num_gpus": 0.0}})
     finally:
         if previous is None:
-            os.environ.pop(experiment.OVERRIDES_ENV, None)
+            os.environ.pop(settings.OVERRIDES_ENV, None)
         else:
-            os.environ[experiment.OVERRIDES_ENV] = previous
-    rdir = experiment.run_dir(cfg)
+            os.environ[settings.OVERRIDES_ENV] = previous
+    rdir = workspace.run_dir(cfg)
     if not (rdir / "summary.json").is_file():
         raise RuntimeError(f"the federated run wrote no summary in {rdir}; see the log above")
     import csv

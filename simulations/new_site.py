@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from m4fuse import experiment
+from m4fuse import provision, runtime, settings
 from m4fuse.stats import case_score, mean_sd, paired_test
 
 
@@ -27,14 +27,14 @@ def new_site_split(overrides: Sequence[str]) -> tuple[str, dict[str, list[Any]],
     """``(site name, {"train", "val", "test": records}, config)`` of the site one past the
     federation's (``site<data.sites>``), from the synthetic set with ``data.sites + 1``
     sites (same seed, so the first sites' cases are those of the federation's set)."""
-    cfg = experiment.compose("config", list(overrides))
+    cfg = settings.compose("config", list(overrides))
     if cfg.data.kind != "synthetic":
         raise ValueError(f"a held-out synthetic site needs data.kind=synthetic, got "
                          f"{cfg.data.kind!r}; use `m4fuse site join --data` for real data")
     sites = int(cfg.data.sites)
-    bigger = experiment.compose("config", [*overrides, f"data.sites={sites + 1}"])
-    split = experiment.load_sites(bigger)
-    name = experiment.site_names(split)[-1]
+    bigger = settings.compose("config", [*overrides, f"data.sites={sites + 1}"])
+    split = provision.load_sites(bigger)
+    name = provision.site_names(split)[-1]
     return name, split[name], bigger
 
 
@@ -60,12 +60,12 @@ def federation_checkpoint(run_dir: Path, cfg: Any) -> Path | None:
     arrays = server_ckpt.load(run_dir / CHECKPOINT_FILE).arrays
     if not arrays:
         return None  # local training: nothing shared
-    initial = experiment.build_model(cfg, num_experts=1).state_dict()
+    initial = settings.build_model(cfg, num_experts=1).state_dict()
     shared = {k: v.detach().cpu() for k, v in initial.items() if not is_expert(k)}
     shared.update({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
                    if not is_expert(k)})
     return save_checkpoint(
-        run_dir / "new_site" / "federation.ckpt", experiment.model_config(cfg, num_experts=1),
+        run_dir / "new_site" / "federation.ckpt", settings.model_config(cfg, num_experts=1),
         shared, {}, size=list(cfg.data.size),
         metadata={"strategy": str(cfg.fl.strategy),
                   "note": "server's shared weights + initial values of the kept layers"})
@@ -93,7 +93,7 @@ def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
     from m4fuse.newsite import check_cases
 
     site, records, cfg = new_site_split(overrides)
-    experiment.apply_threads(cfg)
+    runtime.apply_threads(cfg)
     ks = [check_cases(k, len(records["train"]), site) for k in cases]  # fail early
     checkpoint = load_checkpoint(model_path)
     rows: list[dict[str, Any]] = []

@@ -63,7 +63,7 @@ def project_client_app_with(mod: Callable[[Message, Context, Callable], Message]
 def simulate_two_sites(client_app: ClientApp | None = None) -> None:
     """Run the project's ServerApp with ``client_app`` (default: the project's ClientApp) on 2
     SuperNodes in Flower's in-process simulation, one CPU and no GPU each. The run config comes
-    from ``experiment.OVERRIDES_ENV``, which the caller sets."""
+    from ``settings.OVERRIDES_ENV``, which the caller sets."""
     from flwr.simulation import run_simulation
 
     from client.app import app as project_client
@@ -81,14 +81,14 @@ def simulate_recorded(client_app: ClientApp, args: list[str], record_env: str, f
     recorded entries)``."""
     import json
 
-    from m4fuse import experiment
+    from m4fuse import settings, workspace
 
     folder.mkdir()
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
     monkeypatch.setenv(record_env, str(folder))
     simulate_two_sites(client_app)
-    cfg = experiment.compose("config", args)
-    rdir = experiment.run_dir(cfg)
+    cfg = settings.compose("config", args)
+    rdir = workspace.run_dir(cfg)
     assert (rdir / "summary.json").is_file(), "the run did not finish"
     entries = [json.loads(p.read_text()) for p in folder.glob("*.json")]
     return cfg, rdir, entries

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m4fuse import experiment
+from m4fuse import provision, settings
 
 TINY = [
     "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
@@ -20,11 +20,11 @@ def cfg_args(tmp_path_factory) -> list[str]:
 
 
 def test_pooled_routes_each_site_to_its_expert(cfg_args):
-    from simulations.baselines import pooled_loader
+    from m4fuse.baselines import pooled_loader
 
-    cfg = experiment.compose("config", cfg_args)
-    split = experiment.load_sites(cfg)
-    names = experiment.site_names(split)
+    cfg = settings.compose("config", cfg_args)
+    split = provision.load_sites(cfg)
+    names = provision.site_names(split)
     loader = pooled_loader(split, names, cfg, seed=0)
     seen = {}
     for batch in loader:
@@ -35,11 +35,11 @@ def test_pooled_routes_each_site_to_its_expert(cfg_args):
 
 
 def test_pooled_and_local_train_and_score_every_site(cfg_args):
+    from m4fuse.baselines import run_baseline
     from m4fuse.checkpoint import load_checkpoint
-    from simulations.baselines import run_baseline
 
-    pooled = run_baseline(experiment.compose("config", [*cfg_args, "run_name=p"]), "pooled")
-    local = run_baseline(experiment.compose("config", [*cfg_args, "run_name=l"]), "local")
+    pooled = run_baseline(settings.compose("config", [*cfg_args, "run_name=p"]), "pooled")
+    local = run_baseline(settings.compose("config", [*cfg_args, "run_name=l"]), "local")
     for summary in (pooled, local):
         assert [e["round"] for e in summary.history] == [1, 2]
         assert [r["site"] for r in summary.rows] == ["site0", "site1", "mean"]

@@ -12,7 +12,7 @@ import torch
 from flower_fixtures import TINY_FL, client_train_round
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from m4fuse import experiment
+from m4fuse import settings, site_steps
 from m4fuse.state import is_personal, split_state
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -29,8 +29,8 @@ def _use(monkeypatch, root: str, *extra: str):
     from server.runner import initial_state
 
     args = [f"root={root}", *TINY_FL, *extra]
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    cfg = experiment.compose("config", args)
+    monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
+    cfg = settings.compose("config", args)
     held, _ = initial_state(cfg)
     return cfg, ArrayRecord({k: v for k, v in held.items()})
 
@@ -113,7 +113,7 @@ def test_dp_refuses_fedprox_and_float16(monkeypatch, root, tmp_path):
     cfg, _ = _use(monkeypatch, root)
     with pytest.raises(ValueError, match="fedprox"):
         check_dp_training(cfg, "fedprox")
-    half = experiment.compose("config", [f"root={root}", *TINY_FL, "train.amp_dtype=float16"])
+    half = settings.compose("config", [f"root={root}", *TINY_FL, "train.amp_dtype=float16"])
     with pytest.raises(ValueError, match="float16"):
         check_dp_training(half, "personal")
     assert check_dp_training(cfg, "personal").train.grad_clip is None
@@ -132,17 +132,17 @@ def test_restarted_client_continues_with_its_expert_from_disk(monkeypatch, root,
     kept = state.array_records["kept"].to_torch_state_dict()
     folder = tmp_path / "clients" / "site1"
     assert [p.name for p in folder.glob("site-state-r*.pt")] == ["site-state-r1.pt"]
-    fresh = experiment.build_model(experiment.compose("config", [f"root={root}", *TINY_FL]), 1)
+    fresh = settings.build_model(settings.compose("config", [f"root={root}", *TINY_FL]), 1)
     assert any(not torch.equal(kept[k], fresh.state_dict()[k]) for k in kept)
 
     seen: dict[str, torch.Tensor] = {}
-    original = experiment.train_site
+    original = site_steps.train_site
 
     def spy(model, *args, **kwargs):
         seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(client_app.experiment, "train_site", spy)
+    monkeypatch.setattr(client_app.site_steps, "train_site", spy)
     # a new process: nothing in context.state, the same state folder
     restarted = RecordDict()
     client_train_round(1, first.content.array_records["arrays"], restarted, 2, str(tmp_path))
@@ -199,14 +199,14 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
 
     _, start = _use(monkeypatch, root, "run_name=identity")
     seen: dict[str, torch.Tensor] = {}
-    original = experiment.train_site
+    original = site_steps.train_site
 
     def spy(model, *args, **kwargs):
         seen.clear()
         seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(client_app.experiment, "train_site", spy)
+    monkeypatch.setattr(client_app.site_steps, "train_site", spy)
 
     def train_round(identity: str, rnd: int, state: RecordDict) -> None:
         content = RecordDict({"arrays": start, "config": ConfigRecord(
@@ -221,7 +221,7 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
     state = RecordDict()
     train_round("run-a", 1, state)
     kept = state.array_records["kept"].to_torch_state_dict()
-    fresh = experiment.build_model(experiment.compose("config", [f"root={root}", *TINY_FL]), 1)
+    fresh = settings.build_model(settings.compose("config", [f"root={root}", *TINY_FL]), 1)
     train_round("run-a", 2, state)  # same run: starts from its expert
     assert all(torch.equal(seen[k], kept[k]) for k in kept)
     train_round("run-b", 3, state)  # a new run of the same name: the initial expert
@@ -253,7 +253,7 @@ def test_kept_finetuning_becomes_the_sites_final_state(monkeypatch, root, tmp_pa
     before = newest_kept(folder)
     assert before is not None and before["round"] == 1
     scores = iter([0.5, val_after])  # validation mean Dice before / after fine-tuning
-    monkeypatch.setattr(client_app.experiment, "validate_site",
+    monkeypatch.setattr(client_app.site_steps, "validate_site",
                         lambda *a, **k: {"dice_mean": next(scores)})
     content = RecordDict({"arrays": shared, "config": ConfigRecord(
         {"server-round": 1, "run-dir": str(tmp_path), "final-test": True})})

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from m4fuse import experiment
+from m4fuse import provision, settings
 
 TINY = [
     "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
@@ -61,7 +61,7 @@ def test_json_has_one_row_per_mode_seed_site_and_case(compared):
     rows = data["rows"]
     assert rows and all(set(r) == ROW_KEYS for r in rows)
     for seed in (0, 1):
-        split = experiment.load_sites(experiment.compose("config", [*args, f"seed={seed}"]))
+        split = provision.load_sites(settings.compose("config", [*args, f"seed={seed}"]))
         expected = {(s, r.case_id) for s in split for r in split[s]["test"]}
         for mode in ("pooled", "local", "personal"):
             got = [(r["site"], r["case"]) for r in rows if r["mode"] == mode and r["seed"] == seed]
@@ -104,8 +104,8 @@ def test_join_trains_only_the_new_expert(compared, tmp_path, capsys):
 
     args, out, _ = compared
     model = out.parent / "compare-personal-seed0" / "model.ckpt"
-    bigger = experiment.compose("config", [*args, "data.sites=3"])
-    source, cache = experiment.data_paths(bigger)
+    bigger = settings.compose("config", [*args, "data.sites=3"])
+    source, cache = provision.data_paths(bigger)
     csv = str(source / "partition.csv")
     join = ["site", "join", "--model", str(model), "--data", str(cache), "--site", "site2",
             "--partition-csv", csv, "--epochs", "2", *args]

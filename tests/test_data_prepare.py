@@ -239,7 +239,7 @@ def test_training_grid_spacing_follows_the_canonical_axes(tmp_path):
     axis order; the training grid's voxel size (validation HD95 in mm) is the same as for the
     case stored LPS."""
     from m4fuse.data import CaseRecord
-    from m4fuse.experiment import training_grid_spacing
+    from m4fuse.site_steps import training_grid_spacing
 
     files = write_fake_case(tmp_path / "a", "BraTS2021_00009", shape=(28, 24, 20), seed=9,
                             affine=np.diag([-1.0, -1.5, 2.5, 1.0]))

@@ -1,4 +1,4 @@
-"""The data-ready markers of m4fuse.experiment.ensure_data record the generator and
+"""The data-ready markers of m4fuse.provision.ensure_data record the generator and
 preprocessing versions, so data of an older generator is generated again, not reused."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from m4fuse import experiment
+from m4fuse import provision, settings
 
 TINY = ["data.sites=2", "data.cases_per_site=2", "data.shape=[16,16,16]",
         "data.size=[16,16,16]", "data.workers=0", "tracking.enabled=false"]
@@ -35,32 +35,32 @@ def counted(monkeypatch):
 
 
 def test_markers_record_versions_and_reuse_data(tmp_path, counted):
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
-    cache = experiment.ensure_data(cfg)
-    source, _ = experiment.data_paths(cfg)
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY])
+    cache = provision.ensure_data(cfg)
+    source, _ = provision.data_paths(cfg)
     marker = json.loads((source / ".complete").read_text())
-    assert marker["generator"] == experiment.generator_version()
+    assert marker["generator"] == provision.generator_version()
     assert len(marker["generator"]) >= 2 and marker["cases_per_site"] == 2
     cache_marker = json.loads((cache / ".complete").read_text())
     assert cache_marker["source"] == marker and cache_marker["size"] == [16, 16, 16]
-    experiment.ensure_data(cfg)
+    provision.ensure_data(cfg)
     assert counted == {"synthesize": 1, "prepare": 1}  # second call reuses both folders
 
 
 def test_new_generator_version_regenerates(tmp_path, counted, monkeypatch):
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
-    experiment.ensure_data(cfg)
-    monkeypatch.setattr(experiment, "generator_version", lambda: "another")
-    cache = experiment.ensure_data(cfg)
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY])
+    provision.ensure_data(cfg)
+    monkeypatch.setattr(provision, "generator_version", lambda: "another")
+    cache = provision.ensure_data(cfg)
     assert counted == {"synthesize": 2, "prepare": 2}
     assert json.loads((cache / ".complete").read_text())["source"]["generator"] == "another"
 
 
 def test_old_plain_marker_is_not_trusted(tmp_path, counted):
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
-    source, cache = experiment.data_paths(cfg)
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY])
+    source, cache = provision.data_paths(cfg)
     source.mkdir(parents=True)
     (source / ".complete").write_text("ok\n")  # what the unversioned code wrote
-    experiment.ensure_data(cfg)
+    provision.ensure_data(cfg)
     assert counted == {"synthesize": 1, "prepare": 1}
     assert (source / "partition.csv").is_file()

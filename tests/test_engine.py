@@ -22,7 +22,8 @@ from m4fuse.engine import (
     test_original_grid as score_original_grid,
     train_epochs,
 )
-from m4fuse.inference import probs_to_regions, resolve_device
+from m4fuse.inference import probs_to_regions
+from m4fuse.runtime import resolve_device
 from m4fuse.metrics import mean_scores, region_scores
 
 
@@ -205,7 +206,7 @@ def test_evaluate_scores_each_case_at_its_own_spacing() -> None:
     equals scoring each case alone at its spacing, and an unknown case is refused."""
     from types import MappingProxyType
 
-    from m4fuse.experiment import training_grid_spacing
+    from m4fuse.site_steps import training_grid_spacing
 
     torch.manual_seed(0)
     model = TinyNet()

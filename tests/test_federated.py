@@ -11,7 +11,7 @@ import torch
 from flower_fixtures import TINY_FL, client_train_round, simulate_two_sites
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from m4fuse import experiment
+from m4fuse import settings, workspace
 from m4fuse.state import is_personal, split_state
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -29,10 +29,10 @@ def overrides(root: str, *extra: str) -> list[str]:
 def simulate(monkeypatch, root: str, *extra: str) -> dict:
     """Run the user's ServerApp and ClientApp in Flower's in-process simulation."""
     args = overrides(root, *extra)
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
     simulate_two_sites()
-    cfg = experiment.compose("config", args)
-    rdir = experiment.run_dir(cfg)
+    cfg = settings.compose("config", args)
+    rdir = workspace.run_dir(cfg)
     summary_path = rdir / "summary.json"
     assert summary_path.is_file(), f"the run wrote no summary in {rdir}"
     return {"cfg": cfg, "dir": rdir, "summary": json.loads(summary_path.read_text()),
@@ -88,8 +88,8 @@ def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_pa
     from server.strategy import make_strategy
 
     args = overrides(root)
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
-    cfg = experiment.compose("config", args)
+    monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
+    cfg = settings.compose("config", args)
     held, full = initial_state(cfg)
     shared_keys, personal_keys = (set(p) for p in split_state(full))
     assert personal_keys and set(held) == shared_keys
@@ -118,7 +118,7 @@ def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_pa
     # the next round loads the aggregated shared weights and the site's own expert
     from client.weights import load_round_state
 
-    model = experiment.build_model(cfg, num_experts=1, seed=123)
+    model = settings.build_model(cfg, num_experts=1, seed=123)
     load_round_state(model, "personal", aggregated.to_torch_state_dict(), after[1])
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], after[1][k]) for k in personal_keys)
@@ -153,7 +153,7 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
 
     from mlflow.tracking import MlflowClient
 
-    from server.tracking import tracking_uri
+    from m4fuse.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri(second["cfg"]))
     run = client.get_run(run_id)

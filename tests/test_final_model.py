@@ -193,13 +193,13 @@ def test_site_join_keeps_every_sites_layers_and_adds_its_own(tmp_path, models):
     sites' experts and layers are kept; the new site's trained norms are its site_layers."""
     from flower_fixtures import TINY_FL
 
-    from m4fuse import experiment
+    from m4fuse import provision, settings
     from m4fuse.newsite import join_site
 
-    cfg = experiment.compose("config", [f"root={tmp_path / 'root'}", *TINY_FL,
+    cfg = settings.compose("config", [f"root={tmp_path / 'root'}", *TINY_FL,
                                         "tracking.enabled=false"])
-    split = experiment.load_sites(cfg)
-    records = split[experiment.site_names(split)[0]]
+    split = provision.load_sites(cfg)
+    records = split[provision.site_names(split)[0]]
     before = load_checkpoint(_write_v2(tmp_path / "model.ckpt", models))
     result = join_site(before, records["train"], records["test"], "siteN", cfg, cases=1,
                        epochs=1, out=tmp_path / "joined.ckpt")

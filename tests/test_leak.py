@@ -31,7 +31,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from m4fuse import experiment
+from m4fuse import settings
 from m4fuse.state import is_personal, split_state
 
 RECORD_ENV = "M4FUSE_TEST_REPLY_DIR"
@@ -111,16 +111,16 @@ def reply_problems(entry: Mapping[str, Any], shared: Mapping[str, tuple[int, ...
 
 
 def shared_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    full = experiment.build_model(cfg, num_experts=1).state_dict()
+    full = settings.build_model(cfg, num_experts=1).state_dict()
     shared, personal = split_state(full)
     assert personal, "the model must have an expert for this test to mean anything"
     return {k: tuple(v.shape) for k, v in shared.items()}
 
 
 def test_problems_found_in_leaking_replies(tmp_path):
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY])
     shared = shared_shapes(cfg)
-    full = experiment.build_model(cfg, num_experts=1).state_dict()
+    full = settings.build_model(cfg, num_experts=1).state_dict()
     good = {k: v.numpy() for k, v in full.items() if k in shared}
     expert_key = next(k for k in full if is_personal(k))
     metrics = MetricRecord({"loss": 0.5, "num-examples": 3, "site-index": 0})
@@ -184,7 +184,7 @@ def test_every_strategy_runs_through_the_apps(monkeypatch, tmp_path, strategy):
     assert sorted((e["type"], e["round"]) for e in entries) == sorted(
         [("train", 1)] * 2 + [("evaluate", 1)] * 4)
     assert all(e["error"] is None for e in entries), [e["error"] for e in entries]
-    full = experiment.build_model(cfg, num_experts=1).state_dict()
+    full = settings.build_model(cfg, num_experts=1).state_dict()
     shared, _ = split_state(full)
     expected = {"fedavg": set(full), "fedprox": set(shared), "local": set()}[strategy]
     sent = _arrays_of(entries, MessageType.TRAIN)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m4fuse import experiment
+from m4fuse import provision, settings, site_steps
 
 SITE = ["data.sites=1", "data.cases_per_site=8", "data.shape=[24,24,20]", "data.size=[16,16,16]",
         "data.val_fraction=0.25", "data.test_fraction=0.1", "model.widths=[8,8,8,8,8,8]",
@@ -20,15 +20,15 @@ SITE = ["data.sites=1", "data.cases_per_site=8", "data.shape=[24,24,20]", "data.
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_m4fuse_learns_to_segment_a_synthetic_site(tmp_path) -> None:
-    cfg = experiment.compose("config", [f"root={tmp_path}", *SITE])
-    split = experiment.load_sites(cfg)
-    site = split[experiment.site_names(split)[0]]
+    cfg = settings.compose("config", [f"root={tmp_path}", *SITE])
+    split = provision.load_sites(cfg)
+    site = split[provision.site_names(split)[0]]
     assert len(site["train"]) == 5 and len(site["val"]) == 2
-    model = experiment.build_model(cfg, num_experts=1)
+    model = settings.build_model(cfg, num_experts=1)
     cpu = torch.device("cpu")
-    before = experiment.validate_site(model, site["val"], 0, cfg, cpu)
-    result = experiment.train_site(model, site["train"], 0, cfg, cpu, epochs=30, seed=0)
-    after = experiment.validate_site(model, site["val"], 0, cfg, cpu)
+    before = site_steps.validate_site(model, site["val"], 0, cfg, cpu)
+    result = site_steps.train_site(model, site["train"], 0, cfg, cpu, epochs=30, seed=0)
+    after = site_steps.validate_site(model, site["val"], 0, cfg, cpu)
     assert result["num-examples"] == 5
     assert after["dice_wt"] >= 0.7, after
     assert after["dice_mean"] >= 0.6, after

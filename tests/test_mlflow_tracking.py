@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from m4fuse import experiment
-from server.tracking import Tracker, round_metrics, tracking_uri
+from m4fuse import settings
+from m4fuse.tracking import Tracker, round_metrics, tracking_uri
 
 
 def test_tracker_writes_a_run_that_reads_back(tmp_path):
-    cfg = experiment.compose("config", [f"root={tmp_path}", "fl.rounds=2"])
+    cfg = settings.compose("config", [f"root={tmp_path}", "fl.rounds=2"])
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(cfg, "unit", tags={"kind": "test"})
     for rnd in (1, 2):
@@ -37,7 +37,7 @@ def test_tracker_writes_a_run_that_reads_back(tmp_path):
 
 
 def test_disabled_tracking_writes_nothing(tmp_path):
-    cfg = experiment.compose("config", [f"root={tmp_path}", "tracking.enabled=false"])
+    cfg = settings.compose("config", [f"root={tmp_path}", "tracking.enabled=false"])
     tracker = Tracker(cfg, "off")
     tracker.log_metrics({"x": 1.0}, step=1)
     tracker.finish()

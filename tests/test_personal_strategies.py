@@ -16,7 +16,7 @@ import torch
 from flower_fixtures import TINY_FL, project_client_app_with, simulate_recorded
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 
-from m4fuse import experiment
+from m4fuse import provision, settings, site_steps
 from m4fuse.state import (
     PERSONAL_SETS,
     STRATEGIES,
@@ -30,8 +30,8 @@ TINY = [*TINY_FL, "tracking.enabled=false", "fl.local_epochs=1"]
 
 
 def _names(strategy: str = "personal") -> list[str]:
-    cfg = experiment.compose("config", [*TINY, f"fl.strategy={strategy}"])
-    return list(experiment.build_model(cfg, num_experts=1).state_dict())
+    cfg = settings.compose("config", [*TINY, f"fl.strategy={strategy}"])
+    return list(settings.build_model(cfg, num_experts=1).state_dict())
 
 
 def test_personal_sets_nest_and_split_disjointly():
@@ -51,14 +51,14 @@ def test_personal_sets_nest_and_split_disjointly():
 
 def test_bad_settings_fail_before_training():
     with pytest.raises(ValueError, match="fl.strategy.*'fedbogus'"):
-        experiment.compose("config", [*TINY, "fl.strategy=fedbogus"])
+        settings.compose("config", [*TINY, "fl.strategy=fedbogus"])
     with pytest.raises(ValueError, match="fl.finetune_epochs"):
-        experiment.compose("config", [*TINY, "fl.finetune_epochs=-1"])
+        settings.compose("config", [*TINY, "fl.finetune_epochs=-1"])
     with pytest.raises(ValueError, match="fl.personal_lr_scale"):
-        experiment.compose("config", [*TINY, "fl.personal_lr_scale=0"])
+        settings.compose("config", [*TINY, "fl.personal_lr_scale=0"])
     with pytest.raises(ValueError, match="fl.strategy=personal-norm-ft with privacy.enabled"):
-        experiment.compose("config", [*TINY, "fl.strategy=personal-norm-ft", "privacy=dp"])
-    experiment.compose("config", [*TINY, "fl.strategy=personal-norm", "privacy=dp"])
+        settings.compose("config", [*TINY, "fl.strategy=personal-norm-ft", "privacy=dp"])
+    settings.compose("config", [*TINY, "fl.strategy=personal-norm", "privacy=dp"])
     # a personal set naming layers the model does not have
     no_norms = [n for n in _names() if ".norm" not in n]
     with pytest.raises(ValueError, match="fl.strategy.*'norms'.*no norm layer"):
@@ -68,13 +68,13 @@ def test_bad_settings_fail_before_training():
 
 
 def test_finetune_changes_only_the_personal_set(tmp_path):
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1",
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1",
                                         "fl.personal_lr_scale=2.0"])
-    split = experiment.load_sites(cfg)
-    site = experiment.site_names(split)[0]
-    model = experiment.build_model(cfg, num_experts=1)
+    split = provision.load_sites(cfg)
+    site = provision.site_names(split)[0]
+    model = settings.build_model(cfg, num_experts=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = experiment.finetune_site(model, split[site]["train"], 0, cfg, torch.device("cpu"),
+    out = site_steps.finetune_site(model, split[site]["train"], 0, cfg, torch.device("cpu"),
                                    personal="norms", epochs=1, seed=3)
     assert out["steps"] >= 1
     after = model.state_dict()
@@ -87,10 +87,10 @@ def test_finetune_changes_only_the_personal_set(tmp_path):
 def test_expert_output_stats_see_a_zero_expert(tmp_path):
     from m4fuse.diagnostics import expert_output_stats
 
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY])
-    split = experiment.load_sites(cfg)
-    records = split[experiment.site_names(split)[0]]["test"]
-    model = experiment.build_model(cfg, num_experts=1)
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY])
+    split = provision.load_sites(cfg)
+    records = split[provision.site_names(split)[0]]["test"]
+    model = settings.build_model(cfg, num_experts=1)
     stats = expert_output_stats(model, records, 0)
     assert set(stats) == {"encoder.unit4", "encoder.unit5", "encoder.bottleneck"}
     assert all(v["ratio"] > 0 and -1 <= v["cosine"] <= 1 for v in stats.values())
@@ -102,18 +102,18 @@ def test_expert_output_stats_see_a_zero_expert(tmp_path):
 def test_personal_lr_scale_makes_its_own_param_group():
     from m4fuse.engine import make_optimizer
 
-    cfg = experiment.compose("config", [*TINY, "fl.strategy=personal-norm",
+    cfg = settings.compose("config", [*TINY, "fl.strategy=personal-norm",
                                         "fl.personal_lr_scale=3.0"])
-    model = experiment.build_model(cfg, num_experts=1)
-    scales = experiment.personal_lr_scale(model, cfg)
+    model = settings.build_model(cfg, num_experts=1)
+    scales = site_steps.personal_lr_scale(model, cfg)
     assert scales and set(scales) == set(split_state(dict(model.named_parameters()), "norms")[1])
-    optimizer, _ = make_optimizer(model, experiment.train_config(cfg, 1), 10, lr_scale=scales)
+    optimizer, _ = make_optimizer(model, settings.train_config(cfg, 1), 10, lr_scale=scales)
     lrs = sorted(g["initial_lr"] for g in optimizer.param_groups)
     assert lrs == pytest.approx([float(cfg.train.lr), 3.0 * float(cfg.train.lr)])
     sizes = sorted(sum(p.numel() for p in g["params"]) for g in optimizer.param_groups)
     assert sum(sizes) == sum(p.numel() for p in model.parameters())
     with pytest.raises(KeyError, match="lacks"):
-        make_optimizer(model, experiment.train_config(cfg, 1), 10, lr_scale={"nope": 2.0})
+        make_optimizer(model, settings.train_config(cfg, 1), 10, lr_scale={"nope": 2.0})
 
 
 # --------------------------------------------------------------------------- whole run
@@ -145,7 +145,7 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
             "fl.finetune_epochs=1", "run_name=pnft"]
     cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
                                            monkeypatch)
-    names = list(experiment.build_model(cfg, num_experts=1).state_dict())
+    names = list(settings.build_model(cfg, num_experts=1).state_dict())
     shared, mine = (set(p) for p in split_state(dict.fromkeys(names), "norms"))
     trains = [e for e in entries if e["type"] == MessageType.TRAIN]
     assert len(trains) == 4
@@ -195,7 +195,7 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     from m4fuse.crosssite import score_cases
     from simulations.compare import check_against_run, site_models
 
-    split = experiment.load_sites(cfg)
+    split = provision.load_sites(cfg)
     case_rows = [{"site": site, **r}
                  for site, (model, expert) in site_models("personal-norm-ft", cfg, rdir,
                                                           ckpt.sites).items()
@@ -221,13 +221,13 @@ def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, va
     from client.app import finetune
     from client.site import Site
 
-    cfg = experiment.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1"])
-    split = experiment.load_sites(cfg)
-    name = experiment.site_names(split)[0]
-    model = experiment.build_model(cfg, num_experts=1)
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=1"])
+    split = provision.load_sites(cfg)
+    name = provision.site_names(split)[0]
+    model = settings.build_model(cfg, num_experts=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scores = iter([0.5, val_after])  # validation mean Dice before, after fine-tuning
-    monkeypatch.setattr(experiment, "validate_site",
+    monkeypatch.setattr(site_steps, "validate_site",
                         lambda *a, **k: {"dice_mean": next(scores)})
     out = finetune(model, Site(cfg, name, 0, split[name], torch.device("cpu"), None), "norms")
     assert out["finetune-kept"] == float(kept) and out["finetune-steps"] >= 1

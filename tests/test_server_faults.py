@@ -22,7 +22,7 @@ import torch
 from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
 from flwr.app import Context, Message, MessageType
 
-from m4fuse import experiment
+from m4fuse import settings, workspace
 from m4fuse.state import is_personal, split_state
 
 START_ENV = "M4FUSE_TEST_START_DIR"
@@ -54,9 +54,9 @@ start_recording_app = project_client_app_with(record_start)
 
 def simulate(monkeypatch, args: list[str], client_app=None) -> Path:
     """Run the project's ServerApp (and ClientApp unless given) on 2 SuperNodes."""
-    monkeypatch.setenv(experiment.OVERRIDES_ENV, " ".join(args))
+    monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
     simulate_two_sites(client_app)
-    return experiment.run_dir(experiment.compose("config", args))
+    return workspace.run_dir(settings.compose("config", args))
 
 
 def test_nan_update_dropped_and_crash_tolerated(monkeypatch, root):
@@ -82,9 +82,9 @@ def test_nan_update_dropped_and_crash_tolerated(monkeypatch, root):
 
     from mlflow.tracking import MlflowClient
 
-    from server.tracking import tracking_uri
+    from m4fuse.tracking import tracking_uri
 
-    client = MlflowClient(tracking_uri=tracking_uri(experiment.compose("config", args)))
+    client = MlflowClient(tracking_uri=tracking_uri(settings.compose("config", args)))
     run_id = summary["mlflow_run_id"]
     assert [m.value for m in client.get_metric_history(run_id, "failed_sites")] == [1.0, 1.0]
     artifacts = {a.path for a in client.list_artifacts(run_id, "failed")}
@@ -101,8 +101,8 @@ def test_too_few_sites_stop_the_run_then_resume(monkeypatch, root, tmp_path):
     message = str(info.value)
     assert "round 2" in message and "min_sites=2" in message
     assert "site0: error reply" in message and "injected crash" in message
-    cfg = experiment.compose("config", base)
-    rdir = experiment.run_dir(cfg)
+    cfg = settings.compose("config", base)
+    rdir = workspace.run_dir(cfg)
     assert "site0" in (rdir / "failure.txt").read_text()
     assert not (rdir / "summary.json").exists()
     stopped = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
@@ -125,7 +125,7 @@ def test_too_few_sites_stop_the_run_then_resume(monkeypatch, root, tmp_path):
     assert [e["round"] for e in history] == [1, 2]
     assert not (rdir / "failure.txt").exists()
     assert sorted(p.name for p in starts.iterdir()) == ["site0-r2.pt", "site1-r2.pt"]
-    initial = experiment.build_model(cfg, num_experts=1).state_dict()
+    initial = settings.build_model(cfg, num_experts=1).state_dict()
     for site in ("site0", "site1"):
         start = torch.load(starts / f"{site}-r2.pt", weights_only=True)
         shared, personal = split_state(start)

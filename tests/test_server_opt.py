@@ -19,7 +19,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg
 
-from m4fuse import experiment
+from m4fuse import settings
 from m4fuse.server_opt import server_opt_settings
 from server.strategy import make_strategy
 
@@ -206,9 +206,9 @@ def test_settings_map_to_flowers_parameters():
 
 
 def test_config_refuses_bad_server_opt_before_training():
-    cfg = experiment.compose("config", [])
+    cfg = settings.compose("config", [])
     assert cfg.fl.server_opt == "none" and server_opt_settings(cfg.fl)[0] == "none"
     with pytest.raises(ValueError, match="fl.server_opt .*'sgd'"):
-        experiment.compose("config", ["fl.server_opt=sgd"])
+        settings.compose("config", ["fl.server_opt=sgd"])
     with pytest.raises(ValueError, match="fl.server_lr .*-1"):
-        experiment.compose("config", ["fl.server_opt=fedavgm", "fl.server_lr=-1"])
+        settings.compose("config", ["fl.server_opt=fedavgm", "fl.server_lr=-1"])

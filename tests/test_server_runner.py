@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from m4fuse import experiment
+from m4fuse import provision, settings
 from server.runner import federation_sites, resume_hash
 
 
 def _cfg(tmp_path, *extra: str):
-    return experiment.compose("config", [f"root={tmp_path}", *extra])
+    return settings.compose("config", [f"root={tmp_path}", *extra])
 
 
 def test_site_names_from_config_need_no_data(monkeypatch, tmp_path):
     def no_data(cfg):
         raise AssertionError("the coordinator must not load the data split")
 
-    monkeypatch.setattr(experiment, "load_sites", no_data)
+    monkeypatch.setattr(provision, "load_sites", no_data)
     cfg = _cfg(tmp_path, "data=brats", "data.source=/nonexistent/brats",
                "fl.site_names=[TMC,CBICA,TCIA01]")
     assert federation_sites(cfg) == ["CBICA", "TCIA01", "TMC"]  # sorted: index = position
@@ -26,7 +26,7 @@ def test_site_names_from_config_need_no_data(monkeypatch, tmp_path):
 
 
 def test_site_names_from_the_split_in_simulation(monkeypatch, tmp_path):
-    monkeypatch.setattr(experiment, "load_sites", lambda cfg: {"site1": {}, "site0": {}})
+    monkeypatch.setattr(provision, "load_sites", lambda cfg: {"site1": {}, "site0": {}})
     assert federation_sites(_cfg(tmp_path)) == ["site0", "site1"]
 
 
@@ -56,22 +56,32 @@ def test_resume_hash_and_the_server_optimiser(tmp_path):
     assert resume_hash(_cfg(tmp_path, "fl.server_opt=fedadam", "fl.server_lr=0.5")) != adam
 
 
-def test_server_package_imports_nothing_from_client():
-    """Issue 12: what server and sites both need (the site-state format) lives in m4fuse/;
-    every import in server/*.py, at any depth (also inside functions), is checked."""
+#: Issue 12, one room per concern: what a package may not import. ``m4fuse/`` (the task
+#: package, no Flower roles) takes nothing from the federation's roles or its drivers; the server
+#: never reaches into a client (what both need, e.g. the site-state format, lives in m4fuse/).
+FORBIDDEN_IMPORTS: dict[str, tuple[str, ...]] = {
+    "server": ("client",),
+    "m4fuse": ("client", "server", "simulations"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))
+def test_package_imports_nothing_from_the_rooms_it_must_not_reach(package):
+    """Every import in ``<package>/**/*.py``, at any depth (also inside functions), is checked."""
     import ast
+    import importlib
     from pathlib import Path
 
-    import server
-
-    files = sorted(Path(server.__file__).parent.glob("*.py"))
+    root = Path(importlib.import_module(package).__file__).parent
+    files = sorted(root.rglob("*.py"))
     assert len(files) > 3
+    forbidden = FORBIDDEN_IMPORTS[package]
     bad = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
                      else [])
-            bad += [f"{path.name}:{node.lineno} {n}" for n in names
-                    if n == "client" or n.startswith("client.")]
+            bad += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names
+                    if any(n == f or n.startswith(f + ".") for f in forbidden)]
     assert not bad, bad

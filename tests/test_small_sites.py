@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from m4fuse import experiment
+from m4fuse import provision, settings
 
 
 def _split(sizes: dict[str, int]) -> dict[str, dict[str, list[str]]]:
@@ -19,18 +19,18 @@ def _split(sizes: dict[str, int]) -> dict[str, dict[str, list[str]]]:
 
 def test_min_cases_per_site_leaves_out_small_sites(monkeypatch: pytest.MonkeyPatch) -> None:
     split = _split({"big": 10, "one": 1, "three": 3})
-    monkeypatch.setattr(experiment, "_full_split", lambda cfg: split)
-    cfg = experiment.compose("config", ["data.min_cases_per_site=3"])
-    assert experiment.site_names(experiment.load_sites(cfg)) == ["big", "three"]
-    assert experiment.small_sites(cfg) == {"one": 1}
-    every = experiment.compose("config")  # default 1: every site with a case takes part
-    assert experiment.site_names(experiment.load_sites(every)) == ["big", "one", "three"]
-    assert experiment.small_sites(every) == {}
+    monkeypatch.setattr(provision, "_full_split", lambda cfg: split)
+    cfg = settings.compose("config", ["data.min_cases_per_site=3"])
+    assert provision.site_names(provision.load_sites(cfg)) == ["big", "three"]
+    assert provision.small_sites(cfg) == {"one": 1}
+    every = settings.compose("config")  # default 1: every site with a case takes part
+    assert provision.site_names(provision.load_sites(every)) == ["big", "one", "three"]
+    assert provision.small_sites(every) == {}
     with pytest.raises(ValueError, match="min_cases_per_site=11 leaves no site"):
-        experiment.load_sites(experiment.compose("config", ["data.min_cases_per_site=11"]))
+        provision.load_sites(settings.compose("config", ["data.min_cases_per_site=11"]))
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "1.5", "true"])
 def test_min_cases_per_site_must_be_a_positive_integer(bad: str) -> None:
     with pytest.raises(ValueError, match="data.min_cases_per_site must be an integer >= 1"):
-        experiment.compose("config", [f"data.min_cases_per_site={bad}"])
+        settings.compose("config", [f"data.min_cases_per_site={bad}"])

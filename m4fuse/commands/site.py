@@ -53,13 +53,13 @@ def run_join(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from m4fuse import experiment
+    from m4fuse import runtime, settings
     from m4fuse.checkpoint import load_checkpoint, resolve_checkpoint_path
     from m4fuse.data import load_split
     from m4fuse.newsite import check_cases, join_site
     from m4fuse.stats import case_score, mean_sd, paired_test
 
-    cfg = experiment.compose("config", list(args.overrides))
+    cfg = settings.compose("config", list(args.overrides))
     data = Path(args.data)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder (a prepared cache is expected)")
@@ -72,7 +72,7 @@ def _join(args: argparse.Namespace) -> int:
     check_cases(args.cases, len(records["train"]), args.site)  # before loading the model
     model_path = resolve_checkpoint_path(args.model)
     out = Path(args.out) if args.out else model_path.parent / f"model-{args.site}.ckpt"
-    experiment.apply_threads(cfg)
+    runtime.apply_threads(cfg)
     result = join_site(load_checkpoint(model_path), records["train"], records["test"],
                        args.site, cfg, cases=args.cases, epochs=args.epochs, seed=int(cfg.seed),
                        out=out)

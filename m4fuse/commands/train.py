@@ -1,6 +1,6 @@
 """``m4fuse train --mode pooled|local [hydra overrides]``: the baselines, no Flower.
 
-A thin wrapper over :mod:`simulations.baselines` (same configs as ``flwr run .``).
+A thin wrapper over :func:`m4fuse.baselines.run_baseline` (same configs as ``flwr run .``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from m4fuse import experiment
-    from simulations.baselines import run_baseline
+    from m4fuse.baselines import run_baseline
+    from m4fuse.settings import compose
 
-    run_baseline(experiment.compose("config", list(args.overrides)), args.mode)
+    run_baseline(compose("config", list(args.overrides)), args.mode)
     return 0

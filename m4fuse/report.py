@@ -1,13 +1,19 @@
-"""Per-site results tables, CSV files and Dice-per-round plots (server and baselines)."""
+"""A run's outputs on disk: per-site results tables, CSV files, Dice-per-round plots.
+
+:func:`write_run_outputs` writes the files of one run; the federated run (``server.runner``)
+and the pooled/local baselines (:mod:`m4fuse.baselines`) both call it, and the comparison
+(``simulations.compare``) reads what it wrote.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from m4fuse.experiment import weighted_mean
+from m4fuse.site_steps import weighted_mean
 
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (header, source, key) with source "val" or "test"
@@ -121,3 +127,34 @@ def plot_dice_per_round(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+#: The files of a run that :func:`write_run_outputs` writes and a tracker logs as artifacts.
+RUN_OUTPUT_FILES: tuple[str, ...] = ("sites.csv", "results.md", "dice_per_round.png",
+                                     "history.json")
+
+
+def write_run_outputs(
+    rdir: Path,
+    site_names: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    title: str,
+    plot_title: str,
+    footer: str = "",
+) -> tuple[str, list[Path]]:
+    """Print the per-site table (``title``, the table, ``footer``) and write ``rdir``'s
+    ``sites.csv``, ``results.md``, ``history.json``, ``summary.json`` and ``dice_per_round.png``
+    (validation ``dice_mean`` per round of ``history``). Returns ``(the Markdown table, the
+    paths of`` :data:`RUN_OUTPUT_FILES` ``)``."""
+    table = markdown_table(rows)
+    print(f"\n{title}\n\n{table}\n\n{footer}\n", flush=True)
+    write_csv(rows, rdir / "sites.csv")
+    (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
+    (rdir / "history.json").write_text(json.dumps(list(history), indent=1))
+    (rdir / "summary.json").write_text(json.dumps(dict(summary)))
+    plot_dice_per_round(
+        {e["round"]: {int(i): m for i, m in e["val_by_site"].items()} for e in history},
+        site_names, rdir / "dice_per_round.png", title=plot_title)
+    return table, [rdir / name for name in RUN_OUTPUT_FILES]

@@ -1,8 +1,9 @@
 """MLflow for experiments: one run per experiment, params = the flattened config.
 
 Default store (``tracking.tracking_uri: null``): ``sqlite:///<root>/mlflow.db`` with artifacts
-in ``<root>/mlruns`` (no server). Any tracking URI by config. Used by the ServerApp and by the
-pooled/local baselines and the comparison (simulations/), so all runs land in one place.
+in ``<root>/mlruns`` (no server). Any tracking URI by config. Used by the federated run
+(``server.runner``), the pooled/local baselines (:mod:`m4fuse.baselines`) and the comparison
+(``simulations.compare``), so all runs land in one place with the same metric keys.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from m4fuse import experiment
+from m4fuse.metrics import REPORTED_METRIC_KEYS
+from m4fuse.settings import flatten
+from m4fuse.workspace import project_root
 
 
 def tracking_uri(cfg: DictConfig) -> str:
     """The configured tracking URI, or the local SQLite store under the project root."""
     if cfg.tracking.tracking_uri:
         return str(cfg.tracking.tracking_uri)
-    root = experiment.project_root(cfg)
+    root = project_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
@@ -35,7 +38,7 @@ def experiment_id(cfg: DictConfig, client: MlflowClient) -> str:
         return found.experiment_id
     location = None
     if not cfg.tracking.tracking_uri:
-        location = (experiment.project_root(cfg) / "mlruns").as_uri()
+        location = (project_root(cfg) / "mlruns").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -55,7 +58,7 @@ class Tracker:
         exp = experiment_id(cfg, self.client)
         run = self.client.create_run(exp, run_name=run_name, tags=dict(tags or {}))
         self.run_id = run.info.run_id
-        params = experiment.flatten(OmegaConf.to_container(cfg, resolve=True))
+        params = flatten(OmegaConf.to_container(cfg, resolve=True))
         self.log_params({k: ("null" if v is None else v) for k, v in params.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -101,7 +104,7 @@ class Tracker:
 
 
 def site_metrics(by_site: Mapping[int, Mapping[str, float]], prefix: str = "",
-                 keys: tuple[str, ...] = experiment.METRIC_KEYS) -> dict[str, float]:
+                 keys: tuple[str, ...] = REPORTED_METRIC_KEYS) -> dict[str, float]:
     """``{k: {dice_et: ..}}`` -> ``{"site<k>/<prefix>dice_et": ..}`` (MLflow keys)."""
     out: dict[str, float] = {}
     for index, metrics in by_site.items():
@@ -116,7 +119,7 @@ def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     if "loss" in entry["train"]:
         out["train_loss"] = entry["train"]["loss"]
-    out.update({f"val_{k}": v for k, v in entry["val"].items() if k in experiment.METRIC_KEYS})
+    out.update({f"val_{k}": v for k, v in entry["val"].items() if k in REPORTED_METRIC_KEYS})
     out.update(site_metrics(entry["val_by_site"]))
     for index, m in entry["train_by_site"].items():
         out[f"site{index}/train_loss"] = m["loss"]
@@ -125,4 +128,14 @@ def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
     out["round_seconds"] = entry["seconds"]
     # sites dropped this round (error, no reply, rejected update), train and evaluate
     out["failed_sites"] = float(len(entry.get("failed", {})))
+    return out
+
+
+def final_test_metrics(mean_row: Mapping[str, Any],
+                       test_by_site: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """MLflow metrics of the final test: the case-weighted ``test_*`` means of the results
+    table's ``mean`` row (:func:`m4fuse.report.site_rows`) and the ``site<k>/test_*`` scores."""
+    out = {k: float(v) for k, v in mean_row.items()
+           if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
+    out.update(site_metrics(test_by_site, prefix="test_"))
     return out

@@ -1,0 +1,171 @@
+"""Pooled and local baselines (no Flower), on the same split, loss, optimiser and epochs.
+
+* ``pooled``: one model with one expert per site (expert k = site k, routed by site), trained
+  on the union of all sites' training cases.
+* ``local``: each site trains its own one-expert model on its own cases only.
+
+Budget: the federated run trains ``fl.local_epochs`` epochs per round for ``fl.rounds`` rounds,
+so both baselines train ``fl.rounds`` "rounds" of ``fl.local_epochs`` epochs, with a fresh
+AdamW per round on the same warm-up/cosine curve (as the ClientApp does) and validation of
+every site after each round (for the Dice-per-round plot). Test scores are on the original
+voxel grid, as in the federated run. The outputs (:func:`m4fuse.report.write_run_outputs`) and
+the MLflow keys (:mod:`m4fuse.tracking`) are those of the federated run. ``m4fuse train --mode
+pooled|local`` and ``python -m simulations.pooled|local`` are thin wrappers over
+:func:`run_baseline`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset, DataLoader
+
+from m4fuse import provision, report, runtime, settings, site_steps, workspace
+from m4fuse.tracking import Tracker, final_test_metrics, round_metrics
+
+MODES: tuple[str, ...] = ("pooled", "local")
+
+
+@dataclass
+class BaselineSummary:
+    """What a baseline run returns (same fields the comparison reads from federated runs)."""
+
+    mode: str
+    run_dir: Path
+    site_names: list[str]
+    rows: list[dict[str, Any]]
+    table: str
+    history: list[dict[str, Any]]
+    mlflow_run_id: str | None
+    seconds: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def pooled_loader(split: dict, names: list[str], cfg: DictConfig, seed: int) -> DataLoader:
+    """Union of the sites' training cases, each batch item routed to its site's expert."""
+    from m4fuse.data import make_loader
+
+    parts = [
+        make_loader(split[name]["train"], index, batch_size=int(cfg.train.batch_size),
+                    augment=bool(cfg.train.augment), shuffle=True,
+                    num_workers=int(cfg.train.num_workers), seed=seed + index).dataset
+        for index, name in enumerate(names)
+    ]
+    return DataLoader(ConcatDataset(parts), batch_size=int(cfg.train.batch_size), shuffle=True,
+                      num_workers=int(cfg.train.num_workers),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
+    """Train and score the ``pooled`` or ``local`` baseline of ``cfg``; logs one MLflow run."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    wall = time.perf_counter()
+    runtime.apply_threads(cfg)
+    split = provision.load_sites(cfg)
+    names = provision.site_names(split)
+    device = runtime.resolve_device(str(cfg.device))
+    rounds, epochs, seed = int(cfg.fl.rounds), int(cfg.fl.local_epochs), int(cfg.seed)
+    name = str(cfg.run_name) if cfg.run_name else f"{mode}-seed{seed}"
+    rdir = workspace.project_root(cfg) / "runs" / name
+    rdir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg, name, tags={"kind": "baseline", "strategy": mode})
+    # pooled: one model, expert k for site k; local: one model per site, expert 0.
+    if mode == "pooled":
+        models = {"*": settings.build_model(cfg, num_experts=len(names))}
+    else:
+        models = {n: settings.build_model(cfg, num_experts=1) for n in names}
+
+    def expert_of(index: int) -> int:
+        return index if mode == "pooled" else 0
+
+    def model_of(site: str) -> torch.nn.Module:
+        return models["*"] if mode == "pooled" else models[site]
+
+    history: list[dict[str, Any]] = []
+    try:
+        for rnd in range(1, rounds + 1):
+            start = time.perf_counter()
+            train_by_site: dict[int, dict[str, float]] = {}
+            round_seed = seed * 1000 + rnd
+            if mode == "pooled":
+                loader = pooled_loader(split, names, cfg, round_seed)
+                out = site_steps.run_epochs(models["*"], loader, cfg, device, epochs, round_seed,
+                                            schedule=(rnd - 1, rounds))
+                train = {"loss": out["loss"]}
+            else:
+                for index, site in enumerate(names):
+                    out = site_steps.train_site(
+                        models[site], split[site]["train"], 0, cfg, device, epochs,
+                        seed=seed * 1000 + index * 100 + rnd, schedule=(rnd - 1, rounds))
+                    train_by_site[index] = out
+                total = sum(m["num-examples"] for m in train_by_site.values())
+                train = {"loss": sum(m["loss"] * m["num-examples"]
+                                     for m in train_by_site.values()) / total}
+            val_by_site = {
+                index: site_steps.validate_site(model_of(site), split[site]["val"],
+                                                expert_of(index), cfg, device)
+                for index, site in enumerate(names)
+            }
+            entry = {"round": rnd, "train": train,
+                     "val": site_steps.weighted_mean(list(val_by_site.values())),
+                     "train_by_site": train_by_site, "val_by_site": val_by_site,
+                     "bytes_sent": 0, "bytes_received": 0,
+                     "seconds": time.perf_counter() - start}
+            history.append(entry)
+            tracker.log_metrics(round_metrics(entry), step=rnd)
+        test_by_site = {
+            index: site_steps.test_site(model_of(site), split[site]["test"], expert_of(index),
+                                        device)[0]
+            for index, site in enumerate(names)
+        }
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    rows = report.site_rows(names, history[-1]["val_by_site"], test_by_site)
+    seconds = time.perf_counter() - wall
+    table, outputs = report.write_run_outputs(
+        rdir, names, rows, history,
+        {"mode": mode, "seconds": seconds, "bytes_sent": 0, "bytes_received": 0},
+        title=f"{name} ({mode}): per-site results", plot_title=f"{name}: validation Dice",
+        footer=f"{seconds:.1f} s")
+    final = final_test_metrics(rows[-1], test_by_site)
+    final.update({"total_bytes_sent": 0, "total_bytes_received": 0, "wall_seconds": seconds})
+    tracker.log_metrics(final, step=rounds)
+    model_path = save_models(cfg, mode, models, names, rdir)
+    for path in (*outputs, model_path):
+        tracker.log_artifact(path)
+    tracker.finish()
+    return BaselineSummary(mode, rdir, names, rows, table, history, tracker.run_id, seconds)
+
+
+def save_models(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module],
+                names: list[str], rdir: Path) -> Path:
+    """pooled: ``model.ckpt`` (m4fuse.checkpoint: shared + each site's expert by name);
+    local: ``models/<site>.ckpt``, one per site. Returns the file or folder."""
+    from m4fuse.checkpoint import save_checkpoint
+    from m4fuse.state import expert_state, split_state
+
+    if mode == "pooled":
+        state = {k: v.detach().cpu() for k, v in models["*"].state_dict().items()}
+        shared, personal = split_state(state)
+        experts = {site: expert_state(personal, index) for index, site in enumerate(names)}
+        path = rdir / "model.ckpt"
+        save_checkpoint(path, settings.model_config(cfg, num_experts=1), shared, experts,
+                        size=list(cfg.data.size), metadata={"mode": mode})
+        return path
+    folder = rdir / "models"
+    for site in names:
+        state = {k: v.detach().cpu() for k, v in models[site].state_dict().items()}
+        shared, personal = split_state(state)
+        save_checkpoint(folder / f"{site}.ckpt", settings.model_config(cfg, num_experts=1),
+                        shared, {site: expert_state(personal, 0)}, size=list(cfg.data.size),
+                        metadata={"mode": mode})
+    return folder
+

@@ -1,0 +1,191 @@
+"""Data provisioning: generate (synthetic) and prepare the configured data set once, and
+split it into sites.
+
+Safe to call from many processes at once (a file lock around the preparation); the split is
+loaded once per process (a Ray actor serves many messages). Knows nothing of Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from omegaconf import DictConfig
+
+from m4fuse.workspace import project_root
+
+# Split records are loaded once per process (a Ray actor serves many messages).
+_SPLITS: dict[tuple, Any] = {}
+
+
+def data_paths(cfg: DictConfig) -> tuple[Path, Path]:
+    """``(source, cache_dir)`` absolute folders of the configured data set."""
+    d = cfg.data
+    root = project_root(cfg)
+    size = "x".join(str(int(s)) for s in d.size)
+    if d.kind == "synthetic":
+        shape = "x".join(str(int(s)) for s in d.shape)
+        name = f"synthetic-s{int(d.sites)}-c{int(d.cases_per_site)}-{shape}-seed{int(cfg.seed)}"
+        source = Path(str(d.source)) if d.source else root / "data" / name
+    else:
+        if d.source in (None, "???"):
+            raise ValueError("data.source must name the BraTS folder (absolute path)")
+        source = Path(str(d.source))
+    cache = Path(str(d.cache_dir)) if d.cache_dir else root / "cache" / f"{source.name}-{size}"
+    return source, cache
+
+
+def generator_version() -> str:
+    """Version of the synthetic generator, recorded in the data folder's marker.
+
+    ``m4fuse.data.SYNTH_VERSION`` when the data package exports one; else the first 12 hex
+    digits of the SHA-256 of the generator's source file (``m4fuse/data/synth.py``). The
+    data package has no generator version constant, so the source hash is what notices that
+    the generator changed (e.g. a new acquisition table) and makes :func:`ensure_data`
+    generate the set again instead of reusing files of the old generator.
+    """
+    from m4fuse import data as mdata
+    from m4fuse.data import synth
+
+    version = getattr(mdata, "SYNTH_VERSION", None)
+    if version is not None:
+        return f"v{version}"
+    return hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:12]
+
+
+def data_markers(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(source marker, cache marker)``: what :func:`ensure_data` writes into the
+    ``.complete`` files of the data folders once they are ready, and compares on later calls.
+
+    Source (synthetic only; ``{}`` for BraTS): generator version, sites, cases per site,
+    shape, seed. Cache: the source marker, ``PREPROCESS_VERSION`` and the training size, so a
+    new generator or preprocessing version re-prepares the cache too.
+    """
+    from m4fuse.data import PREPROCESS_VERSION
+
+    d = cfg.data
+    source: dict[str, Any] = {}
+    if d.kind == "synthetic":
+        source = {"generator": generator_version(), "sites": int(d.sites),
+                  "cases_per_site": int(d.cases_per_site),
+                  "shape": [int(s) for s in d.shape], "seed": int(cfg.seed)}
+    cache = {"source": source, "preprocess_version": int(PREPROCESS_VERSION),
+             "size": [int(s) for s in d.size]}
+    return source, cache
+
+
+def _marker_matches(path: Path, expected: Mapping[str, Any]) -> bool:
+    """Whether the JSON marker file ``path`` exists and records ``expected`` (an old plain
+    ``ok`` marker never matches)."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(expected))
+    except json.JSONDecodeError:
+        return False
+
+
+def ensure_data(cfg: DictConfig) -> Path:
+    """Generate (synthetic) and prepare the data set once; returns the prepared cache folder.
+
+    Safe to call from many processes at once (file lock); later calls only check the
+    ``.complete`` markers (:func:`data_markers`). A marker of another generator or
+    preprocessing version (or an old marker without versions) makes it generate and prepare
+    again: the synthesiser overwrites the cases, ``prepare_dataset`` redoes the changed ones.
+    """
+    from m4fuse import data as mdata
+
+    source, cache = data_paths(cfg)
+    d = cfg.data
+    source_marker, cache_marker = data_markers(cfg)
+    # filelock.FileLock (an exclusive OS lock, parent folders created): concurrent clients
+    # prepare the data only once.
+    with FileLock(cache.parent / f".{cache.name}.lock"):
+        if d.kind == "synthetic" and not _marker_matches(source / ".complete", source_marker):
+            (source / ".complete").unlink(missing_ok=True)
+            (cache / ".complete").unlink(missing_ok=True)
+            mdata.synthesize(
+                source,
+                sites=int(d.sites),
+                cases_per_site=int(d.cases_per_site),
+                seed=int(cfg.seed),
+                shape=tuple(int(s) for s in d.shape),
+            )
+            (source / ".complete").write_text(json.dumps(source_marker) + "\n")
+        if not source.is_dir():
+            raise FileNotFoundError(f"data.source does not exist: {source}")
+        if not _marker_matches(cache / ".complete", cache_marker):
+            (cache / ".complete").unlink(missing_ok=True)
+            mdata.prepare_dataset(
+                source, cache, size=tuple(int(s) for s in d.size), workers=int(d.workers)
+            )
+            (cache / ".complete").write_text(json.dumps(cache_marker) + "\n")
+    return cache
+
+
+def partition_csv(cfg: DictConfig) -> Path | None:
+    """The partition CSV: configured, or the one the synthesiser wrote."""
+    if cfg.data.partition_csv:
+        return Path(str(cfg.data.partition_csv))
+    if cfg.data.kind == "synthetic":
+        return data_paths(cfg)[0] / "partition.csv"
+    return None
+
+
+def load_sites(cfg: DictConfig) -> Any:
+    """The :class:`SiteSplit` of the configured data (prepared on first use; memoised),
+    without the sites that have fewer cases than ``data.min_cases_per_site``
+    (:func:`small_sites` names them)."""
+    split = _full_split(cfg)
+    minimum = min_cases_per_site(cfg)
+    kept = {site: parts for site, parts in split.items() if _site_cases(parts) >= minimum}
+    if not kept:
+        raise ValueError(f"data.min_cases_per_site={minimum} leaves no site: the largest has "
+                         f"{max(_site_cases(p) for p in split.values())} cases")
+    return kept
+
+
+def _full_split(cfg: DictConfig) -> Any:
+    from m4fuse.data import load_split
+
+    cache = ensure_data(cfg)
+    csv = partition_csv(cfg)
+    key = (str(cache), str(csv), int(cfg.seed), float(cfg.data.val_fraction),
+           float(cfg.data.test_fraction))
+    if key not in _SPLITS:
+        _SPLITS[key] = load_split(
+            cache,
+            partition_csv=csv,
+            seed=int(cfg.seed),
+            val_fraction=float(cfg.data.val_fraction),
+            test_fraction=float(cfg.data.test_fraction),
+        )
+    return _SPLITS[key]
+
+
+def _site_cases(parts: Mapping[str, Sequence[Any]]) -> int:
+    return sum(len(v) for v in parts.values())
+
+
+def min_cases_per_site(cfg: DictConfig) -> int:
+    """``data.min_cases_per_site`` (default 1: every site with a case takes part)."""
+    return int(cfg.data.get("min_cases_per_site", 1) or 1)
+
+
+def small_sites(cfg: DictConfig) -> dict[str, int]:
+    """Sites of the data that :func:`load_sites` leaves out (fewer cases than
+    ``data.min_cases_per_site``): ``{name: number of cases}``; the server says so before
+    training."""
+    split = _full_split(cfg)
+    minimum = min_cases_per_site(cfg)
+    return {site: _site_cases(p) for site, p in sorted(split.items())
+            if _site_cases(p) < minimum}
+
+
+def site_names(split: Mapping[str, Any]) -> list[str]:
+    """Sites sorted by name: the position is the site index (docs/interfaces.md)."""
+    return sorted(split)

@@ -1,0 +1,198 @@
+"""Settings: the Hydra configs of ``configs/`` composed and checked, and what is built from them.
+
+:func:`compose` (and :func:`compose_run` for a Flower run) gives the checked config every
+command, the ServerApp and the ClientApp read; :func:`model_config`, :func:`build_model` and
+:func:`train_config` turn it into the contracts of ``m4fuse.model`` and ``m4fuse.engine``
+(docs/interfaces.md). Knows nothing of Flower (docs/design.md §1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+#: The Hydra config folder: beside the packages, in a checkout and in an installed Flower app
+#: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
+CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+
+def _strategy_names() -> tuple[str, ...]:
+    from m4fuse.state import STRATEGIES as table
+
+    return tuple(table)
+
+
+#: The ``fl.strategy`` names (what each keeps/sends: :data:`m4fuse.state.STRATEGIES`).
+STRATEGIES: tuple[str, ...] = _strategy_names()
+
+
+def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the Hydra config ``config_name`` from :data:`CONFIG_DIR` with ``overrides``.
+
+    Works inside an already-running Hydra app too (the global Hydra state is restored).
+    The result is checked by :func:`check_config`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise FileNotFoundError(f"no Hydra config {config_name!r} in {CONFIG_DIR}")
+    overrides = [o for o in overrides if o]
+    previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    if previous is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().initialize(previous.config_loader)
+    check_config(cfg)
+    return cfg
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split a Flower run-config ``overrides`` string (``"a=1 b.c=x"``) into Hydra overrides."""
+    import shlex
+
+    return shlex.split(text or "")
+
+
+#: Environment variable with Hydra overrides applied after the run config's. Flower's
+#: in-process ``run_simulation`` passes no run config, so tests and scripts set this.
+OVERRIDES_ENV = "M4FUSE_OVERRIDES"
+
+
+def compose_run(run_config: Mapping[str, Any]) -> DictConfig:
+    """The config a Flower run uses: ``config-name`` and ``overrides`` from the run config
+    (defaults ``config`` and none), then ``$M4FUSE_OVERRIDES``."""
+    overrides = parse_overrides(str(run_config.get("overrides", "")))
+    overrides += parse_overrides(os.environ.get(OVERRIDES_ENV, ""))
+    return compose(str(run_config.get("config-name", "config")), overrides)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail early, naming the key and the bad value, on settings that cannot work."""
+    from m4fuse.state import check_personal_set
+    from m4fuse.state import strategy as named_strategy
+
+    chosen = named_strategy(str(cfg.fl.strategy))  # unknown names fail here, listing the known
+    if int(cfg.fl.get("finetune_epochs", 0)) < 0:
+        raise ValueError(f"fl.finetune_epochs must be >= 0, got {cfg.fl.finetune_epochs!r}")
+    if not float(cfg.fl.get("personal_lr_scale", 1.0)) > 0:
+        raise ValueError(f"fl.personal_lr_scale must be > 0, got {cfg.fl.personal_lr_scale!r}")
+    privacy = cfg.get("privacy")
+    if (privacy is not None and bool(privacy.get("enabled", False)) and chosen.finetune
+            and int(cfg.fl.get("finetune_epochs", 0)) > 0):
+        raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "
+                         "the fine-tuning after the last round is not DP-SGD (use "
+                         "fl.finetune_epochs=0 or fl.strategy=personal-norm)")
+    if chosen.kept not in ("experts", "none", "all") or chosen.finetune:
+        # The personal layers must exist in the configured model (a cheap tiny build).
+        names = list(build_model(cfg, num_experts=1).state_dict())
+        check_personal_set(names, chosen.kept, f"fl.strategy={cfg.fl.strategy}")
+        if chosen.finetune:
+            check_personal_set(names, chosen.finetune, f"fl.strategy={cfg.fl.strategy}")
+    if int(cfg.fl.rounds) < 1:
+        raise ValueError(f"fl.rounds must be >= 1, got {cfg.fl.rounds!r}")
+    if int(cfg.fl.local_epochs) < 1:
+        raise ValueError(f"fl.local_epochs must be >= 1, got {cfg.fl.local_epochs!r}")
+    if not 0.0 < float(cfg.fl.fraction_train) <= 1.0:
+        raise ValueError(f"fl.fraction_train must be in (0, 1], got {cfg.fl.fraction_train!r}")
+    if float(cfg.fl.proximal_mu) < 0:
+        raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
+    from m4fuse.server_opt import server_opt_settings
+    server_opt_settings(cfg.fl)  # fl.server_opt and its parameters
+    if int(cfg.train.batch_size) < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
+    if cfg.root is not None and not Path(str(cfg.root)).is_absolute():
+        raise ValueError(f"root must be an absolute path, got {cfg.root!r}")
+    for key in ("source", "cache_dir", "partition_csv"):
+        value = cfg.data.get(key)
+        if value not in (None, "???") and not Path(str(value)).is_absolute():
+            raise ValueError(f"data.{key} must be an absolute path, got {value!r}")
+    minimum = cfg.data.get("min_cases_per_site", 1)
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
+    if cfg.data.kind not in ("synthetic", "brats"):
+        raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
+
+
+def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("fl.resume", "fl.rounds")) -> str:
+    """A short hash of the resolved config without the keys that may change on resume."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key in ignore:
+        flat.pop(key, None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> ``{"a.b.0": value}`` (MLflow params, config hashes)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def model_config(cfg: DictConfig, num_experts: int):
+    """The :class:`m4fuse.model.M4FuseConfig` of ``cfg.model`` with ``num_experts`` experts."""
+    from m4fuse.model import M4FuseConfig
+
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts!r}")
+    m = cfg.model
+    kwargs = {
+        "output": str(m.output),
+        "out_channels": 3 if str(m.output) == "regions" else 4,
+        "num_experts": num_experts,
+        "d_state": int(m.d_state),
+        "d_conv": int(m.d_conv),
+        "expand": int(m.expand),
+        "mixer_groups": int(m.mixer_groups),
+        "dropout": float(m.dropout),
+        "norm_groups": int(m.norm_groups),
+    }
+    if m.preset:
+        return M4FuseConfig.preset(str(m.preset), **kwargs)
+    if m.widths is None or len(m.widths) != 6:
+        raise ValueError(f"model.widths must list 6 ints when model.preset is null, got {m.widths!r}")
+    return M4FuseConfig(widths=[int(w) for w in m.widths], **kwargs)
+
+
+def build_model(cfg: DictConfig, num_experts: int, seed: int | None = None) -> torch.nn.Module:
+    """A freshly initialised network; the same ``seed`` gives the same weights everywhere."""
+    from m4fuse.model import M4Fuse
+
+    # torch's RNG only (what initialises the weights); monai.utils.set_determinism would also
+    # reseed Python's and NumPy's RNGs and switch cuDNN to deterministic mode, a side effect
+    # on whatever runs next in the process.
+    torch.manual_seed(int(cfg.seed) if seed is None else seed)
+    return M4Fuse(model_config(cfg, num_experts))
+
+
+LOADER_KEYS: tuple[str, ...] = ("augment", "num_workers")
+
+
+def train_config(cfg: DictConfig, epochs: int, seed: int | None = None):
+    """The :class:`m4fuse.engine.TrainConfig` of ``cfg.train`` for ``epochs`` passes
+    (``local_epochs``), seeded by ``seed`` (default the config's ``seed``)."""
+    from m4fuse.engine import TrainConfig
+
+    values = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+              if k not in LOADER_KEYS}
+    values["local_epochs"] = int(epochs)
+    values["seed"] = int(cfg.seed) if seed is None else int(seed)
+    return TrainConfig.from_dict(values)

@@ -396,8 +396,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     if final_test and strategy.finetune and int(site.cfg.fl.finetune_epochs) > 0:
         tuned = finetune(model, site, strategy.finetune)
         if tuned["finetune-kept"]:
+            # num-examples (training cases): the final model weighs sites by it
             _save_finetuned(context, site, model, str(site.cfg.fl.strategy),
-                            int(config["server-round"]), tuned)
+                            int(config["server-round"]),
+                            {**tuned, "num-examples": len(site.records["train"])})
     model.eval()
     if final_test:
         scores, _ = experiment.test_site(model, records, 0, site.device, site.cfg)

@@ -178,6 +178,7 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
 
     ckpt = load_checkpoint(rdir)
     assert ckpt.sites == ["site0", "site1"] and ckpt.metadata["strategy"] == "personal-norm-ft"
+    assert set(ckpt.metadata["site_cases"]) == {"site0", "site1"}  # training cases per site
     tuned = {int(e["metrics"][0]["site-index"]): e["metrics"][0]["finetune-kept"] for e in finals}
     for index, site in enumerate(ckpt.sites):
         final_state = newest_kept(rdir / "clients" / site)

@@ -169,3 +169,75 @@ def test_finetuning_with_validations_trains_as_without(monkeypatch, root):
     seed = int(cfg.seed) * 1000 + site.index * 100 + 99
     experiment.finetune_site(model, site.records["train"], 0, cfg, site.device, "norms", 2, seed)
     assert _same(model.state_dict(), after)
+
+
+# --------------------------------------------------------------------------- new site
+
+
+def _federation(cfg, path, site_cases):
+    """A toy personal-norm checkpoint: shared = the initial model, two sites whose norms and
+    experts are moved by +1 / +3."""
+    from m4fuse.checkpoint import save_checkpoint
+    from m4fuse.state import expert_state
+
+    model = experiment.build_model(cfg, num_experts=1)
+    shared, mine = split_state(model.state_dict(), "norms")
+    layers, expert = split_state(mine)
+    moved = {s: ({k: v + d for k, v in layers.items()},
+                 {k: v + d for k, v in expert_state(expert, 0).items()})
+             for s, d in (("siteA", 1.0), ("siteB", 3.0))}
+    meta = {"strategy": "personal-norm", **({"site_cases": site_cases} if site_cases else {})}
+    return save_checkpoint(path, model.config, {**shared, **layers},
+                           {s: e for s, (_, e) in moved.items()}, None, meta,
+                           {s: lay for s, (lay, _) in moved.items()}), layers, moved
+
+
+@pytest.mark.parametrize("site_cases, weight_b", [(None, 0.5), ({"siteA": 1, "siteB": 3}, 0.75)])
+def test_new_site_starts_from_the_sites_mean_layers(monkeypatch, root, tmp_path, site_cases,
+                                                    weight_b):
+    from m4fuse import newsite
+    from m4fuse.checkpoint import load_checkpoint
+
+    cfg = experiment.compose("config", [f"root={root}", *TINY_FL, "tracking.enabled=false"])
+    path, initial, moved = _federation(cfg, tmp_path / "model.ckpt", site_cases)
+    ckpt = load_checkpoint(path)
+    mean, note = newsite.start_layers(ckpt)
+    assert set(mean) == set(initial)
+    assert ("case-weighted" if site_cases else "equal weights") in note
+    for k, v in initial.items():  # A = v + 1, B = v + 3
+        assert torch.allclose(mean[k], v + 1.0 + 2.0 * weight_b, atol=1e-6)
+    expert, _ = newsite.mean_expert(ckpt)
+    assert all(torch.allclose(expert[k], v - 1.0 + 1.0 + 2.0 * weight_b, atol=1e-6)
+               for k, v in moved["siteA"][1].items())
+
+    # join_site scores the shared model alone with those mean layers (and fine-tunes from them)
+    seen = []
+
+    def spy(model, expert_index, records, device):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return [{"case": "x", "dice_mean": 0.0}]
+
+    monkeypatch.setattr(newsite, "score_cases", spy)
+    split = experiment.load_sites(cfg)
+    records = split[experiment.site_names(split)[0]]
+    result = newsite.join_site(ckpt, records["train"], records["test"], "siteN", cfg, cases=1,
+                               epochs=1, expert_init="mean")
+    assert all(torch.equal(seen[0][k], v) for k, v in mean.items())
+    assert result.start["layers"] == note and "experts" in result.start["expert"]
+    with pytest.raises(ValueError, match="--expert-init"):
+        newsite.join_site(ckpt, records["train"], records["test"], "siteN", cfg, cases=1,
+                          epochs=1, expert_init="zero")
+
+
+def test_new_site_without_site_layers_keeps_the_shared_copy(root, tmp_path):
+    from m4fuse import newsite
+    from m4fuse.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = experiment.compose("config", [f"root={root}", *TINY_FL])
+    model = experiment.build_model(cfg, num_experts=1)
+    shared, _ = split_state(model.state_dict())
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "v.ckpt", model.config, shared, {}, None,
+                                           {"strategy": "personal-norm"}))
+    assert newsite.start_layers(ckpt) == ({}, "shared")
+    with pytest.raises(ValueError, match="no site experts"):
+        newsite.mean_expert(ckpt)

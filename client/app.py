@@ -22,8 +22,10 @@ The site's personal weights (its expert; the whole model under ``local``) live i
 SuperNode) and in the site's state folder (``state-dir`` of the node config; in simulation
 ``<run dir>/clients/<site>``) as :class:`m4fuse.site_state.SiteState` files, the fallback
 for a restarted client or a resumed run. The DP accountant likewise lives in
-``context.state["dp-accountant"]`` and in the folder's ``dp-accountant.json``. None of it
-ever enters a reply.
+``context.state["dp-accountant"]`` and in the folder's ``dp-accountant.json``. Under
+``fl.optimizer_state`` personal/all the AdamW moments (of the kept set / of every parameter)
+live in ``context.state["optimizer-state"]`` only (a restarted client starts them fresh). A
+new run identity clears all of it. None of it ever enters a reply.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Mapping
 from logging import WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -67,6 +71,10 @@ app = ClientApp(mods=MODS)
 
 KEPT_RECORD = "kept"
 ACCOUNTANT_RECORD = "dp-accountant"
+#: AdamW moments kept between rounds (``fl.optimizer_state`` personal/all), one array per
+#: ``"<parameter name>|<state key>"``; only in ``context.state``, never sent nor written.
+OPTIMIZER_RECORD = "optimizer-state"
+_SEP = "|"
 
 
 # --------------------------------------------------------------------------- kept state
@@ -114,8 +122,8 @@ def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, serv
                metrics: Mapping[str, float]) -> None:
     """Write the round's :class:`SiteState` (expert index-free; the kept weights outside the
     expert, e.g. the norms of ``personal-norm`` or the whole model of ``local``, in its
-    ``shared`` field; the round's finite metrics). The optimiser is not kept: every round starts a
-    fresh AdamW (``site_steps.train_site``)."""
+    ``shared`` field; the round's finite metrics). The optimiser is not written: AdamW moments
+    kept under ``fl.optimizer_state`` live in ``context.state`` only."""
     store = _store(site)
     if store is None or not kept:
         return
@@ -197,6 +205,7 @@ def _bind_run(site: Site, identity: str, context: Context) -> None:
     known = context.state.config_records.get(RUN_IDENTITY)
     if known is not None and str(known.get("id", "")) != identity:
         context.state.array_records.pop(KEPT_RECORD, None)
+        context.state.array_records.pop(OPTIMIZER_RECORD, None)
         context.state.config_records.pop(ACCOUNTANT_RECORD, None)
     context.state.config_records[RUN_IDENTITY] = ConfigRecord({"id": identity})
     store = _store(site)
@@ -204,6 +213,33 @@ def _bind_run(site: Site, identity: str, context: Context) -> None:
         discarded = store.bind_run(identity)
         if discarded:
             log(WARNING, "site %s: %s", site.name, discarded)
+
+
+def _kept_optimizer_state(context: Context, mode: str
+                          ) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The AdamW state to start a round from: None under ``fl.optimizer_state=fresh``
+    (``experiment.train_site`` then builds a fresh AdamW as always), else what the site kept
+    after its previous round (``{}`` before its first)."""
+    if mode == "fresh":
+        return None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if OPTIMIZER_RECORD in context.state.array_records:
+        for key, value in from_record(context.state.array_records[OPTIMIZER_RECORD]).items():
+            name, entry = key.rsplit(_SEP, 1)
+            out.setdefault(name, {})[entry] = value
+    return out
+
+
+def _keep_optimizer_state(context: Context, mode: str, strategy: str,
+                          state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Store the round's AdamW state in ``context.state``: under ``personal`` only the
+    parameters of the strategy's kept set (the shared ones restart next round), under
+    ``all`` every parameter's."""
+    if mode == "personal":
+        state = split_state(dict(state), KEPT[strategy])[1]
+    flat = {f"{name}{_SEP}{key}": value for name, entry in state.items()
+            for key, value in entry.items()}
+    context.state.array_records[OPTIMIZER_RECORD] = to_record(flat)
 
 
 # --------------------------------------------------------------------------- privacy
@@ -277,6 +313,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = int(cfg.seed) * 1000 + site.index * 100 + server_round
     store = _store(site)
     private: list[PrivateTraining] = []
+    optimizer_mode = str(cfg.fl.get("optimizer_state", "fresh"))
 
     def wrap(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any):
         restored = _restored_accountant(context, store)
@@ -303,6 +340,7 @@ def train(msg: Message, context: Context) -> Message:
             wrap=wrap if privacy.enabled else None,
             on_empty_batch=noise_only_step if privacy.enabled else None,
             lr_scale=site_steps.personal_lr_scale(model, cfg),
+            optimizer_state=_kept_optimizer_state(context, optimizer_mode),
         )
     finally:
         # Steps taken are spent even if the round fails later: persist the accountant first.
@@ -319,6 +357,8 @@ def train(msg: Message, context: Context) -> Message:
     }
     if privacy.enabled:
         values.update(private[0].metrics())
+    if "optimizer_state" in result:
+        _keep_optimizer_state(context, optimizer_mode, strategy, result["optimizer_state"])
     kept = kept_state(model, strategy)
     if kept:
         context.state.array_records[KEPT_RECORD] = to_record(kept)
@@ -352,8 +392,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     if final_test and strategy.finetune and int(site.cfg.fl.finetune_epochs) > 0:
         tuned = finetune(model, site, strategy.finetune)
         if tuned["finetune-kept"]:
+            # num-examples (training cases): the final model weighs sites by it
             _save_finetuned(context, site, model, str(site.cfg.fl.strategy),
-                            int(config["server-round"]), tuned)
+                            int(config["server-round"]),
+                            {**tuned, "num-examples": len(site.records["train"])})
     model.eval()
     if final_test:
         scores, _ = site_steps.test_site(model, records, 0, site.device, site.cfg)
@@ -372,15 +414,20 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, float]:
     """Fine-tune the personal set ``personal`` of ``model`` on the site's training cases for
-    ``fl.finetune_epochs`` epochs, every other weight frozen (the "+FT" of a strategy, run
-    once after the last round, before the final test). The site's validation cases decide:
-    when the fine-tuned model's validation mean Dice is below the model's before, the
-    fine-tuning is undone (the test cases are never looked at). Returns ``finetune-steps``,
-    ``finetune-epochs``, ``finetune-loss``, ``finetune-kept`` (1/0) and the validation mean
-    Dice before/after (``finetune-val-before``/``-after``) for the reply's metrics."""
+    up to ``fl.finetune_epochs`` epochs, every other weight frozen (the "+FT" of a strategy,
+    run once after the last round, before the final test), keeping the best epoch.
+
+    The site's validation cases decide: their mean Dice is measured before fine-tuning
+    (epoch 0) and after each epoch, and the weights of the best epoch are kept (ties go to
+    fewer epochs, so epoch 0, no fine-tuning, wins unless an epoch is strictly better; the
+    test cases are never looked at). The validation runs between epochs leave the training
+    exactly as without them (the random number generators are restored), so the last epoch's
+    weights are those of a plain ``fl.finetune_epochs`` run. Returns ``finetune-steps``,
+    ``finetune-epochs`` (run), ``finetune-epochs-kept``, ``finetune-loss``, ``finetune-kept``
+    (1 when an epoch > 0 was kept, else 0) and the validation mean Dice before fine-tuning
+    and of the kept weights (``finetune-val-before``/``-after``) for the reply's metrics."""
     epochs = int(site.cfg.fl.finetune_epochs)
     seed = int(site.cfg.seed) * 1000 + site.index * 100 + 99
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def val_dice() -> float:
         model.eval()
@@ -388,15 +435,29 @@ def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, flo
                                               site.device)["dice_mean"])
 
     before = val_dice()
+    best = {"dice": before, "epoch": 0,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+    def after_epoch(epoch: int) -> None:
+        rng = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[]):
+            dice = val_dice()
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        model.train()
+        if dice > best["dice"]:
+            best.update(dice=dice, epoch=epoch,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
     result = site_steps.finetune_site(model, site.records["train"], 0, site.cfg, site.device,
-                                      personal=personal, epochs=epochs, seed=seed)
-    after = val_dice()
-    kept = after >= before
-    if not kept:
-        model.load_state_dict(saved)
+                                      personal=personal, epochs=epochs, seed=seed,
+                                      on_epoch_end=after_epoch)
+    if best["epoch"] != epochs:
+        model.load_state_dict(best["state"])
     return {"finetune-steps": float(result["steps"]), "finetune-epochs": float(epochs),
-            "finetune-loss": float(result["loss"]), "finetune-kept": float(kept),
-            "finetune-val-before": before, "finetune-val-after": after}
+            "finetune-epochs-kept": float(best["epoch"]),
+            "finetune-loss": float(result["loss"]), "finetune-kept": float(best["epoch"] > 0),
+            "finetune-val-before": before, "finetune-val-after": float(best["dice"])}
 
 
 __all__ = ["app", "train", "evaluate", "privacy_config", "check_dp_training"]

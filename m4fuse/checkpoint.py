@@ -386,8 +386,9 @@ def save_final_model(
             sites' folders are on their own machines). The newest state gives the site's
             expert (``experts``) and its other kept weights (``site_layers``).
         size: training size ``(D, H, W)``; default None.
-        metadata: extra JSON values; default none. ``strategy`` and the round of each site's
-            state (``site_rounds``) are added.
+        metadata: extra JSON values; default none. ``strategy``, the round of each site's
+            state (``site_rounds``) and, where its state's metrics record it, its number of
+            training cases (``site_cases``, from ``num-examples``) are added.
 
     Under a strategy that keeps nothing (``fedavg``...) every site gets the held expert
     unless its folder holds a state (the personal set of a "+FT" fine-tuning).
@@ -408,6 +409,7 @@ def save_final_model(
     experts: dict[str, dict[str, torch.Tensor]] = {}
     site_layers: dict[str, dict[str, torch.Tensor]] = {}
     rounds: dict[str, int] = {}
+    cases: dict[str, int] = {}
     for site, folder in site_folders.items():
         if held_expert is not None:
             experts[site] = held_expert
@@ -422,7 +424,10 @@ def save_final_model(
         if layers:
             site_layers[site] = layers
         rounds[site] = int(kept["round"])
-    meta = {**dict(metadata or {}), "strategy": strategy, "site_rounds": rounds}
+        if float(kept["metrics"].get("num-examples", 0)) > 0:
+            cases[site] = int(kept["metrics"]["num-examples"])
+    meta = {**dict(metadata or {}), "strategy": strategy, "site_rounds": rounds,
+            "site_cases": cases}
     log.info("final model %s: %d site(s) with an expert, %d with own layers", path,
              len(experts), len(site_layers))
     return save_checkpoint(path, model_config, shared, experts, size, meta, site_layers)

@@ -219,6 +219,59 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module
+                            ) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-parameter state of ``optimizer`` (AdamW: ``step``, ``exp_avg``,
+    ``exp_avg_sq``) keyed by parameter name in the unwrapped ``model``, as CPU copies.
+
+    Names, not positions: the param groups (and their order) may differ between two
+    optimisers over the same model (e.g. with ``lr_scale``), the names do not. Parameters
+    without state (never stepped) are left out; hyper-parameters (lr ...) are not state.
+    """
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for param, state in optimizer.state.items():
+        name = names.get(id(param))
+        if name is None or not state:
+            continue
+        out[name] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor)
+                         else torch.tensor(float(v))) for k, v in state.items()}
+    return out
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module,
+                                 state: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
+    """Put a :func:`optimizer_state_by_name` mapping into ``optimizer`` (built by
+    :func:`make_optimizer`); returns the number of parameters given a state.
+
+    Entries of parameters the optimiser does not train (frozen here) are skipped; the
+    optimiser's other parameters keep a fresh state. The lr and schedule are untouched. A
+    name the model lacks, or a moment of another shape than its parameter, is an error.
+    """
+    params = dict(unwrap(model).named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"optimiser state names parameters the model lacks: {unknown[:5]}")
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    loaded = 0
+    for name, entry in state.items():
+        param = params[name]
+        if id(param) not in trained:
+            continue
+        restored: dict[str, torch.Tensor] = {}
+        for key, value in entry.items():
+            if key == "step":  # AdamW keeps its step count as a CPU float tensor
+                restored[key] = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+                continue
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"optimiser state {name}.{key} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(param.shape)}")
+            restored[key] = value.detach().to(device=param.device, dtype=param.dtype).clone()
+        optimizer.state[param] = restored
+        loaded += 1
+    return loaded
+
+
 def _prepare(model: nn.Module, device: torch.device | str, cfg: TrainConfig | None) -> torch.device:
     device = resolve_device(device)
     model.to(device)
@@ -250,6 +303,7 @@ def train_epochs(
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     expert: Expert = "site",
     on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, float | int]:
     """Train ``cfg.local_epochs`` passes over ``loader``.
 
@@ -270,6 +324,9 @@ def train_epochs(
             of 0 cases (DP-SGD's Poisson sampling draws them; Opacus' step must still happen,
             e.g. ``client.privacy.noise_only_step``); the scheduler still steps. Default None:
             an empty batch raises ``ValueError``.
+        on_epoch_end: called with the number of passes done (1, 2 ...) after each pass
+            (e.g. a validation that keeps the best epoch); it must leave the model in train
+            mode. Default None.
 
     Returns:
         ``{"loss": mean segmentation loss per case over all epochs (without the proximal term;
@@ -299,7 +356,7 @@ def train_epochs(
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model.train()
     total_loss, total_cases, empty_steps = 0.0, 0, 0
-    for _ in range(cfg.local_epochs):
+    for epoch in range(cfg.local_epochs):
         for batch in loader:
             _check_batch(batch)
             if batch["image"].shape[0] == 0:
@@ -336,6 +393,8 @@ def train_epochs(
                 scheduler.step()
             total_loss += float(loss.detach()) * b
             total_cases += b
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
     if total_cases == 0:
         if empty_steps:
             return {"loss": float("nan"), "num-examples": 0}

@@ -6,6 +6,14 @@ the shared model), and only that expert (plus the non-expert part of the federat
 personal set, e.g. the norm layers of a FedBN-style strategy; :mod:`m4fuse.state`) is trained
 on ``k`` of the site's training cases with every other weight frozen. The shared model alone
 (``expert=None``) and the fine-tuned model are scored on the site's test cases.
+
+Where the federation kept non-expert layers at the sites (``personal-norm`` ...), it holds no
+shared value for them (the checkpoint's ``shared`` copy is the untrained initial one): the new
+site starts them, for its "shared model alone" baseline and for its fine-tuning, from the
+mean of the sites' own layers (``site_layers``), weighted by each site's training cases
+(``metadata["site_cases"]``) or equally when the checkpoint does not record them
+(:func:`start_layers`). Its expert starts fresh, or with ``expert_init="mean"`` as the same
+mean of the sites' experts.
 """
 
 from __future__ import annotations
@@ -22,7 +30,16 @@ from omegaconf import DictConfig
 from m4fuse import runtime, site_steps
 from m4fuse.checkpoint import Checkpoint, build_model, save_checkpoint
 from m4fuse.crosssite import score_cases
-from m4fuse.state import expert_index, expert_state, is_personal, split_state
+from m4fuse.state import (
+    expert_index,
+    expert_state,
+    is_personal,
+    place_expert,
+    split_state,
+)
+
+#: ``--expert-init``: how the new site's expert starts.
+EXPERT_INITS: tuple[str, ...] = ("fresh", "mean")
 
 
 @dataclass
@@ -38,6 +55,8 @@ class JoinResult:
         frozen_unchanged: every frozen weight is bitwise what the checkpoint held.
         checkpoint: the written checkpoint (None when no ``out`` was given).
         train: ``{"loss", "num-examples"}`` of the fine-tuning.
+        start: how the new site's layers and expert started (:func:`start_layers`' note and
+            the expert init), also in the written checkpoint's metadata.
     """
 
     site: str
@@ -48,6 +67,7 @@ class JoinResult:
     frozen_unchanged: bool
     checkpoint: Path | None = None
     train: dict[str, float] = field(default_factory=dict)
+    start: dict[str, str] = field(default_factory=dict)
 
 
 def personal_set_of(checkpoint: Checkpoint) -> str:
@@ -61,6 +81,53 @@ def personal_set_of(checkpoint: Checkpoint) -> str:
     table = getattr(state, "STRATEGIES", {})
     kept = getattr(table.get(name), "kept", "experts") if isinstance(table, dict) else "experts"
     return kept if kept in ("experts", "norms", "stem") else "experts"
+
+
+def site_weights(checkpoint: Checkpoint, sites: Sequence[str]) -> tuple[dict[str, float], str]:
+    """``({site: weight}, "case-weighted" | "equal weights")``: each site's training cases
+    from ``metadata["site_cases"]`` when it records a positive count for every one of
+    ``sites``, else 1 each (checkpoints written before the counts were recorded)."""
+    cases = checkpoint.metadata.get("site_cases") or {}
+    try:
+        counts = {s: float(cases[s]) for s in sites}
+    except (KeyError, TypeError, ValueError):
+        counts = {}
+    if counts and all(c > 0 for c in counts.values()):
+        return counts, "case-weighted"
+    return {s: 1.0 for s in sites}, "equal weights"
+
+
+def _mean(parts: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    total = sum(w for _, w in parts)
+    mean = sum(t.double() * (w / total) for t, w in parts)
+    return mean.to(parts[0][0].dtype)  # type: ignore[union-attr]
+
+
+def start_layers(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
+    """The new site's start for the non-expert layers the federation kept at its sites:
+    ``({shared weight name: mean over the sites holding it in site_layers}, note)``, weighted
+    by :func:`site_weights`. Empty (note ``"shared"``) for a checkpoint without
+    ``site_layers`` (version 1, or a strategy that keeps only experts)."""
+    layers = checkpoint.site_layers
+    if not layers:
+        return {}, "shared"
+    weights, how = site_weights(checkpoint, sorted(layers))
+    keys = sorted(set().union(*(set(v) for v in layers.values())))
+    out = {k: _mean([(layers[s][k], weights[s]) for s in sorted(layers) if k in layers[s]])
+           for k in keys}
+    return out, f"mean of {len(layers)} sites' layers ({how})"
+
+
+def mean_expert(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
+    """The sites' experts averaged (index-free keys, :func:`site_weights`), with a note."""
+    if not checkpoint.experts:
+        raise ValueError(f"--expert-init mean: {checkpoint.path or 'the checkpoint'} holds no "
+                         "site experts to average")
+    sites = sorted(checkpoint.experts)
+    weights, how = site_weights(checkpoint, sites)
+    keys = checkpoint.experts[sites[0]]
+    return ({k: _mean([(checkpoint.experts[s][k], weights[s]) for s in sites]) for k in keys},
+            f"mean of {len(sites)} sites' experts ({how})")
 
 
 def check_cases(cases: int | str | None, available: int, site: str) -> int:
@@ -89,8 +156,8 @@ def choose_cases(records: Sequence[Any], k: int, seed: int) -> list[Any]:
 
 def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records: Sequence[Any],
               site: str, cfg: DictConfig, cases: int | str | None = None, epochs: int = 20,
-              seed: int = 0, device: torch.device | None = None, out: Path | None = None
-              ) -> JoinResult:
+              seed: int = 0, device: torch.device | None = None, out: Path | None = None,
+              expert_init: str = "fresh") -> JoinResult:
     """Fine-tune a fresh expert for ``site`` and score it against the shared model alone.
 
     Args:
@@ -107,6 +174,12 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
             site layers, plus the new site's expert and (when the personal set holds more
             than experts, e.g. norms) its trained non-expert weights as its ``site_layers``
             (checkpoint version 2); default None: none written.
+        expert_init: ``fresh`` (default: ``add_expert()``'s, contributing nothing at first)
+            or ``mean`` (the sites' experts averaged, :func:`mean_expert`).
+
+    When the federation's personal set holds more than experts, the kept non-expert layers
+    start from the sites' mean (:func:`start_layers`), for the "shared model alone" scores
+    and for the fine-tuning; a checkpoint without ``site_layers`` keeps its shared copy.
     """
     if site in checkpoint.sites:
         raise ValueError(f"--site {site!r} already has an expert in {checkpoint.path}; "
@@ -116,10 +189,19 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
         raise ValueError(f"site {site!r} has no test cases to score")
     if int(epochs) < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if expert_init not in EXPERT_INITS:
+        raise ValueError(f"--expert-init must be one of {list(EXPERT_INITS)}, got {expert_init!r}")
     device = device or runtime.resolve_device(str(cfg.device))
     personal = personal_set_of(checkpoint)
     model, _ = build_model(checkpoint, site=None)
     new = model.add_expert()
+    start, layers_note = start_layers(checkpoint) if personal != "experts" else ({}, "shared")
+    expert_note = "fresh"
+    if expert_init == "mean":
+        expert, expert_note = mean_expert(checkpoint)
+        start.update(place_expert(expert, new))
+    if start:
+        model.load_state_dict(start, strict=False)
     before = {n: v.detach().clone() for n, v in model.state_dict().items()}
 
     def trainable(name: str) -> bool:
@@ -154,7 +236,11 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
             out, model.config, checkpoint.shared, experts, size=checkpoint.size,
             metadata={**checkpoint.metadata, "joined_site": site, "join_cases": k,
                       "join_epochs": int(epochs), "join_trained": personal,
+                      "join_layers_start": layers_note, "join_expert_init": expert_note,
+                      **({"site_cases": {**checkpoint.metadata["site_cases"], site: k}}
+                         if checkpoint.metadata.get("site_cases") else {}),
                       "joined_from": str(checkpoint.path)},
             site_layers=site_layers)
     return JoinResult(site, k, trained, shared_rows, tuned_rows, frozen_unchanged, written,
-                      {k2: float(v) for k2, v in train.items()})
+                      {k2: float(v) for k2, v in train.items()},
+                      {"layers": layers_note, "expert": expert_note})

@@ -89,6 +89,10 @@ def check_config(cfg: DictConfig) -> None:
     if not float(cfg.fl.get("personal_lr_scale", 1.0)) > 0:
         raise ValueError(f"fl.personal_lr_scale must be > 0, got {cfg.fl.personal_lr_scale!r}")
     privacy = cfg.get("privacy")
+    from m4fuse.state import check_optimizer_state
+
+    check_optimizer_state(cfg.fl.get("optimizer_state", "fresh"),
+                          privacy is not None and bool(privacy.get("enabled", False)))
     if (privacy is not None and bool(privacy.get("enabled", False)) and chosen.finetune
             and int(cfg.fl.get("finetune_epochs", 0)) > 0):
         raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "

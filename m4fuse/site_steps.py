@@ -38,7 +38,9 @@ def train_site(
     wrap: Wrap | None = None,
     on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
     lr_scale: Mapping[str, float] | None = None,
-) -> dict[str, float]:
+    optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``.
 
     A fresh AdamW per call (FedAvg-style local training) whose warm-up/cosine learning rate
@@ -52,6 +54,13 @@ def train_site(
     keeps what it needs, e.g. extra metrics, in its own closure). ``on_empty_batch`` (default
     None) goes to :func:`m4fuse.engine.train_epochs` (a 0-case Poisson batch). ``lr_scale``
     (default None: one lr) multiplies the lr of the named parameters (e.g. the personal ones).
+
+    ``optimizer_state`` (default None: a fresh AdamW, the result has no such key): AdamW
+    state by parameter name (:func:`m4fuse.engine.optimizer_state_by_name`, e.g. ``{}`` in a
+    site's first round) loaded into the new optimiser before training (parameters it does not
+    name start fresh; the lr curve is unchanged); the result then carries the state after
+    training as ``"optimizer_state"`` (``fl.optimizer_state``). ``on_epoch_end`` (default
+    None) goes to :func:`m4fuse.engine.train_epochs`.
     """
     from m4fuse.data import make_loader
 
@@ -62,7 +71,8 @@ def train_site(
     )
     return run_epochs(model, loader, cfg, device, epochs, seed, prox_mu, prox_reference,
                       schedule, len(records), wrap=wrap, on_empty_batch=on_empty_batch,
-                      lr_scale=lr_scale)
+                      lr_scale=lr_scale, optimizer_state=optimizer_state,
+                      on_epoch_end=on_epoch_end)
 
 
 def run_epochs(
@@ -79,10 +89,18 @@ def run_epochs(
     wrap: Wrap | None = None,
     on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
     lr_scale: Mapping[str, float] | None = None,
-) -> dict[str, float]:
+    optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """``epochs`` passes of :func:`m4fuse.engine.train_epochs` with the configured optimiser
-    (see :func:`train_site` for ``schedule``, ``wrap`` and ``on_empty_batch``)."""
-    from m4fuse.engine import make_optimizer, train_epochs
+    (see :func:`train_site` for ``schedule``, ``wrap``, ``on_empty_batch``,
+    ``optimizer_state`` and ``on_epoch_end``)."""
+    from m4fuse.engine import (
+        load_optimizer_state_by_name,
+        make_optimizer,
+        optimizer_state_by_name,
+        train_epochs,
+    )
 
     if len(loader) == 0:
         raise ValueError("no training batches: the site has no training cases")
@@ -94,6 +112,9 @@ def run_epochs(
     model.to(device)
     optimizer, scheduler = make_optimizer(model, tcfg, steps * count, start_step=steps * index,
                                           lr_scale=lr_scale)
+    net, adamw = model, optimizer  # before any wrap: the names and state optimizer_state uses
+    if optimizer_state:
+        load_optimizer_state_by_name(adamw, net, optimizer_state)
     if prox_reference is not None:
         params = dict(model.named_parameters())
         prox_reference = {k: v for k, v in prox_reference.items() if k in params}
@@ -102,11 +123,14 @@ def run_epochs(
     out = train_epochs(
         model, loader, optimizer, scheduler, tcfg, device,
         prox_mu=prox_mu, prox_reference=prox_reference, on_empty_batch=on_empty_batch,
+        on_epoch_end=on_epoch_end,
     )
-    result = {"loss": float(out["loss"]), "num-examples": float(out["num-examples"]),
-              "steps": float(steps)}
+    result: dict[str, Any] = {"loss": float(out["loss"]),
+                              "num-examples": float(out["num-examples"]), "steps": float(steps)}
     if num_cases is not None:
         result["num-examples"] = float(num_cases)
+    if optimizer_state is not None:
+        result["optimizer_state"] = optimizer_state_by_name(adamw, net)
     return result
 
 
@@ -119,11 +143,14 @@ def finetune_site(
     personal: str,
     epochs: int,
     seed: int,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune only the personal set ``personal`` (:data:`m4fuse.state.PERSONAL_SETS`) of
     ``model`` on ``records`` for ``epochs`` epochs, every other weight frozen: a fresh AdamW
     at ``train.lr`` x ``fl.personal_lr_scale`` (default 1) on its own warm-up/cosine curve.
-    The freezing is undone afterwards. Returns ``{"loss", "num-examples", "steps"}``."""
+    The freezing is undone afterwards. Returns ``{"loss", "num-examples", "steps"}``.
+    ``on_epoch_end(epochs done)`` (default None) runs after each epoch (the ClientApp
+    validates there and keeps the best epoch)."""
     from m4fuse.state import split_state
 
     if epochs < 1:
@@ -138,7 +165,8 @@ def finetune_site(
             p.requires_grad_(n in names)
         model.train()
         return train_site(model, records, expert_index, cfg, device, epochs, seed,
-                          lr_scale={n: scale for n in names} if scale != 1.0 else None)
+                          lr_scale={n: scale for n in names} if scale != 1.0 else None,
+                          on_epoch_end=on_epoch_end)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(before[n])

@@ -112,6 +112,31 @@ def strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
+#: ``fl.optimizer_state`` -> which AdamW moments a site keeps from one round to the next
+#: (in the ClientApp's ``context.state``; never sent). The lr schedule is one warm-up/cosine
+#: curve over the run whichever is chosen.
+OPTIMIZER_STATES: dict[str, str] = {
+    "fresh": "none: a fresh AdamW every round (default)",
+    "personal": "the moments of the strategy's kept set; the shared ones restart",
+    "all": "the moments of every trained parameter (local adaptive state)",
+}
+
+
+def check_optimizer_state(value: object, private: bool = False) -> str:
+    """``fl.optimizer_state`` checked: one of :data:`OPTIMIZER_STATES`, and ``fresh`` under
+    DP-SGD (``private``: ``privacy.enabled``; Opacus' optimiser is not given kept moments).
+    Returns the value; a bad one fails naming the key and the value."""
+    name = str(value)
+    if name not in OPTIMIZER_STATES:
+        raise ValueError(f"fl.optimizer_state must be one of {sorted(OPTIMIZER_STATES)}, "
+                         f"got {value!r}")
+    if private and name != "fresh":
+        raise ValueError(f"fl.optimizer_state={name} with privacy.enabled is not supported: "
+                         "the DP-SGD optimiser starts fresh every round (use "
+                         "fl.optimizer_state=fresh or privacy.enabled=false)")
+    return name
+
+
 def check_personal_set(names: Iterable[str], personal: str, key: str = "fl.strategy") -> None:
     """Fail when the personal set ``personal`` selects none of the model's weights ``names``
     beyond the experts (a set naming layers the model does not have), naming ``key``."""

@@ -6,7 +6,9 @@ with one site more (``data.sites + 1``; the extra site has its own scanner, see
 :func:`m4fuse.data.synth.site_acquisition`); that site's training cases were never seen by
 the federation. For each k a fresh expert is fine-tuned on k of its training cases
 (:func:`m4fuse.newsite.join_site`, shared weights frozen) and scored with the shared model
-alone on the site's test cases; the per-case pairs go through a Wilcoxon test.
+alone on the site's test cases; the per-case pairs go through a Wilcoxon test. Under a
+strategy that keeps norm layers at the sites, both start from the sites' mean layers of
+``model.ckpt`` (:func:`m4fuse.newsite.start_layers`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def federation_checkpoint(run_dir: Path, cfg: Any) -> Path | None:
     otherwise (a strategy that keeps norm layers at the sites, whose final model does not fit
     one checkpoint) ``new_site/federation.ckpt``, built from the server's final arrays plus
     the *initial* values of the kept non-expert layers (what every site started from; the new
-    site then fine-tunes them with its expert). None for a run without shared weights."""
+    site then fine-tunes them with its expert; without the sites' layers there is no mean to
+    start from). None for a run without shared weights."""
     from m4fuse.checkpoint import save_checkpoint
     from m4fuse.state import is_expert
     from server import checkpoint as server_ckpt
@@ -81,13 +84,14 @@ def parse_cases(text: str) -> list[int | str]:
 
 def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
                       cases: Sequence[int | str] = (2, 5, "all"), epochs: int = 20,
-                      out_dir: Path | None = None, label: dict[str, Any] | None = None
-                      ) -> dict[str, Any]:
+                      out_dir: Path | None = None, label: dict[str, Any] | None = None,
+                      expert_init: str = "fresh") -> dict[str, Any]:
     """Join the held-out site for each k in ``cases``; returns ``{"site", "rows", "by_k"}``.
 
     ``rows``: one per k, model (``shared`` / ``fine-tuned``) and test case, with the case
     scores and ``label`` (e.g. ``{"seed": 0}``); ``by_k``: per k the mean test Dice of both,
     the paired Wilcoxon test and the wall time. Bad k fail before any training.
+    ``expert_init``: ``fresh`` (default) or ``mean`` (:func:`m4fuse.newsite.join_site`).
     """
     from m4fuse.checkpoint import load_checkpoint
     from m4fuse.newsite import check_cases
@@ -104,7 +108,7 @@ def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
         start = time.perf_counter()
         out = None if out_dir is None else Path(out_dir) / f"{site}-k{k}.ckpt"
         result = join_site(checkpoint, records["train"], records["test"], site, cfg, cases=k,
-                           epochs=epochs, seed=int(cfg.seed), out=out)
+                           epochs=epochs, seed=int(cfg.seed), out=out, expert_init=expert_init)
         for model, case_rows in (("shared", result.shared_rows),
                                  ("fine-tuned", result.tuned_rows)):
             rows += [{**(label or {}), "site": site, "k": k, "model": model, **r}
@@ -113,7 +117,7 @@ def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
         tuned = [case_score(r) for r in result.tuned_rows]
         by_k[str(k)] = {"shared": mean_sd(shared)[0], "fine-tuned": mean_sd(tuned)[0],
                         "test": paired_test(tuned, shared), "train_loss": result.train["loss"],
-                        "frozen_unchanged": result.frozen_unchanged,
+                        "frozen_unchanged": result.frozen_unchanged, "start": result.start,
                         "seconds": time.perf_counter() - start}
         print(f"[new site] {site} k={k}: shared {by_k[str(k)]['shared']:.3f}, fine-tuned "
               f"{by_k[str(k)]['fine-tuned']:.3f} ({by_k[str(k)]['seconds']:.0f} s)", flush=True)
@@ -156,10 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated k (training cases of the new site) or 'all' "
                              "(default 2,5,all)")
     parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default 20)")
+    parser.add_argument("--expert-init", choices=("fresh", "mean"), default="fresh",
+                        help="the new expert's start (default fresh; mean: the sites' experts "
+                             "averaged)")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: none)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=1")
     args = parser.parse_args(argv)
-    result = evaluate_new_site(args.overrides, args.model, parse_cases(args.cases), args.epochs)
+    result = evaluate_new_site(args.overrides, args.model, parse_cases(args.cases), args.epochs,
+                               expert_init=args.expert_init)
     print(markdown([result]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

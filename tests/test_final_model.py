@@ -126,28 +126,30 @@ def test_bad_versions_and_site_layers_are_refused_naming_the_file(tmp_path, mode
 
 
 def _save_site(root: Path, site: str, model: M4Fuse, personal: str = "norms",
-               rnd: int = 3) -> Path:
+               rnd: int = 3, cases: int | None = None) -> Path:
     _, mine = split_state(model.state_dict(), personal)
     layers, expert = split_state(mine)
     folder = root / site
     SiteStateStore(folder, site).save(SiteState(
         site=site, round=rnd, fingerprint="test", expert=expert_state(expert, 0),
-        shared=layers or None))
+        shared=layers or None,
+        metrics={} if cases is None else {"num-examples": float(cases)}))
     return folder
 
 
 def test_final_model_takes_each_sites_folder(tmp_path, models):
     held, _ = split_state(models["init"].state_dict(), "norms")  # what the server holds
     initial = models["init"].state_dict()
-    folders = {"siteA": _save_site(tmp_path / "clients", "siteA", models["siteA"]),
+    folders = {"siteA": _save_site(tmp_path / "clients", "siteA", models["siteA"], cases=4),
                "siteB": _save_site(tmp_path / "clients", "siteB", models["siteB"]),
                "siteC": tmp_path / "clients" / "siteC"}  # no state (a site that never trained)
     path = save_final_model(tmp_path / "model.ckpt", CONFIG, "personal-norm-ft", held,
                             initial, folders, size=SIZE)
     ckpt = load_checkpoint(path)
     assert ckpt.sites == ["siteA", "siteB"]
+    # training cases where the state records them (the new-site mean weighs sites by them)
     assert ckpt.metadata == {"strategy": "personal-norm-ft",
-                             "site_rounds": {"siteA": 3, "siteB": 3}}
+                             "site_rounds": {"siteA": 3, "siteB": 3}, "site_cases": {"siteA": 4}}
     for site in ("siteA", "siteB"):
         net, _ = build_model(ckpt, site)
         assert all(torch.equal(net.state_dict()[k], v)

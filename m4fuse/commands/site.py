@@ -2,8 +2,8 @@
 
 It loads the federation's model, adds a fresh expert for itself (``model.add_expert()``, which
 starts as the shared model), fine-tunes only that expert (and the non-expert part of the
-federation's personal set, e.g. norm layers; :mod:`m4fuse.state`) on k of its own training
-cases with the shared weights frozen, scores the shared model alone and the fine-tuned one on
+federation's personal set, e.g. norm layers, which start from the mean of the sites' own;
+:mod:`m4fuse.state`) on k of its own training cases with the shared weights frozen, scores the shared model alone and the fine-tuned one on
 its test cases, and writes a checkpoint holding its expert (usable with ``m4fuse segment
 --site NAME``). The work is done by :func:`m4fuse.newsite.join_site`.
 """
@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--cases", default="all",
                       help="training cases to fine-tune on: a number or 'all' (default all)")
     join.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default 20)")
+    join.add_argument("--expert-init", choices=("fresh", "mean"), default="fresh",
+                      help="the new expert's start: fresh (contributes nothing at first) or "
+                           "mean (the sites' experts averaged, case-weighted); default fresh")
     join.add_argument("--partition-csv", default=None,
                       help="site of each case (FeTS-style CSV); default: the site recorded "
                            "in the cache, else the institution token of the case ids")
@@ -75,14 +78,15 @@ def _join(args: argparse.Namespace) -> int:
     runtime.apply_threads(cfg)
     result = join_site(load_checkpoint(model_path), records["train"], records["test"],
                        args.site, cfg, cases=args.cases, epochs=args.epochs, seed=int(cfg.seed),
-                       out=out)
+                       out=out, expert_init=args.expert_init)
     shared = [case_score(r) for r in result.shared_rows]
     tuned = [case_score(r) for r in result.tuned_rows]
     test = paired_test(tuned, shared)
     p = "n/a" if test["p"] is None else f"{test['p']:.3g}"
     print(f"site {args.site}: fine-tuned {len(result.trained)} tensors on {result.cases} "
           f"training case(s), {args.epochs} epochs (shared weights unchanged: "
-          f"{result.frozen_unchanged})\n"
+          f"{result.frozen_unchanged}; layers from the {result.start['layers']}, expert "
+          f"{result.start['expert']})\n"
           f"test Dice over {len(tuned)} cases: shared model alone {mean_sd(shared)[0]:.3f}, "
           f"with its fine-tuned expert {mean_sd(tuned)[0]:.3f} (paired Wilcoxon p {p})\n"
           f"checkpoint: {result.checkpoint}")

@@ -36,9 +36,17 @@ TINY_FL = [
 
 def client_train_round(partition: int, arrays: ArrayRecord, state: RecordDict, rnd: int,
                        run_dir: str) -> Message:
-    """Call the project's ClientApp train handler once, outside Flower, as site ``partition``
-    (of 2) in round ``rnd`` with one local epoch; ``state`` is the site's Context state."""
-    from client.app import train
+    """Call the project's ClientApp train handler once, outside Flower, behind the project's
+    client mods (fault injection) as the ClientApp calls it, as site ``partition`` (of 2) in
+    round ``rnd`` with one local epoch; ``state`` is the site's Context state."""
+    from client.app import MODS, train
+
+    def behind(mod: Callable, call_next: Callable) -> Callable[[Message, Context], Message]:
+        return lambda m, c: mod(m, c, call_next)
+
+    handler: Callable[[Message, Context], Message] = train
+    for mod in reversed(MODS):
+        handler = behind(mod, handler)
 
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(
         {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
@@ -46,7 +54,7 @@ def client_train_round(partition: int, arrays: ArrayRecord, state: RecordDict, r
     context = Context(run_id=1, node_id=partition + 1,
                       node_config={"partition-id": partition, "num-partitions": 2},
                       state=state, run_config={})
-    return train(msg, context)
+    return handler(msg, context)
 
 
 def project_client_app_with(mod: Callable[[Message, Context, Callable], Message]) -> ClientApp:

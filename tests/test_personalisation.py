@@ -123,7 +123,7 @@ def _finetune(monkeypatch, root, scores, epochs=2):
                                         "fl.strategy=personal-norm-ft",
                                         f"fl.finetune_epochs={epochs}"])
     split = provision.load_sites(cfg)
-    name = settings.site_names(split)[0]
+    name = provision.site_names(split)[0]
     model = settings.build_model(cfg, num_experts=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     it = iter(scores)
@@ -167,7 +167,7 @@ def test_finetuning_with_validations_trains_as_without(monkeypatch, root):
     model = settings.build_model(cfg, num_experts=1)
     model.load_state_dict(before)
     seed = int(cfg.seed) * 1000 + site.index * 100 + 99
-    settings.finetune_site(model, site.records["train"], 0, cfg, site.device, "norms", 2, seed)
+    site_steps.finetune_site(model, site.records["train"], 0, cfg, site.device, "norms", 2, seed)
     assert _same(model.state_dict(), after)
 
 
@@ -219,7 +219,7 @@ def test_new_site_starts_from_the_sites_mean_layers(monkeypatch, root, tmp_path,
 
     monkeypatch.setattr(newsite, "score_cases", spy)
     split = provision.load_sites(cfg)
-    records = split[settings.site_names(split)[0]]
+    records = split[provision.site_names(split)[0]]
     result = newsite.join_site(ckpt, records["train"], records["test"], "siteN", cfg, cases=1,
                                epochs=1, expert_init="mean")
     assert all(torch.equal(seen[0][k], v) for k, v in mean.items())

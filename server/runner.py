@@ -149,42 +149,45 @@ def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
         time.sleep(1.0)
 
 
-def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
-    """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
-    wall = time.perf_counter()
-    strategy_name = str(cfg.fl.strategy)
-    names = federation_sites(cfg)
-    wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
-    rdir = workspace.run_dir(cfg)
-    rdir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = rdir / CHECKPOINT_FILE
-    chash = resume_hash(cfg)
-    held, _ = initial_state(cfg)
+@dataclass
+class _Start:
+    """Where a run starts: fresh, or from the last round checkpoint of a resumed run."""
+
+    arrays: ArrayRecord
+    first_round: int
+    history: list[dict[str, Any]]
+    mlflow_run_id: str | None
+    run_identity: str
+
+
+def _start(cfg: DictConfig, rdir: Path, ckpt_path: Path, chash: str,
+           held: dict[str, torch.Tensor]) -> _Start:
+    """Resume from ``ckpt_path`` under ``fl.resume`` when it exists, else start afresh
+    (forgetting an earlier run of the same name)."""
     arrays = ArrayRecord({k: v for k, v in held.items()}) if held else ArrayRecord()
-    first_round, history, run_id = 1, [], None
     run_identity = uuid.uuid4().hex  # binds the sites' state to this run (client._bind_run)
     if bool(cfg.fl.resume) and ckpt_path.is_file():
         saved = server_ckpt.load(ckpt_path)
-        server_ckpt.check_resumable(saved, strategy_name, chash, ckpt_path)
+        server_ckpt.check_resumable(saved, str(cfg.fl.strategy), chash, ckpt_path)
         if set(saved.arrays) != set(held):
             raise KeyError(f"{ckpt_path} holds other arrays than this model's")
-        arrays = saved.to_record()
-        first_round, history, run_id = saved.server_round + 1, saved.history, saved.mlflow_run_id
-        run_identity = saved.run_identity or run_identity
+        start = _Start(saved.to_record(), saved.server_round + 1, saved.history,
+                       saved.mlflow_run_id, saved.run_identity or run_identity)
         log(INFO, "Resuming %s from %s at round %d", workspace.run_name(cfg), ckpt_path,
-            first_round)
-    else:
-        # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation
-        # the sites' kept weights, which would otherwise be picked up as resumed state).
-        ckpt_path.unlink(missing_ok=True)
-        shutil.rmtree(rdir / "clients", ignore_errors=True)
-    (rdir / FAILURE_FILE).unlink(missing_ok=True)
-    tracker = Tracker(cfg, workspace.run_name(cfg), run_id,
-                      tags={"kind": "federated", "strategy": strategy_name,
-                            "run_identity": run_identity})
+            start.first_round)
+        return start
+    # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation
+    # the sites' kept weights, which would otherwise be picked up as resumed state).
+    ckpt_path.unlink(missing_ok=True)
+    shutil.rmtree(rdir / "clients", ignore_errors=True)
+    return _Start(arrays, 1, [], None, run_identity)
+
+
+def _strategy(cfg: DictConfig, names: list[str], held: dict[str, torch.Tensor]):
+    """The server strategy of ``fl.*`` for the sites ``names`` and the arrays ``held``."""
     server_opt, server_opt_args = server_opt_settings(cfg.fl)
-    strategy = make_strategy(
-        strategy_name,
+    return make_strategy(
+        str(cfg.fl.strategy),
         num_sites=len(names),
         fraction_train=float(cfg.fl.fraction_train),
         min_train_sites=int(cfg.fl.min_train_sites),
@@ -198,12 +201,118 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         server_opt=server_opt,
         server_opt_args=server_opt_args,
     )
-    log(INFO, "run %s: identity %s", workspace.run_name(cfg), run_identity)
-    for entry in history:  # a resumed run: the case counts the sites reported before
+
+
+def _restore_train_counts(strategy: Any, names: list[str],
+                          history: list[dict[str, Any]]) -> None:
+    """A resumed run: the case counts the sites reported before."""
+    for entry in history:
         for index, metrics in entry["train_by_site"].items():
             if "num-examples" in metrics and 0 <= int(index) < len(names):
                 strategy.train_counts.setdefault(names[int(index)],
                                                  float(metrics["num-examples"]))
+
+
+def _record_test_failures(rdir: Path, tracker: Tracker, final: Any) -> dict[str, str]:
+    """The sites without test scores (left out of the mean), written to the failure file
+    and MLflow; recorded beside the rounds, not in them (the history's entries are what the
+    round checkpoints hold and a resumed run continues, and the test round is not a round)."""
+    test_failed = {k.split("/", 1)[-1]: v for k, v in final.failed.items()}
+    if test_failed:
+        # The run finished, but these sites have no test scores (left out of the mean).
+        (rdir / FAILURE_FILE).write_text("".join(
+            f"final test round: {site}: {why}\n" for site, why in sorted(test_failed.items())))
+        tracker.log_dict(test_failed, "failed/test.json")
+        tracker.set_tag("test_failed_sites", ", ".join(sorted(test_failed))[:5000])
+    return test_failed
+
+
+def _collect_site_files(rdir: Path, tracker: Tracker) -> None:
+    """Copy the sites' test overlays and kept personal weights (simulation only: a deployed
+    site's files stay in its state folder) into the run folder and MLflow."""
+    clients = rdir / "clients"
+    if not clients.is_dir():
+        return
+    for site_dir in sorted(p for p in clients.iterdir() if p.is_dir()):
+        for picture in sorted(site_dir.glob("overlay-test-*.png")):
+            target = rdir / "overlays" / f"{site_dir.name}-{picture.name}"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(picture, target)
+            tracker.log_artifact(target, "overlays")
+        kept = newest_kept(site_dir)
+        if kept is not None:
+            target = rdir / "experts" / f"{site_dir.name}.pt"
+            target.parent.mkdir(exist_ok=True)
+            torch.save(kept, target)
+            tracker.log_artifact(target, "experts")
+
+
+def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracker: Tracker,
+            arrays: ArrayRecord, final: Any, wall: float) -> RunSummary:
+    """After the final test: the per-site table, run outputs, final metrics, final model and
+    the sites' files, all logged to MLflow."""
+    strategy_name, history = str(cfg.fl.strategy), start.history
+    val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
+    test_by_site = dict(final.evaluate_by_site)
+    test_failed = _record_test_failures(rdir, tracker, final)
+    not_scored = {"val": {int(i): int(n) for i, n in history[-1].get("not_scored", {}).items()}
+                  if history else {}, "test": dict(final.not_scored)}
+    rows = report.site_rows(names, val_by_site, test_by_site, not_scored)
+    sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
+    received = sum(e["bytes_received"] for e in history)
+    seconds = time.perf_counter() - wall
+    failed_note = "".join(f"test not scored for {site}: {why}\n"
+                          for site, why in sorted(test_failed.items()))
+    table, outputs = report.write_run_outputs(
+        rdir, names, rows, history,
+        {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
+         "bytes_received": received, "first_round": start.first_round,
+         "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
+         "run_identity": start.run_identity},
+        title=f"{workspace.run_name(cfg)} ({strategy_name}): per-site results",
+        plot_title=f"{workspace.run_name(cfg)}: validation Dice",
+        footer=f"{failed_note}bytes sent {sent}, received {received}, "
+               f"{seconds:.1f} s (this session)")
+    # case-weighted means of the mean row: test_* (val_* is the last round's)
+    final_metrics = final_test_metrics(rows[-1], test_by_site)
+    for stage, by_site in not_scored.items():
+        for index, cases in by_site.items():
+            final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
+    final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
+                          "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
+    tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
+    # Again after the final test: the sites have saved what their fine-tuning kept.
+    model_path = save_final_model(cfg, rdir, arrays, names)
+    for path in outputs:
+        tracker.log_artifact(path)
+    if model_path is not None:
+        tracker.log_artifact(model_path, "model")
+    _collect_site_files(rdir, tracker)
+    tracker.finish()
+    return RunSummary(rdir, names, rows, table, history, tracker.run_id, start.first_round,
+                      seconds, sent, received)
+
+
+def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
+    """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
+    wall = time.perf_counter()
+    strategy_name = str(cfg.fl.strategy)
+    names = federation_sites(cfg)
+    wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
+    rdir = workspace.run_dir(cfg)
+    rdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = rdir / CHECKPOINT_FILE
+    chash = resume_hash(cfg)
+    held, _ = initial_state(cfg)
+    start = _start(cfg, rdir, ckpt_path, chash, held)
+    history, run_identity = start.history, start.run_identity
+    (rdir / FAILURE_FILE).unlink(missing_ok=True)
+    tracker = Tracker(cfg, workspace.run_name(cfg), start.mlflow_run_id,
+                      tags={"kind": "federated", "strategy": strategy_name,
+                            "run_identity": run_identity})
+    strategy = _strategy(cfg, names, held)
+    log(INFO, "run %s: identity %s", workspace.run_name(cfg), run_identity)
+    _restore_train_counts(strategy, names, history)
     common = {"run-dir": str(rdir), "run-identity": run_identity}
     train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
 
@@ -225,9 +334,9 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
 
     try:
         arrays, final = strategy.run_rounds(
-            grid, arrays, first_round, int(cfg.fl.rounds), train_config, ConfigRecord(common),
-            float(cfg.fl.round_timeout), on_round_end, float(cfg.fl.wait_for_sites),
-            before_final_test=before_final_test,
+            grid, start.arrays, start.first_round, int(cfg.fl.rounds), train_config,
+            ConfigRecord(common), float(cfg.fl.round_timeout), on_round_end,
+            float(cfg.fl.wait_for_sites), before_final_test=before_final_test,
         )
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -236,64 +345,4 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
         tracker.set_tag("failure", message[:5000])
         tracker.finish("FAILED")
         raise
-    val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
-    test_by_site = dict(final.evaluate_by_site)
-    # Recorded beside the rounds, not in them: the history's entries are what the round
-    # checkpoints hold and a resumed run continues, and the test round is not a round.
-    test_failed = {k.split("/", 1)[-1]: v for k, v in final.failed.items()}
-    if test_failed:
-        # The run finished, but these sites have no test scores (left out of the mean).
-        (rdir / FAILURE_FILE).write_text("".join(
-            f"final test round: {site}: {why}\n" for site, why in sorted(test_failed.items())))
-        tracker.log_dict(test_failed, "failed/test.json")
-        tracker.set_tag("test_failed_sites", ", ".join(sorted(test_failed))[:5000])
-    not_scored = {"val": {int(i): int(n) for i, n in history[-1].get("not_scored", {}).items()}
-                  if history else {}, "test": dict(final.not_scored)}
-    rows = report.site_rows(names, val_by_site, test_by_site, not_scored)
-    sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
-    received = sum(e["bytes_received"] for e in history)
-    seconds = time.perf_counter() - wall
-    failed_note = "".join(f"test not scored for {site}: {why}\n"
-                          for site, why in sorted(test_failed.items()))
-    table, outputs = report.write_run_outputs(
-        rdir, names, rows, history,
-        {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
-         "bytes_received": received, "first_round": first_round,
-         "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
-         "run_identity": run_identity},
-        title=f"{workspace.run_name(cfg)} ({strategy_name}): per-site results",
-        plot_title=f"{workspace.run_name(cfg)}: validation Dice",
-        footer=f"{failed_note}bytes sent {sent}, received {received}, "
-               f"{seconds:.1f} s (this session)")
-    # case-weighted means of the mean row: test_* (val_* is the last round's)
-    final_metrics = final_test_metrics(rows[-1], test_by_site)
-    for stage, by_site in not_scored.items():
-        for index, cases in by_site.items():
-            final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
-    final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
-                          "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
-    tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
-    # Again after the final test: the sites have saved what their fine-tuning kept.
-    model_path = save_final_model(cfg, rdir, arrays, names)
-    for path in outputs:
-        tracker.log_artifact(path)
-    if model_path is not None:
-        tracker.log_artifact(model_path, "model")
-    clients = rdir / "clients"
-    if clients.is_dir():
-        for site_dir in sorted(p for p in clients.iterdir() if p.is_dir()):
-            for picture in sorted(site_dir.glob("overlay-test-*.png")):
-                # simulation only: a deployed site's picture stays in its state folder
-                target = rdir / "overlays" / f"{site_dir.name}-{picture.name}"
-                target.parent.mkdir(exist_ok=True)
-                shutil.copyfile(picture, target)
-                tracker.log_artifact(target, "overlays")
-            kept = newest_kept(site_dir)
-            if kept is not None:
-                target = rdir / "experts" / f"{site_dir.name}.pt"
-                target.parent.mkdir(exist_ok=True)
-                torch.save(kept, target)
-                tracker.log_artifact(target, "experts")
-    tracker.finish()
-    return RunSummary(rdir, names, rows, table, history, tracker.run_id, first_round, seconds,
-                      sent, received)
+    return _finish(cfg, rdir, names, start, tracker, arrays, final, wall)

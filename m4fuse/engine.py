@@ -292,6 +292,70 @@ def _check_batch(batch: Any) -> None:
         raise ValueError(f"a batch must be a dict with 'image', 'label' and 'site', got {keys}")
 
 
+def _proximal_pairs(model: nn.Module, prox_reference: Mapping[str, torch.Tensor] | None,
+                    device: torch.device) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``(parameter, reference on its device and dtype)`` for each key of ``prox_reference``
+    (FedProx's shared weights at round start), checked against the model's parameters."""
+    if not prox_reference:
+        raise ValueError("prox_mu > 0 needs prox_reference (the shared weights at round start)")
+    params = _named_params(model)
+    prox: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for key, ref in prox_reference.items():
+        if key not in params:
+            raise KeyError(f"prox_reference key {key!r} is not a parameter of the model")
+        if tuple(ref.shape) != tuple(params[key].shape):
+            raise ValueError(
+                f"prox_reference[{key!r}] has shape {tuple(ref.shape)}, "
+                f"parameter has {tuple(params[key].shape)}"
+            )
+        prox.append((params[key], ref.detach().to(device=device, dtype=params[key].dtype)))
+    return prox
+
+
+def _empty_step(optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                on_empty_batch: Callable[[torch.optim.Optimizer], None] | None) -> None:
+    """A batch of 0 cases: ``on_empty_batch(optimizer)`` instead of a step (DP-SGD's Poisson
+    sampling draws them), then the scheduler's step; without a handler it raises."""
+    if on_empty_batch is None:
+        raise ValueError("the loader gave an empty batch (0 cases) and no "
+                         "on_empty_batch handler was given")
+    on_empty_batch(optimizer)
+    if scheduler is not None:
+        scheduler.step()
+
+
+def _train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
+                expert: Expert, prox_mu: float,
+                prox: list[tuple[nn.Parameter, torch.Tensor]]) -> tuple[float, int]:
+    """One optimiser step on a non-empty ``batch`` (forward under AMP, loss, the proximal
+    term, backward, clipping, step); ``(segmentation loss, cases in the batch)``."""
+    x = batch["image"].to(device, non_blocking=True).float()
+    y = batch["label"].to(device, non_blocking=True)
+    b = x.shape[0]
+    routes = expert_tensor(expert, b, device, batch.get("site"))
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, cfg.amp, cfg.amp_dtype):
+        logits = model(x, routes)
+    loss = loss_fn(logits.float(), y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} on cases {list(batch.get('case', []))}"
+        )
+    objective = loss
+    if prox:
+        objective = loss + 0.5 * prox_mu * sum((p - r).pow(2).sum() for p, r in prox)
+    scaler.scale(objective).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach()), b
+
+
 def train_epochs(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
@@ -337,20 +401,7 @@ def train_epochs(
     device = _prepare(model, device, cfg)
     if cfg.seed is not None:
         seed_everything(cfg.seed)
-    prox: list[tuple[nn.Parameter, torch.Tensor]] = []
-    if prox_mu > 0:
-        if not prox_reference:
-            raise ValueError("prox_mu > 0 needs prox_reference (the shared weights at round start)")
-        params = _named_params(model)
-        for key, ref in prox_reference.items():
-            if key not in params:
-                raise KeyError(f"prox_reference key {key!r} is not a parameter of the model")
-            if tuple(ref.shape) != tuple(params[key].shape):
-                raise ValueError(
-                    f"prox_reference[{key!r}] has shape {tuple(ref.shape)}, "
-                    f"parameter has {tuple(params[key].shape)}"
-                )
-            prox.append((params[key], ref.detach().to(device=device, dtype=params[key].dtype)))
+    prox = _proximal_pairs(model, prox_reference, device) if prox_mu > 0 else []
     loss_fn = make_loss(output_mode(model), cfg)
     use_scaler = cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -360,38 +411,14 @@ def train_epochs(
         for batch in loader:
             _check_batch(batch)
             if batch["image"].shape[0] == 0:
-                if on_empty_batch is None:
-                    raise ValueError("the loader gave an empty batch (0 cases) and no "
-                                     "on_empty_batch handler was given")
-                on_empty_batch(optimizer)
-                if scheduler is not None:
-                    scheduler.step()
+                _empty_step(optimizer, scheduler, on_empty_batch)
                 empty_steps += 1
                 continue
-            x = batch["image"].to(device, non_blocking=True).float()
-            y = batch["label"].to(device, non_blocking=True)
-            b = x.shape[0]
-            routes = expert_tensor(expert, b, device, batch.get("site"))
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, cfg.amp, cfg.amp_dtype):
-                logits = model(x, routes)
-            loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} on cases {list(batch.get('case', []))}"
-                )
-            objective = loss
-            if prox:
-                objective = loss + 0.5 * prox_mu * sum((p - r).pow(2).sum() for p, r in prox)
-            scaler.scale(objective).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, b = _train_step(model, batch, optimizer, loss_fn, scaler, cfg, device, expert,
+                                  prox_mu, prox)
             if scheduler is not None:
                 scheduler.step()
-            total_loss += float(loss.detach()) * b
+            total_loss += loss * b
             total_cases += b
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)

@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -397,25 +398,49 @@ def plot(table: Mapping[str, Any], modes: Sequence[str], sites: Sequence[str], p
 # --------------------------------------------------------------------------- driver
 
 
-def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = None,
-                seeds: Sequence[int] | None = None, crosssite: Sequence[str] | None = None,
-                new_site_cases: Sequence[int | str] = (2, 5, "all"), new_site_epochs: int = 20
-                ) -> Path:
-    """Run ``modes`` x ``seeds`` and write the report; returns ``comparison.json``'s path.
+@dataclass
+class _Plan:
+    """What :func:`run_compare` runs: the resolved modes, seeds and options."""
 
-    Args:
-        overrides: Hydra overrides for every run (``seed``, ``run_name`` and ``fl.strategy``
-            are taken from them for the defaults, then replaced per run).
-        modes: default ``pooled, local, fedavg`` and the default strategy.
-        seeds: default the config's ``seed``.
-        crosssite: modes whose cross-site matrix is scored; default the default strategy and
-            ``local`` (those of them that run).
-        new_site_cases: k for the held-out site (:mod:`simulations.new_site`), joined to the
-            default strategy's model of every seed
-            (:func:`simulations.new_site.federation_checkpoint`); empty: skipped (also when
-            the default strategy is not run or shares nothing).
-        new_site_epochs: fine-tuning epochs of the new site (default 20).
-    """
+    base: Any
+    default: str
+    name: str
+    overrides: list[str]
+    modes: list[str]
+    seeds: list[int]
+    crosssite: list[str]
+    new_site_cases: list[int | str]
+    new_site_epochs: int
+
+
+@dataclass
+class _Collected:
+    """What the runs of a comparison gather, mode by mode and seed by seed."""
+
+    modes: list[str]
+    crosssite: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    cross_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seconds: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    check: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    histories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    new_site_results: list[dict[str, Any]] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    test_cases: dict[str, dict[str, int]] = field(default_factory=dict)
+    bytes_by_mode: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cross_rows = {m: [] for m in self.crosssite}
+        self.seconds = {m: {} for m in self.modes}
+        self.check = {m: {} for m in self.modes}
+        self.bytes_by_mode = {m: [] for m in self.modes}
+
+
+def _plan(overrides: Sequence[str], modes: Sequence[str] | None, seeds: Sequence[int] | None,
+          crosssite: Sequence[str] | None, new_site_cases: Sequence[int | str],
+          new_site_epochs: int) -> _Plan:
+    """The arguments of :func:`run_compare` resolved and checked (a bad new-site k fails
+    here, before any training)."""
     base = settings.compose("config", list(overrides))
     default = str(base.fl.strategy)
     name = str(base.run_name) if base.run_name else "compare"
@@ -440,66 +465,97 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
         site, records, _ = new_site_split([*overrides, f"seed={seeds[0]}"])
         for k in new_site_cases:  # bad k fail here, before any training
             check_cases(k, len(records["train"]), site)
+    return _Plan(base, default, name, list(overrides), list(modes), seeds, list(crosssite),
+                 new_site_cases, new_site_epochs)
+
+
+def _new_site_result(plan: _Plan, run: Mapping[str, Any], seed: int,
+                     seed_overrides: Sequence[str]) -> dict[str, Any] | None:
+    """The held-out site joined to the default strategy's model of this run (None when the
+    run left no federation checkpoint to join)."""
+    from simulations.new_site import evaluate_new_site, federation_checkpoint
+
+    model_file = federation_checkpoint(Path(run["run_dir"]), run["cfg"])
+    if model_file is None:
+        return None
+    return evaluate_new_site(
+        seed_overrides, model_file, plan.new_site_cases, plan.new_site_epochs,
+        out_dir=Path(run["run_dir"]) / "new_site", label={"seed": seed})
+
+
+def _run_and_score(plan: _Plan, got: _Collected, mode: str, seed: int) -> None:
+    """Run ``mode`` at ``seed``, score its models on every site's test cases (and the
+    cross-site matrix, the new site), and add what it gives to ``got``."""
+    seed_overrides = [*plan.overrides, f"seed={seed}"]
+    start = time.perf_counter()
+    run = run_mode(mode, seed_overrides, f"{plan.name}-{mode}-seed{seed}")
+    trained = time.perf_counter() - start
+    cfg, names = run["cfg"], list(run["site_names"])
+    got.sites = got.sites or names
+    split = provision.load_sites(cfg)
+    got.test_cases[str(seed)] = {s: len(split[s]["test"]) for s in names}
+    device = runtime.resolve_device(str(cfg.device))
+    runtime.apply_threads(cfg)
+    models = site_models(mode, cfg, Path(run["run_dir"]), names)
+    mode_rows = []
+    for site, (model, expert) in models.items():
+        for r in score_cases(model, expert, split[site]["test"], device):
+            mode_rows.append({"mode": mode, "seed": seed, "site": site, **r})
+    got.rows += mode_rows
+    diffs = list(check_against_run(mode_rows, run["rows"]).values())
+    # nan (a site without the run's own score) wins: the check then reads "missing"
+    got.check[mode][str(seed)] = (None if not diffs or any(np.isnan(diffs))
+                                  else float(max(diffs)))
+    if mode in plan.crosssite:
+        for r in score_matrix_rows(models, split, names, device, mode_rows):
+            got.cross_rows[mode].append({"seed": seed, **r})
+    if mode == plan.default and plan.new_site_cases:
+        result = _new_site_result(plan, run, seed, seed_overrides)
+        if result is not None:
+            got.new_site_results.append(result)
+    scoring = time.perf_counter() - start - trained
+    got.seconds[mode][str(seed)] = {"run": trained, "scoring": scoring}
+    got.bytes_by_mode[mode].append(run["bytes"])
+    got.histories[f"{mode} seed {seed}"] = {"history": run["history"]}
+    print(f"[compare] {mode} seed {seed}: run {trained:.0f} s, scoring {scoring:.0f} s",
+          flush=True)
+
+
+def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = None,
+                seeds: Sequence[int] | None = None, crosssite: Sequence[str] | None = None,
+                new_site_cases: Sequence[int | str] = (2, 5, "all"), new_site_epochs: int = 20
+                ) -> Path:
+    """Run ``modes`` x ``seeds`` and write the report; returns ``comparison.json``'s path.
+
+    Args:
+        overrides: Hydra overrides for every run (``seed``, ``run_name`` and ``fl.strategy``
+            are taken from them for the defaults, then replaced per run).
+        modes: default ``pooled, local, fedavg`` and the default strategy.
+        seeds: default the config's ``seed``.
+        crosssite: modes whose cross-site matrix is scored; default the default strategy and
+            ``local`` (those of them that run).
+        new_site_cases: k for the held-out site (:mod:`simulations.new_site`), joined to the
+            default strategy's model of every seed
+            (:func:`simulations.new_site.federation_checkpoint`); empty: skipped (also when
+            the default strategy is not run or shares nothing).
+        new_site_epochs: fine-tuning epochs of the new site (default 20).
+    """
+    plan = _plan(overrides, modes, seeds, crosssite, new_site_cases, new_site_epochs)
+    base, name = plan.base, plan.name
     out = workspace.project_root(base) / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    cross_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in crosssite}
-    seconds: dict[str, dict[str, dict[str, float]]] = {m: {} for m in modes}
-    check: dict[str, dict[str, float | None]] = {m: {} for m in modes}
-    histories: dict[str, dict[str, Any]] = {}
-    new_site_results: list[dict[str, Any]] = []
-    sites: list[str] = []
-    test_cases: dict[str, dict[str, int]] = {}
-    bytes_by_mode: dict[str, list[float]] = {m: [] for m in modes}
-    for seed in seeds:
-        seed_overrides = [*overrides, f"seed={seed}"]
-        for mode in modes:
-            start = time.perf_counter()
-            run = run_mode(mode, seed_overrides, f"{name}-{mode}-seed{seed}")
-            trained = time.perf_counter() - start
-            cfg, names = run["cfg"], list(run["site_names"])
-            sites = sites or names
-            split = provision.load_sites(cfg)
-            test_cases[str(seed)] = {s: len(split[s]["test"]) for s in names}
-            device = runtime.resolve_device(str(cfg.device))
-            runtime.apply_threads(cfg)
-            models = site_models(mode, cfg, Path(run["run_dir"]), names)
-            mode_rows = []
-            for site, (model, expert) in models.items():
-                for r in score_cases(model, expert, split[site]["test"], device):
-                    mode_rows.append({"mode": mode, "seed": seed, "site": site, **r})
-            rows += mode_rows
-            diffs = list(check_against_run(mode_rows, run["rows"]).values())
-            # nan (a site without the run's own score) wins: the check then reads "missing"
-            check[mode][str(seed)] = (None if not diffs or any(np.isnan(diffs))
-                                      else float(max(diffs)))
-            if mode in crosssite:
-                for r in score_matrix_rows(models, split, names, device, mode_rows):
-                    cross_rows[mode].append({"seed": seed, **r})
-            if mode == default and new_site_cases:
-                from simulations.new_site import evaluate_new_site
-
-                from simulations.new_site import federation_checkpoint
-
-                model_file = federation_checkpoint(Path(run["run_dir"]), cfg)
-                if model_file is not None:
-                    new_site_results.append(evaluate_new_site(
-                        seed_overrides, model_file, new_site_cases, new_site_epochs,
-                        out_dir=Path(run["run_dir"]) / "new_site", label={"seed": seed}))
-            scoring = time.perf_counter() - start - trained
-            seconds[mode][str(seed)] = {"run": trained, "scoring": scoring}
-            bytes_by_mode[mode].append(run["bytes"])
-            histories[f"{mode} seed {seed}"] = {"history": run["history"]}
-            print(f"[compare] {mode} seed {seed}: run {trained:.0f} s, scoring {scoring:.0f} s",
-                  flush=True)
+    got = _Collected(plan.modes, plan.crosssite)
+    for seed in plan.seeds:
+        for mode in plan.modes:
+            _run_and_score(plan, got, mode, seed)
     summary = summarise(
-        name=name, default=default, modes=modes, seeds=seeds, sites=sites,
-        overrides=list(overrides), test_cases=test_cases,
+        name=name, default=plan.default, modes=plan.modes, seeds=plan.seeds, sites=got.sites,
+        overrides=list(plan.overrides), test_cases=got.test_cases,
         budget={"rounds": int(base.fl.rounds), "local_epochs": int(base.fl.local_epochs)},
-        rows=rows, cross_rows=cross_rows, new_site=pool_new_site(new_site_results),
-        seconds=seconds, bytes_by_mode=bytes_by_mode, check=check,
-        convergence=convergence_lines(histories))
-    json_path, artifacts = write_report(out, summary, rows, cross_rows,
+        rows=got.rows, cross_rows=got.cross_rows, new_site=pool_new_site(got.new_site_results),
+        seconds=got.seconds, bytes_by_mode=got.bytes_by_mode, check=got.check,
+        convergence=convergence_lines(got.histories))
+    json_path, artifacts = write_report(out, summary, got.rows, got.cross_rows,
                                         summary.pop("_new_site_rows"))
     log_tracking(base, name, summary, artifacts)
     return json_path

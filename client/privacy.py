@@ -440,6 +440,64 @@ class PrivateTraining:
         return self.model
 
 
+def _privacy_engine(config: PrivacyConfig,
+                    accountant_state: Mapping[str, Any] | None) -> PrivacyEngine:
+    """Opacus' engine with ``config.accountant``, holding the restored history of earlier
+    rounds (which must come from the same accountant)."""
+    with warnings.catch_warnings():
+        # Opacus warns that secure RNG is off; PrivacyConfig documents it (secure_rng).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
+    if accountant_state is not None:
+        restored = accountant_from_record(accountant_state)
+        if restored.mechanism() != config.accountant:
+            raise ValueError(
+                f"saved accountant is {restored.mechanism()!r}, the config asks for "
+                f"{config.accountant!r}; ε of one run must come from one accountant"
+            )
+        engine.accountant.history = restored.history
+    return engine
+
+
+def _generators(config: PrivacyConfig, engine: PrivacyEngine, model: M4Fuse, seed: int | None
+                ) -> tuple[torch.Generator | None, torch.Generator | None]:
+    """``(sampling generator, noise generator)``: the engine's secure RNG for sampling under
+    ``secure_rng``, generators seeded by ``seed`` and ``seed + 1`` otherwise, or None (fresh
+    randomness)."""
+    if config.secure_rng:
+        return engine.secure_rng, None
+    if seed is None:
+        return None, None
+    generator = torch.Generator().manual_seed(int(seed))
+    device = next(model.parameters()).device
+    return generator, torch.Generator(device=device).manual_seed(int(seed) + 1)
+
+
+def _noise_multiplier(config: PrivacyConfig, engine: PrivacyEngine, delta: float,
+                      sample_rate: float, total_epochs: int | None, steps_per_epoch: int
+                      ) -> tuple[float, int | None]:
+    """``(σ, planned steps)``: ``noise_multiplier`` as given (no plan), or with
+    ``target_epsilon`` the σ planned on what is left of the budget after the restored history
+    (:func:`plan_noise_multiplier`)."""
+    if config.target_epsilon is None:
+        return float(config.noise_multiplier), None
+    if not isinstance(total_epochs, int) or total_epochs < 1:
+        raise ValueError(f"target_epsilon needs total_epochs >= 1 (rounds × local epochs), "
+                         f"got {total_epochs!r}")
+    planned = total_epochs * steps_per_epoch
+    done = _history_steps(engine.accountant)
+    if done >= planned:
+        raise PrivacyBudgetExhausted(
+            f"site has taken {done} DP steps, the budget ε={config.target_epsilon} "
+            f"(δ={delta:.3g}) was planned for {planned} ({total_epochs} epochs)"
+        )
+    sigma = plan_noise_multiplier(
+        float(config.target_epsilon), delta, sample_rate, planned - done,
+        engine.accountant.history, config.accountant,
+    )
+    return sigma, planned
+
+
 def make_private_training(
     model: M4Fuse,
     optimizer: torch.optim.Optimizer,
@@ -481,46 +539,12 @@ def make_private_training(
     delta = resolve_delta(config, n)
     site_model = SiteModel(model, expert_index)
     prepare_for_opacus(model)
-    with warnings.catch_warnings():
-        # Opacus warns that secure RNG is off; PrivacyConfig documents it (secure_rng).
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
-    if accountant_state is not None:
-        restored = accountant_from_record(accountant_state)
-        if restored.mechanism() != config.accountant:
-            raise ValueError(
-                f"saved accountant is {restored.mechanism()!r}, the config asks for "
-                f"{config.accountant!r}; ε of one run must come from one accountant"
-            )
-        engine.accountant.history = restored.history
-    generator = None
-    noise_generator = None
-    if config.secure_rng:
-        generator = engine.secure_rng
-    elif seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
-        device = next(model.parameters()).device
-        noise_generator = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    engine = _privacy_engine(config, accountant_state)
+    generator, noise_generator = _generators(config, engine, model, seed)
     dp_loader = poisson_loader(loader, generator)
     sample_rate = 1.0 / len(dp_loader)
-    planned: int | None = None
-    if config.target_epsilon is not None:
-        if not isinstance(total_epochs, int) or total_epochs < 1:
-            raise ValueError(f"target_epsilon needs total_epochs >= 1 (rounds × local epochs), "
-                             f"got {total_epochs!r}")
-        planned = total_epochs * len(dp_loader)
-        done = _history_steps(engine.accountant)
-        if done >= planned:
-            raise PrivacyBudgetExhausted(
-                f"site has taken {done} DP steps, the budget ε={config.target_epsilon} "
-                f"(δ={delta:.3g}) was planned for {planned} ({total_epochs} epochs)"
-            )
-        sigma = plan_noise_multiplier(
-            float(config.target_epsilon), delta, sample_rate, planned - done,
-            engine.accountant.history, config.accountant,
-        )
-    else:
-        sigma = float(config.noise_multiplier)
+    sigma, planned = _noise_multiplier(config, engine, delta, sample_rate, total_epochs,
+                                       len(dp_loader))
     module, dp_optimizer, _ = engine.make_private(
         module=site_model,
         optimizer=optimizer,

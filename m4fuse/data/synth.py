@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -161,17 +161,18 @@ def _tissue_value(name: str, m: int, acq: dict[str, Any]) -> float:
     return float(value)
 
 
-def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any],
-              size_class: str, with_et: bool, return_tissue: bool = False
-              ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One synthetic case: images float32 (4, X, Y, Z) after acquisition, labels uint8 (X, Y, Z).
+class _Head(NamedTuple):
+    """The healthy anatomy of one synthetic case (before the tumour is drawn over it)."""
 
-    With ``return_tissue`` (default False) also the healthy-tissue map uint8 (X, Y, Z): 0
-    background, 1 white matter, 2 grey matter, 3 CSF (before the tumour is drawn over it).
-    """
-    if size_class not in _SIZE_CLASSES:
-        raise ValueError(f"size_class must be one of {sorted(_SIZE_CLASSES)}, got {size_class!r}")
-    shape = tuple(int(s) for s in shape)
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]  # voxel offsets from the centre
+    axes: np.ndarray  # brain semi-axes (X, Y, Z), voxels
+    mm: float  # voxels per "mm" of a ~34 mm mean semi-axis
+    brain: np.ndarray  # bool (X, Y, Z)
+    tissue: np.ndarray  # uint8 (X, Y, Z): 0 bg, 1 wm, 2 gm, 3 csf
+
+
+def _healthy_head(shape: tuple[int, ...], rng: np.random.Generator) -> _Head:
+    """Brain outline, grey matter (cortex, deep nuclei) and CSF (sulci, fissure, ventricles)."""
     x, y, z = np.ogrid[tuple(slice(0, s) for s in shape)]
     coords = tuple((c - (s - 1) / 2).astype(np.float32) for c, s in zip((x, y, z), shape))
     jitter = rng.uniform(0.94, 1.06, size=3)
@@ -198,7 +199,14 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
     tissue[brain] = 1
     tissue[gm & brain] = 2
     tissue[csf & brain] = 3
-    # Tumour.
+    return _Head(coords, axes, mm, brain, tissue)
+
+
+def _tumour(shape: tuple[int, ...], rng: np.random.Generator, head: _Head, acq: dict[str, Any],
+            size_class: str, with_et: bool) -> np.ndarray:
+    """BraTS labels uint8 (X, Y, Z): oedema 2 around a necrotic/non-enhancing core 1 with,
+    ``with_et``, an enhancing rim 4 on part of it."""
+    coords, axes, mm = head.coords, head.axes, head.mm
     lo, hi = _SIZE_CLASSES[size_class]
     tc_r = max(rng.uniform(lo, hi) * mm, 3.0)  # voxels; at least 3 on tiny grids
     wt_r = tc_r * rng.uniform(1.4, 1.9) * acq["oedema_extent"]
@@ -208,7 +216,7 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
             break
     dist = np.sqrt(sum((c - m) ** 2 for c, m in zip(coords, centre)))
     wt_n = dist / wt_r * (1 + 0.25 * np.clip(smooth_noise(shape, rng, max(wt_r / 2, 2.0)), -1.5, 1.5))
-    wt = _largest_component(brain & (wt_n < 1.0 - 0.25 * (tissue == 2)))
+    wt = _largest_component(head.brain & (wt_n < 1.0 - 0.25 * (head.tissue == 2)))
     tc_n = dist / tc_r * (1 + 0.12 * np.clip(smooth_noise(shape, rng, max(tc_r / 2, 2.0)), -2, 2))
     tc = _largest_component(wt & (tc_n < 1.0))
     label = np.zeros(shape, np.uint8)
@@ -221,7 +229,13 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
         ang = smooth_noise(shape, rng, max(tc_r / 1.5, 2.0))
         thr = np.quantile(ang[rim], 1 - frac) if rim.any() else np.inf
         label[rim & (ang >= thr)] = 4
-    # Intensities per tissue with texture.
+    return label
+
+
+def _intensities(shape: tuple[int, ...], rng: np.random.Generator, tissue: np.ndarray,
+                 label: np.ndarray, acq: dict[str, Any]) -> np.ndarray:
+    """Float32 (4, X, Y, Z): each tissue's and tumour region's value per modality, with
+    texture (fine in healthy tissue, coarser in the tumour)."""
     images = np.zeros((4,) + shape, np.float32)
     fine = 0.03 * smooth_noise(shape, rng, 2.0)
     het = 0.08 * smooth_noise(shape, rng, 3.0)
@@ -232,10 +246,16 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
         for mask, name, tex in regions:
             value = _tissue_value(name, m, acq)
             img[mask] = value * (1 + tex[mask])
-    # Acquisition: partial voluming, blur (thicker along Z at some sites), gamma, bias, noise,
-    # scale/offset; skull-stripped.
+    return images
+
+
+def _acquire(images: np.ndarray, rng: np.random.Generator, head: _Head,
+             acq: dict[str, Any]) -> None:
+    """The site's acquisition, in place: partial voluming, blur (thicker along Z at some
+    sites), gamma, bias, noise, scale/offset; skull-stripped."""
+    shape = head.brain.shape
     sigma = [0.3 + acq["blur"]] * 2 + [0.3 + acq["blur"] + acq["blur_z_extra"]]
-    bias = np.exp(acq["bias"] * smooth_noise(shape, rng, 40 * mm))
+    bias = np.exp(acq["bias"] * smooth_noise(shape, rng, 40 * head.mm))
     for m in range(4):
         img = gaussian_filter(images[m], sigma)
         gamma = acq["gamma"][m] * rng.uniform(0.97, 1.03)
@@ -243,10 +263,28 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any
         n1, n2 = rng.standard_normal((2,) + shape).astype(np.float32) * acq["noise"]
         img = np.sqrt((img + n1) ** 2 + n2 ** 2)  # Rician magnitude noise
         img = img * acq["scale"] * rng.uniform(0.95, 1.05) + acq["offset"]
-        images[m] = np.where(brain, np.clip(img, 1, 32000), 0)
-    label[~brain] = 0
+        images[m] = np.where(head.brain, np.clip(img, 1, 32000), 0)
+
+
+def make_case(shape: Sequence[int], rng: np.random.Generator, acq: dict[str, Any],
+              size_class: str, with_et: bool, return_tissue: bool = False
+              ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One synthetic case: images float32 (4, X, Y, Z) after acquisition, labels uint8 (X, Y, Z).
+
+    With ``return_tissue`` (default False) also the healthy-tissue map uint8 (X, Y, Z): 0
+    background, 1 white matter, 2 grey matter, 3 CSF (before the tumour is drawn over it).
+    The draws from ``rng`` come in a fixed order: anatomy, tumour, texture, acquisition.
+    """
+    if size_class not in _SIZE_CLASSES:
+        raise ValueError(f"size_class must be one of {sorted(_SIZE_CLASSES)}, got {size_class!r}")
+    shape = tuple(int(s) for s in shape)
+    head = _healthy_head(shape, rng)
+    label = _tumour(shape, rng, head, acq, size_class, with_et)
+    images = _intensities(shape, rng, head.tissue, label, acq)
+    _acquire(images, rng, head, acq)
+    label[~head.brain] = 0
     if return_tissue:
-        return images, label, tissue
+        return images, label, head.tissue
     return images, label
 
 

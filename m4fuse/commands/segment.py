@@ -79,6 +79,46 @@ def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
         raise
 
 
+def _one_case(case_dir: str | os.PathLike) -> Any:
+    """The one BraTS case (``m4fuse.data.CaseFiles``) whose files ``case_dir`` holds."""
+    from m4fuse.data import discover_cases
+
+    cases = discover_cases(case_dir)
+    if len(cases) != 1:
+        found = ", ".join(c.case_id for c in cases) or "none"
+        raise ValueError(f"{case_dir}: expected the files of exactly one BraTS case, found {found}")
+    return cases[0]
+
+
+def _training_size(checkpoint: Any, size: Sequence[int] | None) -> tuple[int, ...]:
+    """The checkpoint's training size (D, H, W), else ``size``; they must agree when both
+    are given."""
+    train_size = checkpoint.size or (tuple(int(s) for s in size) if size else None)
+    if size is not None and checkpoint.size is not None and tuple(size) != checkpoint.size:
+        raise ValueError(f"--size {tuple(size)} differs from the checkpoint's training size {checkpoint.size}")
+    if train_size is None:
+        raise ValueError(f"{checkpoint.path} does not record the training size; pass --size D H W")
+    return train_size
+
+
+def _case_png(case: Any, prediction: np.ndarray, png: str | os.PathLike) -> str:
+    """Write the PNG of ``case``'s axial slices (FLAIR, T1ce) with the predicted regions
+    outlined, and its own segmentation when it has one; the picture's path."""
+    import nibabel as nib
+
+    from m4fuse.overlay import overlay_png
+    from m4fuse.regions import labels_to_regions
+
+    images = {name: np.asarray(nib.load(case.images[name]).dataobj, dtype=np.float32)
+              for name in ("flair", "t1ce")}
+    reference = None
+    if case.seg is not None:
+        seg = np.rint(np.asarray(nib.load(case.seg).dataobj)).astype(np.int16)
+        reference = np.asarray(labels_to_regions(seg, case.et_label))
+    return str(overlay_png(images, png, prediction=prediction, reference=reference,
+                           title=case.case_id))
+
+
 def segment_case(
     case_dir: str | os.PathLike,
     model: str | os.PathLike,
@@ -115,7 +155,7 @@ def segment_case(
     import nibabel as nib
 
     from m4fuse.checkpoint import build_model, load_checkpoint
-    from m4fuse.data import discover_cases, preprocess_case, restore_to_original
+    from m4fuse.data import preprocess_case, restore_to_original
     from m4fuse.inference import output_mode, predict_probs, probs_to_regions
     from m4fuse.regions import ET_LABELS, regions_to_labels
 
@@ -124,18 +164,10 @@ def segment_case(
         raise ValueError(f"--out must end with .nii.gz or .nii, got {out}")
     if et_label is not None and et_label not in ET_LABELS:
         raise ValueError(f"et_label must be one of {ET_LABELS}, got {et_label!r}")
-    cases = discover_cases(case_dir)
-    if len(cases) != 1:
-        found = ", ".join(c.case_id for c in cases) or "none"
-        raise ValueError(f"{case_dir}: expected the files of exactly one BraTS case, found {found}")
-    case = cases[0]
+    case = _one_case(case_dir)
     paths = case.image_paths()
     checkpoint = load_checkpoint(model)
-    train_size = checkpoint.size or (tuple(int(s) for s in size) if size else None)
-    if size is not None and checkpoint.size is not None and tuple(size) != checkpoint.size:
-        raise ValueError(f"--size {tuple(size)} differs from the checkpoint's training size {checkpoint.size}")
-    if train_size is None:
-        raise ValueError(f"{checkpoint.path} does not record the training size; pass --size D H W")
+    train_size = _training_size(checkpoint, size)
     net, expert = build_model(checkpoint, site)
     image, meta = preprocess_case(paths, size=train_size, case_id=case.case_id)
     probs = predict_probs(net, image, device, expert, roi_size=train_size, overlap=overlap, amp=amp)
@@ -143,19 +175,7 @@ def segment_case(
     et = et_label if et_label is not None else case.et_label
     labels = np.asarray(regions_to_labels(regions.numpy(), et_label=et))
     _write_nifti_atomic(labels, nib.load(paths[0]), out)
-    picture = None
-    if png is not None:
-        from m4fuse.overlay import overlay_png
-        from m4fuse.regions import labels_to_regions
-
-        images = {name: np.asarray(nib.load(case.images[name]).dataobj, dtype=np.float32)
-                  for name in ("flair", "t1ce")}
-        reference = None
-        if case.seg is not None:
-            seg = np.rint(np.asarray(nib.load(case.seg).dataobj)).astype(np.int16)
-            reference = np.asarray(labels_to_regions(seg, case.et_label))
-        picture = str(overlay_png(images, png, prediction=np.asarray(regions.numpy()),
-                                  reference=reference, title=case.case_id))
+    picture = None if png is None else _case_png(case, np.asarray(regions.numpy()), png)
     return {
         "case": case.case_id,
         "out": str(out),

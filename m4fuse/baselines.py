@@ -62,6 +62,57 @@ def pooled_loader(split: dict, names: list[str], cfg: DictConfig, seed: int) -> 
                       generator=torch.Generator().manual_seed(seed))
 
 
+def _expert_of(mode: str, index: int) -> int:
+    """The expert of site ``index``: expert k for site k in ``pooled``, 0 in ``local``."""
+    return index if mode == "pooled" else 0
+
+
+def _model_of(mode: str, models: dict[str, torch.nn.Module], site: str) -> torch.nn.Module:
+    """``site``'s model: the one pooled model, or the site's own in ``local``."""
+    return models["*"] if mode == "pooled" else models[site]
+
+
+def _train_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module], split: dict,
+                 names: list[str], device: torch.device, rnd: int
+                 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Round ``rnd``'s training: ``fl.local_epochs`` epochs of the pooled model on all sites'
+    cases, or of each site's model on its own; ``(train loss, per-site results)``."""
+    rounds, epochs, seed = int(cfg.fl.rounds), int(cfg.fl.local_epochs), int(cfg.seed)
+    train_by_site: dict[int, dict[str, float]] = {}
+    round_seed = seed * 1000 + rnd
+    if mode == "pooled":
+        loader = pooled_loader(split, names, cfg, round_seed)
+        out = site_steps.run_epochs(models["*"], loader, cfg, device, epochs, round_seed,
+                                    schedule=(rnd - 1, rounds))
+        return {"loss": out["loss"]}, train_by_site
+    for index, site in enumerate(names):
+        out = site_steps.train_site(
+            models[site], split[site]["train"], 0, cfg, device, epochs,
+            seed=seed * 1000 + index * 100 + rnd, schedule=(rnd - 1, rounds))
+        train_by_site[index] = out
+    total = sum(m["num-examples"] for m in train_by_site.values())
+    train = {"loss": sum(m["loss"] * m["num-examples"]
+                         for m in train_by_site.values()) / total}
+    return train, train_by_site
+
+
+def _run_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module], split: dict,
+               names: list[str], device: torch.device, rnd: int) -> dict[str, Any]:
+    """Train round ``rnd`` and score every site's validation cases; the history entry."""
+    start = time.perf_counter()
+    train, train_by_site = _train_round(cfg, mode, models, split, names, device, rnd)
+    val_by_site = {
+        index: site_steps.validate_site(_model_of(mode, models, site), split[site]["val"],
+                                        _expert_of(mode, index), cfg, device)
+        for index, site in enumerate(names)
+    }
+    return {"round": rnd, "train": train,
+            "val": site_steps.weighted_mean(list(val_by_site.values())),
+            "train_by_site": train_by_site, "val_by_site": val_by_site,
+            "bytes_sent": 0, "bytes_received": 0,
+            "seconds": time.perf_counter() - start}
+
+
 def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
     """Train and score the ``pooled`` or ``local`` baseline of ``cfg``; logs one MLflow run."""
     if mode not in MODES:
@@ -71,7 +122,7 @@ def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
     split = provision.load_sites(cfg)
     names = provision.site_names(split)
     device = runtime.resolve_device(str(cfg.device))
-    rounds, epochs, seed = int(cfg.fl.rounds), int(cfg.fl.local_epochs), int(cfg.seed)
+    rounds, seed = int(cfg.fl.rounds), int(cfg.seed)
     name = str(cfg.run_name) if cfg.run_name else f"{mode}-seed{seed}"
     rdir = workspace.project_root(cfg) / "runs" / name
     rdir.mkdir(parents=True, exist_ok=True)
@@ -81,48 +132,15 @@ def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
         models = {"*": settings.build_model(cfg, num_experts=len(names))}
     else:
         models = {n: settings.build_model(cfg, num_experts=1) for n in names}
-
-    def expert_of(index: int) -> int:
-        return index if mode == "pooled" else 0
-
-    def model_of(site: str) -> torch.nn.Module:
-        return models["*"] if mode == "pooled" else models[site]
-
     history: list[dict[str, Any]] = []
     try:
         for rnd in range(1, rounds + 1):
-            start = time.perf_counter()
-            train_by_site: dict[int, dict[str, float]] = {}
-            round_seed = seed * 1000 + rnd
-            if mode == "pooled":
-                loader = pooled_loader(split, names, cfg, round_seed)
-                out = site_steps.run_epochs(models["*"], loader, cfg, device, epochs, round_seed,
-                                            schedule=(rnd - 1, rounds))
-                train = {"loss": out["loss"]}
-            else:
-                for index, site in enumerate(names):
-                    out = site_steps.train_site(
-                        models[site], split[site]["train"], 0, cfg, device, epochs,
-                        seed=seed * 1000 + index * 100 + rnd, schedule=(rnd - 1, rounds))
-                    train_by_site[index] = out
-                total = sum(m["num-examples"] for m in train_by_site.values())
-                train = {"loss": sum(m["loss"] * m["num-examples"]
-                                     for m in train_by_site.values()) / total}
-            val_by_site = {
-                index: site_steps.validate_site(model_of(site), split[site]["val"],
-                                                expert_of(index), cfg, device)
-                for index, site in enumerate(names)
-            }
-            entry = {"round": rnd, "train": train,
-                     "val": site_steps.weighted_mean(list(val_by_site.values())),
-                     "train_by_site": train_by_site, "val_by_site": val_by_site,
-                     "bytes_sent": 0, "bytes_received": 0,
-                     "seconds": time.perf_counter() - start}
+            entry = _run_round(cfg, mode, models, split, names, device, rnd)
             history.append(entry)
             tracker.log_metrics(round_metrics(entry), step=rnd)
         test_by_site = {
-            index: site_steps.test_site(model_of(site), split[site]["test"], expert_of(index),
-                                        device)[0]
+            index: site_steps.test_site(_model_of(mode, models, site), split[site]["test"],
+                                        _expert_of(mode, index), device)[0]
             for index, site in enumerate(names)
         }
     except BaseException:

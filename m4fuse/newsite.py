@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from m4fuse import runtime, site_steps
 from m4fuse.checkpoint import Checkpoint, build_model, save_checkpoint
 from m4fuse.crosssite import score_cases
+from m4fuse.model import M4Fuse
 from m4fuse.state import (
     expert_index,
     expert_state,
@@ -154,6 +155,60 @@ def choose_cases(records: Sequence[Any], k: int, seed: int) -> list[Any]:
     return [records[i] for i in order[:k]]
 
 
+def _check_join(checkpoint: Checkpoint, train_records: Sequence[Any],
+                test_records: Sequence[Any], site: str, cases: int | str | None, epochs: int,
+                expert_init: str) -> int:
+    """Check :func:`join_site`'s arguments; the number of training cases to use."""
+    if site in checkpoint.sites:
+        raise ValueError(f"--site {site!r} already has an expert in {checkpoint.path}; "
+                         f"choose a new name")
+    k = check_cases(cases, len(train_records), site)
+    if not test_records:
+        raise ValueError(f"site {site!r} has no test cases to score")
+    if int(epochs) < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if expert_init not in EXPERT_INITS:
+        raise ValueError(f"--expert-init must be one of {list(EXPERT_INITS)}, got {expert_init!r}")
+    return k
+
+
+def _start_model(checkpoint: Checkpoint, personal: str, expert_init: str
+                 ) -> tuple[M4Fuse, int, dict[str, str]]:
+    """The federation's model with a new expert, its kept non-expert layers from the sites'
+    mean and, for ``expert_init="mean"``, the new expert from the sites' experts:
+    ``(model, new expert's index, {"layers": how the layers start, "expert": ...})``."""
+    model, _ = build_model(checkpoint, site=None)
+    new = model.add_expert()
+    start, layers_note = start_layers(checkpoint) if personal != "experts" else ({}, "shared")
+    expert_note = "fresh"
+    if expert_init == "mean":
+        expert, expert_note = mean_expert(checkpoint)
+        start.update(place_expert(expert, new))
+    if start:
+        model.load_state_dict(start, strict=False)
+    return model, new, {"layers": layers_note, "expert": expert_note}
+
+
+def _write_joined(out: Path, checkpoint: Checkpoint, model: M4Fuse, site: str, new: int,
+                  k: int, trained: Sequence[str], metadata: dict[str, Any]) -> Path:
+    """Write the federation's checkpoint with ``site`` joined: its expert ``new`` and its
+    trained non-expert weights (norms ...) as its ``site_layers``; ``metadata`` added."""
+    state = {n: v.detach().cpu() for n, v in model.state_dict().items()}
+    _, experts_all = split_state(state)
+    experts = {**checkpoint.experts, site: expert_state(experts_all, new)}
+    # Trained non-expert weights (norms ...) are the new site's own: the shared weights
+    # and the other sites' personal weights stay as the federation left them.
+    own = {n: state[n] for n in trained if expert_index(n) is None}
+    site_layers = {**checkpoint.site_layers, **({site: own} if own else {})}
+    return save_checkpoint(
+        out, model.config, checkpoint.shared, experts, size=checkpoint.size,
+        metadata={**checkpoint.metadata, **metadata,
+                  **({"site_cases": {**checkpoint.metadata["site_cases"], site: k}}
+                     if checkpoint.metadata.get("site_cases") else {}),
+                  "joined_from": str(checkpoint.path)},
+        site_layers=site_layers)
+
+
 def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records: Sequence[Any],
               site: str, cfg: DictConfig, cases: int | str | None = None, epochs: int = 20,
               seed: int = 0, device: torch.device | None = None, out: Path | None = None,
@@ -181,27 +236,10 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
     start from the sites' mean (:func:`start_layers`), for the "shared model alone" scores
     and for the fine-tuning; a checkpoint without ``site_layers`` keeps its shared copy.
     """
-    if site in checkpoint.sites:
-        raise ValueError(f"--site {site!r} already has an expert in {checkpoint.path}; "
-                         f"choose a new name")
-    k = check_cases(cases, len(train_records), site)
-    if not test_records:
-        raise ValueError(f"site {site!r} has no test cases to score")
-    if int(epochs) < 1:
-        raise ValueError(f"--epochs must be >= 1, got {epochs}")
-    if expert_init not in EXPERT_INITS:
-        raise ValueError(f"--expert-init must be one of {list(EXPERT_INITS)}, got {expert_init!r}")
+    k = _check_join(checkpoint, train_records, test_records, site, cases, epochs, expert_init)
     device = device or runtime.resolve_device(str(cfg.device))
     personal = personal_set_of(checkpoint)
-    model, _ = build_model(checkpoint, site=None)
-    new = model.add_expert()
-    start, layers_note = start_layers(checkpoint) if personal != "experts" else ({}, "shared")
-    expert_note = "fresh"
-    if expert_init == "mean":
-        expert, expert_note = mean_expert(checkpoint)
-        start.update(place_expert(expert, new))
-    if start:
-        model.load_state_dict(start, strict=False)
+    model, new, notes = _start_model(checkpoint, personal, expert_init)
     before = {n: v.detach().clone() for n, v in model.state_dict().items()}
 
     def trainable(name: str) -> bool:
@@ -225,22 +263,9 @@ def join_site(checkpoint: Checkpoint, train_records: Sequence[Any], test_records
                            for n in before if not trainable(n))
     written = None
     if out is not None:
-        state = {n: v.detach().cpu() for n, v in after.items()}
-        _, experts_all = split_state(state)
-        experts = {**checkpoint.experts, site: expert_state(experts_all, new)}
-        # Trained non-expert weights (norms ...) are the new site's own: the shared weights
-        # and the other sites' personal weights stay as the federation left them.
-        own = {n: state[n] for n in trained if expert_index(n) is None}
-        site_layers = {**checkpoint.site_layers, **({site: own} if own else {})}
-        written = save_checkpoint(
-            out, model.config, checkpoint.shared, experts, size=checkpoint.size,
-            metadata={**checkpoint.metadata, "joined_site": site, "join_cases": k,
-                      "join_epochs": int(epochs), "join_trained": personal,
-                      "join_layers_start": layers_note, "join_expert_init": expert_note,
-                      **({"site_cases": {**checkpoint.metadata["site_cases"], site: k}}
-                         if checkpoint.metadata.get("site_cases") else {}),
-                      "joined_from": str(checkpoint.path)},
-            site_layers=site_layers)
+        metadata = {"joined_site": site, "join_cases": k, "join_epochs": int(epochs),
+                    "join_trained": personal, "join_layers_start": notes["layers"],
+                    "join_expert_init": notes["expert"]}
+        written = _write_joined(out, checkpoint, model, site, new, k, trained, metadata)
     return JoinResult(site, k, trained, shared_rows, tuned_rows, frozen_unchanged, written,
-                      {k2: float(v) for k2, v in train.items()},
-                      {"layers": layers_note, "expert": expert_note})
+                      {k2: float(v) for k2, v in train.items()}, notes)

@@ -8,9 +8,11 @@ command, the ServerApp and the ClientApp read; :func:`model_config`, :func:`buil
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,64 @@ def _strategy_names() -> tuple[str, ...]:
 STRATEGIES: tuple[str, ...] = _strategy_names()
 
 
+#: The ``train`` keys that are :class:`m4fuse.engine.TrainConfig` fields, in the YAML's order
+#: (the others come from elsewhere: epochs from ``fl.local_epochs``, the seed from ``seed``).
+TRAIN_KEYS: tuple[str, ...] = ("batch_size", "lr", "weight_decay", "warmup_steps", "min_lr",
+                               "amp", "amp_dtype", "grad_clip", "lambda_dice", "lambda_ce")
+
+
+def schema_of(cls: type, name: str, keys: Sequence[str] | None = None,
+              extra: Sequence[tuple[str, Any, Any]] = ()) -> type:
+    """A Hydra structured-config schema from the dataclass ``cls``: its fields ``keys`` (all
+    by default, in that order) with their types and defaults, then ``extra``
+    ``(name, type, default)`` fields. Not frozen (Hydra merges the YAML into it) and without
+    ``cls``'s checks, which run when the contract is built from the composed config."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    chosen = list(defaults) if keys is None else list(keys)
+    schema = dataclasses.make_dataclass(
+        name, [(k, hints[k], dataclasses.field(default=defaults[k])) for k in chosen]
+        + [(k, t, dataclasses.field(default=d)) for k, t, d in extra])
+    schema.__module__ = __name__  # picklable: a module attribute of this name (below)
+    return schema
+
+
+_SCHEMAS: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``TrainSchema``, built on first use (it imports ``m4fuse.engine``); a module attribute
+    so that a composed config pickles."""
+    if name != "TrainSchema":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _SCHEMAS:
+        from m4fuse.engine import TrainConfig
+
+        _SCHEMAS[name] = schema_of(TrainConfig, name, TRAIN_KEYS,
+                                   [("augment", bool, True), ("num_workers", int, 0)])
+    return _SCHEMAS[name]
+
+
+def register_schemas() -> None:
+    """Store the schema of the ``train`` group in Hydra's ConfigStore as ``schema/train``:
+    the :class:`m4fuse.engine.TrainConfig` fields of :data:`TRAIN_KEYS` with their types,
+    plus the loader keys ``augment: bool`` and ``num_workers: int``. ``train/default.yaml``
+    names it first in its defaults list (``/schema/train@_here_``), so a misspelt key or a
+    value of the wrong type fails at compose time with Hydra's message naming the key; the
+    YAML stays the source of the values. (``privacy`` has its dataclass in ``client/``,
+    which ``m4fuse`` does not import; ``model``'s keys are not ``M4FuseConfig``'s fields;
+    ``data``, ``fl`` and ``tracking`` have no dataclass.)"""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="schema", name="train", node=__getattr__("TrainSchema"))
+
+
 def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the Hydra config ``config_name`` from :data:`CONFIG_DIR` with ``overrides``.
 
     Works inside an already-running Hydra app too (the global Hydra state is restored).
-    The result is checked by :func:`check_config`.
+    The ``train`` group is checked against its schema (:func:`register_schemas`), the
+    result by :func:`check_config`.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -44,6 +99,7 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
 
     if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no Hydra config {config_name!r} in {CONFIG_DIR}")
+    register_schemas()
     overrides = [o for o in overrides if o]
     previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if previous is not None:
@@ -200,3 +256,4 @@ def train_config(cfg: DictConfig, epochs: int, seed: int | None = None):
     values["local_epochs"] = int(epochs)
     values["seed"] = int(cfg.seed) if seed is None else int(seed)
     return TrainConfig.from_dict(values)
+

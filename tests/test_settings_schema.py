@@ -1,0 +1,62 @@
+"""The ``train`` group's structured-config schema (m4fuse.settings.register_schemas): a misspelt
+key or a value of the wrong type fails at compose time naming the key, the composed config is
+what the YAML gives, and the override forms of the other groups keep working."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from m4fuse import settings
+from m4fuse.engine import TrainConfig
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=0.1", "train.lrr"),  # misspelt, without '+'
+    ("train.lr=abc", "train.lr"),  # not a float
+    ("train.batch_size=2.5", "train.batch_size"),  # not an int
+    ("train.amp=maybe", "train.amp"),  # not a bool
+    ("train.num_workers=many", "train.num_workers"),  # a loader key: not an int
+])
+def test_a_misspelt_key_or_a_wrong_type_fails_at_compose_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as caught:
+        settings.compose("config", [override])
+    text = f"{caught.value} {caught.value.__cause__}"
+    assert key in text
+
+
+def test_the_schema_is_the_train_config_fields_of_the_yaml_plus_the_loader_keys():
+    schema = settings.TrainSchema
+    names = [f.name for f in dataclasses.fields(schema)]
+    assert names == [*settings.TRAIN_KEYS, "augment", "num_workers"]
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(schema)[:len(settings.TRAIN_KEYS)]:
+        assert f.default == train_fields[f.name].default
+
+
+def test_the_composed_train_group_holds_the_yaml_values_and_keys():
+    cfg = settings.compose("config")
+    assert list(cfg.train) == [*settings.TRAIN_KEYS, "augment", "num_workers"]
+    assert OmegaConf.to_container(cfg.train)["lr"] == 0.008
+    assert cfg.train.batch_size == 2 and cfg.train.grad_clip == 12.0
+    pickle.loads(pickle.dumps(cfg))  # the schema class is a module attribute
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+fl.faults={site0:{crash_round:2}}"],
+    ["+fl.faults.site1.nan_round=1"],
+    ["model=paper", "model.preset=B"],
+    ["data.size=[64,128,128]"],
+    ["train.grad_clip=null"],
+    ["+train.betas=[0.9,0.99]"],  # a TrainConfig field outside the YAML, added with '+'
+])
+def test_the_existing_override_forms_still_compose(overrides):
+    cfg = settings.compose("config", overrides)
+    if overrides[0].startswith("+train.betas"):
+        assert tuple(settings.train_config(cfg, 1).betas) == (0.9, 0.99)
+    if overrides[0] == "train.grad_clip=null":
+        assert settings.train_config(cfg, 1).grad_clip is None

@@ -782,11 +782,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; flags and Hydra overrides may come in any order (``--seeds 0
+    fl.rounds=60 --modes fedavg run_name=x``: a plain ``parse_args`` stops the overrides at
+    the first flag and refuses the rest)."""
+    return build_parser().parse_intermixed_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simulations.compare [--seeds 0,1,2] [--modes a,b] [hydra overrides...]``."""
     from simulations.new_site import parse_cases
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.merge:
         base = settings.compose("config", list(args.overrides))
         name = str(base.run_name) if base.run_name else "merged"

@@ -64,3 +64,13 @@ def test_merge_refuses_other_budgets_and_repeated_runs(tmp_path):
     c = _comparison(tmp_path, "c", {"pooled": 0.8}, [0])
     with pytest.raises(ValueError, match="pooled seed 0 is in both"):
         merge_comparisons([a, c], tmp_path / "m", "m")
+
+
+def test_flags_and_overrides_may_come_in_any_order():
+    from simulations.compare import parse_args
+
+    args = parse_args(
+        ["--seeds", "0", "fl.rounds=60", "--modes", "fedavg", "fl.optimizer_state=all",
+         "run_name=x"])
+    assert args.seeds == "0" and args.modes == "fedavg"
+    assert args.overrides == ["fl.rounds=60", "fl.optimizer_state=all", "run_name=x"]

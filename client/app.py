@@ -33,13 +33,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import random
 import time
 from collections.abc import Mapping
 from logging import WARNING
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -414,50 +412,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, float]:
     """Fine-tune the personal set ``personal`` of ``model`` on the site's training cases for
-    up to ``fl.finetune_epochs`` epochs, every other weight frozen (the "+FT" of a strategy,
-    run once after the last round, before the final test), keeping the best epoch.
-
-    The site's validation cases decide: their mean Dice is measured before fine-tuning
-    (epoch 0) and after each epoch, and the weights of the best epoch are kept (ties go to
-    fewer epochs, so epoch 0, no fine-tuning, wins unless an epoch is strictly better; the
-    test cases are never looked at). The validation runs between epochs leave the training
-    exactly as without them (the random number generators are restored), so the last epoch's
-    weights are those of a plain ``fl.finetune_epochs`` run. Returns ``finetune-steps``,
-    ``finetune-epochs`` (run), ``finetune-epochs-kept``, ``finetune-loss``, ``finetune-kept``
-    (1 when an epoch > 0 was kept, else 0) and the validation mean Dice before fine-tuning
-    and of the kept weights (``finetune-val-before``/``-after``) for the reply's metrics."""
-    epochs = int(site.cfg.fl.finetune_epochs)
-    seed = int(site.cfg.seed) * 1000 + site.index * 100 + 99
-
-    def val_dice() -> float:
-        model.eval()
-        return float(site_steps.validate_site(model, site.records["val"], 0, site.cfg,
-                                              site.device)["dice_mean"])
-
-    before = val_dice()
-    best = {"dice": before, "epoch": 0,
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-
-    def after_epoch(epoch: int) -> None:
-        rng = (random.getstate(), np.random.get_state())
-        with torch.random.fork_rng(devices=[]):
-            dice = val_dice()
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        model.train()
-        if dice > best["dice"]:
-            best.update(dice=dice, epoch=epoch,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-
-    result = site_steps.finetune_site(model, site.records["train"], 0, site.cfg, site.device,
-                                      personal=personal, epochs=epochs, seed=seed,
-                                      on_epoch_end=after_epoch)
-    if best["epoch"] != epochs:
-        model.load_state_dict(best["state"])
-    return {"finetune-steps": float(result["steps"]), "finetune-epochs": float(epochs),
-            "finetune-epochs-kept": float(best["epoch"]),
-            "finetune-loss": float(result["loss"]), "finetune-kept": float(best["epoch"] > 0),
-            "finetune-val-before": before, "finetune-val-after": float(best["dice"])}
+    up to ``fl.finetune_epochs`` epochs, every other weight frozen, keeping the epoch its
+    validation cases score best (:func:`m4fuse.site_steps.finetune_best_epoch`, seeded with
+    :func:`m4fuse.site_steps.finetune_seed`). Returns its metrics for the reply."""
+    return site_steps.finetune_best_epoch(
+        model, site.records["train"], site.records["val"], 0, site.cfg, site.device,
+        personal=personal, epochs=int(site.cfg.fl.finetune_epochs),
+        seed=site_steps.finetune_seed(int(site.cfg.seed), site.index))
 
 
 __all__ = ["app", "train", "evaluate", "privacy_config", "check_dp_training"]

@@ -172,6 +172,70 @@ def finetune_site(
             p.requires_grad_(before[n])
 
 
+def finetune_seed(seed: int, site_index: int) -> int:
+    """The seed of a site's "+FT" fine-tuning after the last round (``seed`` is the run's
+    ``seed``, ``site_index`` the site's 0-based index): the one the ClientApp uses, so an
+    offline fine-tuning (:mod:`simulations.finetune_runs`) draws the same batches."""
+    return int(seed) * 1000 + int(site_index) * 100 + 99
+
+
+def finetune_best_epoch(
+    model: torch.nn.Module,
+    train_records: Sequence[Any],
+    val_records: Sequence[Any],
+    expert_index: int,
+    cfg: DictConfig,
+    device: torch.device,
+    personal: str,
+    epochs: int,
+    seed: int,
+) -> dict[str, float]:
+    """Fine-tune the personal set ``personal`` of ``model`` on ``train_records`` for up to
+    ``epochs`` epochs, every other weight frozen (:func:`finetune_site`), keeping the best
+    epoch (the "+FT" of a strategy, run once after the last round, before the final test).
+
+    ``val_records`` decide: their mean Dice is measured before fine-tuning (epoch 0) and
+    after each epoch, and the weights of the best epoch are kept in ``model`` (ties go to
+    fewer epochs, so epoch 0, no fine-tuning, wins unless an epoch is strictly better; test
+    cases are never looked at). The validation runs between epochs leave the training exactly
+    as without them (the random number generators are restored), so the last epoch's weights
+    are those of a plain ``epochs`` run. Returns ``finetune-steps``, ``finetune-epochs``
+    (run), ``finetune-epochs-kept``, ``finetune-loss``, ``finetune-kept`` (1 when an epoch
+    > 0 was kept, else 0) and the validation mean Dice before fine-tuning and of the kept
+    weights (``finetune-val-before``/``-after``)."""
+    import random
+
+    def val_dice() -> float:
+        model.eval()
+        return float(validate_site(model, val_records, expert_index, cfg, device)["dice_mean"])
+
+    before = val_dice()
+    best: dict[str, Any] = {
+        "dice": before, "epoch": 0,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+    def after_epoch(epoch: int) -> None:
+        rng = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[]):
+            dice = val_dice()
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        model.train()
+        if dice > best["dice"]:
+            best.update(dice=dice, epoch=epoch,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    result = finetune_site(model, train_records, expert_index, cfg, device,
+                           personal=personal, epochs=epochs, seed=seed,
+                           on_epoch_end=after_epoch)
+    if best["epoch"] != epochs:
+        model.load_state_dict(best["state"])
+    return {"finetune-steps": float(result["steps"]), "finetune-epochs": float(epochs),
+            "finetune-epochs-kept": float(best["epoch"]),
+            "finetune-loss": float(result["loss"]), "finetune-kept": float(best["epoch"] > 0),
+            "finetune-val-before": before, "finetune-val-after": float(best["dice"])}
+
+
 def personal_lr_scale(model: torch.nn.Module, cfg: DictConfig) -> dict[str, float] | None:
     """``{parameter name: fl.personal_lr_scale}`` for the parameters of the strategy's kept
     set, or None when the scale is 1 (default) or the strategy keeps nothing/everything."""

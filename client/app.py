@@ -59,7 +59,7 @@ from m4fuse import settings, site_steps
 from m4fuse.logs import configure_logging
 from m4fuse.metrics import REPORTED_METRIC_KEYS
 from m4fuse.site_state import SiteState, SiteStateStore, model_fingerprint
-from m4fuse.state import expert_state, place_expert, split_state
+from m4fuse.state import expert_state, is_personal, place_expert, split_state
 from m4fuse.state import strategy as state_strategy
 
 configure_logging()  # after client.privacy imported Opacus (see m4fuse.logs)
@@ -118,10 +118,11 @@ def _kept(context: Context, site: Site, model: torch.nn.Module, strategy: str,
 
 def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, server_round: int,
                metrics: Mapping[str, float]) -> None:
-    """Write the round's :class:`SiteState` (expert index-free; the kept weights outside the
-    expert, e.g. the norms of ``personal-norm`` or the whole model of ``local``, in its
-    ``shared`` field; the round's finite metrics). The optimiser is not written: AdamW moments
-    kept under ``fl.optimizer_state`` live in ``context.state`` only."""
+    """Write the round's :class:`SiteState` (expert index-free; the weights outside the
+    expert, e.g. the norms of ``personal-norm``, the whole model of ``local`` or a
+    ``-ft-all`` fine-tuning, in its ``shared`` field; the round's finite metrics). The
+    optimiser is not written: AdamW moments kept under ``fl.optimizer_state`` live in
+    ``context.state`` only."""
     store = _store(site)
     if store is None or not kept:
         return
@@ -130,25 +131,25 @@ def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, serv
         site=site.name, round=server_round, fingerprint=_fingerprint(site.cfg, strategy),
         expert=expert_state(personal, 0), optimizer=None,
         metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
-        shared=shared if KEPT[strategy] != "experts" else None,
+        shared=shared or None,
     ))
 
 
 def _save_finetuned(context: Context, site: Site, model: torch.nn.Module, strategy: str,
                     server_round: int, metrics: Mapping[str, float]) -> None:
     """After a kept fine-tuning (final test): the site's personal state becomes the
-    fine-tuned one, in ``context.state`` and in its folder as the state of ``server_round``
-    (the last round's file is overwritten), so the final model (``m4fuse.checkpoint.
-    save_final_model``) and a resumed run see what the final test scored. The set saved is
-    what the strategy keeps, or, for one that keeps nothing (``fedavg-ft``), what it
-    fine-tunes (only the final model reads that)."""
+    fine-tuned one, in ``context.state`` (what the strategy keeps, nothing more) and in its
+    folder as the state of ``server_round`` (the last round's file is overwritten): there
+    both what it keeps and what it fine-tuned (for ``fedavg-ft`` the norms and expert, for
+    ``-ft-all`` the whole model), so the final model (``m4fuse.checkpoint.save_final_model``)
+    holds what the final test scored; a resumed run reads only the kept set from it."""
     spec = state_strategy(strategy)
-    personal = spec.kept if spec.kept != "none" else str(spec.finetune)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _, mine = split_state(state, personal)
     if spec.kept != "none":
-        context.state.array_records[KEPT_RECORD] = to_record(mine)
-    _save_kept(site, mine, strategy, server_round, metrics)
+        context.state.array_records[KEPT_RECORD] = to_record(split_state(state, spec.kept)[1])
+    saved = {k: v for k, v in state.items()
+             if is_personal(k, spec.kept) or is_personal(k, str(spec.finetune))}
+    _save_kept(site, saved, strategy, server_round, metrics)
 
 
 def _build(site: Site, msg: Message, context: Context, strategy: str

@@ -7,7 +7,8 @@ Which weights cross the wire is decided by the strategy and by :func:`m4fuse.sta
   stays on the site.
 * ``personal-norm`` (``-ft``) / ``personal-stem``: as ``personal``, and the site's
   normalisation affine weights (and first convolution) stay on the site too.
-* ``fedavg`` / ``fedavg-ft``: the whole model (one expert that everyone averages).
+* ``fedavg`` / ``fedavg-ft`` / ``fedavg-ft-all``: the whole model (one expert that everyone
+  averages).
 * ``local``: nothing (an empty ArrayRecord, so replies keep Flower's one-ArrayRecord shape).
 
 The tables below are derived from :data:`m4fuse.state.STRATEGIES`.

@@ -72,8 +72,8 @@ class Strategy:
     Args:
         kept: personal set kept at the site across rounds (never sent).
         finetune: personal set fine-tuned on the site's own training cases after the last
-            round (shared weights frozen), for ``fl.finetune_epochs`` epochs, before the
-            final test; None: no fine-tuning.
+            round (shared weights frozen; ``all``: nothing frozen), for
+            ``fl.finetune_epochs`` epochs, before the final test; None: no fine-tuning.
         server: ``fedavg`` or ``fedprox`` (Flower's ``flwr.serverapp.strategy`` classes).
     """
 
@@ -101,6 +101,10 @@ STRATEGIES: dict[str, Strategy] = {
     "personal-ft": Strategy("experts", finetune="experts"),
     "personal-norm-ft": Strategy("norms", finetune="norms"),
     "fedavg-ft": Strategy("none", finetune="norms"),
+    # The FedAvg+FT baseline of personalised FL: the federated model is the initialisation
+    # and each site fine-tunes the WHOLE model on its own cases after the last round.
+    "fedavg-ft-all": Strategy("none", finetune="all"),
+    "personal-ft-all": Strategy("experts", finetune="all"),
 }
 
 

@@ -236,3 +236,70 @@ def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, va
     assert out["finetune-kept"] == float(kept) and out["finetune-steps"] >= 1
     same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert same is (not kept)
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_fedavg_ft_all_run_puts_each_sites_whole_fine_tuned_model_in_the_final_model(
+        monkeypatch, tmp_path):
+    """FedAvg + fine-tuning of the whole model (the federated model as initialisation): every
+    round sends exactly the whole model, the site keeps nothing in its Context state, and
+    model.ckpt holds, for each site that kept its fine-tuning, its whole fine-tuned model
+    (site_layers = every non-expert weight, conv weights included, plus its expert): the
+    weights its final test scored."""
+    import csv
+
+    from m4fuse.checkpoint import build_model, load_checkpoint
+    from m4fuse.crosssite import score_cases
+    from m4fuse.site_state import newest_kept
+    from m4fuse.state import Strategy, is_personal
+    from simulations.compare import check_against_run, site_models
+
+    assert STRATEGIES["fedavg-ft-all"] == Strategy("none", finetune="all")
+    assert STRATEGIES["personal-ft-all"] == Strategy("experts", finetune="all")
+    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=1", "fl.strategy=fedavg-ft-all",
+            "fl.finetune_epochs=3", "run_name=faft"]
+    cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
+                                           monkeypatch)
+    names = set(settings.build_model(cfg, num_experts=1).state_dict())
+    trains = [e for e in entries if e["type"] == MessageType.TRAIN]
+    assert len(trains) == 2
+    for e in trains:  # the shared keys of fedavg: the whole model; nothing kept
+        assert [set(a) for a in e["arrays"]] == [names] and e["kept"] == []
+    finals = [e for e in entries if e["final"]]
+    assert len(finals) == 2
+    for e in finals:
+        (metrics,) = e["metrics"]
+        assert metrics["finetune-epochs"] == 3 and metrics["finetune-steps"] >= 3
+        assert e["kept"] == []  # the fine-tuned model never enters the Context's kept record
+    tuned = {int(e["metrics"][0]["site-index"]): e["metrics"][0]["finetune-kept"] for e in finals}
+    ckpt = load_checkpoint(rdir)
+    assert ckpt.metadata["strategy"] == "fedavg-ft-all"
+    assert ckpt.sites == ["site0", "site1"]
+    conv = {k for k in ckpt.shared if k.endswith(".weight") and not is_personal(k, "norms")}
+    assert conv
+    for index, site in enumerate(ckpt.sites):
+        model, expert = build_model(ckpt, site)
+        assert expert == 0
+        built = model.state_dict()
+        if tuned[index]:
+            layers = ckpt.site_layers[site]
+            assert set(layers) == set(ckpt.shared)  # a full copy of the shared weights
+            assert any(not torch.equal(layers[k], ckpt.shared[k]) for k in conv)
+            final_state = newest_kept(rdir / "clients" / site)
+            assert set(final_state["state"]) == names
+            assert all(torch.equal(built[k], v) for k, v in final_state["state"].items())
+        else:  # epoch 0 kept: the federated model itself
+            assert site not in ckpt.site_layers
+            assert all(torch.equal(built[k], v) for k, v in ckpt.shared.items())
+    assert any(tuned.values()), tuned  # the tiny run does keep a fine-tuning somewhere
+    # scored from model.ckpt, each site's test cases give the run's own final test Dice
+    split = provision.load_sites(cfg)
+    case_rows = [{"site": site, **r}
+                 for site, (model, expert) in site_models("fedavg-ft-all", cfg, rdir,
+                                                          ckpt.sites).items()
+                 for r in score_cases(model, expert, split[site]["test"], torch.device("cpu"))]
+    with open(rdir / "sites.csv") as handle:
+        run_rows = [{"name": r["name"], "test_dice_mean": float(r["test_dice_mean"])}
+                    for r in csv.DictReader(handle) if r["name"] in ckpt.sites]
+    diffs = check_against_run(case_rows, run_rows)
+    assert set(diffs) == set(ckpt.sites) and max(diffs.values()) < 2e-3, diffs

@@ -567,12 +567,13 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
               cross_rows: Mapping[str, Sequence[Mapping[str, Any]]],
               new_site: Mapping[str, Any] | None, seconds: Mapping[str, Any],
               bytes_by_mode: Mapping[str, Any], check: Mapping[str, Any],
-              convergence: Sequence[str]) -> dict[str, Any]:
+              convergence: Sequence[str], against: Sequence[str] = ()) -> dict[str, Any]:
     """The comparison's summary from its per-case rows: the table of mean +- sd over seeds,
     the paired tests of the default strategy, the goals and the cross-site matrices (the
     new site's per-case rows ride along under ``_new_site_rows`` for :func:`write_report`)."""
     table = site_table(rows, modes, seeds, sites)
-    others = [m for m in ("fedavg", "local") if m in modes and m != default]
+    others = [m for m in dict.fromkeys(["fedavg", "local", *against])
+              if m in modes and m != default]
     tests = paired_tests(rows, default, others, sites) if default in modes else []
     crossdata = {}
     for mode, crows in cross_rows.items():
@@ -626,24 +627,39 @@ def write_report(out: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[s
     return json_path, artifacts
 
 
-def merge_comparisons(paths: Sequence[Path], out: Path, name: str) -> Path:
-    """One comparison from several ``comparison.json`` of the same settings (e.g. seed 0 of
-    one run and seeds 1, 2 of another): their per-case rows, cross-site rows, new-site rows,
-    wall times and checks are joined and the summary (table, tests, goals) is computed again
-    from the joined rows. Refuses files whose default strategy, budget, sites or overrides
-    differ, or that hold the same (mode, seed). A mode that ran on only some seeds is
-    reported with its ``n_seeds``. Returns the merged ``comparison.json``'s path."""
+def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
+                      default: str | None = None, against: Sequence[str] = ()) -> Path:
+    """One comparison from several ``comparison.json`` (e.g. seed 0 of one run and seeds 1, 2
+    of another): their per-case rows, cross-site rows, new-site rows, wall times and checks
+    are joined and the summary (table, tests, goals) is computed again from the joined rows.
+
+    A path may end in ``#SUFFIX`` (e.g. ``runs/m/comparison.json#+fedavgm``): that file's
+    modes are renamed ``<mode>SUFFIX`` and its overrides may differ from the first file's
+    (each file's overrides are kept in ``summary.merged_from``); the budget and the sites
+    must still agree. Without a suffix, files whose default strategy, budget, sites or
+    overrides differ are refused, as are two files holding the same (mode, seed). ``default``
+    (default: the first file's default strategy) is the mode the report tests against fedavg
+    and local, and also against the modes ``against``. A mode that ran on only some seeds is reported with its ``n_seeds``. Returns
+    the merged ``comparison.json``'s path."""
     if len(paths) < 2:
         raise ValueError(f"--merge needs at least two comparison.json files, got {list(paths)}")
     loaded = []
-    for path in paths:
+    sources = []
+    for entry in paths:
+        path, _, suffix = str(entry).partition("#")
         try:
-            loaded.append((Path(path), json.loads(Path(path).read_text())))
+            payload = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read comparison {path}: {err}") from None
+        if suffix:
+            payload = _rename_modes(payload, suffix)
+        loaded.append((Path(path), payload))
+        sources.append({"file": path, "suffix": suffix,
+                        "overrides": payload["summary"]["overrides"]})
     first_path, first = loaded[0]
-    same = ("default_strategy", "budget", "sites", "overrides")
-    for path, payload in loaded[1:]:
+    for (path, payload), source in zip(loaded[1:], sources[1:]):
+        same = ("budget", "sites") if source["suffix"] else (
+            "default_strategy", "budget", "sites", "overrides")
         for key in same:
             if payload["summary"][key] != first["summary"][key]:
                 raise ValueError(f"cannot merge {path} with {first_path}: summary.{key} differs "
@@ -686,18 +702,37 @@ def merge_comparisons(paths: Sequence[Path], out: Path, name: str) -> Path:
                     out_.setdefault(mode, []).extend(value)
         return out_
 
+    default = default or first["summary"]["default_strategy"]
+    if default not in modes:
+        raise ValueError(f"--default {default!r} is not among the merged modes {modes}")
     summary = summarise(
-        name=name, default=first["summary"]["default_strategy"], modes=modes,
+        name=name, default=default, modes=modes,
         seeds=sorted(seeds), sites=first["summary"]["sites"],
         overrides=first["summary"]["overrides"],
         test_cases={k: v for _, p in loaded for k, v in p["summary"]["test_cases"].items()},
         budget=first["summary"]["budget"], rows=rows, cross_rows=cross_rows,
         new_site=merge_new_site(new_site_results), seconds=joined("seconds"),
         bytes_by_mode=joined("bytes"), check=joined("check"),
-        convergence=[line for _, p in loaded for line in p["summary"]["convergence"]])
-    summary["merged_from"] = [str(path) for path, _ in loaded]
+        convergence=[line for _, p in loaded for line in p["summary"]["convergence"]],
+        against=against)
+    summary["merged_from"] = sources
     json_path, _ = write_report(out, summary, rows, cross_rows, summary.pop("_new_site_rows"))
     return json_path
+
+
+def _rename_modes(payload: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """``payload`` (a loaded ``comparison.json``) with every mode ``m`` renamed ``m+suffix``:
+    in its rows, cross-site rows, and the summary's modes, wall times, bytes and checks."""
+    s = dict(payload["summary"])
+    renamed = {m: f"{m}{suffix}" for m in s["modes"]}
+    s["modes"] = [renamed[m] for m in s["modes"]]
+    for key in ("seconds", "bytes", "check"):
+        s[key] = {renamed.get(m, m): v for m, v in s[key].items()}
+    s["convergence"] = [f"{line} ({suffix})" for line in s["convergence"]]
+    return {**payload, "summary": s,
+            "rows": [{**r, "mode": renamed.get(r["mode"], r["mode"])} for r in payload["rows"]],
+            "crosssite_rows": [{**r, "mode": renamed.get(r["mode"], r["mode"])}
+                               for r in payload.get("crosssite_rows", [])]}
 
 
 def merge_new_site(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -775,8 +810,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", default=None,
                         help="comma-separated comparison.json files of the same settings to "
                              "join into one report (no training; e.g. seed 0 of one run and "
-                             "seeds 1,2 of another); written to <root>/runs/<run_name or "
-                             "'merged'>/")
+                             "seeds 1,2 of another); FILE#SUFFIX renames that file's modes "
+                             "<mode>SUFFIX and lets its overrides differ (e.g. "
+                             "runs/m/comparison.json#+fedavgm); written to <root>/runs/"
+                             "<run_name or 'merged'>/")
+    parser.add_argument("--default", default=None,
+                        help="with --merge: the mode tested against fedavg and local (default: "
+                             "the first file's default strategy)")
+    parser.add_argument("--against", default="",
+                        help="with --merge: comma-separated modes the default is also tested "
+                             "against (besides fedavg and local)")
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides for every run, e.g. fl.rounds=10 data.sites=4")
     return parser
@@ -798,8 +841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = settings.compose("config", list(args.overrides))
         name = str(base.run_name) if base.run_name else "merged"
         try:
-            merge_comparisons([Path(p) for p in _list(args.merge)],
-                              workspace.project_root(base) / "runs" / name, name)
+            merge_comparisons(_list(args.merge), workspace.project_root(base) / "runs" / name,
+                              name, default=args.default, against=_list(args.against))
         except ValueError as err:
             raise SystemExit(f"--merge: {err}") from None
         return 0

@@ -74,3 +74,27 @@ def test_flags_and_overrides_may_come_in_any_order():
          "run_name=x"])
     assert args.seeds == "0" and args.modes == "fedavg"
     assert args.overrides == ["fl.rounds=60", "fl.optimizer_state=all", "run_name=x"]
+
+
+def test_a_suffix_renames_modes_and_lets_overrides_differ(tmp_path):
+    a = _comparison(tmp_path, "a", {"local": 0.8, "fedavg": 0.7}, [0, 1])
+    b = _comparison(tmp_path, "b", {"fedavg": 0.72, "personal-norm-ft": 0.78}, [0, 1])
+    data = json.loads(b.read_text())
+    data["summary"]["overrides"] = ["fl.rounds=60", "fl.server_opt=fedavgm"]
+    b.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="summary.overrides differs"):
+        merge_comparisons([a, b], tmp_path / "m", "m")
+    with pytest.raises(ValueError, match="not among the merged modes"):
+        merge_comparisons([a, f"{b}#+m"], tmp_path / "m", "m", default="personal-norm-ft")
+    merged = json.loads(merge_comparisons([a, f"{b}#+m"], tmp_path / "m", "m",
+                                          default="personal-norm-ft+m",
+                                          against=["fedavg+m"]).read_text())
+    s = merged["summary"]
+    assert s["modes"] == ["local", "fedavg", "fedavg+m", "personal-norm-ft+m"]
+    assert s["default_strategy"] == "personal-norm-ft+m"
+    assert s["merged_from"][1]["overrides"] == ["fl.rounds=60", "fl.server_opt=fedavgm"]
+    vs_local = next(t for t in s["tests"] if t["b"] == "local" and t["site"] == "all")
+    assert vs_local["mean_diff"] == pytest.approx(-0.02)
+    assert {r["mode"] for r in merged["rows"]} == set(s["modes"])
+    vs_fedavg_m = next(t for t in s["tests"] if t["b"] == "fedavg+m" and t["site"] == "all")
+    assert vs_fedavg_m["mean_diff"] == pytest.approx(0.06)

@@ -155,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.new_site",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
-                        help="the federation's model.ckpt (or its run folder)")
+                        help="the federation's model.ckpt (or its run folder); several, "
+                             "comma-separated, with --seeds (one seed each): their results "
+                             "are pooled case by case")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds, one per --model (default: the config's "
+                             "seed for a single model)")
     parser.add_argument("--cases", default="2,5,all",
                         help="comma-separated k (training cases of the new site) or 'all' "
                              "(default 2,5,all)")
@@ -165,12 +170,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "averaged)")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: none)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=1")
-    args = parser.parse_args(argv)
-    result = evaluate_new_site(args.overrides, args.model, parse_cases(args.cases), args.epochs,
-                               expert_init=args.expert_init)
-    print(markdown([result]))
+    args = parser.parse_intermixed_args(argv)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+    if seeds and len(seeds) != len(models):
+        raise SystemExit(f"--seeds gives {len(seeds)} seed(s) for {len(models)} --model(s): "
+                         "give one seed per model")
+    if len(models) > 1 and not seeds:
+        raise SystemExit("several --model need --seeds (one seed per model)")
+    results = []
+    for i, model in enumerate(models):
+        extra = [f"seed={seeds[i]}"] if seeds else []
+        results.append(evaluate_new_site([*args.overrides, *extra], model,
+                                         parse_cases(args.cases), args.epochs,
+                                         label={"seed": int(seeds[i])} if seeds else None,
+                                         expert_init=args.expert_init))
+    print(markdown(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(results[0] if len(results) == 1 else results,
+                                             indent=1))
     return 0
 
 

@@ -207,7 +207,7 @@ def test_settings_map_to_flowers_parameters():
 
 def test_config_refuses_bad_server_opt_before_training():
     cfg = settings.compose("config", [])
-    assert cfg.fl.server_opt == "none" and server_opt_settings(cfg.fl)[0] == "none"
+    assert cfg.fl.server_opt == "fedavgm" and server_opt_settings(cfg.fl)[0] == "fedavgm"
     with pytest.raises(ValueError, match="fl.server_opt .*'sgd'"):
         settings.compose("config", ["fl.server_opt=sgd"])
     with pytest.raises(ValueError, match="fl.server_lr .*-1"):

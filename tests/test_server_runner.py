@@ -35,14 +35,14 @@ def test_resume_may_change_rounds_faults_and_quorum_not_the_rule(tmp_path):
     same = _cfg(tmp_path, "fl.rounds=7", "fl.resume=true", "fl.min_sites=2",
                 "+fl.faults={site0:{crash_round:2}}", "fl.round_timeout=5")
     assert resume_hash(same) == base
-    for change in ("fl.aggregation=median", "fl.norm_bound=2.0", "fl.local_epochs=1"):
+    for change in ("fl.aggregation=median", "fl.norm_bound=2.0", "fl.local_epochs=2"):
         assert resume_hash(_cfg(tmp_path, change)) != base, change
 
 
 def test_resume_hash_and_the_server_optimiser(tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, "fl.server_opt=none")
     base = resume_hash(cfg)
     # a run checkpointed before the fl.server_* keys existed (server_opt none) still resumes
     OmegaConf.set_struct(cfg, False)
@@ -50,7 +50,8 @@ def test_resume_hash_and_the_server_optimiser(tmp_path):
                 "server_beta_2", "server_tau"):
         cfg.fl.pop(key)
     assert resume_hash(cfg) == base
-    assert resume_hash(_cfg(tmp_path, "fl.server_lr=0.5")) == base  # unused under none
+    assert resume_hash(_cfg(tmp_path, "fl.server_opt=none", "fl.server_lr=0.5")) == base
+    assert resume_hash(_cfg(tmp_path)) != base  # the default is fedavgm
     adam = resume_hash(_cfg(tmp_path, "fl.server_opt=fedadam"))
     assert adam != base
     assert resume_hash(_cfg(tmp_path, "fl.server_opt=fedadam", "fl.server_lr=0.5")) != adam

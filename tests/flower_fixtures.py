@@ -35,10 +35,11 @@ TINY_FL = [
 
 
 def client_train_round(partition: int, arrays: ArrayRecord, state: RecordDict, rnd: int,
-                       run_dir: str) -> Message:
+                       run_dir: str, identity: str | None = None) -> Message:
     """Call the project's ClientApp train handler once, outside Flower, behind the project's
     client mods (fault injection) as the ClientApp calls it, as site ``partition`` (of 2) in
-    round ``rnd`` with one local epoch; ``state`` is the site's Context state."""
+    round ``rnd`` with one local epoch; ``state`` is the site's Context state, ``identity``
+    (default none sent) the server's run identity."""
     from client.app import MODS, train
 
     def behind(mod: Callable, call_next: Callable) -> Callable[[Message, Context], Message]:
@@ -48,8 +49,10 @@ def client_train_round(partition: int, arrays: ArrayRecord, state: RecordDict, r
     for mod in reversed(MODS):
         handler = behind(mod, handler)
 
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-        {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir})})
+    config = {"server-round": rnd, "local-epochs": 1, "run-dir": run_dir}
+    if identity is not None:
+        config["run-identity"] = identity
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
     msg = Message(content=content, dst_node_id=partition + 1, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=partition + 1,
                       node_config={"partition-id": partition, "num-partitions": 2},

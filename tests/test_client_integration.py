@@ -192,8 +192,6 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
     """The same run name, another run identity (a new run): the site drops what it kept in
     context.state and in its folder and trains from the server's weights alone; the same
     identity (a resumed run) continues with its expert."""
-    from flwr.app import ConfigRecord, Context, MessageType
-
     import client.app as client_app
     from m4fuse.site_state import SiteStateStore
 
@@ -209,14 +207,8 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
     monkeypatch.setattr(client_app.site_steps, "train_site", spy)
 
     def train_round(identity: str, rnd: int, state: RecordDict) -> None:
-        content = RecordDict({"arrays": start, "config": ConfigRecord(
-            {"server-round": rnd, "local-epochs": 1, "run-dir": str(tmp_path),
-             "run-identity": identity})})
-        msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
-                                                            "num-partitions": 2},
-                          state=state, run_config={})
-        assert not client_app.train(msg, context).has_error()
+        assert not client_train_round(0, start, state, rnd, str(tmp_path),
+                                      identity=identity).has_error()
 
     state = RecordDict()
     train_round("run-a", 1, state)

@@ -34,6 +34,26 @@ def _names(strategy: str = "personal") -> list[str]:
     return list(settings.build_model(cfg, num_experts=1).state_dict())
 
 
+def _assert_model_ckpt_scores_as_the_run(strategy: str, cfg, rdir: Path,
+                                         sites: list[str]) -> None:
+    """Each site's model rebuilt from the run's model.ckpt (as the comparison does) gives,
+    on the site's test cases, the run's own final test mean Dice (``sites.csv``) within 2e-3."""
+    import csv
+
+    from m4fuse.crosssite import score_cases
+    from simulations.compare import check_against_run, site_models
+
+    split = provision.load_sites(cfg)
+    case_rows = [{"site": site, **r}
+                 for site, (model, expert) in site_models(strategy, cfg, rdir, sites).items()
+                 for r in score_cases(model, expert, split[site]["test"], torch.device("cpu"))]
+    with open(rdir / "sites.csv") as handle:
+        run_rows = [{"name": r["name"], "test_dice_mean": float(r["test_dice_mean"])}
+                    for r in csv.DictReader(handle) if r["name"] in sites]
+    diffs = check_against_run(case_rows, run_rows)
+    assert set(diffs) == set(sites) and max(diffs.values()) < 2e-3, diffs
+
+
 def test_personal_sets_nest_and_split_disjointly():
     names = _names()
     chosen = {s: set(split_state(dict.fromkeys(names), s)[1]) for s in PERSONAL_SETS}
@@ -193,21 +213,7 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     assert any(not torch.equal(layers[0][k], layers[1][k]) for k in layers[0])
     # scored again from model.ckpt, every site's test cases give the run's own test Dice
     # (the final test scored the fine-tuned weights; the file holds those)
-    import csv
-
-    from m4fuse.crosssite import score_cases
-    from simulations.compare import check_against_run, site_models
-
-    split = provision.load_sites(cfg)
-    case_rows = [{"site": site, **r}
-                 for site, (model, expert) in site_models("personal-norm-ft", cfg, rdir,
-                                                          ckpt.sites).items()
-                 for r in score_cases(model, expert, split[site]["test"], torch.device("cpu"))]
-    with open(rdir / "sites.csv") as handle:
-        run_rows = [{"name": r["name"], "test_dice_mean": float(r["test_dice_mean"])}
-                    for r in csv.DictReader(handle) if r["name"] in ckpt.sites]
-    diffs = check_against_run(case_rows, run_rows)
-    assert set(diffs) == set(ckpt.sites) and max(diffs.values()) < 2e-3, diffs
+    _assert_model_ckpt_scores_as_the_run("personal-norm-ft", cfg, rdir, ckpt.sites)
     segmented = tmp_path / "seg.nii.gz"
     from engine_fixtures import write_case
 
@@ -246,13 +252,10 @@ def test_fedavg_ft_all_run_puts_each_sites_whole_fine_tuned_model_in_the_final_m
     model.ckpt holds, for each site that kept its fine-tuning, its whole fine-tuned model
     (site_layers = every non-expert weight, conv weights included, plus its expert): the
     weights its final test scored."""
-    import csv
 
     from m4fuse.checkpoint import build_model, load_checkpoint
-    from m4fuse.crosssite import score_cases
     from m4fuse.site_state import newest_kept
     from m4fuse.state import Strategy, is_personal
-    from simulations.compare import check_against_run, site_models
 
     assert STRATEGIES["fedavg-ft-all"] == Strategy("none", finetune="all")
     assert STRATEGIES["personal-ft-all"] == Strategy("experts", finetune="all")
@@ -293,13 +296,4 @@ def test_fedavg_ft_all_run_puts_each_sites_whole_fine_tuned_model_in_the_final_m
             assert all(torch.equal(built[k], v) for k, v in ckpt.shared.items())
     assert any(tuned.values()), tuned  # the tiny run does keep a fine-tuning somewhere
     # scored from model.ckpt, each site's test cases give the run's own final test Dice
-    split = provision.load_sites(cfg)
-    case_rows = [{"site": site, **r}
-                 for site, (model, expert) in site_models("fedavg-ft-all", cfg, rdir,
-                                                          ckpt.sites).items()
-                 for r in score_cases(model, expert, split[site]["test"], torch.device("cpu"))]
-    with open(rdir / "sites.csv") as handle:
-        run_rows = [{"name": r["name"], "test_dice_mean": float(r["test_dice_mean"])}
-                    for r in csv.DictReader(handle) if r["name"] in ckpt.sites]
-    diffs = check_against_run(case_rows, run_rows)
-    assert set(diffs) == set(ckpt.sites) and max(diffs.values()) < 2e-3, diffs
+    _assert_model_ckpt_scores_as_the_run("fedavg-ft-all", cfg, rdir, ckpt.sites)

@@ -9,15 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from flower_fixtures import TINY_FL
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    RecordDict,
-)
+from flower_fixtures import TINY_FL, client_train_round
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from m4fuse import provision, settings, site_steps
 from m4fuse.state import split_state
@@ -52,7 +45,6 @@ def test_optimizer_state_across_rounds_through_the_client_app(monkeypatch, root,
     """Round 2 starts from round 1's AdamW moments of the kept set (``personal``) or of every
     parameter (``all``), from none (``fresh``); a new run identity clears them; the reply
     carries only the shared arrays and the metrics."""
-    import client.app as client_app
     from m4fuse import engine
     from server.runner import initial_state
 
@@ -82,14 +74,7 @@ def test_optimizer_state_across_rounds_through_the_client_app(monkeypatch, root,
     state = RecordDict()
 
     def train_round(rnd: int, identity: str) -> Message:
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-            {"server-round": rnd, "local-epochs": 1, "run-dir": str(tmp_path),
-             "run-identity": identity})})
-        msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
-                                                            "num-partitions": 2},
-                          state=state, run_config={})
-        reply = client_app.train(msg, context)
+        reply = client_train_round(0, arrays, state, rnd, str(tmp_path), identity=identity)
         assert not reply.has_error()
         assert set(reply.content.keys()) == {"arrays", "metrics"}  # nothing else is sent
         assert set(reply.content.array_records["arrays"].keys()) == shared

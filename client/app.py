@@ -141,7 +141,7 @@ def _save_finetuned(context: Context, site: Site, model: torch.nn.Module, strate
     fine-tuned one, in ``context.state`` (what the strategy keeps, nothing more) and in its
     folder as the state of ``server_round`` (the last round's file is overwritten): there
     both what it keeps and what it fine-tuned (for ``fedavg-ft`` the norms and expert, for
-    ``-ft-all`` the whole model), so the final model (``m4fuse.checkpoint.save_final_model``)
+    ``-ft-all`` the whole model), so the final model (``m4fuse.checkpoint.add_site_states``)
     holds what the final test scored; a resumed run reads only the kept set from it."""
     spec = state_strategy(strategy)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -18,8 +18,10 @@ those of ``shared``), plus its expert. Version 1 files (no ``site_layers``) stil
 
 Writes are atomic (temporary file in the same folder, fsync, rename). A run folder holds its
 final model as :data:`CHECKPOINT_NAME` (``model.ckpt``); :func:`resolve_checkpoint_path` accepts
-either the file or such a folder. :func:`save_final_model` puts a federated run's final model
-together from the server's weights and the sites' state folders it can read.
+either the file or such a folder. A federated run's final model is made in two steps: the
+ServerApp writes what it holds (:func:`save_server_model`, ``shared.ckpt``), and the driver or
+``m4fuse model assemble`` adds each site's own weights from the sites' state folders
+(:func:`add_site_states`, ``model.ckpt``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ VERSION = 2
 #: Versions :func:`load_checkpoint` reads (1: no ``site_layers``).
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 CHECKPOINT_NAME = "model.ckpt"
+#: What the ServerApp writes in its run folder: the server's part of the final model
+#: (:func:`save_server_model`); :func:`add_site_states` makes ``model.ckpt`` from it.
+SERVER_MODEL_NAME = "shared.ckpt"
 REQUIRED_KEYS: tuple[str, ...] = ("format", "version", "model_config", "size", "shared", "experts")
 
 log = logging.getLogger(__name__)
@@ -243,7 +248,10 @@ def resolve_checkpoint_path(run_or_checkpoint: str | os.PathLike) -> Path:
     if path.is_dir():
         candidate = path / CHECKPOINT_NAME
         if not candidate.is_file():
-            raise FileNotFoundError(f"run folder {path} holds no {CHECKPOINT_NAME}")
+            hint = (f" (its {SERVER_MODEL_NAME} is the server's part: `m4fuse model assemble "
+                    f"{path}` adds the sites' own weights)"
+                    if (path / SERVER_MODEL_NAME).is_file() else "")
+            raise FileNotFoundError(f"run folder {path} holds no {CHECKPOINT_NAME}{hint}")
         return candidate
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint file or run folder at {path}")
@@ -358,19 +366,19 @@ def build_model(checkpoint: Checkpoint, site: str | None = None) -> tuple[nn.Mod
     return model, expert
 
 
-def save_final_model(
+def save_server_model(
     path: str | os.PathLike,
     model_config: Any,
     strategy: str,
     held: Mapping[str, Any],
     initial: Mapping[str, Any],
-    site_folders: Mapping[str, str | os.PathLike | None],
+    sites: Sequence[str],
     size: Sequence[int] | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path | None:
-    """Write a federated run's final model: the server's weights plus each site's personal
-    weights that can be read from its state folder. Returns the path, or None for
-    ``local`` (no shared model: each site's whole model stays in its folder).
+    """Write what the server alone knows at the end of a federated run (the run folder's
+    :data:`SERVER_MODEL_NAME`): its shared weights and, where it held one (``fedavg``...), the
+    expert every site then uses. Returns the path, or None for ``local`` (no shared model).
 
     Args:
         path: file to write.
@@ -381,20 +389,11 @@ def save_final_model(
         initial: the whole initial one-expert model; fills the weights the server never held
             (the strategy's personal set outside the expert, e.g. the norms of
             ``personal-norm``) with what a site without a state of its own starts from.
-        site_folders: ``{site: its state folder}`` (:class:`m4fuse.site_state.SiteStateStore`
-            layout); a folder that is None or holds no state is skipped (deployment: the
-            sites' folders are on their own machines). The newest state gives the site's
-            expert (``experts``) and its other kept weights (``site_layers``).
+        sites: the federation's site names, recorded as ``sites`` in the metadata (what
+            :func:`add_site_states` looks for by default).
         size: training size ``(D, H, W)``; default None.
-        metadata: extra JSON values; default none. ``strategy``, the round of each site's
-            state (``site_rounds``) and, where its state's metrics record it, its number of
-            training cases (``site_cases``, from ``num-examples``) are added.
-
-    Under a strategy that keeps nothing (``fedavg``...) every site gets the held expert
-    unless its folder holds a state (the personal set of a "+FT" fine-tuning).
+        metadata: extra JSON values; default none.
     """
-    from m4fuse.site_state import newest_kept
-    from m4fuse.state import expert_state
     from m4fuse.state import strategy as named_strategy
 
     if named_strategy(strategy).kept == "all":
@@ -405,14 +404,42 @@ def save_final_model(
     full = {k: torch.as_tensor(v) for k, v in initial.items()}
     full.update({k: torch.as_tensor(v) for k, v in held.items()})
     shared, personal = split_state(full)
-    held_expert = expert_state(personal, 0) if any(is_personal(k) for k in held) else None
-    experts: dict[str, dict[str, torch.Tensor]] = {}
-    site_layers: dict[str, dict[str, torch.Tensor]] = {}
-    rounds: dict[str, int] = {}
-    cases: dict[str, int] = {}
+    experts = {}
+    if any(is_personal(k) for k in held):
+        experts = {site: expert_state(personal, 0) for site in sites}
+    meta = {**dict(metadata or {}), "strategy": strategy, "sites": list(sites),
+            "site_rounds": {}, "site_cases": {}}
+    return save_checkpoint(path, model_config, shared, experts, size, meta)
+
+
+def add_site_states(
+    server_model: str | os.PathLike,
+    site_folders: Mapping[str, str | os.PathLike | None],
+    out: str | os.PathLike,
+) -> Path:
+    """The final model of a federated run: the server's model (:func:`save_server_model`)
+    plus each site's own weights read from its state folder, written to ``out``.
+
+    Written by hand because no library knows the project's site-state format: each folder
+    (:class:`m4fuse.site_state.SiteStateStore` layout) that holds a state gives its newest
+    state's expert (``experts``, replacing a held one: the personal set of a "+FT"
+    fine-tuning) and its other kept weights (``site_layers``); a folder that is None or holds
+    no state is skipped (a deployed site's folder is on its own machine; the site runs this
+    itself on its own folder). The metadata gains the round of each site's state
+    (``site_rounds``) and, where its metrics record it, its training cases (``site_cases``,
+    from ``num-examples``).
+
+    Raises:
+        ValueError: a folder holds another site's state (the message names the folder).
+    """
+    from m4fuse.site_state import newest_kept
+
+    base = load_checkpoint(server_model)
+    experts = {site: dict(e) for site, e in base.experts.items()}
+    site_layers = {site: dict(layers) for site, layers in base.site_layers.items()}
+    rounds = dict(base.metadata.get("site_rounds") or {})
+    cases = dict(base.metadata.get("site_cases") or {})
     for site, folder in site_folders.items():
-        if held_expert is not None:
-            experts[site] = held_expert
         kept = newest_kept(folder) if folder is not None else None
         if kept is None:
             continue
@@ -426,8 +453,31 @@ def save_final_model(
         rounds[site] = int(kept["round"])
         if float(kept["metrics"].get("num-examples", 0)) > 0:
             cases[site] = int(kept["metrics"]["num-examples"])
-    meta = {**dict(metadata or {}), "strategy": strategy, "site_rounds": rounds,
-            "site_cases": cases}
-    log.info("final model %s: %d site(s) with an expert, %d with own layers", path,
+    meta = {**base.metadata, "site_rounds": rounds, "site_cases": cases}
+    log.info("final model %s: %d site(s) with an expert, %d with own layers", out,
              len(experts), len(site_layers))
-    return save_checkpoint(path, model_config, shared, experts, size, meta, site_layers)
+    return save_checkpoint(out, base.model_config, base.shared, experts, base.size, meta,
+                           site_layers)
+
+
+def save_final_model(
+    path: str | os.PathLike,
+    model_config: Any,
+    strategy: str,
+    held: Mapping[str, Any],
+    initial: Mapping[str, Any],
+    site_folders: Mapping[str, str | os.PathLike | None],
+    size: Sequence[int] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """:func:`save_server_model` then :func:`add_site_states` in one call, to ``path`` (the
+    arguments are theirs; the sites are ``site_folders``' keys). None for ``local``.
+
+    Under a strategy that keeps nothing (``fedavg``...) every site gets the held expert
+    unless its folder holds a state (the personal set of a "+FT" fine-tuning).
+    """
+    server = save_server_model(path, model_config, strategy, held, initial, list(site_folders),
+                               size, metadata)
+    if server is None:
+        return None
+    return add_site_states(server, site_folders, path)

@@ -2,13 +2,12 @@
 and the per-site results table.
 
 What the server holds: the shared arrays (``personal``/``fedprox``), the whole one-expert
-model (``fedavg``) or nothing (``local``). Experts never cross the wire. The final model file
-(``model.ckpt``, :func:`m4fuse.checkpoint.save_final_model`) is written before the final test
-(a failed test still leaves a model) and again after it: the shared weights, plus each site's
-personal weights (expert, own norms ..., fine-tuned where the site kept its fine-tuning) only
-where the server can read the sites' state folders, which is the case in simulation
-(``<run dir>/clients/<site>``, same machine) and never in deployment. Nothing here imports
-``client/``: the site-state format is :mod:`m4fuse.site_state`.
+model (``fedavg``) or nothing (``local``). Experts never cross the wire. The server's part of
+the final model (``shared.ckpt``, :func:`m4fuse.checkpoint.save_server_model`) is written
+before the final test, so a failed test still leaves it. The server never reads a site's
+folder: the final model with each site's own weights (``model.ckpt``) is put together
+afterwards by the simulation driver or ``m4fuse model assemble`` (:mod:`m4fuse.assembly`).
+Nothing here imports ``client/``.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from flwr.supercore import log
 from omegaconf import DictConfig
 
 from m4fuse import provision, report, settings, workspace
-from m4fuse.checkpoint import save_final_model as write_final_model
+from m4fuse.checkpoint import CHECKPOINT_NAME, SERVER_MODEL_NAME, save_server_model
 from m4fuse.server_opt import server_opt_settings
-from m4fuse.site_state import newest_kept
 from m4fuse.state import split_state
 from m4fuse.state import strategy as named_strategy
 from m4fuse.tracking import Tracker, final_test_metrics, round_metrics
@@ -38,7 +36,6 @@ from server import checkpoint as server_ckpt
 from server.strategy import RoundLog, make_strategy
 
 CHECKPOINT_FILE = "server_checkpoint.pt"
-FINAL_MODEL_FILE = "model.ckpt"
 FAILURE_FILE = "failure.txt"
 
 #: Settings a resumed run may change (prefixes of flattened config keys): the length of the
@@ -121,16 +118,15 @@ def _round_entry(rl: RoundLog) -> dict[str, Any]:
     }
 
 
-def save_final_model(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: list[str]
+def save_server_part(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: list[str]
                      ) -> Path | None:
-    """Write ``<run dir>/model.ckpt`` from the server's ``arrays`` and the sites' state
-    folders ``<run dir>/clients/<site>`` that exist on this machine (simulation); None for
-    ``local`` (:func:`m4fuse.checkpoint.save_final_model`)."""
+    """Write ``<run dir>/shared.ckpt`` from the server's ``arrays`` (the initial model where the
+    server holds nothing: the personal layers a site without a state starts from); None for
+    ``local`` (:func:`m4fuse.checkpoint.save_server_model`)."""
     held = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     _, initial = initial_state(cfg)
-    folders = {name: rdir / "clients" / name for name in names}
-    return write_final_model(rdir / FINAL_MODEL_FILE, settings.model_config(cfg, num_experts=1),
-                             str(cfg.fl.strategy), held, initial, folders,
+    return save_server_model(rdir / SERVER_MODEL_NAME, settings.model_config(cfg, num_experts=1),
+                             str(cfg.fl.strategy), held, initial, names,
                              size=list(cfg.data.size))
 
 
@@ -166,6 +162,8 @@ def _start(cfg: DictConfig, rdir: Path, ckpt_path: Path, chash: str,
     (forgetting an earlier run of the same name)."""
     arrays = ArrayRecord({k: v for k, v in held.items()}) if held else ArrayRecord()
     run_identity = uuid.uuid4().hex  # binds the sites' state to this run (client._bind_run)
+    for stale in (rdir / SERVER_MODEL_NAME, rdir / CHECKPOINT_NAME):  # a finished run's files
+        stale.unlink(missing_ok=True)
     if bool(cfg.fl.resume) and ckpt_path.is_file():
         saved = server_ckpt.load(ckpt_path)
         server_ckpt.check_resumable(saved, str(cfg.fl.strategy), chash, ckpt_path)
@@ -176,8 +174,8 @@ def _start(cfg: DictConfig, rdir: Path, ckpt_path: Path, chash: str,
         log(INFO, "Resuming %s from %s at round %d", workspace.run_name(cfg), ckpt_path,
             start.first_round)
         return start
-    # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation
-    # the sites' kept weights, which would otherwise be picked up as resumed state).
+    # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation the
+    # sites' kept weights, which would otherwise be picked up as resumed state).
     ckpt_path.unlink(missing_ok=True)
     shutil.rmtree(rdir / "clients", ignore_errors=True)
     return _Start(arrays, 1, [], None, run_identity)
@@ -227,30 +225,10 @@ def _record_test_failures(rdir: Path, tracker: Tracker, final: Any) -> dict[str,
     return test_failed
 
 
-def _collect_site_files(rdir: Path, tracker: Tracker) -> None:
-    """Copy the sites' test overlays and kept personal weights (simulation only: a deployed
-    site's files stay in its state folder) into the run folder and MLflow."""
-    clients = rdir / "clients"
-    if not clients.is_dir():
-        return
-    for site_dir in sorted(p for p in clients.iterdir() if p.is_dir()):
-        for picture in sorted(site_dir.glob("overlay-test-*.png")):
-            target = rdir / "overlays" / f"{site_dir.name}-{picture.name}"
-            target.parent.mkdir(exist_ok=True)
-            shutil.copyfile(picture, target)
-            tracker.log_artifact(target, "overlays")
-        kept = newest_kept(site_dir)
-        if kept is not None:
-            target = rdir / "experts" / f"{site_dir.name}.pt"
-            target.parent.mkdir(exist_ok=True)
-            torch.save(kept, target)
-            tracker.log_artifact(target, "experts")
-
-
 def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracker: Tracker,
             arrays: ArrayRecord, final: Any, wall: float) -> RunSummary:
-    """After the final test: the per-site table, run outputs, final metrics, final model and
-    the sites' files, all logged to MLflow."""
+    """After the final test: the per-site table, run outputs, final metrics and the server's
+    part of the final model, all logged to MLflow."""
     strategy_name, history = str(cfg.fl.strategy), start.history
     val_by_site = {int(i): m for i, m in history[-1]["val_by_site"].items()} if history else {}
     test_by_site = dict(final.evaluate_by_site)
@@ -281,13 +259,12 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
                           "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
-    # Again after the final test: the sites have saved what their fine-tuning kept.
-    model_path = save_final_model(cfg, rdir, arrays, names)
     for path in outputs:
         tracker.log_artifact(path)
-    if model_path is not None:
-        tracker.log_artifact(model_path, "model")
-    _collect_site_files(rdir, tracker)
+    if (rdir / SERVER_MODEL_NAME).is_file():
+        tracker.log_artifact(rdir / SERVER_MODEL_NAME, "model")
+        log(INFO, "the server's part of the final model: %s (`m4fuse model assemble %s` adds "
+            "each site's own weights from its state folder)", rdir / SERVER_MODEL_NAME, rdir)
     tracker.finish()
     return RunSummary(rdir, names, rows, table, history, tracker.run_id, start.first_round,
                       seconds, sent, received)
@@ -330,7 +307,7 @@ def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
             rl.bytes_sent, rl.bytes_received)
 
     def before_final_test(final_arrays: ArrayRecord) -> None:
-        save_final_model(cfg, rdir, final_arrays, names)
+        save_server_part(cfg, rdir, final_arrays, names)
 
     try:
         arrays, final = strategy.run_rounds(

@@ -3,7 +3,10 @@
 ``python -m simulations.federated fl.strategy=fedavg fl.rounds=3`` composes the Hydra config
 with those overrides, starts one SuperNode per site with Flower's ``run_simulation`` and runs
 the same ServerApp and ClientApp that ``flwr run .`` runs. The overrides reach both apps
-through ``$M4FUSE_OVERRIDES`` (``run_simulation`` passes no run config).
+through ``$M4FUSE_OVERRIDES`` (``run_simulation`` passes no run config). After the run it puts
+the final model together from the server's ``shared.ckpt`` and the sites' state folders
+(:func:`m4fuse.assembly.assemble_run`: ``model.ckpt``, the sites' overlays and kept states),
+the step ``flwr run .`` leaves to ``m4fuse model assemble``.
 """
 
 from __future__ import annotations
@@ -52,13 +55,29 @@ def simulate(overrides: Sequence[str], cpus_per_site: int = 1) -> dict[str, Any]
     rdir = workspace.run_dir(cfg)
     if not (rdir / "summary.json").is_file():
         raise RuntimeError(f"the federated run wrote no summary in {rdir}; see the log above")
+    summary = json.loads((rdir / "summary.json").read_text())
+    assemble_and_log(cfg, rdir, summary.get("mlflow_run_id"))
     import csv
 
     with open(rdir / "sites.csv") as handle:
         rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
     return {"cfg": cfg, "run_dir": rdir, "site_names": sites, "rows": rows,
-            "summary": json.loads((rdir / "summary.json").read_text()),
+            "summary": summary,
             "history": json.loads((rdir / "history.json").read_text())}
+
+
+def assemble_and_log(cfg: Any, rdir: Any, mlflow_run_id: str | None) -> None:
+    """:func:`m4fuse.assembly.assemble_run` on the finished run ``rdir``, its files logged to
+    the run's MLflow record (``mlflow_run_id``, the one the ServerApp opened)."""
+    from m4fuse.assembly import assemble_run
+    from m4fuse.tracking import Tracker
+
+    assembled = assemble_run(rdir)
+    if mlflow_run_id is None:  # tracking off
+        return
+    tracker = Tracker(cfg, workspace.run_name(cfg), mlflow_run_id)
+    for path, folder in assembled.artifacts:
+        tracker.log_artifact(path, folder)
 
 
 def _number(text: str) -> Any:

@@ -88,11 +88,14 @@ def simulate_recorded(client_app: ClientApp, args: list[str], record_env: str, f
                       monkeypatch) -> tuple[object, object, list[dict]]:
     """Run :func:`simulate_two_sites` with ``client_app`` (a project ClientApp behind a client
     mod that writes one JSON file per reply into ``$<record_env>``) on the Hydra overrides
-    ``args``; checks that the run finished and returns ``(composed config, run folder, the
+    ``args``; checks that the run finished and that the ServerApp wrote no ``model.ckpt``
+    (it never reads the sites' folders), then assembles it as the simulation driver does
+    (:func:`m4fuse.assembly.assemble_run`), and returns ``(composed config, run folder, the
     recorded entries)``."""
     import json
 
     from m4fuse import settings, workspace
+    from m4fuse.assembly import assemble_run
 
     folder.mkdir()
     monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
@@ -101,6 +104,8 @@ def simulate_recorded(client_app: ClientApp, args: list[str], record_env: str, f
     cfg = settings.compose("config", args)
     rdir = workspace.run_dir(cfg)
     assert (rdir / "summary.json").is_file(), "the run did not finish"
+    assert not (rdir / "model.ckpt").exists(), "the ServerApp wrote the sites' final model"
+    assemble_run(rdir)
     entries = [json.loads(p.read_text()) for p in folder.glob("*.json")]
     return cfg, rdir, entries
 

@@ -27,7 +27,10 @@ def overrides(root: str, *extra: str) -> list[str]:
 
 
 def simulate(monkeypatch, root: str, *extra: str) -> dict:
-    """Run the user's ServerApp and ClientApp in Flower's in-process simulation."""
+    """Run the user's ServerApp and ClientApp in Flower's in-process simulation, then the
+    simulation driver's assembly of the final model (``simulations.federated``)."""
+    from simulations.federated import assemble_and_log
+
     args = overrides(root, *extra)
     monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
     simulate_two_sites()
@@ -35,7 +38,11 @@ def simulate(monkeypatch, root: str, *extra: str) -> dict:
     rdir = workspace.run_dir(cfg)
     summary_path = rdir / "summary.json"
     assert summary_path.is_file(), f"the run wrote no summary in {rdir}"
-    return {"cfg": cfg, "dir": rdir, "summary": json.loads(summary_path.read_text()),
+    # the ServerApp writes only what the server holds; it never reads a site's folder
+    assert (rdir / "shared.ckpt").is_file() and not (rdir / "model.ckpt").exists()
+    summary = json.loads(summary_path.read_text())
+    assemble_and_log(cfg, rdir, summary["mlflow_run_id"])
+    return {"cfg": cfg, "dir": rdir, "summary": summary,
             "history": json.loads((rdir / "history.json").read_text())}
 
 
@@ -143,6 +150,15 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
     assert [(x.site, x.round) for x in saved] == [("site0", 2), ("site1", 2)]
     experts = [x.expert for x in saved]
     assert any(not torch.equal(experts[0][k], experts[1][k]) for k in experts[0])
+    # the assembled model.ckpt gives each site the expert its folder kept
+    from m4fuse.checkpoint import load_checkpoint
+
+    final = load_checkpoint(first["dir"])
+    assert final.sites == ["site0", "site1"] and final.metadata["site_rounds"] == {
+        "site0": 2, "site1": 2}
+    for site, x in zip(("site0", "site1"), saved):
+        assert set(final.experts[site]) == set(x.expert)
+        assert all(torch.equal(final.experts[site][k], v) for k, v in x.expert.items())
     run_id = first["summary"]["mlflow_run_id"]
 
     # A stopped run continues at the round after its checkpoint, in the same MLflow run.

@@ -148,7 +148,7 @@ def test_final_model_takes_each_sites_folder(tmp_path, models):
     ckpt = load_checkpoint(path)
     assert ckpt.sites == ["siteA", "siteB"]
     # training cases where the state records them (the new-site mean weighs sites by them)
-    assert ckpt.metadata == {"strategy": "personal-norm-ft",
+    assert ckpt.metadata == {"strategy": "personal-norm-ft", "sites": ["siteA", "siteB", "siteC"],
                              "site_rounds": {"siteA": 3, "siteB": 3}, "site_cases": {"siteA": 4}}
     for site in ("siteA", "siteB"):
         net, _ = build_model(ckpt, site)
@@ -217,3 +217,46 @@ def test_site_join_keeps_every_sites_layers_and_adds_its_own(tmp_path, models):
     assert any(not torch.equal(own[k], before.shared[k]) for k in own)
     with pytest.raises(ValueError, match="'siteA' already has"):
         join_site(after, records["train"], records["test"], "siteA", cfg, cases=1, epochs=1)
+
+
+def test_assemble_command_adds_the_sites_folders_to_the_servers_part(tmp_path, models, capsys):
+    """What the ServerApp writes (``shared.ckpt``: the server's weights only) plus ``m4fuse
+    model assemble`` gives the model the one-call path gives; a hospital names its own folder."""
+    from m4fuse.assembly import assemble_run
+    from m4fuse.checkpoint import save_server_model
+
+    held, _ = split_state(models["init"].state_dict(), "norms")
+    initial = models["init"].state_dict()
+    run = tmp_path / "runs" / "r"
+    folders = {"siteA": _save_site(run / "clients", "siteA", models["siteA"], cases=4),
+               "siteB": _save_site(run / "clients", "siteB", models["siteB"])}
+    server = save_server_model(run / "shared.ckpt", CONFIG, "personal-norm-ft", held, initial,
+                               ["siteA", "siteB", "siteC"], size=SIZE)
+    alone = load_checkpoint(server)
+    assert alone.sites == [] and alone.metadata["sites"] == ["siteA", "siteB", "siteC"]
+    assert main(["model", "assemble", str(run)]) == 0
+    assert "2 site(s) (siteA, siteB)" in capsys.readouterr().out
+    assembled = load_checkpoint(run)
+    reference = load_checkpoint(save_final_model(tmp_path / "ref.ckpt", CONFIG,
+                                                 "personal-norm-ft", held, initial,
+                                                 {**folders, "siteC": None}, size=SIZE))
+    assert assembled.metadata == reference.metadata
+    for site in ("siteA", "siteB"):
+        got = build_model(assembled, site)[0].state_dict()
+        assert all(torch.equal(got[k], v) for k, v in models[site].state_dict().items())
+    got, expert = build_model(assembled, "siteC")  # never trained: the initial norms, no expert
+    assert expert is None
+    assert all(torch.equal(got.state_dict()[k], initial[k]) for k in split_state(initial)[0])
+    # a hospital of a deployment: the server's file and its own folder only
+    mine = tmp_path / "siteB.ckpt"
+    assert main(["model", "assemble", str(run), "--site", f"siteB={folders['siteB']}",
+                 "--out", str(mine)]) == 0
+    assert load_checkpoint(mine).sites == ["siteB"]
+    # the copied site files: each site's kept state beside the model
+    assert sorted(p.name for p in (run / "experts").iterdir()) == ["siteA.pt", "siteB.pt"]
+    # bad input: a malformed --site, a folder that is not a run
+    assert main(["model", "assemble", str(run), "--site", "siteB"]) == 2
+    assert "NAME=FOLDER" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty holds no shared.ckpt"):
+        assemble_run(tmp_path / "empty")

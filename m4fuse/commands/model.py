@@ -1,4 +1,6 @@
-"""``m4fuse model summary``: parameter counts of an M4Fuse configuration."""
+"""``m4fuse model summary``: parameter counts of an M4Fuse configuration;
+``m4fuse model assemble``: a federated run's final model from the server's part and the sites'
+state folders (:mod:`m4fuse.assembly`)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``model summary`` to the ``m4fuse`` parser."""
-    model = sub.add_parser("model", help="inspect the M4Fuse network")
+    """Add ``model summary`` and ``model assemble`` to the ``m4fuse`` parser."""
+    model = sub.add_parser("model", help="inspect the M4Fuse network; assemble a run's model")
     which = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     summary = which.add_parser("summary", help="parameter counts per part of the network")
     summary.add_argument("--preset", default="B", choices=["T", "S", "B", "L"],
@@ -22,6 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     summary.add_argument("--json", action="store_true",
                          help="print one JSON object instead of a table")
     summary.set_defaults(func=summary_command)
+    assemble = which.add_parser(
+        "assemble", help="a federated run's model.ckpt: the server's shared.ckpt plus each "
+                         "site's own weights from its state folder")
+    assemble.add_argument("run", help="the run folder (runs/<run name>) holding shared.ckpt")
+    assemble.add_argument("--site", action="append", default=[], metavar="NAME=FOLDER",
+                          help="a site's state folder (repeatable); default: every site of the "
+                               "run at <run>/clients/<site> (simulation). A hospital of a "
+                               "deployment names its own folder and gets its own model")
+    assemble.add_argument("--out", default=None,
+                          help="model file to write (default <run>/model.ckpt)")
+    assemble.set_defaults(func=assemble_command)
 
 
 def summarize(preset: str = "B", experts: int = 1, classes: int = 3) -> dict[str, Any]:
@@ -67,4 +80,42 @@ def summary_command(args: argparse.Namespace) -> int:
         if name == "total":
             print("-" * 44)
         print(f"{name:<28}{count:>10,}  {count / 1e6:6.3f}M")
+    return 0
+
+
+def parse_site_folders(entries: list[str]) -> dict[str, str] | None:
+    """``["NAME=FOLDER", ...]`` -> ``{NAME: FOLDER}``; None when empty (the run's own)."""
+    if not entries:
+        return None
+    folders: dict[str, str] = {}
+    for entry in entries:
+        name, sep, folder = entry.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--site takes NAME=FOLDER, got {entry!r}")
+        if name in folders:
+            raise ValueError(f"--site names {name!r} twice")
+        folders[name] = folder
+    return folders
+
+
+def assemble_command(args: argparse.Namespace) -> int:
+    """Write the run's final model (:func:`m4fuse.assembly.assemble_run`) and print it."""
+    import sys
+
+    from m4fuse.assembly import assemble_run
+    from m4fuse.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        assembled = assemble_run(args.run, parse_site_folders(args.site), args.out)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"m4fuse model assemble: error: {err}", file=sys.stderr)
+        return 2
+    if assembled.model is None:
+        print(f"{args.run}: a local run has no shared model; each site's model is in its folder")
+        return 0
+    ckpt = load_checkpoint(assembled.model)
+    own = sorted(ckpt.metadata.get("site_rounds", {}))
+    print(f"wrote {assembled.model}: {len(ckpt.sites)} site(s) "
+          f"({', '.join(ckpt.sites) or 'none'}); own weights from the folders of "
+          f"{', '.join(own) or 'no site'}")
     return 0

@@ -170,6 +170,16 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
     from m4fuse.server_opt import server_opt_settings
     server_opt_settings(cfg.fl)  # fl.server_opt and its parameters
+    from m4fuse.aggregation import aggregation_settings
+    # fl.aggregation and its parameters, and Krum's least number of sites where the
+    # federation's size is known here: fl.site_names, or the synthesiser's data.sites (at
+    # most that many sites; a BraTS split is counted by the server, which checks it again)
+    num_sites = None
+    if cfg.fl.get("site_names"):
+        num_sites = len(cfg.fl.site_names)
+    elif cfg.data.get("kind") == "synthetic" and not cfg.data.get("partition_csv"):
+        num_sites = int(cfg.data.sites)
+    aggregation_settings(cfg.fl, num_sites)
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
     if cfg.root is not None and not Path(str(cfg.root)).is_absolute():

@@ -16,10 +16,11 @@ Order of use in one round (:func:`screen_updates` does 1 and 2):
 3. :func:`check_quorum`: fewer than ``min_sites`` accepted updates stops the run with a message
    that names every failed site and why.
 4. the accepted updates are combined by Flower (:mod:`server.strategy`: FedAvg's case-weighted
-   mean, FedTrimmedAvg or FedMedian for :data:`AGGREGATIONS`). The checks stay here, written
-   by hand: Flower's strategies combine whatever arrays a reply carries (they check only that
-   every reply has the same keys), so a NaN, a wrong shape, a key the server must never see
-   (a site's expert) or a huge update would enter the model.
+   mean, FedTrimmedAvg, FedMedian, Krum or MultiKrum for :data:`AGGREGATIONS`; the Krum rules
+   first need enough accepted updates, :func:`check_quorum` with ``rule``). The checks stay
+   here, written by hand: Flower's strategies combine whatever arrays a reply carries (they
+   check only that every reply has the same keys), so a NaN, a wrong shape, a key the server
+   must never see (a site's expert) or a huge update would enter the model.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from m4fuse.aggregation import AGGREGATIONS as _AGGREGATIONS
+
 Arrays = Mapping[str, np.ndarray]
 """One model's shared arrays, by state-dict key."""
 
-#: The values of ``fl.aggregation`` (the Flower strategies are in :mod:`server.strategy`).
-AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed_mean", "median")
+#: The values of ``fl.aggregation`` (checked in :mod:`m4fuse.aggregation`; the Flower
+#: strategies are in :mod:`server.strategy`).
+AGGREGATIONS: tuple[str, ...] = _AGGREGATIONS
 
 
 class QuorumError(RuntimeError):
@@ -143,7 +147,8 @@ def screen_updates(
 
 
 def check_quorum(
-    accepted: Sequence[str], failed: Mapping[str, str], min_sites: int, server_round: int
+    accepted: Sequence[str], failed: Mapping[str, str], min_sites: int, server_round: int,
+    rule: str | None = None,
 ) -> None:
     """Raise :class:`QuorumError` when fewer than ``min_sites`` updates were accepted.
 
@@ -153,6 +158,8 @@ def check_quorum(
             (exception, timeout, no reply, rejected update).
         min_sites: least number of accepted updates for the round to count (>= 1).
         server_round: round number, for the message.
+        rule: what needs ``min_sites`` updates, for the message (default: ``fl.min_sites``),
+            e.g. Krum's least number of updates.
     """
     if min_sites < 1:
         raise ValueError(f"min_sites must be >= 1, got {min_sites!r}")
@@ -160,5 +167,7 @@ def check_quorum(
         detail = "; ".join(f"{site}: {why}" for site, why in sorted(failed.items())) or "none"
         raise QuorumError(
             f"round {server_round}: only {len(accepted)} usable update(s) "
-            f"({sorted(accepted)}), at least min_sites={min_sites} needed. Failed sites: {detail}"
+            f"({sorted(accepted)}), at least "
+            + (f"{min_sites} needed by {rule}" if rule else f"min_sites={min_sites} needed")
+            + f". Failed sites: {detail}"
         )

@@ -27,6 +27,7 @@ from flwr.supercore import log
 from omegaconf import DictConfig
 
 from m4fuse import provision, report, settings, workspace
+from m4fuse.aggregation import KRUM_RULES, aggregation_settings
 from m4fuse.checkpoint import CHECKPOINT_NAME, SERVER_MODEL_NAME, save_server_model
 from m4fuse.server_opt import server_opt_settings
 from m4fuse.state import split_state
@@ -73,13 +74,16 @@ def resume_hash(cfg: DictConfig) -> str:
     """The config hash a resumed run must match (all settings but :data:`RESUME_FREE`).
 
     Under ``fl.server_opt: none`` the server optimiser's keys (``fl.server_*``) change
-    nothing and are left out, so a run checkpointed before those keys existed resumes."""
+    nothing and are left out, and so are Krum's (``fl.krum_*``) under an aggregation other
+    than ``krum``/``multikrum``, so a run checkpointed before those keys existed resumes."""
     from omegaconf import OmegaConf
 
     flat = settings.flatten(OmegaConf.to_container(cfg, resolve=True))
     free = [k for k in flat if any(k == p or k.startswith(p + ".") for p in RESUME_FREE)]
     if server_opt_settings(cfg.fl)[0] == "none":
         free += [k for k in flat if k.startswith("fl.server_")]
+    if aggregation_settings(cfg.fl)[0] not in KRUM_RULES:
+        free += [k for k in flat if k.startswith("fl.krum_")]
     return settings.config_hash(cfg, ignore=free)
 
 
@@ -184,6 +188,7 @@ def _start(cfg: DictConfig, rdir: Path, ckpt_path: Path, chash: str,
 def _strategy(cfg: DictConfig, names: list[str], held: dict[str, torch.Tensor]):
     """The server strategy of ``fl.*`` for the sites ``names`` and the arrays ``held``."""
     server_opt, server_opt_args = server_opt_settings(cfg.fl)
+    aggregation, aggregation_args = aggregation_settings(cfg.fl)
     return make_strategy(
         str(cfg.fl.strategy),
         num_sites=len(names),
@@ -194,10 +199,12 @@ def _strategy(cfg: DictConfig, names: list[str], held: dict[str, torch.Tensor]):
         site_names=names,
         min_sites=int(cfg.fl.min_sites),
         norm_bound=float(cfg.fl.norm_bound),
-        aggregation=str(cfg.fl.aggregation),
-        trim=float(cfg.fl.trim),
+        aggregation=aggregation,
+        trim=aggregation_args["trim"],
         server_opt=server_opt,
         server_opt_args=server_opt_args,
+        krum_malicious=aggregation_args["krum_malicious"],
+        krum_select=aggregation_args["krum_select"],
     )
 
 

@@ -19,7 +19,10 @@ the *combiner* (:func:`make_combiner`), that only ever sees the accepted replies
 * the accepted updates (the shared arrays and the case count, nothing else) go to the
   combiner's ``aggregate_train``: ``aggregation`` ``mean`` is Flower's ``FedAvg`` (weighted by
   ``num-examples`` = training cases), ``trimmed_mean`` Flower's ``FedTrimmedAvg`` (``beta`` =
-  ``trim``), ``median`` Flower's ``FedMedian``; with ``server_opt`` (default ``none``) Flower's
+  ``trim``), ``median`` Flower's ``FedMedian``, ``krum`` / ``multikrum`` Flower's ``Krum`` /
+  ``MultiKrum`` (f = ``krum_malicious``, m = ``krum_select``; a round with fewer accepted
+  updates than :func:`m4fuse.aggregation.krum_needed` stops the run with
+  :class:`server.robust.QuorumError`); with ``server_opt`` (default ``none``) Flower's
   ``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad`` then take a server step from the arrays
   sent this round towards that aggregate (:mod:`m4fuse.server_opt`). The result is cast back
   to the dtypes of the server's arrays (Flower keeps the arithmetic's dtype);
@@ -58,10 +61,19 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from m4fuse.aggregation import (
+    KRUM_RULES,
+    aggregation_settings,
+    krum_needed,
+    krum_rule,
+    sites_asked,
+)
 from m4fuse.server_opt import SERVER_OPTS
 from m4fuse.state import is_personal
 from m4fuse.state import strategy as named_strategy
@@ -76,11 +88,16 @@ NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
 #: ``fl.aggregation`` -> the Flower strategy whose ``aggregate_train`` combines the accepted
 #: shared arrays. Flower's FedTrimmedAvg cuts ``int(beta * n)`` values at each end of every
 #: coordinate and averages the rest unweighted, as ``scipy.stats.trim_mean`` (the rule of
-#: ``fl.trim`` before), and FedMedian takes the coordinate-wise unweighted median.
+#: ``fl.trim`` before), and FedMedian takes the coordinate-wise unweighted median. Krum scores
+#: each update by the summed squared L2 distances (all shared arrays flattened together,
+#: unweighted) to its n - f - 2 nearest others and keeps the lowest-scored update whole;
+#: MultiKrum keeps the m lowest and averages them weighted by ``num-examples``.
 AGGREGATORS: dict[str, type[FedAvg]] = {
     "mean": FedAvg,
     "trimmed_mean": FedTrimmedAvg,
     "median": FedMedian,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
 #: ``fl.server_opt`` -> the Flower strategy that steps from the round's arrays towards the
 #: aggregate (None: the aggregate is the new model).
@@ -96,15 +113,21 @@ assert tuple(OPTIMISERS) == SERVER_OPTS and tuple(AGGREGATORS) == robust.AGGREGA
 
 def make_combiner(aggregation: str = "mean", trim: float = 0.2, server_opt: str = "none",
                   server_opt_args: Mapping[str, float] | None = None,
-                  weight_key: str = "num-examples") -> FedAvg:
+                  weight_key: str = "num-examples", krum_malicious: int = 1,
+                  krum_select: int = 1) -> FedAvg:
     """The Flower strategy that combines a round's accepted replies (its ``aggregate_train``).
 
-    ``aggregation`` picks :data:`AGGREGATORS` (``trim`` is FedTrimmedAvg's ``beta``),
-    ``server_opt`` :data:`OPTIMISERS` with ``server_opt_args`` (keyword arguments of that
-    class, :func:`m4fuse.server_opt.server_opt_settings`; default none: Flower's defaults).
+    ``aggregation`` picks :data:`AGGREGATORS` (``trim`` is FedTrimmedAvg's ``beta``,
+    ``krum_malicious`` Krum's and MultiKrum's ``num_malicious_nodes``, ``krum_select``
+    MultiKrum's ``num_nodes_to_select``), ``server_opt`` :data:`OPTIMISERS` with
+    ``server_opt_args`` (keyword arguments of that class,
+    :func:`m4fuse.server_opt.server_opt_settings`; default none: Flower's defaults).
     A server optimiser over a robust rule is the two Flower classes in one: FedAvgM and the
     FedOpt family call ``super().aggregate_train`` for the aggregate, which the class order
-    (optimiser first) makes FedTrimmedAvg's or FedMedian's.
+    (optimiser first) makes FedTrimmedAvg's, FedMedian's, Krum's or MultiKrum's: of FedAvg's
+    methods these four replace only ``aggregate_train`` (and ``__init__``, ``summary``), and
+    their ``__init__`` takes the keywords the optimisers pass on; their own parameters are
+    set after it.
 
     The combiner sends no messages (``fraction_train`` 0): the owning strategy calls its
     ``configure_train`` each round only so that FedAvgM/FedOpt record the arrays the round
@@ -124,8 +147,13 @@ def make_combiner(aggregation: str = "mean", trim: float = 0.2, server_opt: str 
         cls = type(f"{optimiser.__name__}Over{rule.__name__}", (optimiser, rule), {})
     kwargs = dict(server_opt_args or {}) if optimiser is not None else {}
     combiner = cls(weighted_by_key=weight_key, **kwargs)
+    # set after __init__: FedAvgM/FedOpt do not pass these on
     if isinstance(combiner, FedTrimmedAvg):
-        combiner.beta = float(trim)  # set after __init__: FedAvgM/FedOpt do not pass it on
+        combiner.beta = float(trim)
+    if isinstance(combiner, MultiKrum):  # Krum is a MultiKrum that selects 1
+        combiner.num_malicious_nodes = int(krum_malicious)
+        if not isinstance(combiner, Krum):
+            combiner.num_nodes_to_select = int(krum_select)
     combiner.fraction_train = 0.0
     return combiner
 
@@ -212,6 +240,8 @@ class SiteStrategyMixin:
     norm_bound: float
     aggregation: str
     trim: float
+    krum_malicious: int
+    krum_select: int
     combiner: FedAvg
     current: RoundLog
 
@@ -219,21 +249,19 @@ class SiteStrategyMixin:
               site_names: Sequence[str] = (), min_sites: int = 1,
               norm_bound: float = math.inf, aggregation: str = "mean",
               trim: float = 0.2, server_opt: str = "none",
-              server_opt_args: Mapping[str, float] | None = None) -> None:
+              server_opt_args: Mapping[str, float] | None = None,
+              krum_malicious: int = 1, krum_select: int = 1) -> None:
         """Remember the checks' settings and build the combiner (call after ``__init__``);
         defaults: no names, one usable site per round, no norm rule, case-weighted mean,
-        trim 0.2, no server optimiser."""
+        trim 0.2, no server optimiser, Krum's f 1 and m 1."""
         self.expected_keys = frozenset(expected_keys)
         self.personal_strategy = personal_strategy
         if personal_strategy:
             experts = sorted(k for k in self.expected_keys if is_personal(k))
             if experts:
                 raise ValueError(f"the server must not hold expert weights, got {experts[:3]}")
-        if aggregation not in robust.AGGREGATIONS:
-            raise ValueError(f"fl.aggregation must be one of {robust.AGGREGATIONS}, "
-                             f"got {aggregation!r}")
-        if not 0.0 <= trim < 0.5:
-            raise ValueError(f"fl.trim must be in [0, 0.5), got {trim!r}")
+        aggregation_settings({"aggregation": aggregation, "trim": trim,
+                              "krum_malicious": krum_malicious, "krum_select": krum_select})
         if not norm_bound > 0:
             raise ValueError(f"fl.norm_bound must be > 0 (.inf: off), got {norm_bound!r}")
         if min_sites < 1:
@@ -243,10 +271,17 @@ class SiteStrategyMixin:
         self.norm_bound = float(norm_bound)
         self.aggregation = aggregation
         self.trim = float(trim)
+        self.krum_malicious = int(krum_malicious)
+        self.krum_select = 1 if aggregation == "krum" else int(krum_select)
         self.combiner = make_combiner(aggregation, trim, server_opt, server_opt_args,
-                                      self.weighted_by_key)
-        log(INFO, "aggregation: Flower %s%s", type(self.combiner).__name__,
-            f" (beta {self.trim:g})" if isinstance(self.combiner, FedTrimmedAvg) else "")
+                                      self.weighted_by_key, krum_malicious, krum_select)
+        detail = ""
+        if isinstance(self.combiner, FedTrimmedAvg):
+            detail = f" (beta {self.trim:g})"
+        elif aggregation in KRUM_RULES:
+            detail = (f" (f {self.krum_malicious}, selects {self.krum_select}, needs "
+                      f"{krum_needed(self.krum_malicious, self.krum_select)} updates per round)")
+        log(INFO, "aggregation: Flower %s%s", type(self.combiner).__name__, detail)
         self.node_sites: dict[int, str] = {}
         self.global_arrays: dict[str, np.ndarray] | None = None
         self.asked: list[int] = []
@@ -367,6 +402,12 @@ class SiteStrategyMixin:
             failed[site] = reason
         self._note_failures("train", server_round, failed)
         robust.check_quorum(sorted(accepted), failed, self.min_sites, server_round)
+        if self.aggregation in KRUM_RULES:
+            # Flower's Krum would still pick an update from fewer, by max(1, n - f - 2)
+            # neighbours, without Krum's guarantee: stop instead (resumable).
+            robust.check_quorum(
+                sorted(accepted), failed, krum_needed(self.krum_malicious, self.krum_select),
+                server_round, krum_rule(self.aggregation, self.krum_malicious, self.krum_select))
         weights = {}
         for site in accepted:
             metrics = next(iter(good[site].content.metric_records.values()))
@@ -551,13 +592,17 @@ def make_strategy(
     trim: float = 0.2,
     server_opt: str = "none",
     server_opt_args: Mapping[str, float] | None = None,
+    krum_malicious: int = 1,
+    krum_select: int = 1,
 ) -> SiteStrategyMixin:
     """The strategy of ``fl.strategy``; every round evaluates every connected site.
 
     ``site_names`` (default none: ``site<k>``) name the sites in logs; ``min_sites`` (default
     1), ``norm_bound`` (default inf: off), ``aggregation`` (default ``mean``) and ``trim``
     (default 0.2) are the update checks of :mod:`server.robust` and the Flower rule that
-    combines what passed them (:data:`AGGREGATORS`); ``server_opt`` (default ``none``) and
+    combines what passed them (:data:`AGGREGATORS`), with Krum's f ``krum_malicious`` and
+    MultiKrum's m ``krum_select`` (default 1 and 1; the sites asked per round must be at
+    least :func:`m4fuse.aggregation.krum_needed`); ``server_opt`` (default ``none``) and
     ``server_opt_args`` the Flower server optimiser (:data:`OPTIMISERS`) stepping on the
     shared arrays.
     """
@@ -567,10 +612,14 @@ def make_strategy(
         raise ValueError(f"{len(site_names)} site names {list(site_names)} for {num_sites} sites")
     if not 1 <= min_train_sites <= num_sites:
         raise ValueError(f"fl.min_train_sites must be in [1, {num_sites}], got {min_train_sites}")
-    asked = max(int(num_sites * fraction_train), min_train_sites)
+    asked = sites_asked(num_sites, fraction_train, min_train_sites)
     if not 1 <= min_sites <= asked:
         raise ValueError(f"fl.min_sites must be in [1, {asked}] (sites asked to train per "
                          f"round), got {min_sites}")
+    aggregation_settings({"aggregation": aggregation, "trim": trim,
+                          "krum_malicious": krum_malicious, "krum_select": krum_select,
+                          "fraction_train": fraction_train,
+                          "min_train_sites": min_train_sites}, num_sites)
     kwargs = dict(
         fraction_train=fraction_train,
         fraction_evaluate=1.0,
@@ -591,5 +640,6 @@ def make_strategy(
     strategy.setup(expected_keys, personal_strategy=chosen.kept not in ("none", "all"),
                    site_names=site_names, min_sites=min_sites, norm_bound=norm_bound,
                    aggregation=aggregation, trim=trim, server_opt=server_opt,
-                   server_opt_args=server_opt_args)
+                   server_opt_args=server_opt_args, krum_malicious=krum_malicious,
+                   krum_select=krum_select)
     return strategy

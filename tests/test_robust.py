@@ -1,5 +1,6 @@
 """Update checks (server/robust.py) and the Flower rules that combine what passed them
-(server/strategy.py: FedAvg, FedTrimmedAvg, FedMedian), against hand computations."""
+(server/strategy.py: FedAvg, FedTrimmedAvg, FedMedian, Krum, MultiKrum), against hand
+computations."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from server.robust import (
     screen_updates,
     update_norm,
 )
-from server.strategy import make_strategy
+from flwr.serverapp.strategy import FedAdam, FedAvgM, Krum, MultiKrum
+
+from m4fuse import settings
+from m4fuse.aggregation import aggregation_settings, krum_needed
+from server.strategy import make_combiner, make_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -32,13 +37,14 @@ def _model(value: float = 0.0) -> dict[str, np.ndarray]:
 REF = reference_spec(_model())
 
 
-def aggregate(updates: dict, weights: dict, method: str = "mean", trim: float = 0.2
-              ) -> dict[str, np.ndarray]:
+def aggregate(updates: dict, weights: dict, method: str = "mean", trim: float = 0.2,
+              **krum) -> dict[str, np.ndarray]:
     """What the server makes of ``updates`` (already checked) with case counts ``weights``:
-    the strategy's Flower combiner for ``fl.aggregation=method``, ``fl.trim=trim``."""
+    the strategy's Flower combiner for ``fl.aggregation=method``, ``fl.trim=trim`` (and
+    ``krum_malicious``, ``krum_select``)."""
     first = next(iter(updates.values()))
     s = make_strategy("fedavg", len(updates), 1.0, 1, 0.0, first.keys(),
-                      aggregation=method, trim=trim)
+                      aggregation=method, trim=trim, **krum)
     return {k: v.numpy() for k, v in s.combine(1, updates, weights, first).items()}
 
 
@@ -173,3 +179,113 @@ def test_integer_arrays_stay_integer() -> None:
     agg = aggregate(ups, {"a": 1, "b": 1}, method="mean")
     assert agg["n"].dtype == np.int64
     np.testing.assert_array_equal(agg["n"], [2, 4])  # rint(1.5)=2, rint(3.5)=4
+
+
+def krum_scores(updates: dict, malicious: int) -> dict[str, float]:
+    """Krum's score by hand: per site, the sum of its n - f - 2 smallest squared L2 distances
+    (all arrays flattened together, in float64) to the other sites' updates."""
+    flat = {site: np.concatenate([np.asarray(v, np.float64).ravel() for v in u.values()])
+            for site, u in updates.items()}
+    scores = {}
+    for site, x in flat.items():
+        dist = sorted(float(np.sum((x - y) ** 2)) for other, y in flat.items() if other != site)
+        scores[site] = sum(dist[:len(flat) - malicious - 2])
+    return scores
+
+
+def _honest_and_wild(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Four honest updates around 1 (each coordinate its own noise) and one wild one."""
+    rng = np.random.default_rng(seed)
+    ups = {f"s{i}": {k: (1.0 + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+                     for k, v in _model().items()} for i in range(4)}
+    ups["wild"] = _model(1e3)
+    return ups
+
+
+def test_krum_takes_one_honest_update_whole():
+    """Flower's Krum (f = 1, n = 5 = 2f + 3) keeps the update with the lowest score, whole:
+    the result is one honest site's arrays bit for bit, not a mix, and nowhere near the
+    outlier, although the outlier claims nearly all the cases (the choice is unweighted)."""
+    ups = _honest_and_wild()
+    weights = {"s0": 10, "s1": 20, "s2": 30, "s3": 40, "wild": 10_000}
+    agg = aggregate(ups, weights, method="krum", krum_malicious=1)
+    scores = krum_scores(ups, malicious=1)
+    best = min(scores, key=scores.get)
+    assert best != "wild" and scores["wild"] > 1e5 * scores[best]
+    for key in agg:
+        assert agg[key].dtype == np.float32
+        np.testing.assert_array_equal(agg[key], ups[best][key])
+        assert np.abs(agg[key] - 1e3).min() > 900
+    # the case-weighted mean is dragged to the outlier
+    assert aggregate(ups, weights, method="mean")["enc.weight"].min() > 900
+
+
+def test_multikrum_averages_the_best_scored_by_cases():
+    """Flower's MultiKrum keeps the krum_select lowest scores and averages them weighted by
+    cases (FedAvg over the selection)."""
+    ups = _honest_and_wild(seed=1)
+    weights = {"s0": 1, "s1": 2, "s2": 3, "s3": 4, "wild": 1000}
+    agg = aggregate(ups, weights, method="multikrum", krum_malicious=1, krum_select=3)
+    scores = krum_scores(ups, malicious=1)
+    chosen = sorted(scores, key=scores.get)[:3]
+    assert "wild" not in chosen
+    total = sum(weights[s] for s in chosen)
+    for key in agg:
+        expected = sum(weights[s] * ups[s][key].astype(np.float64) for s in chosen) / total
+        np.testing.assert_allclose(agg[key], expected, rtol=1e-6)
+
+
+def test_krum_combiners_and_server_optimisers():
+    """Krum/MultiKrum under a server optimiser are the two Flower classes in one (optimiser
+    first), with f and m set whatever the optimiser passes to ``__init__``."""
+    krum = make_combiner("krum", krum_malicious=2, krum_select=4)
+    assert type(krum) is Krum and krum.num_malicious_nodes == 2 and krum.num_nodes_to_select == 1
+    over = make_combiner("krum", server_opt="fedavgm", krum_malicious=2)
+    assert isinstance(over, FedAvgM) and isinstance(over, Krum)
+    assert type(over).__mro__.index(FedAvgM) < type(over).__mro__.index(Krum)
+    assert over.num_malicious_nodes == 2 and over.num_nodes_to_select == 1
+    multi = make_combiner("multikrum", server_opt="fedadam", krum_malicious=0, krum_select=3)
+    assert isinstance(multi, FedAdam) and isinstance(multi, MultiKrum)
+    assert multi.num_malicious_nodes == 0 and multi.num_nodes_to_select == 3
+
+
+def test_krum_needs_enough_sites():
+    assert krum_needed(0) == 3 and krum_needed(1) == 5 and krum_needed(1, select=5) == 6
+    keys = _model().keys()
+    make_strategy("fedavg", 5, 1.0, 1, 0.0, keys, aggregation="krum", krum_malicious=1)
+    with pytest.raises(ValueError, match=r"fl.krum_malicious=1 .*at least 5 .*only 4 site"):
+        make_strategy("fedavg", 4, 1.0, 1, 0.0, keys, aggregation="krum", krum_malicious=1)
+    with pytest.raises(ValueError, match=r"fl.krum_select=4 .*at least 5 .*only 4 site"):
+        make_strategy("fedavg", 4, 1.0, 1, 0.0, keys, aggregation="multikrum",
+                      krum_malicious=1, krum_select=4)
+    with pytest.raises(ValueError, match="only 2 site"):  # 5 sites, 2 asked per round
+        make_strategy("fedavg", 5, 0.5, 1, 0.0, keys, aggregation="krum", krum_malicious=0)
+    # not read by the other rules
+    make_strategy("fedavg", 2, 1.0, 1, 0.0, keys, aggregation="median", krum_malicious=3)
+
+
+@pytest.mark.parametrize("fl, match", [
+    ({"aggregation": "krum", "krum_malicious": -1}, r"fl.krum_malicious .*>= 0, got -1"),
+    ({"aggregation": "krum", "krum_malicious": 1.5}, r"fl.krum_malicious .*got 1.5"),
+    ({"aggregation": "multikrum", "krum_select": 0}, r"fl.krum_select .*>= 1, got 0"),
+    ({"aggregation": "mean", "krum_select": True}, r"fl.krum_select .*got True"),
+    ({"aggregation": "bulyan"}, r"fl.aggregation .*'bulyan'"),
+    ({"trim": 0.5}, r"fl.trim .*0.5"),
+])
+def test_bad_aggregation_settings_name_key_and_value(fl, match):
+    with pytest.raises(ValueError, match=match):
+        aggregation_settings(fl)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    # the default data: 4 synthetic sites, all asked every round; f = 1 needs 5
+    (["fl.aggregation=krum"], r"fl.krum_malicious=1 .*at least 5 .*only 4 site"),
+    (["fl.aggregation=krum", "fl.krum_malicious=-1"], r"fl.krum_malicious .*got -1"),
+    (["fl.aggregation=multikrum", "fl.krum_malicious=0", "fl.krum_select=2",
+      "fl.fraction_train=0.5"], r"fl.krum_select=2 .*at least 3 .*only 2 site"),
+    (["fl.aggregation=krum", "fl.krum_malicious=0", "fl.site_names=[A,B]"], "only 2 site"),
+])
+def test_bad_krum_settings_fail_when_the_config_is_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        settings.compose("config", overrides)
+    settings.compose("config", ["fl.aggregation=krum", "fl.krum_malicious=0"])

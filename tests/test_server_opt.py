@@ -17,7 +17,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum
 
 from m4fuse import settings
 from m4fuse.server_opt import server_opt_settings
@@ -168,6 +168,23 @@ def test_server_opt_composes_with_the_checks_and_robust_rules():
         middle = {k: (ROUND1[0][k] + ROUND1[2][k]) / 2 for k in SHARED}
         for k in SHARED:
             np.testing.assert_allclose(w1[k], w0[k] - lr * (w0[k] - middle[k]), rtol=1e-6)
+
+
+def test_server_opt_over_krum_steps_towards_the_kept_update():
+    """FedAvgM's ``super().aggregate_train`` is Flower's Krum's: the server step goes from
+    the round's arrays towards the one update Krum kept (f = 0, 3 sites: 1 nearest; A and B
+    are each other's nearest and tie, C is far), never towards C or a mean."""
+    lr, beta = 0.5, 0.9
+    s = strategy({"server_opt": "fedavgm", "server_lr": lr, "server_momentum": beta},
+                 aggregation="krum", krum_malicious=0, norm_bound=math.inf)
+    assert isinstance(s.combiner, FedAvgM) and isinstance(s.combiner, Krum)
+    assert s.combiner.num_malicious_nodes == 0
+    w0 = state(0.0, 0.0)
+    updates = [state(1.0, 0.5), state(1.2, 0.5), state(40.0, -9.0)]
+    w1 = round_trip(s, 1, w0, updates, CASES)
+    steps = [{k: w0[k] - lr * (w0[k] - u[k]) for k in SHARED} for u in updates]
+    close = [all(np.allclose(w1[k], step[k], rtol=1e-6) for k in SHARED) for step in steps]
+    assert close[0] != close[1] and not close[2]
 
 
 def test_personal_keys_never_reach_the_server_optimiser():

@@ -1,6 +1,7 @@
 """The strategy's update checks, quorum and robust aggregation on hand-made replies (issue #6):
 a NaN update or an outlier norm is dropped and the round goes on, error replies and silent
-sites are named, too few usable sites stop the run, trimmed mean and median are selectable."""
+sites are named, too few usable sites stop the run, trimmed mean, median and Krum are
+selectable (Krum after the same checks, with its own least number of updates)."""
 
 from __future__ import annotations
 
@@ -153,9 +154,35 @@ def test_aggregation_selectable(method, expected):
     np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), expected), rtol=1e-6)
 
 
+def test_krum_after_the_checks_with_its_own_quorum():
+    """Flower's Krum (f = 0: n - 2 nearest, needs 3 updates) sees only what passed the
+    project's checks; fewer than 3 accepted updates stop the run naming the rule and the
+    failed sites, where Flower's Krum would still have picked one."""
+    s = strategy(aggregation="krum", krum_malicious=0, norm_bound=math.inf)
+    # scores (2 nearest, x 8 coordinates): 1.0 -> .01+.09, 1.1 -> .01+.04, 1.3 -> .04+.09
+    out, _ = s.aggregate_train(1, [reply(arrays(v), i) for i, v in
+                                   enumerate((1.0, 1.1, 1.3, 50.0))])
+    for key, value in arrays(1.1).items():
+        np.testing.assert_array_equal(out[key].numpy(), value)
+    s = strategy(aggregation="krum", krum_malicious=0, norm_bound=math.inf)
+    out, _ = s.aggregate_train(1, [reply(arrays(1.0), 0), reply(arrays(np.nan), 1),
+                                   reply(arrays(1.1), 2), reply(arrays(50.0), 3)])
+    assert "not finite" in s.current.failed["train/TCIA01"]
+    # 1 nearest each: 1.0 and 1.1 tie, either is kept whole, never the NaN or the 50
+    got = out["enc.weight"].numpy()
+    assert np.array_equal(got, arrays(1.0)["enc.weight"]) or \
+        np.array_equal(got, arrays(1.1)["enc.weight"])
+    s = strategy(aggregation="krum", krum_malicious=0, norm_bound=math.inf)
+    with pytest.raises(QuorumError, match=r"only 2 usable .*at least 3 needed by "
+                       r"fl.aggregation=krum with fl.krum_malicious=0") as info:
+        s.aggregate_train(1, [reply(arrays(1.0), 0), reply(arrays(np.nan), 1),
+                              reply(arrays(1.1), 2), error_reply(3, "boom")])
+    assert "TCIA01: enc.weight" in str(info.value) and "TMC: error reply: boom" in str(info.value)
+
+
 def test_bad_settings_refused():
     with pytest.raises(ValueError, match="fl.aggregation"):
-        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, aggregation="krum")
+        make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, aggregation="bulyan")
     with pytest.raises(ValueError, match="fl.min_sites"):
         make_strategy("personal", 2, 1.0, 1, 0.0, KEYS, min_sites=3)
     with pytest.raises(ValueError, match="fl.min_sites"):

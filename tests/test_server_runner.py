@@ -57,6 +57,25 @@ def test_resume_hash_and_the_server_optimiser(tmp_path):
     assert resume_hash(_cfg(tmp_path, "fl.server_opt=fedadam", "fl.server_lr=0.5")) != adam
 
 
+def test_resume_hash_and_krum(tmp_path):
+    """Krum's keys change the rule only under krum/multikrum: a run checkpointed before they
+    existed still resumes under the other aggregations."""
+    from omegaconf import OmegaConf
+
+    cfg = _cfg(tmp_path)
+    base = resume_hash(cfg)
+    OmegaConf.set_struct(cfg, False)
+    for key in ("krum_malicious", "krum_select"):
+        cfg.fl.pop(key)
+    assert resume_hash(cfg) == base
+    assert resume_hash(_cfg(tmp_path, "fl.krum_malicious=3")) == base
+    krum = resume_hash(_cfg(tmp_path, "fl.aggregation=krum", "fl.krum_malicious=0"))
+    assert krum != base
+    assert resume_hash(_cfg(tmp_path, "fl.aggregation=krum", "fl.krum_malicious=1",
+                            "data.sites=5")) != resume_hash(
+        _cfg(tmp_path, "fl.aggregation=krum", "fl.krum_malicious=0", "data.sites=5"))
+
+
 #: Issue 12, one room per concern: what a package may not import. ``m4fuse/`` (the task
 #: package, no Flower roles) takes nothing from the federation's roles or its drivers; the server
 #: never reaches into a client (what both need, e.g. the site-state format, lives in m4fuse/).

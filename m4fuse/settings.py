@@ -56,41 +56,59 @@ def schema_of(cls: type, name: str, keys: Sequence[str] | None = None,
     return schema
 
 
+#: The ``model`` keys that are :class:`m4fuse.model.M4FuseConfig` fields; ``preset`` and
+#: ``widths`` (one or the other, either may be null) come after them in its schema.
+MODEL_KEYS: tuple[str, ...] = ("output", "d_state", "d_conv", "expand", "mixer_groups",
+                               "dropout", "norm_groups")
+
 _SCHEMAS: dict[str, type] = {}
 
 
-def __getattr__(name: str) -> Any:
-    """``TrainSchema``, built on first use (it imports ``m4fuse.engine``); a module attribute
-    so that a composed config pickles."""
-    if name != "TrainSchema":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _SCHEMAS:
+def _build_schema(name: str) -> type:
+    if name == "TrainSchema":
         from m4fuse.engine import TrainConfig
 
-        _SCHEMAS[name] = schema_of(TrainConfig, name, TRAIN_KEYS,
-                                   [("augment", bool, True), ("num_workers", int, 0)])
+        return schema_of(TrainConfig, name, TRAIN_KEYS,
+                         [("augment", bool, True), ("num_workers", int, 0)])
+    from m4fuse.model import M4FuseConfig
+
+    return schema_of(M4FuseConfig, name, MODEL_KEYS,
+                     [("preset", typing.Optional[str], None),
+                      ("widths", typing.Optional[list[int]], None)])
+
+
+def __getattr__(name: str) -> Any:
+    """``TrainSchema`` and ``ModelSchema``, built on first use (they import ``m4fuse.engine``
+    / ``m4fuse.model``); module attributes so that a composed config pickles."""
+    if name not in ("TrainSchema", "ModelSchema"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _SCHEMAS:
+        _SCHEMAS[name] = _build_schema(name)
     return _SCHEMAS[name]
 
 
 def register_schemas() -> None:
-    """Store the schema of the ``train`` group in Hydra's ConfigStore as ``schema/train``:
-    the :class:`m4fuse.engine.TrainConfig` fields of :data:`TRAIN_KEYS` with their types,
-    plus the loader keys ``augment: bool`` and ``num_workers: int``. ``train/default.yaml``
-    names it first in its defaults list (``/schema/train@_here_``), so a misspelt key or a
-    value of the wrong type fails at compose time with Hydra's message naming the key; the
-    YAML stays the source of the values. (``privacy`` has its dataclass in ``client/``,
-    which ``m4fuse`` does not import; ``model``'s keys are not ``M4FuseConfig``'s fields;
-    ``data``, ``fl`` and ``tracking`` have no dataclass.)"""
+    """Store the schemas of the ``train`` and ``model`` groups in Hydra's ConfigStore as
+    ``schema/train`` and ``schema/model``: the :class:`m4fuse.engine.TrainConfig` fields of
+    :data:`TRAIN_KEYS` plus the loader keys ``augment: bool`` and ``num_workers: int``; the
+    :class:`m4fuse.model.M4FuseConfig` fields of :data:`MODEL_KEYS` plus ``preset`` and
+    ``widths`` (optional). Each group's YAML names its schema first in its defaults list, so a
+    misspelt key or a value of the wrong type fails at compose time with Hydra's message
+    naming the key; the YAML stays the source of the values. (``privacy`` has its dataclass
+    in ``client/``, which ``m4fuse`` does not import; ``data``, ``fl`` and ``tracking`` have
+    no dataclass.)"""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="schema", name="train", node=__getattr__("TrainSchema"))
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=__getattr__("TrainSchema"))
+    store.store(group="schema", name="model", node=__getattr__("ModelSchema"))
 
 
 def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the Hydra config ``config_name`` from :data:`CONFIG_DIR` with ``overrides``.
 
     Works inside an already-running Hydra app too (the global Hydra state is restored).
-    The ``train`` group is checked against its schema (:func:`register_schemas`), the
+    The ``train`` and ``model`` groups are checked against their schemas (:func:`register_schemas`), the
     result by :func:`check_config`.
     """
     from hydra import compose as hydra_compose

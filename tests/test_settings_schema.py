@@ -1,4 +1,4 @@
-"""The ``train`` group's structured-config schema (m4fuse.settings.register_schemas): a misspelt
+"""The ``train`` and ``model`` groups' structured-config schemas (m4fuse.settings.register_schemas): a misspelt
 key or a value of the wrong type fails at compose time naming the key, the composed config is
 what the YAML gives, and the override forms of the other groups keep working."""
 
@@ -21,6 +21,9 @@ from m4fuse.engine import TrainConfig
     ("train.batch_size=2.5", "train.batch_size"),  # not an int
     ("train.amp=maybe", "train.amp"),  # not a bool
     ("train.num_workers=many", "train.num_workers"),  # a loader key: not an int
+    ("model.d_stat=8", "model.d_stat"),  # misspelt model key
+    ("model.dropout=high", "model.dropout"),  # not a float
+    ("model.widths=[8,a,24,32,48,64]", "model.widths"),  # not a list of ints
 ])
 def test_a_misspelt_key_or_a_wrong_type_fails_at_compose_naming_the_key(override, key):
     with pytest.raises(ConfigCompositionException) as caught:
@@ -60,3 +63,21 @@ def test_the_existing_override_forms_still_compose(overrides):
         assert tuple(settings.train_config(cfg, 1).betas) == (0.9, 0.99)
     if overrides[0] == "train.grad_clip=null":
         assert settings.train_config(cfg, 1).grad_clip is None
+
+
+def test_the_model_schema_is_the_network_config_fields_plus_preset_and_widths():
+    from m4fuse.model import M4FuseConfig
+
+    schema = settings.ModelSchema
+    names = [f.name for f in dataclasses.fields(schema)]
+    assert names == [*settings.MODEL_KEYS, "preset", "widths"]
+    model_fields = {f.name: f for f in dataclasses.fields(M4FuseConfig)}
+    for f in dataclasses.fields(schema)[:len(settings.MODEL_KEYS)]:
+        assert f.default == model_fields[f.name].default
+    for group, preset, widths in (("tiny", None, [8, 16, 24, 32, 48, 64]),
+                                  ("paper", "T", None)):
+        cfg = settings.compose("config", [f"model={group}"])
+        assert set(cfg.model) == set(names)
+        assert cfg.model.preset == preset and (
+            widths is None and cfg.model.widths is None or list(cfg.model.widths) == widths)
+        assert settings.model_config(cfg, num_experts=2).d_state == 16

@@ -627,20 +627,10 @@ def write_report(out: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[s
     return json_path, artifacts
 
 
-def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
-                      default: str | None = None, against: Sequence[str] = ()) -> Path:
-    """One comparison from several ``comparison.json`` (e.g. seed 0 of one run and seeds 1, 2
-    of another): their per-case rows, cross-site rows, new-site rows, wall times and checks
-    are joined and the summary (table, tests, goals) is computed again from the joined rows.
-
-    A path may end in ``#SUFFIX`` (e.g. ``runs/m/comparison.json#+fedavgm``): that file's
-    modes are renamed ``<mode>SUFFIX`` and its overrides may differ from the first file's
-    (each file's overrides are kept in ``summary.merged_from``); the budget and the sites
-    must still agree. Without a suffix, files whose default strategy, budget, sites or
-    overrides differ are refused, as are two files holding the same (mode, seed). ``default``
-    (default: the first file's default strategy) is the mode the report tests against fedavg
-    and local, and also against the modes ``against``. A mode that ran on only some seeds is reported with its ``n_seeds``. Returns
-    the merged ``comparison.json``'s path."""
+def _load_mergeable(paths: Sequence[Path | str]) -> tuple[list[tuple[Path, dict[str, Any]]],
+                                                          list[dict[str, Any]]]:
+    """The comparisons of ``--merge`` loaded (a ``#SUFFIX`` renames that file's modes) and
+    checked to agree (:func:`merge_comparisons`); with their sources for ``merged_from``."""
     if len(paths) < 2:
         raise ValueError(f"--merge needs at least two comparison.json files, got {list(paths)}")
     loaded = []
@@ -664,6 +654,13 @@ def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
             if payload["summary"][key] != first["summary"][key]:
                 raise ValueError(f"cannot merge {path} with {first_path}: summary.{key} differs "
                                  f"({payload['summary'][key]!r} vs {first['summary'][key]!r})")
+    return loaded, sources
+
+
+def _merged_modes_and_seeds(loaded: Sequence[tuple[Path, Mapping[str, Any]]]
+                            ) -> tuple[list[str], set[int]]:
+    """The modes (first-seen order) and seeds of the loaded comparisons; a (mode, seed) held by
+    two files is refused, naming both."""
     modes: list[str] = []
     seeds: set[int] = set()
     seen: dict[tuple[str, int], Path] = {}
@@ -677,6 +674,26 @@ def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
                                      f"{path}")
                 seen[(mode, seed)] = path
         seeds.update(int(x) for x in s["seeds"])
+    return modes, seeds
+
+
+def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
+                      default: str | None = None, against: Sequence[str] = ()) -> Path:
+    """One comparison from several ``comparison.json`` (e.g. seed 0 of one run and seeds 1, 2
+    of another): their per-case rows, cross-site rows, new-site rows, wall times and checks
+    are joined and the summary (table, tests, goals) is computed again from the joined rows.
+
+    A path may end in ``#SUFFIX`` (e.g. ``runs/m/comparison.json#+fedavgm``): that file's
+    modes are renamed ``<mode>SUFFIX`` and its overrides may differ from the first file's
+    (each file's overrides are kept in ``summary.merged_from``); the budget and the sites
+    must still agree. Without a suffix, files whose default strategy, budget, sites or
+    overrides differ are refused, as are two files holding the same (mode, seed). ``default``
+    (default: the first file's default strategy) is the mode the report tests against fedavg
+    and local, and also against the modes ``against``. A mode that ran on only some seeds is reported with its ``n_seeds``. Returns
+    the merged ``comparison.json``'s path."""
+    loaded, sources = _load_mergeable(paths)
+    modes, seeds = _merged_modes_and_seeds(loaded)
+    first = loaded[0][1]
     rows = [r for _, p in loaded for r in p["rows"]]
     for r in rows:
         for k in SCORE_KEYS:

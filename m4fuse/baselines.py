@@ -17,7 +17,6 @@ pooled|local`` and ``python -m simulations.pooled|local`` are thin wrappers over
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,6 @@ from m4fuse import provision, report, runtime, settings, site_steps, workspace
 from m4fuse.tracking import Tracker, final_test_metrics, round_metrics
 
 MODES: tuple[str, ...] = ("pooled", "local")
-
-
-@dataclass
-class BaselineSummary:
-    """What a baseline run returns (same fields the comparison reads from federated runs)."""
-
-    mode: str
-    run_dir: Path
-    site_names: list[str]
-    rows: list[dict[str, Any]]
-    table: str
-    history: list[dict[str, Any]]
-    mlflow_run_id: str | None
-    seconds: float
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 def pooled_loader(split: dict, names: list[str], cfg: DictConfig, seed: int) -> DataLoader:
@@ -113,7 +96,7 @@ def _run_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module], s
             "seconds": time.perf_counter() - start}
 
 
-def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
+def run_baseline(cfg: DictConfig, mode: str) -> report.RunSummary:
     """Train and score the ``pooled`` or ``local`` baseline of ``cfg``; logs one MLflow run."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -160,7 +143,8 @@ def run_baseline(cfg: DictConfig, mode: str) -> BaselineSummary:
     for path in (*outputs, model_path):
         tracker.log_artifact(path)
     tracker.finish()
-    return BaselineSummary(mode, rdir, names, rows, table, history, tracker.run_id, seconds)
+    return report.RunSummary(mode, rdir, names, rows, table, history, tracker.run_id,
+                             seconds)
 
 
 def save_models(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module],

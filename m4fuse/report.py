@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,34 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("test HD95 WT", "test", "hd95_wt"),
 )
 
+
+
+@dataclass
+class RunSummary:
+    """What a finished run returns, federated or baseline (tests and the comparison read it).
+
+    Attributes:
+        mode: ``fl.strategy`` of a federated run, or ``pooled`` / ``local``.
+        run_dir: its output folder. site_names: the sites, in site-index order.
+        rows: the per-site table's rows (the last one the case-weighted mean); table: as text.
+        history: the per-round (per-epoch-block for the baselines) entries.
+        mlflow_run_id: its MLflow run, or None with tracking off.
+        seconds: wall time of this session.
+        first_round: the round this session started at (> 1 for a resumed run); default 1.
+        bytes_sent, bytes_received: over the wire (0 for the baselines).
+    """
+
+    mode: str
+    run_dir: Path
+    site_names: list[str]
+    rows: list[dict[str, Any]]
+    table: str
+    history: list[dict[str, Any]]
+    mlflow_run_id: str | None
+    seconds: float
+    first_round: int = 1
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 def site_rows(
     site_names: Sequence[str],

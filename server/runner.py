@@ -45,22 +45,6 @@ RESUME_FREE: tuple[str, ...] = ("fl.resume", "fl.rounds", "fl.faults", "fl.min_s
                                 "fl.round_timeout", "fl.wait_for_sites")
 
 
-@dataclass
-class RunSummary:
-    """What a federated run returns (tests and the comparison read it)."""
-
-    run_dir: Path
-    site_names: list[str]
-    rows: list[dict[str, Any]]
-    table: str
-    history: list[dict[str, Any]]
-    mlflow_run_id: str | None
-    first_round: int
-    seconds: float
-    bytes_sent: int
-    bytes_received: int
-
-
 def initial_state(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(what the server holds, the whole initial model)`` for ``fl.strategy``."""
     model = settings.build_model(cfg, num_experts=1)
@@ -233,7 +217,7 @@ def _record_test_failures(rdir: Path, tracker: Tracker, final: Any) -> dict[str,
 
 
 def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracker: Tracker,
-            arrays: ArrayRecord, final: Any, wall: float) -> RunSummary:
+            arrays: ArrayRecord, final: Any, wall: float) -> report.RunSummary:
     """After the final test: the per-site table, run outputs, final metrics and the server's
     part of the final model, all logged to MLflow."""
     strategy_name, history = str(cfg.fl.strategy), start.history
@@ -273,11 +257,11 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
         log(INFO, "the server's part of the final model: %s (`m4fuse model assemble %s` adds "
             "each site's own weights from its state folder)", rdir / SERVER_MODEL_NAME, rdir)
     tracker.finish()
-    return RunSummary(rdir, names, rows, table, history, tracker.run_id, start.first_round,
-                      seconds, sent, received)
+    return report.RunSummary(strategy_name, rdir, names, rows, table, history, tracker.run_id,
+                             seconds, start.first_round, sent, received)
 
 
-def run_federated(grid: Grid, cfg: DictConfig) -> RunSummary:
+def run_federated(grid: Grid, cfg: DictConfig) -> report.RunSummary:
     """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
     wall = time.perf_counter()
     strategy_name = str(cfg.fl.strategy)

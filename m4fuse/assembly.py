@@ -62,12 +62,24 @@ def site_folders(run_dir: Path, sites: list[str] | None = None) -> dict[str, Pat
     return {site: (clients / site if (clients / site).is_dir() else None) for site in sites}
 
 
+def run_sites(run_dir: Path) -> list[str] | None:
+    """The run's site names as its ``summary.json`` records them (None when it does not)."""
+    import json
+
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    names = json.loads(path.read_text()).get("site_names")
+    return list(names) if names is not None else None
+
+
 def collect_site_files(run_dir: Path) -> list[tuple[Path, str | None]]:
     """Copy the simulated sites' test overlays and newest kept states out of
-    ``<run dir>/clients/<site>`` into ``overlays/`` and ``experts/``; returns them with their
-    MLflow artifact folder."""
+    ``<run dir>/clients/<site>`` (the run's sites, :func:`run_sites`; every sub-folder for a
+    run that does not record them) into ``overlays/`` and ``experts/``; returns them with
+    their MLflow artifact folder."""
     written: list[tuple[Path, str | None]] = []
-    for site, folder in site_folders(run_dir).items():
+    for site, folder in site_folders(run_dir, run_sites(run_dir)).items():
         if folder is None:
             continue
         for picture in sorted(folder.glob("overlay-test-*.png")):

@@ -12,7 +12,6 @@ Nothing here imports ``client/``.
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -162,10 +161,10 @@ def _start(cfg: DictConfig, rdir: Path, ckpt_path: Path, chash: str,
         log(INFO, "Resuming %s from %s at round %d", workspace.run_name(cfg), ckpt_path,
             start.first_round)
         return start
-    # A fresh run: forget an earlier run of the same name (checkpoint, and in simulation the
-    # sites' kept weights, which would otherwise be picked up as resumed state).
+    # A fresh run: forget an earlier run of the same name's checkpoint. The sites discard
+    # their own state of that run when they see this run's new identity
+    # (m4fuse.site_state.SiteStateStore.bind_run); the server touches no site's folder.
     ckpt_path.unlink(missing_ok=True)
-    shutil.rmtree(rdir / "clients", ignore_errors=True)
     return _Start(arrays, 1, [], None, run_identity)
 
 
@@ -237,7 +236,7 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
         {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
          "bytes_received": received, "first_round": start.first_round,
          "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
-         "run_identity": start.run_identity},
+         "run_identity": start.run_identity, "site_names": list(names)},
         title=f"{workspace.run_name(cfg)} ({strategy_name}): per-site results",
         plot_title=f"{workspace.run_name(cfg)}: validation Dice",
         footer=f"{failed_note}bytes sent {sent}, received {received}, "

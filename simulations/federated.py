@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from m4fuse import provision, settings, workspace
+from m4fuse.assembly import CLIENTS_DIR
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -41,6 +43,8 @@ def simulate(overrides: Sequence[str], cpus_per_site: int = 1) -> dict[str, Any]
         os.environ.setdefault(key, value)
     cfg = settings.compose("config", list(overrides))
     sites = provision.site_names(provision.load_sites(cfg))  # prepares the data once
+    if not bool(cfg.fl.resume):  # the simulated sites' folders of an earlier run of this name
+        shutil.rmtree(workspace.run_dir(cfg) / CLIENTS_DIR, ignore_errors=True)
     previous = os.environ.get(settings.OVERRIDES_ENV)
     os.environ[settings.OVERRIDES_ENV] = shlex.join(list(overrides))
     try:

@@ -29,9 +29,36 @@ FLOWER_ENV = {
 }
 
 
-def simulate(overrides: Sequence[str], cpus_per_site: int = 1) -> dict[str, Any]:
+#: The GPU share of each simulated site, as for ``scripts/setup.sh`` (``flwr run .``).
+GPUS_ENV = "M4FUSE_GPUS_PER_SITE"
+
+
+def gpu_share(sites: int, cuda_devices: int | None = None) -> float:
+    """Each simulated site's share of a GPU (Ray's ``num_gpus``): ``$M4FUSE_GPUS_PER_SITE``
+    when set, else the visible CUDA devices spread over the sites (at most 1 each; 0.0 without
+    a GPU). With 0.0 Ray hides the GPUs from the site's process, so a GPU host would silently
+    train on its CPU."""
+    text = os.environ.get(GPUS_ENV)
+    if text:
+        try:
+            share = float(text)
+        except ValueError:
+            raise ValueError(f"{GPUS_ENV} must be a number, got {text!r}") from None
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{GPUS_ENV} must be in [0, 1], got {share}")
+        return share
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count()
+    return round(min(1.0, cuda_devices / sites), 4) if cuda_devices and sites else 0.0
+
+
+def simulate(overrides: Sequence[str], cpus_per_site: int = 1,
+             gpus_per_site: float | None = None) -> dict[str, Any]:
     """Run the federated experiment of ``overrides``; returns its summary, history and rows
-    (read back from the run folder the ServerApp wrote)."""
+    (read back from the run folder the ServerApp wrote). Each site gets ``cpus_per_site``
+    CPUs (default 1) and ``gpus_per_site`` of a GPU (default :func:`gpu_share`)."""
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
@@ -45,12 +72,13 @@ def simulate(overrides: Sequence[str], cpus_per_site: int = 1) -> dict[str, Any]
     sites = provision.site_names(provision.load_sites(cfg))  # prepares the data once
     if not bool(cfg.fl.resume):  # the simulated sites' folders of an earlier run of this name
         shutil.rmtree(workspace.run_dir(cfg) / CLIENTS_DIR, ignore_errors=True)
+    gpus = gpu_share(len(sites)) if gpus_per_site is None else float(gpus_per_site)
+    resources = {"num_cpus": cpus_per_site, "num_gpus": gpus}
     previous = os.environ.get(settings.OVERRIDES_ENV)
     os.environ[settings.OVERRIDES_ENV] = shlex.join(list(overrides))
     try:
         run_simulation(server_app, client_app, num_supernodes=len(sites),
-                       backend_config={"client_resources": {"num_cpus": cpus_per_site,
-                                                            "num_gpus": 0.0}})
+                       backend_config={"client_resources": resources})
     finally:
         if previous is None:
             os.environ.pop(settings.OVERRIDES_ENV, None)

@@ -71,3 +71,23 @@ def test_scan_part_compares_against_a_fused_kernel(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(scan, "_fused_selective_scan", lambda: wrong)
     assert not gpu_check.scan_part(torch.device("cpu"), [32], repeats=1)
+
+
+def test_the_simulation_driver_gives_each_site_a_gpu_share_on_a_gpu_host(monkeypatch):
+    """simulations.federated.simulate asks Ray for a GPU share per site where CUDA devices are
+    visible (Ray hides the GPUs from a site that asks for none: it would train on CPU), none
+    without, and $M4FUSE_GPUS_PER_SITE overrides it; a bad value names the variable."""
+    import pytest
+
+    from simulations.federated import GPUS_ENV, gpu_share
+
+    monkeypatch.delenv(GPUS_ENV, raising=False)
+    assert gpu_share(4, cuda_devices=0) == 0.0
+    assert gpu_share(4, cuda_devices=1) == 0.25
+    assert gpu_share(2, cuda_devices=8) == 1.0
+    monkeypatch.setenv(GPUS_ENV, "0.5")
+    assert gpu_share(4, cuda_devices=0) == 0.5
+    for bad in ("half", "2"):
+        monkeypatch.setenv(GPUS_ENV, bad)
+        with pytest.raises(ValueError, match=GPUS_ENV):
+            gpu_share(4, cuda_devices=1)

@@ -180,8 +180,11 @@ def paired_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequen
 
 
 def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default: str,
-          sites: Sequence[str], new_site: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The issue's goals as ``{"goal", "met" (True/False/None: not measured), "detail"}``."""
+          sites: Sequence[str], new_site: Mapping[str, Any] | None,
+          fedavg: str = "fedavg") -> list[dict[str, Any]]:
+    """The issue's goals as ``{"goal", "met" (True/False/None: not measured), "detail"}``;
+    ``fedavg`` names the mode that stands for FedAvg (default ``fedavg``; a merged report's
+    renamed one, e.g. ``fedavg+none``)."""
     out: list[dict[str, Any]] = []
 
     def site_mean(mode: str, site: str) -> float | None:
@@ -199,8 +202,8 @@ def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default:
         out.append({"goal": "default >= local on every site", "met": None,
                     "detail": f"needs modes {default} and local"})
     targets = [s for s in sites[2:4]]
-    fed = {t["site"]: t for t in tests if t["b"] == "fedavg"}
-    if fed and default != "fedavg" and targets:
+    fed = {t["site"]: t for t in tests if t["b"] == fedavg}
+    if fed and default != fedavg and targets:
         parts, met = [], True
         for s in targets:
             t = fed[s]
@@ -209,12 +212,12 @@ def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default:
             met &= ok
             p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
             parts.append(f"{s} diff {(t['mean_diff'] or 0):+.3f}, p {p}")
-        out.append({"goal": f"{default} > fedavg on {' and '.join(targets)} with p < 0.05 "
+        out.append({"goal": f"{default} > {fedavg} on {' and '.join(targets)} with p < 0.05 "
                             "(paired, cases of all seeds)", "met": met,
                     "detail": "; ".join(parts)})
     else:
         out.append({"goal": "default > fedavg on sites 2 and 3 with p < 0.05", "met": None,
-                    "detail": f"needs modes {default} and fedavg and >= 3 sites"})
+                    "detail": f"needs modes {default} and {fedavg} and >= 3 sites"})
     d, p = site_mean(default, "mean"), site_mean("pooled", "mean")
     if d is not None and p is not None and p > 0:
         ratio = d / p
@@ -567,12 +570,14 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
               cross_rows: Mapping[str, Sequence[Mapping[str, Any]]],
               new_site: Mapping[str, Any] | None, seconds: Mapping[str, Any],
               bytes_by_mode: Mapping[str, Any], check: Mapping[str, Any],
-              convergence: Sequence[str], against: Sequence[str] = ()) -> dict[str, Any]:
+              convergence: Sequence[str], against: Sequence[str] = (),
+              fedavg: str = "fedavg") -> dict[str, Any]:
     """The comparison's summary from its per-case rows: the table of mean +- sd over seeds,
-    the paired tests of the default strategy, the goals and the cross-site matrices (the
-    new site's per-case rows ride along under ``_new_site_rows`` for :func:`write_report`)."""
+    the paired tests of the default strategy (against ``fedavg``, the mode standing for
+    FedAvg, local and ``against``), the goals and the cross-site matrices (the new site's
+    per-case rows ride along under ``_new_site_rows`` for :func:`write_report`)."""
     table = site_table(rows, modes, seeds, sites)
-    others = [m for m in dict.fromkeys(["fedavg", "local", *against])
+    others = [m for m in dict.fromkeys([fedavg, "local", *against])
               if m in modes and m != default]
     tests = paired_tests(rows, default, others, sites) if default in modes else []
     crossdata = {}
@@ -586,7 +591,7 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
         "budget": dict(budget),
         "score": "per case: mean of dice_wt, dice_tc, dice_et",
         "by_site": table, "tests": tests,
-        "goals": goals(table, tests, default, sites, new_site),
+        "goals": goals(table, tests, default, sites, new_site, fedavg),
         "seconds": dict(seconds), "bytes": dict(bytes_by_mode), "check": dict(check),
         "crosssite": crossdata,
         "new_site": None if new_site is None else {k: v for k, v in new_site.items()
@@ -678,7 +683,8 @@ def _merged_modes_and_seeds(loaded: Sequence[tuple[Path, Mapping[str, Any]]]
 
 
 def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
-                      default: str | None = None, against: Sequence[str] = ()) -> Path:
+                      default: str | None = None, against: Sequence[str] = (),
+                      fedavg: str = "fedavg") -> Path:
     """One comparison from several ``comparison.json`` (e.g. seed 0 of one run and seeds 1, 2
     of another): their per-case rows, cross-site rows, new-site rows, wall times and checks
     are joined and the summary (table, tests, goals) is computed again from the joined rows.
@@ -689,7 +695,9 @@ def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
     must still agree. Without a suffix, files whose default strategy, budget, sites or
     overrides differ are refused, as are two files holding the same (mode, seed). ``default``
     (default: the first file's default strategy) is the mode the report tests against fedavg
-    and local, and also against the modes ``against``. A mode that ran on only some seeds is reported with its ``n_seeds``. Returns
+    and local, and also against the modes ``against``; ``fedavg`` (default ``fedavg``) is the
+    mode that stands for FedAvg there and in the goals (e.g. ``fedavg+none`` when the FedAvg
+    runs carry a suffix). A mode that ran on only some seeds is reported with its ``n_seeds``. Returns
     the merged ``comparison.json``'s path."""
     loaded, sources = _load_mergeable(paths)
     modes, seeds = _merged_modes_and_seeds(loaded)
@@ -722,6 +730,8 @@ def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
     default = default or first["summary"]["default_strategy"]
     if default not in modes:
         raise ValueError(f"--default {default!r} is not among the merged modes {modes}")
+    if fedavg != "fedavg" and fedavg not in modes:
+        raise ValueError(f"--fedavg {fedavg!r} is not among the merged modes {modes}")
     summary = summarise(
         name=name, default=default, modes=modes,
         seeds=sorted(seeds), sites=first["summary"]["sites"],
@@ -731,7 +741,7 @@ def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
         new_site=merge_new_site(new_site_results), seconds=joined("seconds"),
         bytes_by_mode=joined("bytes"), check=joined("check"),
         convergence=[line for _, p in loaded for line in p["summary"]["convergence"]],
-        against=against)
+        against=against, fedavg=fedavg)
     summary["merged_from"] = sources
     json_path, _ = write_report(out, summary, rows, cross_rows, summary.pop("_new_site_rows"))
     return json_path
@@ -837,6 +847,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against", default="",
                         help="with --merge: comma-separated modes the default is also tested "
                              "against (besides fedavg and local)")
+    parser.add_argument("--fedavg", default="fedavg",
+                        help="with --merge: the mode that stands for FedAvg in the tests and "
+                             "goals (default fedavg; e.g. fedavg+none when its files carry a "
+                             "suffix)")
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides for every run, e.g. fl.rounds=10 data.sites=4")
     return parser
@@ -859,7 +873,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = str(base.run_name) if base.run_name else "merged"
         try:
             merge_comparisons(_list(args.merge), workspace.project_root(base) / "runs" / name,
-                              name, default=args.default, against=_list(args.against))
+                              name, default=args.default, against=_list(args.against),
+                              fedavg=args.fedavg)
         except ValueError as err:
             raise SystemExit(f"--merge: {err}") from None
         return 0

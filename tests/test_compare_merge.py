@@ -98,3 +98,22 @@ def test_a_suffix_renames_modes_and_lets_overrides_differ(tmp_path):
     assert {r["mode"] for r in merged["rows"]} == set(s["modes"])
     vs_fedavg_m = next(t for t in s["tests"] if t["b"] == "fedavg+m" and t["site"] == "all")
     assert vs_fedavg_m["mean_diff"] == pytest.approx(0.06)
+
+
+def test_fedavg_names_the_mode_that_stands_for_fedavg_in_the_tests_and_goals(tmp_path):
+    a = _comparison(tmp_path, "a", {"local": 0.8, "personal-norm-ft": 0.85}, [0, 1])
+    b = _comparison(tmp_path, "b", {"fedavg": 0.7}, [0, 1])
+    data = json.loads(b.read_text())
+    data["summary"]["overrides"] = ["fl.rounds=60", "fl.server_opt=none"]
+    b.write_text(json.dumps(data))
+    plain = json.loads(merge_comparisons([a, f"{b}#+none"], tmp_path / "m", "m").read_text())
+    fed_goal = plain["summary"]["goals"][1]
+    assert fed_goal["met"] is None and "fedavg" in fed_goal["detail"]  # no mode "fedavg"
+    with pytest.raises(ValueError, match="--fedavg 'fedavg\\+x' is not among"):
+        merge_comparisons([a, f"{b}#+none"], tmp_path / "m", "m", fedavg="fedavg+x")
+    named = json.loads(merge_comparisons([a, f"{b}#+none"], tmp_path / "n", "n",
+                                         fedavg="fedavg+none").read_text())["summary"]
+    vs_fed = next(t for t in named["tests"] if t["b"] == "fedavg+none" and t["site"] == "all")
+    assert vs_fed["mean_diff"] == pytest.approx(0.15)
+    goal = named["goals"][1]
+    assert "fedavg+none" in goal["goal"] and goal["met"] is True

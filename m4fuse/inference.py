@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference

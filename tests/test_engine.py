@@ -19,12 +19,14 @@ from m4fuse.engine import (
     TrainConfig,
     evaluate,
     make_optimizer,
-    test_original_grid as score_original_grid,
     train_epochs,
 )
+from m4fuse.engine import (
+    test_original_grid as score_original_grid,
+)
 from m4fuse.inference import probs_to_regions
-from m4fuse.runtime import resolve_device
 from m4fuse.metrics import mean_scores, region_scores
+from m4fuse.runtime import resolve_device
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,10 +3,10 @@
 Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints three tables:
 
 1. Training step (forward + backward, ``mean(logits)`` as the loss) at 1 x 4 x 64 x 128 x 128,
-   float32, ``--threads`` intra-op threads (default 2), median of ``--repeats`` runs after
-   ``--warmup``, the models **interleaved** (run 1 of every model, then run 2, ...) so that load
-   from other processes falls on all of them alike; peak memory of one step (see
-   :class:`benchmarks.bench_model.PeakMemory`). Models:
+   float32 (the ``bf16`` rows: bfloat16 autocast), ``--threads`` intra-op threads (default 2),
+   median of ``--repeats`` runs after ``--warmup``, the models **interleaved** (run 1 of every
+   model, then run 2, ...) so that load from other processes falls on all of them alike; peak
+   memory of one step (see :class:`benchmarks.bench_model.PeakMemory`). Models:
 
    * ``M4Fuse-B now``: :class:`m4fuse.model.M4Fuse`, preset B, 2 experts, routed to expert 0;
    * ``M4Fuse-B now, channels-last``: the same model with ``m4fuse.model.CHANNELS_LAST`` on
@@ -14,7 +14,17 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
    * ``M4Fuse-B 1cc4274``: the same network and weights in the code before issue 11
      (``benchmarks/m4fuse_1cc4274.py``, that commit's ``m4fuse/model.py`` verbatim);
    * ``SegResNet-32``: MONAI ``SegResNet(init_filters=32, blocks_down=(1, 2, 2, 4),
-     blocks_up=(1, 1, 1))``, the paper's 18.8 M-parameter peer.
+     blocks_up=(1, 1, 1))``, the paper's 18.8 M-parameter peer;
+   * ``M4Fuse-B now, bf16 autocast`` (peer ``bf16``) and, when ``segresnet`` is among the
+     peers too, ``SegResNet-32, bf16 autocast``: the same models and weights with their
+     forward under ``torch.autocast`` in bfloat16 on the run's device (CPU or CUDA; what
+     ``train.amp_cpu=true`` does in training on the CPU), backward following that graph; the
+     loss and the weights stay float32.
+
+   The ratio columns "/ SegResNet (same dtype)" divide by the SegResNet-32 row of the row's own
+   precision (a bf16 row by ``SegResNet-32, bf16 autocast``, the others by ``SegResNet-32``);
+   "time / M4Fuse-B 1cc4274" is always against that float32 row, so a bf16 row there is the
+   mixed-precision step against the float32 code before issue 11.
 
    The paper's own code (tonxycs/M4Fuse with mambapy in place of mamba_ssm) is not run here:
    this project does not vendor it, and a faithful re-implementation could not be written
@@ -23,7 +33,8 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
 2. Sliding-window inference (MONAI ``sliding_window_inference``, Gaussian blending, window
    ``--roi`` default 64 x 128 x 128, ``--overlap`` default 0.25, one window per forward) of one
    BraTS-sized case 4 x 155 x 240 x 240, ``torch.inference_mode``, eval mode, median of
-   ``--infer-repeats``.
+   ``--infer-repeats``; the same models (the bf16 rows: every window's forward under bfloat16
+   autocast, blending in float32), ratios against the SegResNet-32 row of the same dtype.
 
 3. The default simulation's model sizes: one training step (batch 2 at 32^3, the synthetic
    data's size and the default batch; Dice+BCE loss; Adam-free: forward + backward only) of the
@@ -62,6 +73,37 @@ class _ChannelsLast(torch.nn.Module):
             m4.CHANNELS_LAST = previous
 
 
+class _Bf16Autocast(torch.nn.Module):
+    """The same model (same weights) with its forward under ``torch.autocast`` in bfloat16 on
+    the input's device type (``cpu`` or ``cuda``); backward follows the graph that forward
+    built, the weights stay float32 (what ``train.amp_cpu`` does on the CPU)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=args[0].device.type, dtype=torch.bfloat16):
+            return self.model(*args)
+
+
+#: The ``--peers`` names (M4Fuse-B now is always run).
+PEERS: tuple[str, ...] = ("channels-last", "before", "segresnet", "bf16")
+
+
+def _same_dtype_reference(model: torch.nn.Module, names: Sequence[str]) -> str | None:
+    """The SegResNet-32 row that ``model``'s row is divided by: the one of its own precision
+    (None when that row is not among ``names``)."""
+    ref = "SegResNet-32, bf16 autocast" if isinstance(model, _Bf16Autocast) else "SegResNet-32"
+    return ref if ref in names else None
+
+
+def _ratio(value: float, ref: float) -> str:
+    """``value / ref`` to 2 decimals; "n/a" when ``ref`` is not a positive number (a peak
+    memory can read 0 bytes at a tiny size on the CPU)."""
+    return f"{value / ref:.2f}" if ref > 0 else "n/a"
+
+
 def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     from monai.networks.nets import SegResNet
 
@@ -73,15 +115,18 @@ def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     models: list[tuple[str, torch.nn.Module, bool]] = [("M4Fuse-B now", now, True)]
     if "channels-last" in which:
         models.append(("M4Fuse-B now, channels-last", _ChannelsLast(now), True))
+    if "bf16" in which:
+        models.append(("M4Fuse-B now, bf16 autocast", _Bf16Autocast(now), True))
     if "before" in which:
         old = before.M4Fuse(before.M4FuseConfig.preset("B", num_experts=2))
         old.load_state_dict(now.state_dict())
         models.append(("M4Fuse-B 1cc4274", old, True))
     if "segresnet" in which:
-        models.append(("SegResNet-32", SegResNet(spatial_dims=3, init_filters=32,
-                                                 in_channels=4, out_channels=3,
-                                                 blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)),
-                       False))
+        segresnet = SegResNet(spatial_dims=3, init_filters=32, in_channels=4, out_channels=3,
+                              blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+        models.append(("SegResNet-32", segresnet, False))
+        if "bf16" in which:
+            models.append(("SegResNet-32, bf16 autocast", _Bf16Autocast(segresnet), False))
     return models
 
 
@@ -129,19 +174,20 @@ def train_table(models: list[tuple[str, torch.nn.Module, bool]], size: Sequence[
             step()
         memory[name] = peak.peak_bytes
         gc.collect()
-    ref = "SegResNet-32" if "SegResNet-32" in seconds else None
     rows = []
-    for name, _, _ in models:
+    for name, model, _ in models:
+        ref = _same_dtype_reference(model, list(seconds))
         rows.append([
             name, f"{seconds[name]:.2f}", f"{memory[name] / 2**20:.0f}",
-            f"{seconds[name] / seconds[ref]:.2f}" if ref else "n/a",
-            f"{memory[name] / memory[ref]:.2f}" if ref else "n/a",
+            _ratio(seconds[name], seconds[ref]) if ref else "n/a",
+            _ratio(memory[name], memory[ref]) if ref else "n/a",
             f"{seconds[name] / seconds['M4Fuse-B 1cc4274']:.2f}"
             if "M4Fuse-B 1cc4274" in seconds else "n/a",
         ])
-    return _table(f"Training step (fwd+bwd), 1x4x{'x'.join(map(str, size))}, float32",
-                  ["model", "fwd+bwd (s)", "peak mem (MiB)", "time / SegResNet",
-                   "mem / SegResNet", "time / M4Fuse-B 1cc4274"], rows)
+    return _table(f"Training step (fwd+bwd), 1x4x{'x'.join(map(str, size))}, float32 "
+                  "(bf16 rows: bfloat16 autocast)",
+                  ["model", "fwd+bwd (s)", "peak mem (MiB)", "time / SegResNet (same dtype)",
+                   "mem / SegResNet (same dtype)", "time / M4Fuse-B 1cc4274"], rows)
 
 
 def infer_table(models: list[tuple[str, torch.nn.Module, bool]], case: Sequence[int],
@@ -166,12 +212,14 @@ def infer_table(models: list[tuple[str, torch.nn.Module, bool]], case: Sequence[
 
         steps[name] = step
     seconds = _interleaved(steps, device, repeats, 0)
-    ref = "SegResNet-32" if "SegResNet-32" in seconds else None
-    rows = [[name, f"{seconds[name]:.1f}",
-             f"{seconds[name] / seconds[ref]:.2f}" if ref else "n/a"] for name, _, _ in models]
+    rows = []
+    for name, model, _ in models:
+        ref = _same_dtype_reference(model, list(seconds))
+        rows.append([name, f"{seconds[name]:.1f}",
+                     _ratio(seconds[name], seconds[ref]) if ref else "n/a"])
     return _table(f"Sliding-window inference of one 4x{'x'.join(map(str, case))} case, window "
                   f"{'x'.join(map(str, roi))}, overlap {overlap}",
-                  ["model", "seconds", "time / SegResNet"], rows)
+                  ["model", "seconds", "time / SegResNet (same dtype)"], rows)
 
 
 def sizes_table(repeats: int, warmup: int) -> str:
@@ -218,12 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", default="train,infer,sizes",
                         help="comma-separated tables to run among train,infer,sizes")
     parser.add_argument("--peers", default="channels-last,before,segresnet",
-                        help="comma-separated peers among channels-last,before,segresnet")
+                        help="comma-separated peers among " + ",".join(PEERS)
+                        + " (bf16: the bfloat16-autocast rows)")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"train", "infer", "sizes"}
     if unknown:
         raise SystemExit(f"--parts: unknown table(s) {sorted(unknown)}")
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if set(peers) - set(PEERS):
+        raise SystemExit(f"--peers: unknown peer(s) {sorted(set(peers) - set(PEERS))}")
     if args.repeats < 1 or args.warmup < 0 or args.infer_repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats, --infer-repeats and --threads must be >= 1, --warmup >= 0")
     device = _device(args.device)
@@ -231,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"median of {args.repeats} after {args.warmup} warm-up, models interleaved",
           flush=True)
-    models = _models([p.strip() for p in args.peers.split(",")])
+    models = _models(peers)
     if "train" in parts:
         print("\n" + train_table(models, args.size, device, args.repeats, args.warmup),
               flush=True)

@@ -256,7 +256,10 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
 
     FedProx: the proximal term's gradient is not a per-case gradient, so Opacus would neither
     clip nor account it. AMP float16: its loss scaling multiplies the per-case gradients
-    Opacus clips. Global gradient clipping is turned off (Opacus clips per case).
+    Opacus clips. CPU bfloat16 autocast (``train.amp_cpu``): the per-case gradients are
+    recomputed in backward, outside autocast, from bfloat16 activations (the hand-written
+    sampler fails on the dtype mismatch, Opacus' own ones compute in bfloat16); untried
+    and refused. Global gradient clipping is turned off (Opacus clips per case).
     """
     if strategy == "fedprox":
         raise ValueError("privacy.enabled with fl.strategy=fedprox is not supported: the "
@@ -270,6 +273,10 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
         raise ValueError("privacy.enabled with train.amp_dtype=float16 is not supported: "
                          "loss scaling changes the per-case gradients Opacus clips "
                          "(use train.amp_dtype=bfloat16 or train.amp=false)")
+    if bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False)):
+        raise ValueError("privacy.enabled with train.amp_cpu=true is not supported: the "
+                         "per-case gradients are recomputed outside autocast from bfloat16 "
+                         "activations (use train.amp_cpu=false)")
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(cfg, False)
     cfg.train.grad_clip = None

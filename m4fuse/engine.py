@@ -62,9 +62,20 @@ class TrainConfig:
         local_epochs: passes over the local data per :func:`train_epochs` call, default 1.
         warmup_steps: optimiser steps of linear warm-up from 0, default 0 (none).
         min_lr: floor of the cosine decay, default 0.0.
-        amp: mixed precision on CUDA, default True (ignored on CPU).
+        amp: mixed precision on CUDA, default True (ignored on CPU unless ``amp_cpu``).
         amp_dtype: ``"bfloat16"`` (default, no loss scaling needed) or ``"float16"`` (with a
             ``GradScaler``).
+        amp_cpu: opt-in mixed precision on the CPU, default False: with ``amp`` also true, the
+            forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (training, and
+            evaluation/inference where the caller passes it), the loss in float32, parameters
+            and gradients stay float32. CPU autocast is bfloat16 only, so ``amp_cpu`` with
+            ``amp_dtype="float16"`` is refused (on any host, so that a config shared by CPU and
+            GPU sites fails early). Off by default: CPU float32 stays the default
+            (deterministic) because every number in the README was measured in float32 on the
+            CPU. Caveat: on CPU bfloat16 the bridge's 7x7x7 spatial convolution gave a NaN
+            gradient for 1 tiny random model in 12 at one thread (README, "Known limits");
+            a non-finite gradient under CPU autocast raises ``FloatingPointError``
+            before the optimiser step instead of writing NaN into the weights.
         grad_clip: max global gradient norm, default 12.0; ``None`` or 0 disables clipping
             (leave it off under Opacus, which clips per sample itself).
         cudnn_benchmark: ``torch.backends.cudnn.benchmark`` on CUDA, default True (fixed input
@@ -84,6 +95,7 @@ class TrainConfig:
     min_lr: float = 0.0
     amp: bool = True
     amp_dtype: str = "bfloat16"
+    amp_cpu: bool = False
     grad_clip: float | None = 12.0
     cudnn_benchmark: bool = True
     seed: int | None = 0
@@ -111,6 +123,12 @@ class TrainConfig:
             positive("grad_clip", self.grad_clip, allow_zero=True)
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"TrainConfig.amp_dtype must be one of {sorted(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        if not isinstance(self.amp_cpu, bool):
+            raise ValueError(f"TrainConfig.amp_cpu must be a bool, got {self.amp_cpu!r}")
+        if self.amp and self.amp_cpu and self.amp_dtype != "bfloat16":
+            raise ValueError("TrainConfig.amp_cpu (CPU autocast) runs in bfloat16 only, got "
+                             f"amp_dtype={self.amp_dtype!r}: set train.amp_dtype=bfloat16 or "
+                             "train.amp_cpu=false")
         betas = tuple(self.betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -330,16 +348,20 @@ def _train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opt
                 scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
                 expert: Expert, prox_mu: float,
                 prox: list[tuple[nn.Parameter, torch.Tensor]]) -> tuple[float, int]:
-    """One optimiser step on a non-empty ``batch`` (forward under AMP, loss, the proximal
-    term, backward, clipping, step); ``(segmentation loss, cases in the batch)``."""
+    """One optimiser step on a non-empty ``batch`` (forward under AMP, loss in float32, the
+    proximal term, backward, clipping, step); ``(segmentation loss, cases in the batch)``.
+
+    Under CPU autocast (``cfg.amp_cpu``) a non-finite gradient raises ``FloatingPointError``
+    before the step (bfloat16 on the CPU has given a NaN gradient, see :class:`TrainConfig`)."""
     x = batch["image"].to(device, non_blocking=True).float()
     y = batch["label"].to(device, non_blocking=True)
     b = x.shape[0]
     routes = expert_tensor(expert, b, device, batch.get("site"))
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, cfg.amp, cfg.amp_dtype):
+    cpu_bf16 = cfg.amp and cfg.amp_cpu and device.type == "cpu"
+    with autocast(device, cfg.amp, cfg.amp_dtype, cpu=cfg.amp_cpu):
         logits = model(x, routes)
-    loss = loss_fn(logits.float(), y)
+    loss = loss_fn(logits.float(), y)  # outside autocast: the loss is float32
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"non-finite loss {loss.item()} on cases {list(batch.get('case', []))}"
@@ -351,9 +373,19 @@ def _train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opt
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if cpu_bf16 and not _finite_gradients(model):
+        raise FloatingPointError(
+            f"non-finite gradient under CPU bfloat16 autocast (train.amp_cpu) on cases "
+            f"{list(batch.get('case', []))}; train.amp_cpu=false trains in float32"
+        )
     scaler.step(optimizer)
     scaler.update()
     return float(loss.detach()), b
+
+
+def _finite_gradients(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
+               if p.grad is not None)
 
 
 def train_epochs(
@@ -447,6 +479,7 @@ def evaluate(
     amp: bool = True,
     amp_dtype: str = "bfloat16",
     loss_cfg: TrainConfig | None = None,
+    amp_cpu: bool = False,
 ) -> dict[str, float | int]:
     """Loss, Dice and HD95 per region at the training resolution, mean over cases.
 
@@ -461,8 +494,11 @@ def evaluate(
             or ``{case id: (D, H, W)}`` for each case's own grid (batches carry ``"case"``;
             :func:`m4fuse.site_steps.training_grid_spacing` gives it for a cached case).
         amp: autocast on CUDA, default True, in ``amp_dtype`` (default bfloat16); callers
-            pass the run's ``train.amp``/``train.amp_dtype`` so evaluation matches training.
+            pass the run's ``train.amp``/``train.amp_dtype``/``train.amp_cpu`` so evaluation
+            matches training.
         loss_cfg: loss term weights (default those of ``TrainConfig()``).
+        amp_cpu: with ``amp``, bfloat16 autocast on the CPU too, default False (float32;
+            :func:`m4fuse.inference.autocast`). The loss and metrics use float32 logits.
 
     Returns:
         ``{"loss", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et",
@@ -481,7 +517,7 @@ def evaluate(
             x = batch["image"].to(device).float()
             y = batch["label"].to(device)
             routes = expert_tensor(expert, x.shape[0], device, batch.get("site"))
-            with autocast(device, amp, amp_dtype):
+            with autocast(device, amp, amp_dtype, cpu=amp_cpu):
                 logits = model(x, routes)
             logits = logits.float()
             total_loss += float(loss_fn(logits, y)) * x.shape[0]
@@ -527,6 +563,7 @@ def test_original_grid(
     overlap: float = 0.5,
     amp: bool = True,
     amp_dtype: str = "bfloat16",
+    amp_cpu: bool = False,
 ) -> list[dict[str, Any]]:
     """Score test cases on their original voxel grid, at their original spacing (docs/design.md §5).
 
@@ -543,7 +580,8 @@ def test_original_grid(
             ``{site name: index}`` for a model with one expert per site.
         roi_size: sliding-window size (D, H, W); default None = the cached volume whole.
         overlap: sliding-window overlap, default 0.5.
-        amp: autocast on CUDA, default True (``amp_dtype`` default bfloat16).
+        amp: autocast on CUDA, default True (``amp_dtype`` default bfloat16); on the CPU
+            too, in bfloat16, with ``amp_cpu`` (default False: float32).
 
     Returns:
         One row per case: ``{"case", "site", "dice_wt", "dice_tc", "dice_et", "hd95_wt",
@@ -561,6 +599,7 @@ def test_original_grid(
         probs = predict_probs(
             model, np.array(record.image(), dtype=np.float32), device,
             _expert_for(expert_index, record.site), roi_size, overlap, amp=amp, amp_dtype=amp_dtype,
+            amp_cpu=amp_cpu,
         )
         pred = probs_to_regions(restore_to_original(probs.numpy(), record, mode="linear"), mode)
         truth_img = nib.load(seg_file)

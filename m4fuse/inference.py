@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
@@ -26,13 +27,26 @@ OUTPUT_MODES: tuple[str, ...] = ("regions", "labels")
 AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass: CUDA autocast in ``dtype`` when ``enabled`` and
-    the device is CUDA; a no-op otherwise (CPU runs stay float32 and deterministic)."""
+def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16",
+             cpu: bool = False) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass.
+
+    On CUDA: autocast in ``dtype`` when ``enabled``. On the CPU: a no-op (CPU runs stay float32
+    and deterministic) unless ``enabled`` and ``cpu`` (``train.amp_cpu``) are both true, then
+    CPU autocast in bfloat16. CPU autocast is bfloat16 only: ``dtype="float16"`` with ``cpu``
+    on a CPU device raises ``ValueError`` (``train.amp_cpu=true`` needs
+    ``train.amp_dtype=bfloat16``). Any other device: a no-op.
+    """
     if dtype not in AMP_DTYPES:
         raise ValueError(f"amp dtype must be one of {sorted(AMP_DTYPES)}, got {dtype!r}")
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[dtype])
+    if enabled and cpu and device.type == "cpu":
+        if dtype != "bfloat16":
+            raise ValueError(f"CPU autocast (train.amp_cpu=true) runs in bfloat16 only, got "
+                             f"train.amp_dtype={dtype!r}: set train.amp_dtype=bfloat16 or "
+                             f"train.amp_cpu=false")
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -132,6 +146,7 @@ def predict_probs(
     sw_batch_size: int = 1,
     amp: bool = True,
     amp_dtype: str = "bfloat16",
+    amp_cpu: bool = False,
 ) -> torch.Tensor:
     """Class/region probabilities of one preprocessed case ``(C_in, D, H, W)`` -> ``(C, D, H, W)``
     float32 on the CPU.
@@ -140,7 +155,8 @@ def predict_probs(
     ``sliding_window_inference`` runs (``overlap`` default 0.5, Gaussian blending,
     ``sw_batch_size`` windows per forward, default 1); otherwise one plain forward. ``expert``
     is the expert index for every window, or None for the shared path. AMP (default on, in
-    ``amp_dtype``, default bfloat16) applies on CUDA only.
+    ``amp_dtype``, default bfloat16) applies on CUDA, and on the CPU (in bfloat16) only with
+    ``amp_cpu`` (default False: float32; :func:`autocast`).
     """
     device = resolve_device(device)
     x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
@@ -151,7 +167,8 @@ def predict_probs(
     x = x.float().unsqueeze(0).to(device)
     mode = output_mode(model)
     run = _predictor(model, expert)
-    with eval_mode(model), torch.inference_mode(), autocast(device, amp, amp_dtype):
+    precision = autocast(device, amp, amp_dtype, cpu=amp_cpu)
+    with eval_mode(model), torch.inference_mode(), precision:
         if roi_size is not None:
             roi = tuple(int(r) for r in roi_size)
             if len(roi) != 3 or min(roi) < 1:

@@ -37,7 +37,8 @@ STRATEGIES: tuple[str, ...] = _strategy_names()
 #: The ``train`` keys that are :class:`m4fuse.engine.TrainConfig` fields, in the YAML's order
 #: (the others come from elsewhere: epochs from ``fl.local_epochs``, the seed from ``seed``).
 TRAIN_KEYS: tuple[str, ...] = ("batch_size", "lr", "weight_decay", "warmup_steps", "min_lr",
-                               "amp", "amp_dtype", "grad_clip", "lambda_dice", "lambda_ce")
+                               "amp", "amp_dtype", "amp_cpu", "grad_clip", "lambda_dice",
+                               "lambda_ce")
 
 
 def schema_of(cls: type, name: str, keys: Sequence[str] | None = None,
@@ -200,6 +201,11 @@ def check_config(cfg: DictConfig) -> None:
     aggregation_settings(cfg.fl, num_sites)
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
+    if (bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False))
+            and str(cfg.train.amp_dtype) != "bfloat16"):
+        raise ValueError("train.amp_cpu=true (CPU autocast) runs in bfloat16 only, got "
+                         f"train.amp_dtype={cfg.train.amp_dtype!r}: set "
+                         "train.amp_dtype=bfloat16 or train.amp_cpu=false")
     if cfg.root is not None and not Path(str(cfg.root)).is_absolute():
         raise ValueError(f"root must be an absolute path, got {cfg.root!r}")
     for key in ("source", "cache_dir", "partition_csv"):
@@ -285,3 +291,11 @@ def train_config(cfg: DictConfig, epochs: int, seed: int | None = None):
     values["seed"] = int(cfg.seed) if seed is None else int(seed)
     return TrainConfig.from_dict(values)
 
+
+def amp_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{"amp", "amp_dtype", "amp_cpu"}`` of ``cfg.train``, the keywords of
+    :func:`m4fuse.engine.evaluate`, :func:`m4fuse.engine.test_original_grid` and
+    :func:`m4fuse.inference.predict_probs`, so that their forwards run in the precision of
+    training (``amp_cpu`` False when the key is absent)."""
+    return {"amp": bool(cfg.train.amp), "amp_dtype": str(cfg.train.amp_dtype),
+            "amp_cpu": bool(cfg.train.get("amp_cpu", False))}

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from m4fuse.metrics import REPORTED_METRIC_KEYS
-from m4fuse.settings import train_config
+from m4fuse.settings import amp_settings, train_config
 
 #: ``wrap(model, optimizer, loader) -> (model, optimizer, loader)`` of :func:`train_site`.
 Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer, Any],
@@ -263,7 +263,7 @@ def validate_site(
     HD95 is measured on the resized training grid with each case's own voxel size in mm
     (:func:`training_grid_spacing`), so it is in the same unit as the test HD95 on the
     original grid (and :data:`m4fuse.metrics.EMPTY_HD95_MM` is a penalty in mm). Mixed
-    precision follows ``train.amp``/``train.amp_dtype``, as in training.
+    precision follows ``train.amp``/``train.amp_dtype``/``train.amp_cpu``, as in training.
     """
     from m4fuse.data import make_loader
     from m4fuse.engine import evaluate
@@ -275,7 +275,7 @@ def validate_site(
     model.to(device)
     metrics = evaluate(model, loader, device,
                        spacing={r.case_id: training_grid_spacing(r) for r in records},
-                       amp=bool(cfg.train.amp), amp_dtype=str(cfg.train.amp_dtype))
+                       **amp_settings(cfg))
     out = {k: float(v) for k, v in metrics.items() if k in REPORTED_METRIC_KEYS}
     missing = set(REPORTED_METRIC_KEYS) - set(out)
     if missing:
@@ -313,15 +313,15 @@ def test_site(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Scores on the original voxel grid: ``(mean over cases, per-case rows)``.
 
-    ``cfg`` (default None: autocast on CUDA in bfloat16) gives ``train.amp``/
-    ``train.amp_dtype``, so that the test forward runs in the precision of training."""
+    ``cfg`` (default None: autocast on CUDA in bfloat16, float32 on the CPU) gives
+    ``train.amp``/``train.amp_dtype``/``train.amp_cpu``, so that the test forward runs in the
+    precision of training."""
     from m4fuse.engine import test_original_grid
 
     if not records:
         raise ValueError("no test cases for this site")
     model.to(device)
-    amp = {} if cfg is None else {"amp": bool(cfg.train.amp),
-                                  "amp_dtype": str(cfg.train.amp_dtype)}
+    amp = {} if cfg is None else amp_settings(cfg)
     rows = list(test_original_grid(model, list(records), device, expert_index, **amp))
     means = {k: float(np.mean([float(r[k]) for r in rows])) for k in REPORTED_METRIC_KEYS if k in rows[0]}
     if "dice_mean" not in means:
@@ -343,7 +343,8 @@ def overlay_case(
 ) -> Path:
     """PNG of axial slices of one cached case on its original grid (FLAIR and T1ce), with the
     reference (its segmentation file, when it has one) and the model's prediction outlined per
-    region (:func:`m4fuse.overlay.overlay_png`); ``cfg`` (default None) gives ``train.amp``."""
+    region (:func:`m4fuse.overlay.overlay_png`); ``cfg`` (default None) gives ``train.amp``
+    (and ``amp_dtype``, ``amp_cpu``)."""
     import nibabel as nib
 
     from m4fuse.data import restore_to_original
@@ -351,8 +352,7 @@ def overlay_case(
     from m4fuse.overlay import overlay_png
     from m4fuse.regions import labels_to_regions
 
-    amp = {} if cfg is None else {"amp": bool(cfg.train.amp),
-                                  "amp_dtype": str(cfg.train.amp_dtype)}
+    amp = {} if cfg is None else amp_settings(cfg)
     model.to(device)
     probs = predict_probs(model, np.array(record.image(), dtype=np.float32), device,
                           expert_index, **amp)

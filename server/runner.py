@@ -58,7 +58,9 @@ def resume_hash(cfg: DictConfig) -> str:
 
     Under ``fl.server_opt: none`` the server optimiser's keys (``fl.server_*``) change
     nothing and are left out, and so are Krum's (``fl.krum_*``) under an aggregation other
-    than ``krum``/``multikrum``, so a run checkpointed before those keys existed resumes."""
+    than ``krum``/``multikrum``, so a run checkpointed before those keys existed resumes.
+    Likewise ``train.amp_cpu`` when false (the default, float32 on the CPU as before it
+    existed)."""
     from omegaconf import OmegaConf
 
     flat = settings.flatten(OmegaConf.to_container(cfg, resolve=True))
@@ -67,6 +69,8 @@ def resume_hash(cfg: DictConfig) -> str:
         free += [k for k in flat if k.startswith("fl.server_")]
     if aggregation_settings(cfg.fl)[0] not in KRUM_RULES:
         free += [k for k in flat if k.startswith("fl.krum_")]
+    if not flat.get("train.amp_cpu", False):
+        free.append("train.amp_cpu")
     return settings.config_hash(cfg, ignore=free)
 
 

@@ -107,7 +107,7 @@ def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, 
     assert set(_metrics(other)) == set(m1)
 
 
-def test_dp_refuses_fedprox_and_float16(monkeypatch, root, tmp_path):
+def test_dp_refuses_fedprox_float16_and_cpu_autocast(monkeypatch, root, tmp_path):
     from client.app import check_dp_training
 
     cfg, _ = _use(monkeypatch, root)
@@ -116,6 +116,9 @@ def test_dp_refuses_fedprox_and_float16(monkeypatch, root, tmp_path):
     half = settings.compose("config", [f"root={root}", *TINY_FL, "train.amp_dtype=float16"])
     with pytest.raises(ValueError, match="float16"):
         check_dp_training(half, "personal")
+    cpu_bf16 = settings.compose("config", [f"root={root}", *TINY_FL, "train.amp_cpu=true"])
+    with pytest.raises(ValueError, match="train.amp_cpu=true is not supported"):
+        check_dp_training(cpu_bf16, "personal")
     assert check_dp_training(cfg, "personal").train.grad_clip is None
     assert cfg.train.grad_clip == 12.0  # the shared config is left alone
 

@@ -19,12 +19,14 @@ from m4fuse.engine import (
     TrainConfig,
     evaluate,
     make_optimizer,
-    test_original_grid as score_original_grid,
     train_epochs,
 )
+from m4fuse.engine import (
+    test_original_grid as score_original_grid,
+)
 from m4fuse.inference import probs_to_regions
-from m4fuse.runtime import resolve_device
 from m4fuse.metrics import mean_scores, region_scores
+from m4fuse.runtime import resolve_device
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -305,3 +307,145 @@ def test_real_m4fuse_one_step() -> None:
     out = train_epochs(model, toy_batches(2, 2, size=16), opt, sched, cfg, "cpu")
     assert out["num-examples"] == 2 and np.isfinite(out["loss"])
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- opt-in CPU bfloat16 autocast (train.amp_cpu; issue 11) ---------------------------------
+# One torch thread (conftest's module fixture, so for the rest of this module): on the shared
+# 2-core machine, two OpenMP threads have stalled in barriers.
+
+
+def _tiny_m4fuse() -> nn.Module:
+    from m4fuse.model import M4Fuse, M4FuseConfig
+
+    torch.manual_seed(0)
+    return M4Fuse(M4FuseConfig(widths=(8, 8, 8, 8, 8, 8), num_experts=2, d_state=2))
+
+
+def _conv_output_dtypes(model: nn.Module) -> tuple[list[torch.dtype], list]:
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+             for m in model.modules() if isinstance(m, nn.Conv3d)]
+    return seen, hooks
+
+
+def _recording_loss(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
+    """Patch engine.make_loss so that each loss call records (logits dtype, CPU autocast on)."""
+    from m4fuse import engine
+
+    calls: list[tuple[torch.dtype, bool]] = []
+    real = engine.make_loss
+
+    def make_loss(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def loss(logits, target):
+            calls.append((logits.dtype, torch.is_autocast_enabled("cpu")))
+            return fn(logits, target)
+
+        return loss
+
+    monkeypatch.setattr(engine, "make_loss", make_loss)
+    return calls
+
+
+def test_cpu_autocast_is_opt_in_and_bfloat16_only() -> None:
+    from m4fuse.inference import autocast
+
+    cpu = torch.device("cpu")
+    for enabled, on_cpu in ((True, False), (False, True), (False, False)):
+        with autocast(cpu, enabled, "bfloat16", cpu=on_cpu):
+            assert not torch.is_autocast_enabled("cpu")
+    with autocast(cpu, True, "bfloat16", cpu=True):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="bfloat16 only.*train.amp_dtype='float16'"):
+        autocast(cpu, True, "float16", cpu=True)
+    autocast(cpu, True, "float16")  # float16 without cpu: CUDA only, a no-op here
+    assert TrainConfig().amp_cpu is False
+    with pytest.raises(ValueError, match="amp_cpu.*bfloat16 only.*'float16'"):
+        TrainConfig(amp_cpu=True, amp_dtype="float16")
+    assert TrainConfig(amp=False, amp_cpu=True, amp_dtype="float16").amp_cpu  # amp off: unused
+    with pytest.raises(ValueError, match="amp_cpu must be a bool"):
+        TrainConfig(amp_cpu="yes")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_amp_cpu_trains_the_network_in_bfloat16_with_float32_weights(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_m4fuse()
+    before = _state(model)
+    losses = _recording_loss(monkeypatch)
+    seen, hooks = _conv_output_dtypes(model)
+    cfg = TrainConfig(seed=0, amp_cpu=True)
+    opt, sched = make_optimizer(model, cfg, total_steps=1)
+    out = train_epochs(model, toy_batches(2, 2, size=16), opt, sched, cfg, "cpu", expert=0)
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # every convolution ran in bfloat16
+    assert losses == [(torch.float32, False)]  # the loss: float32 logits, outside autocast
+    assert np.isfinite(out["loss"])
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in params.values())
+    grads = [p.grad for n, p in params.items() if "site_experts.1." not in n]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_amp_cpu_off_by_default_trains_in_float32_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = _recording_loss(monkeypatch)
+    results = []
+    for cfg in (TrainConfig(seed=0), TrainConfig(seed=0, amp_cpu=False),
+                TrainConfig(seed=0, amp=False)):
+        model = _tiny_m4fuse()
+        seen, hooks = _conv_output_dtypes(model)
+        opt, sched = make_optimizer(model, cfg, total_steps=1)
+        out = train_epochs(model, toy_batches(2, 2, size=16), opt, sched, cfg, "cpu", expert=0)
+        for hook in hooks:
+            hook.remove()
+        assert set(seen) == {torch.float32}
+        results.append((out["loss"], _state(model)))
+    assert losses == [(torch.float32, False)] * 3
+    (loss, state), *others = results
+    for other_loss, other_state in others:  # the default is the float32 path of amp=False
+        assert other_loss == loss
+        assert all(torch.equal(state[k], other_state[k]) for k in state)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_amp_cpu_refuses_a_non_finite_gradient_before_the_step() -> None:
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.0)
+    before = _state(model)
+    model.body[0].weight.register_hook(lambda g: g * float("nan"))
+    cfg = TrainConfig(seed=0, amp_cpu=True)
+    opt, _ = make_optimizer(model, cfg, total_steps=1)
+    with pytest.raises(FloatingPointError, match="non-finite gradient.*amp_cpu"):
+        train_epochs(model, toy_batches(2, 2), opt, None, cfg, "cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_amp_cpu_evaluation_and_sliding_window_run_in_bfloat16() -> None:
+    from m4fuse.inference import predict_probs
+
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.0)
+    batches = toy_batches(2, 2, size=16)
+    image = batches[0]["image"][0]
+    seen, hooks = _conv_output_dtypes(model)
+    ref = evaluate(model, batches, "cpu", expert=0)
+    ref_probs = predict_probs(model, image, "cpu", 0, roi_size=(8, 8, 8))
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    out = evaluate(model, batches, "cpu", expert=0, amp_cpu=True)
+    probs = predict_probs(model, image, "cpu", 0, roi_size=(8, 8, 8), amp_cpu=True)
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert probs.dtype == torch.float32 and probs.shape == ref_probs.shape
+    assert not torch.equal(probs, ref_probs)  # really another precision ...
+    assert torch.allclose(probs, ref_probs, atol=0.05)  # ... of the same prediction
+    assert out["loss"] == pytest.approx(ref["loss"], rel=0.05)
+    assert out["dice_mean"] == pytest.approx(ref["dice_mean"], abs=0.05)

@@ -76,6 +76,19 @@ def test_resume_hash_and_krum(tmp_path):
         _cfg(tmp_path, "fl.aggregation=krum", "fl.krum_malicious=0", "data.sites=5"))
 
 
+def test_resume_hash_and_cpu_autocast(tmp_path):
+    """``train.amp_cpu`` false (the default) is what ran before the key existed: a run
+    checkpointed then still resumes; switching it on changes the hash."""
+    from omegaconf import OmegaConf
+
+    cfg = _cfg(tmp_path)
+    base = resume_hash(cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # a plain config: the schema's keys pop
+    cfg.train.pop("amp_cpu")
+    assert resume_hash(cfg) == base
+    assert resume_hash(_cfg(tmp_path, "train.amp_cpu=true")) != base
+
+
 #: Issue 12, one room per concern: what a package may not import. ``m4fuse/`` (the task
 #: package, no Flower roles) takes nothing from the federation's roles or its drivers; the server
 #: never reaches into a client (what both need, e.g. the site-state format, lives in m4fuse/).

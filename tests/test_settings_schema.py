@@ -20,6 +20,7 @@ from m4fuse.engine import TrainConfig
     ("train.lr=abc", "train.lr"),  # not a float
     ("train.batch_size=2.5", "train.batch_size"),  # not an int
     ("train.amp=maybe", "train.amp"),  # not a bool
+    ("train.amp_cpu=maybe", "train.amp_cpu"),  # not a bool
     ("train.num_workers=many", "train.num_workers"),  # a loader key: not an int
     ("model.d_stat=8", "model.d_stat"),  # misspelt model key
     ("model.dropout=high", "model.dropout"),  # not a float
@@ -63,6 +64,20 @@ def test_the_existing_override_forms_still_compose(overrides):
         assert tuple(settings.train_config(cfg, 1).betas) == (0.9, 0.99)
     if overrides[0] == "train.grad_clip=null":
         assert settings.train_config(cfg, 1).grad_clip is None
+
+
+def test_cpu_autocast_is_off_by_default_and_bfloat16_only():
+    cfg = settings.compose("config")
+    assert cfg.train.amp_cpu is False and settings.train_config(cfg, 1).amp_cpu is False
+    on = settings.compose("config", ["train.amp_cpu=true"])
+    assert settings.train_config(on, 1).amp_cpu is True
+    assert settings.amp_settings(on) == {"amp": True, "amp_dtype": "bfloat16", "amp_cpu": True}
+    with pytest.raises(ValueError, match="train.amp_cpu=true.*bfloat16 only.*'float16'"):
+        settings.compose("config", ["train.amp_cpu=true", "train.amp_dtype=float16"])
+    # float16 without amp_cpu (CUDA only) and amp_cpu with amp off both compose
+    settings.compose("config", ["train.amp_dtype=float16"])
+    settings.compose("config", ["train.amp=false", "train.amp_cpu=true",
+                                "train.amp_dtype=float16"])
 
 
 def test_the_model_schema_is_the_network_config_fields_plus_preset_and_widths():

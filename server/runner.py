@@ -257,8 +257,6 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
         tracker.log_artifact(path)
     if (rdir / SERVER_MODEL_NAME).is_file():
         tracker.log_artifact(rdir / SERVER_MODEL_NAME, "model")
-        log(INFO, "the server's part of the final model: %s (`m4fuse model assemble %s` adds "
-            "each site's own weights from its state folder)", rdir / SERVER_MODEL_NAME, rdir)
     tracker.finish()
     return report.RunSummary(strategy_name, rdir, names, rows, table, history, tracker.run_id,
                              seconds, start.first_round, sent, received)
@@ -301,7 +299,10 @@ def run_federated(grid: Grid, cfg: DictConfig) -> report.RunSummary:
             rl.bytes_sent, rl.bytes_received)
 
     def before_final_test(final_arrays: ArrayRecord) -> None:
-        save_server_part(cfg, rdir, final_arrays, names)
+        path = save_server_part(cfg, rdir, final_arrays, names)
+        if path is not None:
+            log(INFO, "the server's part of the final model: %s (`m4fuse model assemble %s` "
+                "adds each site's own weights from its state folder)", path, rdir)
 
     try:
         arrays, final = strategy.run_rounds(

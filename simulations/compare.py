@@ -22,7 +22,8 @@ Modes: ``pooled`` and ``local`` (the baselines, :mod:`m4fuse.baselines`), any
 Per-case rows: the federated ServerApp only receives each site's mean scores (the sites send
 nothing more), so the comparison rebuilds each site's final model from the run's
 ``model.ckpt`` (the server's final weights plus the site's personal weights, fine-tuned
-where the site kept its fine-tuning: :func:`m4fuse.checkpoint.save_final_model`) and scores
+where the site kept its fine-tuning, put together after the run by
+:func:`m4fuse.assembly.assemble_run`) and scores
 it itself with :func:`m4fuse.site_steps.test_site`; baselines are rebuilt from
 their ``model.ckpt`` / ``models/<site>.ckpt``. The per-site means are checked against the
 run's own ``sites.csv``; a difference is reported, never hidden.

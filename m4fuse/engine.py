@@ -72,10 +72,9 @@ class TrainConfig:
             ``amp_dtype="float16"`` is refused (on any host, so that a config shared by CPU and
             GPU sites fails early). Off by default: CPU float32 stays the default
             (deterministic) because every number in the README was measured in float32 on the
-            CPU. Caveat: on CPU bfloat16 the bridge's 7x7x7 spatial convolution gave a NaN
-            gradient for 1 tiny random model in 12 at one thread (README, "Known limits");
-            a non-finite gradient under CPU autocast raises ``FloatingPointError``
-            before the optimiser step instead of writing NaN into the weights.
+            CPU. A non-finite gradient or global gradient norm under CPU autocast raises
+            ``FloatingPointError`` before the optimiser step, instead of writing NaN into the
+            weights or letting an infinite norm clip every gradient to zero.
         grad_clip: max global gradient norm, default 12.0; ``None`` or 0 disables clipping
             (leave it off under Opacus, which clips per sample itself).
         cudnn_benchmark: ``torch.backends.cudnn.benchmark`` on CUDA, default True (fixed input
@@ -351,8 +350,8 @@ def _train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opt
     """One optimiser step on a non-empty ``batch`` (forward under AMP, loss in float32, the
     proximal term, backward, clipping, step); ``(segmentation loss, cases in the batch)``.
 
-    Under CPU autocast (``cfg.amp_cpu``) a non-finite gradient raises ``FloatingPointError``
-    before the step (bfloat16 on the CPU has given a NaN gradient, see :class:`TrainConfig`)."""
+    Under CPU autocast (``cfg.amp_cpu``) a non-finite gradient or gradient norm raises
+    ``FloatingPointError`` before the step (see :class:`TrainConfig`)."""
     x = batch["image"].to(device, non_blocking=True).float()
     y = batch["label"].to(device, non_blocking=True)
     b = x.shape[0]
@@ -370,13 +369,17 @@ def _train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opt
     if prox:
         objective = loss + 0.5 * prox_mu * sum((p - r).pow(2).sum() for p, r in prox)
     scaler.scale(objective).backward()
+    norm = None
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if cpu_bf16 and not _finite_gradients(model):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    # The norm too: finite but huge gradients give an infinite global norm, and the clipping
+    # then scales every gradient to zero, a silent no-op step.
+    if cpu_bf16 and (not _finite_gradients(model) or (norm is not None and not torch.isfinite(norm))):
         raise FloatingPointError(
-            f"non-finite gradient under CPU bfloat16 autocast (train.amp_cpu) on cases "
-            f"{list(batch.get('case', []))}; train.amp_cpu=false trains in float32"
+            f"non-finite gradient or gradient norm under CPU bfloat16 autocast "
+            f"(train.amp_cpu) on cases {list(batch.get('case', []))}; train.amp_cpu=false "
+            f"trains in float32"
         )
     scaler.step(optimizer)
     scaler.update()

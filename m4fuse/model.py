@@ -433,6 +433,18 @@ class Bridge(nn.Module):
         # parameters, one matmul; its output is split per scale.
         self.gates = nn.Linear(sum(self.widths), sum(self.widths))
 
+    def _stats_layout(self, stats: torch.Tensor) -> torch.memory_format:
+        """Channels-last for the spatial conv, except for a reduced-precision CPU input
+        smaller than the kernel in some dimension: there oneDNN's (PyTorch 2.13) bfloat16
+        channels-last weight gradient reads memory it never wrote (measured: at 2^3-6^3 the
+        same input gave another gradient in 10-14 of 15 runs, sometimes NaN; at >= 7^3,
+        or in float32 at any size, it repeats bit for bit and equals the contiguous one)."""
+        if stats.device.type != "cpu" or min(stats.shape[2:]) >= self.spatial.kernel_size[0]:
+            return torch.channels_last_3d
+        if stats.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return torch.contiguous_format  # the conv runs in bfloat16 (autocast casts its input)
+        return torch.channels_last_3d
+
     def forward(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         spatial = []
         for t in skips:
@@ -440,7 +452,7 @@ class Bridge(nn.Module):
             # (B, 2, D, H, W). oneDNN runs this 2 -> 1 channel 7^3 conv about 4x faster
             # (forward + backward, measured on CPU at 32x64x64) in channels-last layout; its
             # one-channel output is laid out the same either way.
-            stats = stats.contiguous(memory_format=torch.channels_last_3d)
+            stats = stats.contiguous(memory_format=self._stats_layout(stats))
             spatial.append(t * torch.sigmoid(self.spatial(stats)))  # (B, c_s, D, H, W)
         pooled = torch.cat([t.mean(dim=(2, 3, 4)) for t in spatial], dim=1)  # (B, sum)
         mixed = self.channel_mix(pooled.unsqueeze(1)).squeeze(1)  # (B, sum)

@@ -389,12 +389,12 @@ def test_amp_cpu_trains_the_network_in_bfloat16_with_float32_weights(
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open: CPU bfloat16 backward has given all-zero gradients for this tiny model "
-    "now and then (same seed and input; seen after other tests ran in the process), so the "
-    "step changes nothing; train.amp_cpu is opt-in and README's Known limits says so"))
 @pytest.mark.usefixtures("one_torch_thread")
 def test_amp_cpu_training_step_changes_the_weights() -> None:
+    # Once failed now and then: oneDNN's bfloat16 channels-last weight gradient of the
+    # bridge's 7^3 conv on scales smaller than the kernel read unwritten memory; a huge value
+    # made the global norm infinite and the clipping zeroed every gradient
+    # (test_model.py::test_bridge_bfloat16_gradient_repeats_bit_for_bit).
     model = _tiny_m4fuse()
     before = _state(model)
     cfg = TrainConfig(seed=0, amp_cpu=True)
@@ -426,11 +426,12 @@ def test_amp_cpu_off_by_default_trains_in_float32_bit_for_bit(
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_amp_cpu_refuses_a_non_finite_gradient_before_the_step() -> None:
+@pytest.mark.parametrize("factor", [float("nan"), 1e38])  # 1e38: finite, but the norm is inf
+def test_amp_cpu_refuses_a_non_finite_gradient_before_the_step(factor: float) -> None:
     torch.manual_seed(0)
     model = TinyNet(dropout=0.0)
     before = _state(model)
-    model.body[0].weight.register_hook(lambda g: g * float("nan"))
+    model.body[0].weight.register_hook(lambda g: g * factor)
     cfg = TrainConfig(seed=0, amp_cpu=True)
     opt, _ = make_optimizer(model, cfg, total_steps=1)
     with pytest.raises(FloatingPointError, match="non-finite gradient.*amp_cpu"):

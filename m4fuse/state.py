@@ -100,6 +100,7 @@ STRATEGIES: dict[str, Strategy] = {
     # "+FT": after the last round each site fine-tunes its personal part, shared frozen.
     "personal-ft": Strategy("experts", finetune="experts"),
     "personal-norm-ft": Strategy("norms", finetune="norms"),
+    "personal-stem-ft": Strategy("stem", finetune="stem"),
     "fedavg-ft": Strategy("none", finetune="norms"),
     # The FedAvg+FT baseline of personalised FL: the federated model is the initialisation
     # and each site fine-tunes the WHOLE model on its own cases after the last round.

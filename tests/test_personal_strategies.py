@@ -225,6 +225,34 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     assert segmented.is_file()
 
 
+@pytest.mark.usefixtures("flower_task_identity")
+def test_personal_stem_ft_run_keeps_the_first_convolution_and_fine_tunes_it(monkeypatch,
+                                                                            tmp_path):
+    assert STRATEGIES["personal-stem-ft"].kept == STRATEGIES["personal-stem-ft"].finetune == "stem"
+    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "fl.strategy=personal-stem-ft",
+            "fl.finetune_epochs=1", "run_name=pstemft"]
+    cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
+                                           monkeypatch)
+    names = list(settings.build_model(cfg, num_experts=1).state_dict())
+    shared, mine = (set(p) for p in split_state(dict.fromkeys(names), "stem"))
+    assert {"encoder.conv1.weight", "encoder.conv1.bias"} <= mine
+    trains = [e for e in entries if e["type"] == MessageType.TRAIN]
+    assert len(trains) == 4
+    for e in trains:  # no expert, norm or first-convolution weight is sent
+        assert [set(a) for a in e["arrays"]] == [shared]
+        assert set(e["kept"]) == mine
+    finals = [e for e in entries if e["final"]]
+    assert len(finals) == 2 and all(e["metrics"][0]["finetune-steps"] >= 1 for e in finals)
+    ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
+    assert set(ckpt["arrays"]) == shared
+    from m4fuse.checkpoint import load_checkpoint
+
+    final = load_checkpoint(rdir)
+    stems = [final.site_layers[s]["encoder.conv1.weight"] for s in final.sites]
+    assert not torch.equal(*stems)  # each site its own first convolution
+    _assert_model_ckpt_scores_as_the_run("personal-stem-ft", cfg, rdir, final.sites)
+
+
 @pytest.mark.parametrize("val_after, kept", [(0.2, False), (0.9, True)])
 def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, val_after, kept):
     from client.app import finetune

@@ -158,20 +158,30 @@ def record(msg: Message, context: Context,
 app = project_client_app_with(record)
 
 
-@pytest.mark.usefixtures("flower_task_identity")
-def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
-    assert STRATEGIES["personal-norm-ft"].kept == "norms"
-    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "fl.strategy=personal-norm-ft",
-            "fl.finetune_epochs=1", "run_name=pnft"]
+def _two_round_run(strategy: str, personal: str, monkeypatch, tmp_path):
+    """A 2-round, 2-site run of ``strategy`` through the recording ClientApp; returns the
+    config, the run folder, the recorded replies and the (shared, personal) key sets of
+    the personal set ``personal``, after checking that every train reply carried exactly
+    the shared arrays and the site kept exactly its personal ones."""
+    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", f"fl.strategy={strategy}",
+            "fl.finetune_epochs=1", f"run_name={strategy}"]
     cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
                                            monkeypatch)
     names = list(settings.build_model(cfg, num_experts=1).state_dict())
-    shared, mine = (set(p) for p in split_state(dict.fromkeys(names), "norms"))
+    shared, mine = (set(p) for p in split_state(dict.fromkeys(names), personal))
     trains = [e for e in entries if e["type"] == MessageType.TRAIN]
     assert len(trains) == 4
-    for e in trains:  # exactly the shared arrays: no expert, no norm weight
+    for e in trains:  # exactly the shared arrays: nothing of the personal set
         assert [set(a) for a in e["arrays"]] == [shared]
-        assert set(e["kept"]) == mine  # the site keeps its experts and norms
+        assert set(e["kept"]) == mine  # the site keeps its personal set
+    return cfg, rdir, entries, shared, mine
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
+    assert STRATEGIES["personal-norm-ft"].kept == "norms"
+    cfg, rdir, entries, shared, mine = _two_round_run("personal-norm-ft", "norms",
+                                                      monkeypatch, tmp_path)
     finals = [e for e in entries if e["final"]]
     assert len(finals) == 2
     for e in finals:  # fine-tuned before the final test, the steps reported
@@ -229,18 +239,9 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
 def test_personal_stem_ft_run_keeps_the_first_convolution_and_fine_tunes_it(monkeypatch,
                                                                             tmp_path):
     assert STRATEGIES["personal-stem-ft"].kept == STRATEGIES["personal-stem-ft"].finetune == "stem"
-    args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "fl.strategy=personal-stem-ft",
-            "fl.finetune_epochs=1", "run_name=pstemft"]
-    cfg, rdir, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies",
-                                           monkeypatch)
-    names = list(settings.build_model(cfg, num_experts=1).state_dict())
-    shared, mine = (set(p) for p in split_state(dict.fromkeys(names), "stem"))
+    cfg, rdir, entries, shared, mine = _two_round_run("personal-stem-ft", "stem",
+                                                      monkeypatch, tmp_path)
     assert {"encoder.conv1.weight", "encoder.conv1.bias"} <= mine
-    trains = [e for e in entries if e["type"] == MessageType.TRAIN]
-    assert len(trains) == 4
-    for e in trains:  # no expert, norm or first-convolution weight is sent
-        assert [set(a) for a in e["arrays"]] == [shared]
-        assert set(e["kept"]) == mine
     finals = [e for e in entries if e["final"]]
     assert len(finals) == 2 and all(e["metrics"][0]["finetune-steps"] >= 1 for e in finals)
     ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)

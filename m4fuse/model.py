@@ -441,7 +441,7 @@ class Bridge(nn.Module):
         or in float32 at any size, it repeats bit for bit and equals the contiguous one)."""
         if stats.device.type != "cpu" or min(stats.shape[2:]) >= self.spatial.kernel_size[0]:
             return torch.channels_last_3d
-        if stats.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        if stats.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu"):
             return torch.contiguous_format  # the conv runs in bfloat16 (autocast casts its input)
         return torch.channels_last_3d
 

@@ -373,9 +373,10 @@ def _train_step(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opt
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    # The norm too: finite but huge gradients give an infinite global norm, and the clipping
-    # then scales every gradient to zero, a silent no-op step.
-    if cpu_bf16 and (not _finite_gradients(model) or (norm is not None and not torch.isfinite(norm))):
+    # With clipping, the global norm decides: a NaN/inf gradient makes it non-finite, and so
+    # do finite but huge ones, which the clipping would scale to zero (a silent no-op step).
+    if cpu_bf16 and not (bool(torch.isfinite(norm)) if norm is not None
+                         else _finite_gradients(model)):
         raise FloatingPointError(
             f"non-finite gradient or gradient norm under CPU bfloat16 autocast "
             f"(train.amp_cpu) on cases {list(batch.get('case', []))}; train.amp_cpu=false "

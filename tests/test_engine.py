@@ -418,13 +418,14 @@ def test_amp_cpu_off_by_default_trains_in_float32_bit_for_bit(
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("factor", [float("nan"), 1e38])  # 1e38: finite, but the norm is inf
-def test_amp_cpu_refuses_a_non_finite_gradient_before_the_step(factor: float) -> None:
+# 1e38: finite, but the global norm is inf; clip 0: no clipping, the gradients are checked
+@pytest.mark.parametrize("factor, clip", [(float("nan"), 12.0), (1e38, 12.0), (float("nan"), 0.0)])
+def test_amp_cpu_refuses_a_non_finite_gradient_before_the_step(factor: float, clip: float) -> None:
     torch.manual_seed(0)
     model = TinyNet(dropout=0.0)
     before = _state(model)
     model.body[0].weight.register_hook(lambda g: g * factor)
-    cfg = TrainConfig(seed=0, amp_cpu=True)
+    cfg = TrainConfig(seed=0, amp_cpu=True, grad_clip=clip)
     opt, _ = make_optimizer(model, cfg, total_steps=1)
     with pytest.raises(FloatingPointError, match="non-finite gradient.*amp_cpu"):
         train_epochs(model, toy_batches(2, 2), opt, None, cfg, "cpu")

@@ -26,7 +26,7 @@ from m4fuse.state import STRATEGIES, split_state
 #: strategy -> what the outgoing ArrayRecord carries ("shared" | "all" | "none").
 SENT: dict[str, str] = {name: s.sent for name, s in STRATEGIES.items()}
 #: strategy -> the personal set the site keeps between rounds (m4fuse.state.PERSONAL_SETS:
-#: "experts" | "norms" | "stem" | "all" | "none").
+#: "experts" | "norms" | "stem" | "head" | "decoder" | "all" | "none").
 KEPT: dict[str, str] = {name: s.kept for name, s in STRATEGIES.items()}
 
 

@@ -32,6 +32,8 @@ from m4fuse.checkpoint import Checkpoint, build_model, save_checkpoint
 from m4fuse.crosssite import score_cases
 from m4fuse.model import M4Fuse
 from m4fuse.state import (
+    PARTIAL_SETS,
+    STRATEGIES,
     expert_index,
     expert_state,
     is_personal,
@@ -73,15 +75,12 @@ class JoinResult:
 
 def personal_set_of(checkpoint: Checkpoint) -> str:
     """The personal set the new site fine-tunes besides its expert: the kept set of the
-    checkpoint's strategy (``metadata["strategy"]``, :data:`m4fuse.state.STRATEGIES` when that
-    table exists) when it is a partial set (``experts``, ``norms``, ``stem``); ``experts``
-    otherwise (FedAvg, pooled, unknown)."""
-    from m4fuse import state
-
-    name = checkpoint.metadata.get("strategy")
-    table = getattr(state, "STRATEGIES", {})
-    kept = getattr(table.get(name), "kept", "experts") if isinstance(table, dict) else "experts"
-    return kept if kept in ("experts", "norms", "stem") else "experts"
+    checkpoint's strategy (``metadata["strategy"]``, :data:`m4fuse.state.STRATEGIES`) when
+    it is a partial set (:data:`m4fuse.state.PARTIAL_SETS`: ``experts``, ``norms`` ...);
+    ``experts`` otherwise (FedAvg, pooled, unknown)."""
+    strategy = STRATEGIES.get(str(checkpoint.metadata.get("strategy")))
+    kept = strategy.kept if strategy is not None else "experts"
+    return kept if kept in PARTIAL_SETS else "experts"
 
 
 def site_weights(checkpoint: Checkpoint, sites: Sequence[str]) -> tuple[dict[str, float], str]:

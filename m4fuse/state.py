@@ -8,6 +8,10 @@ Which weights stay at a site is named by a *personal set* (:data:`PERSONAL_SETS`
   GroupNorms of encoder and decoder, the LayerNorms in front of the mixers), FedBN-style;
 * ``stem``: ``norms`` plus the first encoder convolution (``encoder.conv1``), the layer that
   sees the raw intensities first;
+* ``head``: ``norms`` plus the 1x1x1 output convolution (``decoder.head``: a per-site scale
+  and offset of each region's logit, FedPer-style);
+* ``decoder``: ``norms`` plus the whole decoder (FedRep/FedPer-style: a shared encoder and
+  bridge, each site its own decoder);
 * ``none``: nothing (FedAvg of the whole model, one expert everyone averages);
 * ``all``: everything (local training).
 
@@ -31,6 +35,20 @@ _EXPERT = re.compile(r"(^|\.)site_experts\.(\d+)\.")
 # (m4fuse.model); matched by name because a state dict carries no module types.
 _NORM = re.compile(r"(^|\.)norm\d*\.(weight|bias)$")
 _STEM = re.compile(r"^encoder\.conv1\.")
+_HEAD = re.compile(r"^decoder\.head\.")
+_DECODER = re.compile(r"^decoder\.")
+
+#: partial personal set -> (layer group, pattern) pairs it keeps; a weight is in the set when
+#: one pattern matches it. ``none`` and ``all`` are not listed (nothing, everything).
+_LAYERS: dict[str, tuple[tuple[str, re.Pattern[str]], ...]] = {
+    "experts": (("site expert", _EXPERT),),
+    "norms": (("site expert", _EXPERT), ("norm layer", _NORM)),
+    "stem": (("site expert", _EXPERT), ("norm layer", _NORM), ("encoder.conv1", _STEM)),
+    "head": (("site expert", _EXPERT), ("norm layer", _NORM), ("decoder.head", _HEAD)),
+    "decoder": (("site expert", _EXPERT), ("norm layer", _NORM), ("decoder", _DECODER)),
+}
+#: The personal sets that keep part of the model (all but ``none`` and ``all``).
+PARTIAL_SETS: tuple[str, ...] = tuple(_LAYERS)
 
 #: personal set -> description (see the module docstring).
 PERSONAL_SETS: dict[str, str] = {
@@ -38,6 +56,8 @@ PERSONAL_SETS: dict[str, str] = {
     "experts": "the site experts of the expert units",
     "norms": "experts + GroupNorm/LayerNorm affine weights",
     "stem": "experts + norm affine weights + the first encoder convolution",
+    "head": "experts + norm affine weights + the output convolution",
+    "decoder": "experts + norm affine weights + the whole decoder",
     "all": "every weight (no exchange)",
 }
 
@@ -51,13 +71,9 @@ def is_personal(key: str, personal: str = "experts") -> bool:
     """True when ``key`` belongs to the personal set ``personal`` (default ``experts``:
     a weight of a site expert)."""
     _check_set(personal)
-    if personal == "none":
-        return False
-    if personal == "all" or _EXPERT.search(key) is not None:
-        return True
-    if personal in ("norms", "stem") and _NORM.search(key) is not None:
-        return True
-    return personal == "stem" and _STEM.search(key) is not None
+    if personal in ("none", "all"):
+        return personal == "all"
+    return any(pattern.search(key) is not None for _, pattern in _LAYERS[personal])
 
 
 def is_expert(key: str) -> bool:
@@ -101,6 +117,9 @@ STRATEGIES: dict[str, Strategy] = {
     "personal-ft": Strategy("experts", finetune="experts"),
     "personal-norm-ft": Strategy("norms", finetune="norms"),
     "personal-stem-ft": Strategy("stem", finetune="stem"),
+    # FedPer/FedRep-style: the output convolution, or the whole decoder, stays at the site.
+    "personal-head-ft": Strategy("head", finetune="head"),
+    "personal-decoder-ft": Strategy("decoder", finetune="decoder"),
     "fedavg-ft": Strategy("none", finetune="norms"),
     # The FedAvg+FT baseline of personalised FL: the federated model is the initialisation
     # and each site fine-tunes the WHOLE model on its own cases after the last round.
@@ -149,13 +168,11 @@ def check_personal_set(names: Iterable[str], personal: str, key: str = "fl.strat
     names = list(names)
     if personal in ("none", "all"):
         return
-    chosen = {n for n in names if is_personal(n, personal)}
-    if not chosen:
+    if not any(is_personal(n, personal) for n in names):
         raise ValueError(f"{key}: personal set {personal!r} selects no weight of the model")
-    if personal in ("norms", "stem") and not any(_NORM.search(n) for n in chosen):
-        raise ValueError(f"{key}: personal set {personal!r} found no norm layer in the model")
-    if personal == "stem" and not any(_STEM.search(n) for n in chosen):
-        raise ValueError(f"{key}: personal set 'stem' found no encoder.conv1 in the model")
+    for group, pattern in _LAYERS[personal][1:]:  # the experts: checked where they are built
+        if not any(pattern.search(n) for n in names):
+            raise ValueError(f"{key}: personal set {personal!r} found no {group} in the model")
 
 
 def expert_index(key: str) -> int | None:

@@ -64,6 +64,10 @@ def test_personal_sets_nest_and_split_disjointly():
     assert "encoder.norm1.weight" in norms and "decoder.mix1.norm.bias" in norms
     assert all(".norm" in n and n.endswith((".weight", ".bias")) for n in norms)
     assert chosen["stem"] - chosen["norms"] == {"encoder.conv1.weight", "encoder.conv1.bias"}
+    assert chosen["norms"] < chosen["head"] < chosen["decoder"] < chosen["all"]
+    assert chosen["head"] - chosen["norms"] == {"decoder.head.weight", "decoder.head.bias"}
+    decoder = {n for n in names if n.startswith("decoder.")}
+    assert chosen["decoder"] - chosen["norms"] == decoder - norms and decoder & norms
     for s in PERSONAL_SETS:
         shared, mine = split_state(dict.fromkeys(names), s)
         assert not set(shared) & set(mine) and set(shared) | set(mine) == set(names)
@@ -83,6 +87,10 @@ def test_bad_settings_fail_before_training():
     no_norms = [n for n in _names() if ".norm" not in n]
     with pytest.raises(ValueError, match="fl.strategy.*'norms'.*no norm layer"):
         check_personal_set(no_norms, "norms")
+    no_head = [n for n in _names() if not n.startswith("decoder.head.")]
+    with pytest.raises(ValueError, match="fl.strategy.*'head'.*no decoder.head"):
+        check_personal_set(no_head, "head")
+    check_personal_set(no_head, "decoder")  # the rest of the decoder is still there
     with pytest.raises(ValueError, match="unknown personal set 'bogus'"):
         check_personal_set(no_norms, "bogus")
 
@@ -236,12 +244,17 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_personal_stem_ft_run_keeps_the_first_convolution_and_fine_tunes_it(monkeypatch,
-                                                                            tmp_path):
-    assert STRATEGIES["personal-stem-ft"].kept == STRATEGIES["personal-stem-ft"].finetune == "stem"
-    cfg, rdir, entries, shared, mine = _two_round_run("personal-stem-ft", "stem",
-                                                      monkeypatch, tmp_path)
-    assert {"encoder.conv1.weight", "encoder.conv1.bias"} <= mine
+@pytest.mark.parametrize("strategy, layer", [
+    ("personal-stem-ft", "encoder.conv1.weight"),
+    ("personal-head-ft", "decoder.head.weight"),
+    ("personal-decoder-ft", "decoder.mix1.proj.weight"),
+])
+def test_partial_set_run_keeps_its_layers_and_fine_tunes_them(monkeypatch, tmp_path,
+                                                              strategy, layer):
+    personal = STRATEGIES[strategy].kept
+    assert STRATEGIES[strategy].finetune == personal
+    cfg, rdir, entries, shared, mine = _two_round_run(strategy, personal, monkeypatch, tmp_path)
+    assert layer in mine
     finals = [e for e in entries if e["final"]]
     assert len(finals) == 2 and all(e["metrics"][0]["finetune-steps"] >= 1 for e in finals)
     ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
@@ -249,9 +262,8 @@ def test_personal_stem_ft_run_keeps_the_first_convolution_and_fine_tunes_it(monk
     from m4fuse.checkpoint import load_checkpoint
 
     final = load_checkpoint(rdir)
-    stems = [final.site_layers[s]["encoder.conv1.weight"] for s in final.sites]
-    assert not torch.equal(*stems)  # each site its own first convolution
-    _assert_model_ckpt_scores_as_the_run("personal-stem-ft", cfg, rdir, final.sites)
+    assert not torch.equal(*(final.site_layers[s][layer] for s in final.sites))  # per site
+    _assert_model_ckpt_scores_as_the_run(strategy, cfg, rdir, final.sites)
 
 
 @pytest.mark.parametrize("val_after, kept", [(0.2, False), (0.9, True)])

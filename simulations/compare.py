@@ -170,13 +170,19 @@ def site_table(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: S
 
 def paired_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequence[str],
                  sites: Sequence[str]) -> list[dict[str, Any]]:
-    """Wilcoxon of ``default`` against each of ``others`` per site and over all sites (the
-    cases of all seeds)."""
+    """Wilcoxon of ``default`` against each of ``others`` per site and over all sites, on the
+    cases of the seeds both modes ran (a merged report may hold a mode on fewer seeds; those
+    seeds are in each result's ``"seeds"``). Within a seed the cases must agree
+    (:func:`m4fuse.stats.pair_cases`)."""
     out = []
+    ran = {mode: {r["seed"] for r in rows if r["mode"] == mode} for mode in [default, *others]}
     for other in others:
+        common = ran[default] & ran[other]
+        both = [r for r in rows if r["seed"] in common]
         for site in [*sites, None]:
-            a, b = pair_cases(rows, default, other, site)
-            out.append({"a": default, "b": other, "site": site or "all", **paired_test(a, b)})
+            a, b = pair_cases(both, default, other, site)
+            out.append({"a": default, "b": other, "site": site or "all",
+                        "seeds": sorted(common), **paired_test(a, b)})
     return out
 
 
@@ -188,17 +194,29 @@ def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default:
     renamed one, e.g. ``fedavg+none``)."""
     out: list[dict[str, Any]] = []
 
-    def site_mean(mode: str, site: str) -> float | None:
-        return table.get(mode, {}).get(site, {}).get("mean")
+    def seeds_of(mode: str) -> set[str]:
+        return set(table.get(mode, {}).get("mean", {}).get("per_seed", {}))
+
+    def site_mean(mode: str, site: str, seeds: set[str]) -> float | None:
+        # The mean over ``seeds`` (those both compared modes ran), not over all of the mode's
+        # seeds: a merged report may hold one mode on more seeds than the other.
+        per_seed = table.get(mode, {}).get(site, {}).get("per_seed", {})
+        values = [v for seed, v in per_seed.items() if seed in seeds]
+        return float(np.mean(values)) if values else None
+
+    def over(seeds: set[str]) -> str:
+        return f" (over the {len(seeds)} seed(s) both ran)" if seeds != seeds_of(default) else ""
 
     if default in table and "local" in table and default != "local":
-        diffs = {s: (site_mean(default, s), site_mean("local", s)) for s in sites}
+        common = seeds_of(default) & seeds_of("local")
+        diffs = {s: (site_mean(default, s, common), site_mean("local", s, common))
+                 for s in sites}
         below = [s for s, (d, l) in diffs.items() if d is None or l is None or d < l]
         out.append({"goal": f"{default} >= local on every site (mean over seeds)",
                     "met": not below,
                     "detail": ", ".join(f"{s} {d:.4f} vs {l:.4f}" for s, (d, l) in diffs.items()
                                         if d is not None and l is not None)
-                              + (f"; below local on {below}" if below else "")})
+                              + (f"; below local on {below}" if below else "") + over(common)})
     else:
         out.append({"goal": "default >= local on every site", "met": None,
                     "detail": f"needs modes {default} and local"})
@@ -215,17 +233,19 @@ def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default:
             parts.append(f"{s} diff {(t['mean_diff'] or 0):+.3f}, p {p}")
         out.append({"goal": f"{default} > {fedavg} on {' and '.join(targets)} with p < 0.05 "
                             "(paired, cases of all seeds)", "met": met,
-                    "detail": "; ".join(parts)})
+                    "detail": "; ".join(parts)
+                              + over(seeds_of(default) & seeds_of(fedavg))})
     else:
         out.append({"goal": "default > fedavg on sites 2 and 3 with p < 0.05", "met": None,
                     "detail": f"needs modes {default} and {fedavg} and >= 3 sites"})
-    d, p = site_mean(default, "mean"), site_mean("pooled", "mean")
+    common = seeds_of(default) & seeds_of("pooled")
+    d, p = site_mean(default, "mean", common), site_mean("pooled", "mean", common)
     if d is not None and p is not None and p > 0:
         ratio = d / p
         out.append({"goal": f"{default} mean Dice >= 97 % of pooled (stretch 99 %)",
                     "met": ratio >= 0.97,
                     "detail": f"{d:.3f} / {p:.3f} = {100 * ratio:.1f} %"
-                              + (" (stretch met)" if ratio >= 0.99 else "")})
+                              + (" (stretch met)" if ratio >= 0.99 else "") + over(common)})
     else:
         out.append({"goal": "default mean Dice >= 97 % of pooled", "met": None,
                     "detail": f"needs modes {default} and pooled"})
@@ -298,14 +318,16 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
                  if str(s) in summary["seconds"].get(mode, {})]
         lines.append(f"- {mode}: " + ", ".join(parts))
     lines += ["", f"Paired per-case Wilcoxon signed-rank tests (two-sided, scipy) of "
-              f"`{summary['default_strategy']}` (a) against each mode (b), cases of all seeds:",
-              ""]
+              f"`{summary['default_strategy']}` (a) against each mode (b), cases of the "
+              "seeds both ran (all seeds unless listed):", ""]
     if summary["tests"]:
         lines += ["| a | b | site | n | mean a | mean b | mean a-b | median a-b | p |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for t in summary["tests"]:
             p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
-            lines.append(f"| {t['a']} | {t['b']} | {t['site']} | {t['n']} | {fmt(t['mean_a'])} | "
+            b = t["b"] if t.get("seeds", seeds) == sorted(seeds) else \
+                f"{t['b']} (seeds {', '.join(str(x) for x in t['seeds'])})"
+            lines.append(f"| {t['a']} | {b} | {t['site']} | {t['n']} | {fmt(t['mean_a'])} | "
                          f"{fmt(t['mean_b'])} | {(t['mean_diff'] or 0):+.3f} | "
                          f"{(t['median_diff'] or 0):+.3f} | {p} |")
     else:

@@ -55,6 +55,27 @@ def test_merge_joins_seeds_and_recomputes_the_summary(tmp_path):
     assert "seed 1" in (tmp_path / "m" / "comparison.md").read_text()
 
 
+def test_merge_tests_and_goals_use_the_seeds_both_modes_ran(tmp_path):
+    a = _comparison(tmp_path, "a", {"pooled": 0.8, "fedavg": 0.7, "local": 0.74,
+                                    "personal-norm-ft": 0.75}, [0])
+    b = _comparison(tmp_path, "b", {"local": 0.70, "personal-norm-ft": 0.75}, [1, 2])
+    merged = json.loads(merge_comparisons([a, b], tmp_path / "m", "m").read_text())
+    s = merged["summary"]
+    tests = {(t["b"], t["site"]): t for t in s["tests"]}
+    # fedavg ran on seed 0 only: its test pairs seed 0's cases; local's all three seeds
+    assert tests[("fedavg", "all")]["seeds"] == [0] and tests[("fedavg", "all")]["n"] == 24
+    assert tests[("local", "all")]["seeds"] == [0, 1, 2] and tests[("local", "all")]["n"] == 72
+    assert tests[("fedavg", "all")]["mean_diff"] == pytest.approx(0.05)
+    # pooled (seed 0: 0.8) against the default on seed 0 only (0.75), not on its 3 seeds
+    # (0.77 mean): 0.75 / 0.8 = 93.75 %, below 97 %
+    pooled_goal = next(g for g in s["goals"] if "pooled" in g["goal"])
+    assert pooled_goal["met"] is False and "93.8 %" in pooled_goal["detail"]
+    assert "over the 1 seed(s) both ran" in pooled_goal["detail"]
+    local_goal = next(g for g in s["goals"] if "local" in g["goal"])
+    assert local_goal["met"] is True and "both ran" not in local_goal["detail"]
+    assert "fedavg (seeds 0)" in (tmp_path / "m" / "comparison.md").read_text()
+
+
 def test_merge_refuses_other_budgets_and_repeated_runs(tmp_path):
     a = _comparison(tmp_path, "a", {"pooled": 0.8}, [0])
     b = _comparison(tmp_path, "b", {"pooled": 0.8}, [1], budget={"rounds": 120,

@@ -325,7 +325,7 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
                   "|---|---|---|---|---|---|---|---|---|"]
         for t in summary["tests"]:
             p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
-            b = t["b"] if t.get("seeds", seeds) == sorted(seeds) else \
+            b = t["b"] if t["seeds"] == sorted(seeds) else \
                 f"{t['b']} (seeds {', '.join(str(x) for x in t['seeds'])})"
             lines.append(f"| {t['a']} | {b} | {t['site']} | {t['n']} | {fmt(t['mean_a'])} | "
                          f"{fmt(t['mean_b'])} | {(t['mean_diff'] or 0):+.3f} | "

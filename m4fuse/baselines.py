@@ -84,10 +84,10 @@ def _run_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module], s
     """Train round ``rnd`` and score every site's validation cases; the history entry."""
     start = time.perf_counter()
     train, train_by_site = _train_round(cfg, mode, models, split, names, device, rnd)
-    val_by_site = {
+    val_by_site = {  # a site without validation cases is not scored (left out of the mean)
         index: site_steps.validate_site(_model_of(mode, models, site), split[site]["val"],
                                         _expert_of(mode, index), cfg, device)
-        for index, site in enumerate(names)
+        for index, site in enumerate(names) if split[site]["val"]
     }
     return {"round": rnd, "train": train,
             "val": site_steps.weighted_mean(list(val_by_site.values())),

@@ -217,6 +217,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
     if cfg.data.kind not in ("synthetic", "brats"):
         raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
+    from m4fuse.provision import check_data_settings
+    check_data_settings(cfg)  # data.site_sizes, site_names, lower_grade_sites, test_cases_per_site
 
 
 def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("fl.resume", "fl.rounds")) -> str:

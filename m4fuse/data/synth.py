@@ -86,7 +86,7 @@ TISSUES: dict[str, tuple[float, float, float, float]] = {
 }
 # Radius of the tumour core per size class, in "mm" of a ~34 mm mean brain semi-axis.
 _SIZE_CLASSES: dict[str, tuple[float, float]] = {
-    "large": (7.0, 10.5), "medium": (5.0, 7.0), "small": (3.0, 5.0)}
+    "large": (7.0, 11.5), "medium": (4.5, 7.0), "small": (2.5, 4.5)}
 SIZE_CLASS_NAMES: tuple[str, ...] = ("large", "medium", "small")
 
 
@@ -287,9 +287,9 @@ def _head_frame(shape: tuple[int, ...], rng: np.random.Generator
 def _plan_foci(rng: np.random.Generator, axes: np.ndarray, mm: float, size_class: str,
                foci: int) -> list[_Focus]:
     """The main focus anywhere in the brain (lobar, deep, across the midline) and ``foci - 1``
-    smaller satellites 1.8-3.5 core radii away; each of one to three lobes."""
+    smaller satellites 2.2-4.5 core radii away; each of one to three lobes."""
     lo, hi = _SIZE_CLASSES[size_class]
-    radius = max(rng.uniform(lo, hi) * mm, 2.5)  # voxels; at least 2.5 on tiny grids
+    radius = max(rng.uniform(lo, hi) * mm, 1.8)  # voxels; at least 1.8 on tiny grids
     for _ in range(1000):
         centre = rng.uniform(-0.7, 0.7, size=3) * axes
         if np.sum((centre / axes) ** 2) < 0.45:
@@ -299,10 +299,10 @@ def _plan_foci(rng: np.random.Generator, axes: np.ndarray, mm: float, size_class
         if f == 0:
             c, r = centre, radius
         else:
-            r = max(radius * rng.uniform(0.35, 0.7), 2.0)
+            r = max(radius * rng.uniform(0.35, 0.7), 1.5)
             for _ in range(1000):
                 direction = rng.standard_normal(3)
-                c = centre + direction / np.linalg.norm(direction) * radius * rng.uniform(1.8, 3.5)
+                c = centre + direction / np.linalg.norm(direction) * radius * rng.uniform(2.2, 4.5)
                 if np.sum((c / axes) ** 2) < 0.6:
                     break
         lobes = [(c, r)]

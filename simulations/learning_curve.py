@@ -127,7 +127,7 @@ def run_curve(cases: Sequence[int], seeds: Sequence[int], overrides: Sequence[st
                   flush=True)
     payload = {
         "command": "python -m simulations.learning_curve " + " ".join(shlex.quote(a) for a in argv),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "code_version": code_version(Path(__file__).resolve().parents[1]),
         "cases": list(cases), "seeds": list(seeds), "test_cases": test_cases,
         "val_cases": val_cases, "steps": steps, "overrides": list(overrides),
@@ -166,9 +166,9 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
         *(f"| {r['cases']} | {r['seeds']} | {r['steps']} | {cell(r['dice_mean'])} | "
           f"{cell(r['dice_wt'])} | {cell(r['dice_tc'])} | {cell(r['dice_et'])} |" for r in rows),
         "",
-        f"Command: `{payload['command']}`; {payload['date']}; code {payload['code_version']}. "
-        f"Fixed test set of {payload['test_cases']} cases and {payload['val_cases']} validation "
-        "cases per seed; nested training sets; mean ± sd over seeds.",
+        (f"Command: `{payload['command']}`; {payload['date']}; code {payload['code_version']}. "
+         f"Fixed test set of {payload['test_cases']} cases and {payload['val_cases']} validation "
+         "cases per seed; nested training sets; mean ± sd over seeds."),
     ]
     largest = rows[-1]
     tenth = min(rows, key=lambda r: abs(r["cases"] - largest["cases"] / 10))

@@ -141,7 +141,7 @@ SHAPE = (40, 40, 32)
 
 
 def _core_components(label: np.ndarray, min_voxels: int = 4) -> int:
-    lab, n = ndimage.label((label == 1) | (label == 4), np.ones((3, 3, 3)))
+    lab, _ = ndimage.label((label == 1) | (label == 4), np.ones((3, 3, 3)))
     return int(np.sum(np.bincount(lab.ravel())[1:] >= min_voxels))
 
 

@@ -139,7 +139,7 @@ def split_cases(case_ids: Sequence[str], seed: int = 0, val_fraction: float = 0.
     if test_cases is not None:
         n_test = min(int(test_cases), max(n - 1, 0))
         rest = n - n_test
-        n_val = min(int(round(rest * val_fraction)), max(rest - 1, 0))
+        n_val = min(round(rest * val_fraction), max(rest - 1, 0))
     else:
         n_test = int(round(n * test_fraction))
         n_val = int(round(n * val_fraction))

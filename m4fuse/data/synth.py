@@ -136,8 +136,8 @@ def plan_cases(n: int, mix: CaseMix, rng: np.random.Generator) -> list[CasePlan]
     shuffled by ``rng``. Cases without ET and multifocal cases are counted with
     ``round(n * fraction)``; each is spread over the size classes independently."""
     sizes = [name for name, k in zip(SIZE_CLASS_NAMES, _quota(n, mix.size_weights)) for _ in range(k)]
-    no_et = set(rng.permutation(n)[: int(round(n * mix.no_et_fraction))].tolist())
-    multi = set(rng.permutation(n)[: int(round(n * mix.multifocal_fraction))].tolist())
+    no_et = set(rng.permutation(n)[: round(n * mix.no_et_fraction)].tolist())
+    multi = set(rng.permutation(n)[: round(n * mix.multifocal_fraction)].tolist())
     order = rng.permutation(n)
     return [CasePlan(sizes[order[j]], j not in no_et, 1 + (j in multi) * int(rng.integers(1, 3)))
             for j in range(n)]

@@ -84,10 +84,10 @@ def _run_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module], s
     """Train round ``rnd`` and score every site's validation cases; the history entry."""
     start = time.perf_counter()
     train, train_by_site = _train_round(cfg, mode, models, split, names, device, rnd)
-    val_by_site = {
+    val_by_site = {  # a site without validation cases is not scored (left out of the mean)
         index: site_steps.validate_site(_model_of(mode, models, site), split[site]["val"],
                                         _expert_of(mode, index), cfg, device)
-        for index, site in enumerate(names)
+        for index, site in enumerate(names) if split[site]["val"]
     }
     return {"round": rnd, "train": train,
             "val": site_steps.weighted_mean(list(val_by_site.values())),
@@ -96,13 +96,15 @@ def _run_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module], s
             "seconds": time.perf_counter() - start}
 
 
-def run_baseline(cfg: DictConfig, mode: str) -> report.RunSummary:
-    """Train and score the ``pooled`` or ``local`` baseline of ``cfg``; logs one MLflow run."""
+def run_baseline(cfg: DictConfig, mode: str, split: dict | None = None) -> report.RunSummary:
+    """Train and score the ``pooled`` or ``local`` baseline of ``cfg``; logs one MLflow run.
+    ``split`` (default None: :func:`m4fuse.provision.load_sites` of ``cfg``) trains and scores
+    on given cases instead (e.g. a subset of the training cases, for a learning curve)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     wall = time.perf_counter()
     runtime.apply_threads(cfg)
-    split = provision.load_sites(cfg)
+    split = provision.load_sites(cfg) if split is None else split
     names = provision.site_names(split)
     device = runtime.resolve_device(str(cfg.device))
     rounds, seed = int(cfg.fl.rounds), int(cfg.seed)

@@ -25,11 +25,16 @@ _SPLITS: dict[tuple, Any] = {}
 def data_paths(cfg: DictConfig) -> tuple[Path, Path]:
     """``(source, cache_dir)`` absolute folders of the configured data set."""
     d = cfg.data
+    check_data_settings(cfg)
     root = project_root(cfg)
     size = "x".join(str(int(s)) for s in d.size)
     if d.kind == "synthetic":
         shape = "x".join(str(int(s)) for s in d.shape)
         name = f"synthetic-s{int(d.sites)}-c{int(d.cases_per_site)}-{shape}-seed{int(cfg.seed)}"
+        if d.get("site_sizes") is not None:  # sized sites: the total and a hash of the layout
+            layout = json.dumps(_site_layout(cfg), sort_keys=True).encode()
+            name = (f"synthetic-s{int(d.sites)}-n{sum(synthetic_site_cases(cfg))}-"
+                    f"{hashlib.sha256(layout).hexdigest()[:8]}-{shape}-seed{int(cfg.seed)}")
         source = Path(str(d.source)) if d.source else root / "data" / name
     else:
         if d.source in (None, "???"):
@@ -62,7 +67,8 @@ def data_markers(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ``.complete`` files of the data folders once they are ready, and compares on later calls.
 
     Source (synthetic only; ``{}`` for BraTS): generator version, sites, cases per site,
-    shape, seed. Cache: the source marker, ``PREPROCESS_VERSION`` and the training size, so a
+    shape, seed; with ``data.site_sizes`` also the site layout (cases per site as generated,
+    names, lower-grade sites). Cache: the source marker, ``PREPROCESS_VERSION`` and the training size, so a
     new generator or preprocessing version re-prepares the cache too.
     """
     from m4fuse.data import PREPROCESS_VERSION
@@ -73,6 +79,8 @@ def data_markers(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         source = {"generator": generator_version(), "sites": int(d.sites),
                   "cases_per_site": int(d.cases_per_site),
                   "shape": [int(s) for s in d.shape], "seed": int(cfg.seed)}
+        if d.get("site_sizes") is not None:
+            source["layout"] = _site_layout(cfg)
     cache = {"source": source, "preprocess_version": int(PREPROCESS_VERSION),
              "size": [int(s) for s in d.size]}
     return source, cache
@@ -114,6 +122,7 @@ def ensure_data(cfg: DictConfig) -> Path:
                 cases_per_site=int(d.cases_per_site),
                 seed=int(cfg.seed),
                 shape=tuple(int(s) for s in d.shape),
+                **_synth_layout_kwargs(cfg),
             )
             (source / ".complete").write_text(json.dumps(source_marker) + "\n")
         if not source.is_dir():
@@ -154,8 +163,9 @@ def _full_split(cfg: DictConfig) -> Any:
 
     cache = ensure_data(cfg)
     csv = partition_csv(cfg)
+    test_cases = test_cases_per_site(cfg)
     key = (str(cache), str(csv), int(cfg.seed), float(cfg.data.val_fraction),
-           float(cfg.data.test_fraction))
+           float(cfg.data.test_fraction), test_cases)
     if key not in _SPLITS:
         _SPLITS[key] = load_split(
             cache,
@@ -163,8 +173,100 @@ def _full_split(cfg: DictConfig) -> Any:
             seed=int(cfg.seed),
             val_fraction=float(cfg.data.val_fraction),
             test_fraction=float(cfg.data.test_fraction),
+            test_cases=test_cases,
         )
     return _SPLITS[key]
+
+
+def test_cases_per_site(cfg: DictConfig) -> int | None:
+    """``data.test_cases_per_site``: the same number of test cases at every site (validation
+    out of the rest, :func:`m4fuse.data.split_cases`); None (the default) splits by
+    ``data.val_fraction`` / ``data.test_fraction``."""
+    value = cfg.data.get("test_cases_per_site")
+    return None if value is None else int(value)
+
+
+def synthetic_site_cases(cfg: DictConfig) -> list[int]:
+    """Cases the synthesiser writes per site: ``data.site_sizes[k]`` plus
+    ``data.test_cases_per_site`` (0 when null) for sized sites, else ``data.cases_per_site``
+    at each of the ``data.sites``."""
+    d = cfg.data
+    if d.get("site_sizes") is None:
+        return [int(d.cases_per_site)] * int(d.sites)
+    extra = test_cases_per_site(cfg) or 0
+    return [int(n) + extra for n in d.site_sizes]
+
+
+def _site_layout(cfg: DictConfig) -> dict[str, Any]:
+    """What a sized synthetic set is made of besides sites/shape/seed (its marker and name)."""
+    d = cfg.data
+    return {"site_cases": synthetic_site_cases(cfg),
+            "site_names": None if d.get("site_names") is None else [str(n) for n in d.site_names],
+            "lower_grade_sites": sorted(str(n) for n in (d.get("lower_grade_sites") or []))}
+
+
+def _synth_layout_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`m4fuse.data.synthesize` for the configured layout."""
+    d = cfg.data
+    kwargs: dict[str, Any] = {}
+    if d.get("site_sizes") is not None:
+        kwargs["site_cases"] = synthetic_site_cases(cfg)
+    if d.get("site_names") is not None:
+        kwargs["names"] = [str(n) for n in d.site_names]
+    if d.get("lower_grade_sites"):
+        kwargs["lower_grade"] = [str(n) for n in d.lower_grade_sites]
+    return kwargs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_data_settings(cfg: DictConfig) -> None:
+    """Fail before any data is written, naming the key, the value and the fix, on a bad
+    federation layout: ``data.site_sizes`` (one integer >= 1 per site of ``data.sites``),
+    ``data.site_names`` (``data.sites`` distinct names), ``data.lower_grade_sites`` (names
+    of sites) and ``data.test_cases_per_site`` (null or an integer >= 1)."""
+    d = cfg.data
+    test_cases = d.get("test_cases_per_site")
+    if test_cases is not None and (not _is_int(test_cases) or test_cases < 1):
+        raise ValueError(f"data.test_cases_per_site must be null or an integer >= 1, got {test_cases!r}")
+    if d.get("kind") != "synthetic":
+        return
+    sites = d.get("sites")
+    if not _is_int(sites) or sites < 1:
+        raise ValueError(f"data.sites must be an integer >= 1, got {sites!r}")
+    sizes = d.get("site_sizes")
+    if sizes is not None:
+        if isinstance(sizes, (str, int, float)) or not hasattr(sizes, "__len__"):
+            raise ValueError(f"data.site_sizes must be a list of {sites} integers or null, got {sizes!r}")
+        if len(sizes) != sites:
+            raise ValueError(f"data.site_sizes has {len(sizes)} entries for data.sites={sites}: "
+                             f"give one size per site (or set data.sites={len(sizes)})")
+        for index, size in enumerate(sizes):
+            if not _is_int(size) or size < 1:
+                raise ValueError(f"data.site_sizes[{index}]={size!r}: every site needs an integer "
+                                 "number of cases >= 1")
+    names = d.get("site_names")
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != sites or len(set(names)) != sites or not all(n.strip() for n in names):
+            raise ValueError(f"data.site_names must be {sites} distinct non-empty names "
+                             f"(data.sites={sites}), got {names}")
+        bad = [n for n in names if "/" in n or "\\" in n or "," in n or n != n.strip()]
+        if bad:
+            raise ValueError(f"data.site_names: {bad} cannot name a site (no '/', '\\', ',' or "
+                             "surrounding spaces)")
+    known = names if names is not None else None
+    lower = [str(n) for n in (d.get("lower_grade_sites") or [])]
+    if lower:
+        from m4fuse.data.sites import site_names as default_names
+
+        known = known if known is not None else default_names(sites)
+        unknown = [n for n in lower if n not in known]
+        if unknown:
+            raise ValueError(f"data.lower_grade_sites names {unknown}, not sites of this "
+                             f"federation: {known}")
 
 
 def _site_cases(parts: Mapping[str, Sequence[Any]]) -> int:

@@ -115,6 +115,7 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
 
     if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no Hydra config {config_name!r} in {CONFIG_DIR}")
@@ -126,6 +127,8 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except MissingConfigException as err:  # Hydra's message spans lines (options, search path)
+        raise ValueError(_missing_option(str(err))) from None
     finally:
         if previous is not None:
             GlobalHydra.instance().initialize(previous.config_loader)
@@ -151,6 +154,21 @@ def compose_run(run_config: Mapping[str, Any]) -> DictConfig:
     overrides = parse_overrides(str(run_config.get("overrides", "")))
     overrides += parse_overrides(os.environ.get(OVERRIDES_ENV, ""))
     return compose(str(run_config.get("config-name", "config")), overrides)
+
+
+def _missing_option(message: str) -> str:
+    """Hydra's message for an unknown option of a group (``data=nonexistent``) on one line:
+    ``"unknown data=nonexistent: the options are brats, synthetic (configs/data/)"``."""
+    import re
+
+    found = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if not found:
+        return message.splitlines()[0] if message else "unknown Hydra option"
+    group, name = found.groups()
+    options = [line.strip() for line in message.split("Config search path:")[0].splitlines()[1:]
+               if line.startswith("\t")]
+    return (f"unknown {group}={name}: the options are {', '.join(options)} "
+            f"(configs/{group}/)")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -217,6 +235,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
     if cfg.data.kind not in ("synthetic", "brats"):
         raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
+    from m4fuse.provision import check_data_settings
+    check_data_settings(cfg)  # data.site_sizes, site_names, lower_grade_sites, test_cases_per_site
 
 
 def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("fl.resume", "fl.rounds")) -> str:

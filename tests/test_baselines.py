@@ -60,3 +60,19 @@ def test_train_command_runs_the_local_baseline(cfg_args, capsys):
 
     assert main(["train", "--mode", "local", *cfg_args, "run_name=cli", "fl.rounds=1"]) == 0
     assert "cli (local): per-site results" in capsys.readouterr().out
+
+
+def test_a_site_without_validation_cases_trains_and_is_tested(cfg_args):
+    """A small site that validates on none (sized sites) still trains and is tested; the
+    validation mean is over the sites that validate."""
+    from m4fuse.baselines import run_baseline
+
+    cfg = settings.compose("config", [*cfg_args, "fl.rounds=1", "run_name=no-val"])
+    split = provision.load_sites(cfg)
+    first, second = provision.site_names(split)
+    given = {first: split[first], second: {**split[second], "val": []}}
+    summary = run_baseline(cfg, "local", split=given)
+    rows = {r["name"]: r for r in summary.rows}
+    assert "val_dice_mean" not in rows[second] and rows[second]["test_num-examples"] == len(split[second]["test"])
+    assert rows["weighted by cases"]["val_num-examples"] == len(split[first]["val"])
+    assert rows["weighted by cases"]["val_dice_mean"] == pytest.approx(rows[first]["val_dice_mean"])

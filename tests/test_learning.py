@@ -2,8 +2,11 @@
 its schedule, loader) on one synthetic site, segments that site's held-out validation cases.
 
 A learning test, not a timing: 8 synthetic cases of 24x24x20 voxels at 16^3, widths 8, 30
-epochs on the CPU (about 10 s here). Measured with this config: validation Dice WT 0.84,
-mean 0.78 after training, 0.19 / 0.10 before; the thresholds leave room for other CPUs.
+epochs on the CPU (about 10 s here). Measured with this config on the varied gliomas of
+generator version 2 (m4fuse.data.synth): validation Dice WT 0.81, mean 0.44 after training
+(TC 0.44, ET 0.07: five cases do not teach the small, heterogeneous enhancing tumour), 0.06 /
+0.02 before; the thresholds leave room for other CPUs. (Version 1's single ellipsoidal tumour
+gave WT 0.84, mean 0.78.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,6 @@ def test_tiny_m4fuse_learns_to_segment_a_synthetic_site(tmp_path) -> None:
     after = site_steps.validate_site(model, site["val"], 0, cfg, cpu)
     assert result["num-examples"] == 5
     assert after["dice_wt"] >= 0.7, after
-    assert after["dice_mean"] >= 0.6, after
-    assert after["dice_mean"] >= before["dice_mean"] + 0.4, (before, after)
+    assert after["dice_mean"] >= 0.35, after
+    assert after["dice_mean"] >= before["dice_mean"] + 0.3, (before, after)
     assert after["hd95_wt"] < 5.0, after  # mm on the 16^3 training grid (about 1.5 mm voxels)

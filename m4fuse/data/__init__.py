@@ -13,15 +13,23 @@ from m4fuse.data.preprocess import (
     restore_to_original,
 )
 from m4fuse.data.partition import read_site_csv, write_partition_csv
-from m4fuse.data.sites import SiteSplit, institution_sites, load_split, random_sites, site_names, split_cases
-from m4fuse.data.synth import SYNTH_SHAPE, SYNTH_SIZE, synthesize
+from m4fuse.data.sites import (
+    SiteSplit,
+    institution_sites,
+    load_split,
+    random_sites,
+    scale_site_sizes,
+    site_names,
+    split_cases,
+)
+from m4fuse.data.synth import SYNTH_SHAPE, SYNTH_SIZE, SYNTH_VERSION, synthesize
 
 __all__ = [
     "PreparedCaseDataset", "CaseFiles", "CaseRecord", "DataError", "DEFAULT_SIZE", "MODALITIES",
     "MODALITIES_2023", "PREPROCESS_VERSION", "PrepareError", "PrepareReport", "SYNTH_SHAPE",
-    "SYNTH_SIZE", "SiteSplit", "discover_cases", "institution_of", "institution_sites",
+    "SYNTH_SIZE", "SYNTH_VERSION", "SiteSplit", "discover_cases", "institution_of", "institution_sites",
     "load_records", "load_split", "load_volume", "make_loader", "prepare_dataset",
     "preprocess_case", "preprocess_label", "random_sites", "read_index", "read_site_csv",
-    "restore_to_original", "site_names", "split_cases", "synthesize", "train_transforms",
+    "restore_to_original", "scale_site_sizes", "site_names", "split_cases", "synthesize", "train_transforms",
     "write_partition_csv",
 ]

@@ -192,6 +192,7 @@ def _strategy(cfg: DictConfig, names: list[str], held: dict[str, torch.Tensor]):
         server_opt_args=server_opt_args,
         krum_malicious=aggregation_args["krum_malicious"],
         krum_select=aggregation_args["krum_select"],
+        aggregation_weight=aggregation_args["aggregation_weight"],
     )
 
 
@@ -284,6 +285,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> report.RunSummary:
     _restore_train_counts(strategy, names, history)
     common = {"run-dir": str(rdir), "run-identity": run_identity}
     train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
+    if cfg.fl.get("local_steps") is not None:  # a fixed number of optimiser steps per round
+        train_config["local-steps"] = int(cfg.fl.local_steps)
 
     def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
         entry = _round_entry(rl)

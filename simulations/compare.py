@@ -550,7 +550,7 @@ def _run_and_score(plan: _Plan, got: _Collected, mode: str, seed: int) -> None:
     split = provision.load_sites(cfg)
     got.test_cases[str(seed)] = {s: len(split[s]["test"]) for s in names}
     got.train_cases.setdefault(str(seed), {s: len(split[s]["train"]) for s in names})
-    got.steps[mode] = skewed.steps_of_history(run["history"], names)
+    got.steps.setdefault(mode, skewed.steps_of_history(run["history"], names))  # first seed
     device = runtime.resolve_device(str(cfg.device))
     runtime.apply_threads(cfg)
     models = site_models(base_mode, cfg, Path(run["run_dir"]), names)

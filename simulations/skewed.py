@@ -185,20 +185,10 @@ def group_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequenc
 
 def steps_of_history(history: Sequence[Mapping[str, Any]], names: Sequence[str]
                      ) -> dict[str, dict[str, float]]:
-    """Optimiser steps of one run by site: ``{site: {"per_round", "total", "rounds"}}``
-    (``per_round``: the mean over the rounds that report them) from the history's
-    ``train_by_site`` (a site's ``steps``), or ``{"all sites": ...}`` for the pooled model
-    (the history's ``train.steps``). Empty when the history has no step counts (an older
-    run). The "+FT" fine-tuning's steps are not in it (``finetune-steps``)."""
-    by_site: dict[str, list[float]] = {}
-    for entry in history:
-        for index, metrics in entry.get("train_by_site", {}).items():
-            if "steps" in metrics and 0 <= int(index) < len(names):
-                by_site.setdefault(names[int(index)], []).append(float(metrics["steps"]))
-        if "steps" in entry.get("train", {}):
-            by_site.setdefault("all sites", []).append(float(entry["train"]["steps"]))
-    return {site: {"per_round": float(np.mean(v)), "total": float(np.sum(v)),
-                   "rounds": len(v)} for site, v in by_site.items()}
+    """Optimiser steps of one run by site (:func:`m4fuse.report.optimiser_steps`)."""
+    from m4fuse.report import optimiser_steps
+
+    return optimiser_steps(history, names)
 
 
 def _finite(value: float) -> float | None:

@@ -4,6 +4,7 @@ normalised averaging (``fl.aggregation=fednova``), against hand computations."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -149,3 +150,43 @@ def test_defaults_keep_todays_run() -> None:
     cfg = settings.compose("config", [])
     assert skew_settings(cfg.fl) == {"aggregation_weight": "cases", "local_steps": None}
     assert str(cfg.fl.aggregation) == "mean"
+
+
+def test_baselines_get_the_fixed_step_budget(tmp_path) -> None:
+    """local: fl.local_steps per site and round; pooled: that many x the number of sites."""
+    from flower_fixtures import TINY_FL
+
+    from m4fuse.baselines import run_baseline
+    from simulations.skewed import steps_of_history
+
+    args = [f"root={tmp_path}", *TINY_FL, "fl.rounds=2", "fl.local_steps=3",
+            "tracking.enabled=false"]
+    local = run_baseline(settings.compose("config", [*args, "run_name=l"]), "local")
+    assert steps_of_history(local.history, local.site_names) == {
+        s: {"per_round": 3.0, "total": 6.0, "rounds": 2} for s in local.site_names}
+    pooled = run_baseline(settings.compose("config", [*args, "run_name=p"]), "pooled")
+    assert steps_of_history(pooled.history, pooled.site_names) == {
+        "all sites": {"per_round": 6.0, "total": 12.0, "rounds": 2}}
+
+
+def test_federation_with_fixed_steps_and_fednova_reports_each_sites_steps(
+        monkeypatch, tmp_path) -> None:
+    """One tiny Flower simulation: every site takes exactly fl.local_steps steps per round
+    whatever its number of training cases (more steps than one pass over them), the steps go
+    from the ClientApp through Flower into the history, and FedNova with sqrt weights
+    combines the round."""
+    from flower_fixtures import TINY_FL, simulate_two_sites
+
+    from m4fuse import workspace
+
+    args = [f"root={tmp_path}", *TINY_FL, "fl.rounds=2", "fl.local_steps=5",
+            "fl.aggregation=fednova", "fl.aggregation_weight=sqrt", "tracking.enabled=false",
+            "run_name=skew"]
+    monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))
+    simulate_two_sites()
+    cfg = settings.compose("config", args)
+    history = json.loads((workspace.run_dir(cfg) / "history.json").read_text())
+    assert [e["round"] for e in history] == [1, 2]
+    for entry in history:
+        assert {int(i): m["steps"] for i, m in entry["train_by_site"].items()} == {0: 5.0,
+                                                                                  1: 5.0}

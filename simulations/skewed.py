@@ -109,7 +109,7 @@ def load_goals(path: str | Path | None) -> dict[str, Any]:
         raise ValueError(f"--goals {path}: not valid {path.suffix.lstrip('.') or 'JSON'} "
                          f"({str(err).splitlines()[0]})") from None
     if not isinstance(given, dict):
-        raise ValueError(f"--goals {path}: expected a mapping of {sorted(DEFAULT_GOALS)}, "
+        raise ValueError(  # noqa: TRY004 - a bad file is a bad value, like the othersf"--goals {path}: expected a mapping of {sorted(DEFAULT_GOALS)}, "
                          f"got {type(given).__name__}")
     unknown = sorted(set(given) - set(DEFAULT_GOALS))
     if unknown:
@@ -129,7 +129,7 @@ def load_goals(path: str | Path | None) -> dict[str, Any]:
 
 def sizes_differ(train_cases: Mapping[str, int]) -> bool:
     """True when the sites' numbers of training cases are not all the same."""
-    return len(set(int(v) for v in train_cases.values())) > 1
+    return len({int(v) for v in train_cases.values()}) > 1
 
 
 def size_groups(train_cases: Mapping[str, int], small_max: int = 5
@@ -317,8 +317,8 @@ def report_lines(summary: Mapping[str, Any]) -> list[str]:
                   + ", ".join(f"{s} {n}" for s, n in train_cases.items()) + "."]
     if steps:
         sites = list(summary.get("sites", []))
-        lines += ["", "Optimiser steps per round / in total, by mode and site (the \"+FT\" "
-                  "fine-tuning's are not counted):", "",
+        lines += ["", ("Optimiser steps per round / in total, by mode and site (the \"+FT\" "
+                       "fine-tuning's are not counted):"), "",
                   "| mode | " + " | ".join([*sites, "all sites"]) + " |",
                   "|" + "---|" * (len(sites) + 2)]
         for mode, by in steps.items():
@@ -339,8 +339,8 @@ def report_lines(summary: Mapping[str, Any]) -> list[str]:
                  if groups.get(g)]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     if summary.get("group_tests"):
-        lines += ["", "Paired per-case Wilcoxon tests per size group (two-sided, scipy), "
-                  "default (a) against each mode (b):", "",
+        lines += ["", ("Paired per-case Wilcoxon tests per size group (two-sided, scipy), "
+                       "default (a) against each mode (b):"), "",
                   "| group | a | b | n | mean a | mean b | mean a-b | p |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in summary["group_tests"]:

@@ -144,6 +144,7 @@ def run_baseline(cfg: DictConfig, mode: str) -> report.RunSummary:
         footer=f"{seconds:.1f} s")
     final = final_test_metrics(rows[-1], test_by_site)
     final.update({"total_bytes_sent": 0, "total_bytes_received": 0, "wall_seconds": seconds})
+    final.update(report.optimiser_steps_metrics(history, names))
     tracker.log_metrics(final, step=rounds)
     model_path = save_models(cfg, mode, models, names, rdir)
     for path in (*outputs, model_path):

@@ -181,6 +181,15 @@ def optimiser_steps(history: Sequence[Mapping[str, Any]], site_names: Sequence[s
             for site, v in by_site.items()}
 
 
+def optimiser_steps_metrics(history: Sequence[Mapping[str, Any]], site_names: Sequence[str]
+                            ) -> dict[str, float]:
+    """MLflow metrics of the run's optimiser steps in total (:func:`optimiser_steps`):
+    ``site<k>/train_steps_total`` per site, ``train_steps_total`` for the pooled model."""
+    index = {name: k for k, name in enumerate(site_names)}
+    return {(f"site{index[s]}/train_steps_total" if s in index else "train_steps_total"):
+            v["total"] for s, v in optimiser_steps(history, site_names).items()}
+
+
 def write_run_outputs(
     rdir: Path,
     site_names: Sequence[str],

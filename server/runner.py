@@ -253,6 +253,7 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
             final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
                           "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
+    final_metrics.update(report.optimiser_steps_metrics(history, names))
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
     for path in outputs:
         tracker.log_artifact(path)

@@ -167,6 +167,12 @@ def test_baselines_get_the_fixed_step_budget(tmp_path) -> None:
     pooled = run_baseline(settings.compose("config", [*args, "run_name=p"]), "pooled")
     assert steps_of_history(pooled.history, pooled.site_names) == {
         "all sites": {"per_round": 6.0, "total": 12.0, "rounds": 2}}
+    from m4fuse.report import optimiser_steps_metrics
+
+    assert optimiser_steps_metrics(local.history, local.site_names) == {
+        f"site{k}/train_steps_total": 6.0 for k in range(len(local.site_names))}
+    assert optimiser_steps_metrics(pooled.history, pooled.site_names) == {
+        "train_steps_total": 12.0}
 
 
 def test_federation_with_fixed_steps_and_fednova_reports_each_sites_steps(

@@ -316,6 +316,11 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(config.get("proximal-mu", 0.0)) if strategy == "fedprox" else 0.0
     reference = {k: v.to(site.device) for k, v in incoming.items()} if mu > 0 else None
     epochs = int(config.get("local-epochs", cfg.fl.local_epochs))
+    # fl.local_steps: a fixed number of optimiser steps per round instead of epochs
+    local_steps = config.get("local-steps", cfg.fl.get("local_steps"))
+    if local_steps is not None and privacy.enabled:
+        raise ValueError(f"fl.local_steps={local_steps} is not available with privacy.enabled "
+                         "(the accountant counts epochs); set fl.local_steps=null")
     seed = int(cfg.seed) * 1000 + site.index * 100 + server_round
     store = _store(site)
     private: list[PrivateTraining] = []
@@ -347,6 +352,7 @@ def train(msg: Message, context: Context) -> Message:
             on_empty_batch=noise_only_step if privacy.enabled else None,
             lr_scale=site_steps.personal_lr_scale(model, cfg),
             optimizer_state=_kept_optimizer_state(context, optimizer_mode),
+            max_steps=None if local_steps is None else int(local_steps),
         )
     finally:
         # Steps taken are spent even if the round fails later: persist the accountant first.
@@ -360,6 +366,7 @@ def train(msg: Message, context: Context) -> Message:
         "loss": result["loss"],
         "num-examples": len(site.records["train"]),
         "site-index": site.index,
+        "steps": float(result["steps"]),  # optimiser steps this round (FedNova, the tables)
     }
     if privacy.enabled:
         values.update(private[0].metrics())

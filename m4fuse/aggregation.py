@@ -13,7 +13,18 @@ Keys (all under ``fl``):
 * ``krum_malicious``: the f of Krum / Multi-Krum (Flower's ``num_malicious_nodes``), the
   number of sites whose updates may be arbitrary, an integer >= 0;
 * ``krum_select``: the m of Multi-Krum (Flower's ``num_nodes_to_select``), how many of the
-  best-scored updates are averaged (case-weighted), an integer >= 1; ``krum`` always selects 1.
+  best-scored updates are averaged (case-weighted), an integer >= 1; ``krum`` always selects 1;
+* ``aggregation_weight``: each site's weight in the weighted rules (``mean``, ``fednova``,
+  ``multikrum``): ``cases`` (its training cases, default), ``uniform`` (1 per site) or
+  ``sqrt`` (the square root of its training cases); :func:`site_weight`;
+* ``local_steps``: ``null`` (default: ``local_epochs`` epochs per round) or an integer >= 1,
+  the optimiser steps every site takes per round whatever its size (:func:`skew_settings`).
+
+``fednova`` is FedNova-style normalised averaging (Wang et al. 2020, "Tackling the Objective
+Inconsistency Problem in Heterogeneous Federated Optimization"): each site's update is divided
+by its number of local optimiser steps tau_i, the normalised updates are averaged with the
+weights p_i above, and the average is multiplied by the effective step count
+tau_eff = sum_i p_i tau_i (:func:`fednova_rescale`).
 
 Krum scores each of the n updates by the sum of its squared distances to its n - f - 2 nearest
 others and keeps the lowest score; its guarantee needs n >= 2f + 3 updates, and Multi-Krum's
@@ -26,11 +37,15 @@ too few, and in a round where fewer updates passed the checks (the run stops the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 #: The values of ``fl.aggregation`` (the Flower strategies are in :mod:`server.strategy`).
-AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed_mean", "median", "krum", "multikrum")
+AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed_mean", "median", "krum", "multikrum",
+                                 "fednova")
 #: The aggregations that select updates with Krum's score (``fl.krum_*`` apply).
 KRUM_RULES: tuple[str, ...] = ("krum", "multikrum")
 
@@ -80,7 +95,8 @@ def aggregation_settings(fl: Mapping[str, Any], num_sites: int | None = None
         check_krum_sites(name, malicious, select,
                          sites_asked(num_sites, float(fl.get("fraction_train", 1.0)),
                                      int(fl.get("min_train_sites", 1))))
-    return name, {"trim": float(trim), "krum_malicious": malicious, "krum_select": select}
+    return name, {"trim": float(trim), "krum_malicious": malicious, "krum_select": select,
+                  **skew_settings(fl)}
 
 
 def krum_rule(name: str, malicious: int, select: int = 1) -> str:
@@ -103,3 +119,76 @@ def check_krum_sites(name: str, malicious: int, select: int, asked: int) -> None
             f"but only {asked} site(s) are asked to train per round (fl.fraction_train, "
             f"fl.min_train_sites); lower fl.krum_malicious"
             f"{'' if name == 'krum' else ' or fl.krum_select'} or use more sites")
+
+
+#: The values of ``fl.aggregation_weight`` (:func:`site_weight`).
+AGGREGATION_WEIGHTS: tuple[str, ...] = ("cases", "uniform", "sqrt")
+
+
+def skew_settings(fl: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"aggregation_weight", "local_steps"}`` of the ``fl`` config, checked; missing keys
+    read as the defaults (``cases``, None: epochs).
+
+    Raises:
+        ValueError: naming the key and the bad value.
+    """
+    weight = str(fl.get("aggregation_weight", "cases"))
+    if weight not in AGGREGATION_WEIGHTS:
+        raise ValueError(f"fl.aggregation_weight must be one of {AGGREGATION_WEIGHTS}, "
+                         f"got {weight!r}")
+    steps = fl.get("local_steps", None)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ValueError(f"fl.local_steps must be null (fl.local_epochs epochs per round) or "
+                         f"an integer >= 1, got {steps!r}")
+    return {"aggregation_weight": weight, "local_steps": None if steps is None else int(steps)}
+
+
+def site_weight(cases: float, rule: str = "cases") -> float:
+    """A site's weight in the average (``fl.aggregation_weight`` ``rule``, default ``cases``)
+    from its number of training ``cases``: the cases, 1, or their square root."""
+    if rule == "cases":
+        return float(cases)
+    if rule == "uniform":
+        return 1.0
+    if rule == "sqrt":
+        return math.sqrt(float(cases))
+    raise ValueError(f"fl.aggregation_weight must be one of {AGGREGATION_WEIGHTS}, got {rule!r}")
+
+
+def fednova_rescale(updates: Mapping[str, Mapping[str, np.ndarray]],
+                    reference: Mapping[str, np.ndarray], weights: Mapping[str, float],
+                    steps: Mapping[str, float]) -> dict[str, dict[str, np.ndarray]]:
+    """Each site's arrays moved so that their ``weights``-weighted mean is FedNova's model.
+
+    Site i's update ``x_i - x`` (``x`` = ``reference``, the round's arrays) is scaled by
+    ``tau_eff / tau_i`` (``tau_i`` = ``steps[i]``, ``tau_eff`` = sum_i p_i tau_i with p_i the
+    normalised weights): the weighted mean of ``x + tau_eff / tau_i (x_i - x)`` is
+    ``x + tau_eff * sum_i p_i (x_i - x) / tau_i``, FedNova's update, so Flower's own weighted
+    FedAvg (and a server optimiser after it) can combine the result. Flower has no FedNova,
+    hence this hand-written rescaling. Integer arrays (counters) are left as they are.
+
+    Raises:
+        ValueError: a site without a step count >= 1.
+    """
+    total = sum(float(weights[s]) for s in updates)
+    if total <= 0:
+        raise ValueError(f"FedNova: the site weights sum to {total}")
+    for site in updates:
+        tau = steps.get(site)
+        if tau is None or not math.isfinite(float(tau)) or float(tau) < 1:
+            raise ValueError(f"FedNova needs each site's optimiser steps (reply metric "
+                             f"'steps' >= 1); {site} reported {tau!r}")
+    tau_eff = sum(float(weights[s]) / total * float(steps[s]) for s in updates)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for site, arrays in updates.items():
+        scale = tau_eff / float(steps[site])
+        out[site] = {}
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            if value.dtype.kind != "f":
+                out[site][key] = value
+                continue
+            ref = np.asarray(reference[key])
+            out[site][key] = (ref + scale * (value - ref)).astype(value.dtype, copy=False)
+    return out

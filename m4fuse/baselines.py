@@ -5,7 +5,10 @@
 * ``local``: each site trains its own one-expert model on its own cases only.
 
 Budget: the federated run trains ``fl.local_epochs`` epochs per round for ``fl.rounds`` rounds,
-so both baselines train ``fl.rounds`` "rounds" of ``fl.local_epochs`` epochs, with a fresh
+so both baselines train ``fl.rounds`` "rounds" of ``fl.local_epochs`` epochs (with
+``fl.local_steps`` = s instead: ``local`` s steps per site and round, as each federated site;
+``pooled`` s x the number of sites per round, the federation's steps summed over its sites, so
+that pooled and federated spend the same compute), with a fresh
 AdamW per round on the same warm-up/cosine curve (as the ClientApp does) and validation of
 every site after each round (for the Dice-per-round plot). Test scores are on the original
 voxel grid, as in the federated run. The outputs (:func:`m4fuse.report.write_run_outputs`) and
@@ -61,17 +64,20 @@ def _train_round(cfg: DictConfig, mode: str, models: dict[str, torch.nn.Module],
     """Round ``rnd``'s training: ``fl.local_epochs`` epochs of the pooled model on all sites'
     cases, or of each site's model on its own; ``(train loss, per-site results)``."""
     rounds, epochs, seed = int(cfg.fl.rounds), int(cfg.fl.local_epochs), int(cfg.seed)
+    local_steps = cfg.fl.get("local_steps")  # None: epochs
     train_by_site: dict[int, dict[str, float]] = {}
     round_seed = seed * 1000 + rnd
     if mode == "pooled":
         loader = pooled_loader(split, names, cfg, round_seed)
-        out = site_steps.run_epochs(models["*"], loader, cfg, device, epochs, round_seed,
-                                    schedule=(rnd - 1, rounds))
-        return {"loss": out["loss"]}, train_by_site
+        out = site_steps.run_epochs(
+            models["*"], loader, cfg, device, epochs, round_seed, schedule=(rnd - 1, rounds),
+            max_steps=None if local_steps is None else int(local_steps) * len(names))
+        return {"loss": out["loss"], "steps": out["steps"]}, train_by_site
     for index, site in enumerate(names):
         out = site_steps.train_site(
             models[site], split[site]["train"], 0, cfg, device, epochs,
-            seed=seed * 1000 + index * 100 + rnd, schedule=(rnd - 1, rounds))
+            seed=seed * 1000 + index * 100 + rnd, schedule=(rnd - 1, rounds),
+            max_steps=None if local_steps is None else int(local_steps))
         train_by_site[index] = out
     total = sum(m["num-examples"] for m in train_by_site.values())
     train = {"loss": sum(m["loss"] * m["num-examples"]
@@ -140,6 +146,7 @@ def run_baseline(cfg: DictConfig, mode: str, split: dict | None = None) -> repor
         footer=f"{seconds:.1f} s")
     final = final_test_metrics(rows[-1], test_by_site)
     final.update({"total_bytes_sent": 0, "total_bytes_received": 0, "wall_seconds": seconds})
+    final.update(report.optimiser_steps_metrics(history, names))
     tracker.log_metrics(final, step=rounds)
     model_path = save_models(cfg, mode, models, names, rdir)
     for path in (*outputs, model_path):

@@ -163,6 +163,33 @@ RUN_OUTPUT_FILES: tuple[str, ...] = ("sites.csv", "results.md", "dice_per_round.
                                      "history.json")
 
 
+def optimiser_steps(history: Sequence[Mapping[str, Any]], site_names: Sequence[str]
+                    ) -> dict[str, dict[str, float]]:
+    """Optimiser steps of one run by site: ``{site: {"per_round", "total", "rounds"}}``
+    (``per_round``: the mean over the rounds that report them) from the history's
+    ``train_by_site`` (a site's ``steps``), or ``{"all sites": ...}`` for the pooled model
+    (the history's ``train.steps``). Empty when the history has no step counts (an older
+    run). The "+FT" fine-tuning's steps are not in it (``finetune-steps``)."""
+    by_site: dict[str, list[float]] = {}
+    for entry in history:
+        for index, metrics in entry.get("train_by_site", {}).items():
+            if "steps" in metrics and 0 <= int(index) < len(site_names):
+                by_site.setdefault(site_names[int(index)], []).append(float(metrics["steps"]))
+        if "steps" in entry.get("train", {}):
+            by_site.setdefault("all sites", []).append(float(entry["train"]["steps"]))
+    return {site: {"per_round": sum(v) / len(v), "total": float(sum(v)), "rounds": len(v)}
+            for site, v in by_site.items()}
+
+
+def optimiser_steps_metrics(history: Sequence[Mapping[str, Any]], site_names: Sequence[str]
+                            ) -> dict[str, float]:
+    """MLflow metrics of the run's optimiser steps in total (:func:`optimiser_steps`):
+    ``site<k>/train_steps_total`` per site, ``train_steps_total`` for the pooled model."""
+    index = {name: k for k, name in enumerate(site_names)}
+    return {(f"site{index[s]}/train_steps_total" if s in index else "train_steps_total"):
+            v["total"] for s, v in optimiser_steps(history, site_names).items()}
+
+
 def write_run_outputs(
     rdir: Path,
     site_names: Sequence[str],
@@ -176,11 +203,19 @@ def write_run_outputs(
     """Print the per-site table (``title``, the table, ``footer``) and write ``rdir``'s
     ``sites.csv``, ``results.md``, ``history.json``, ``summary.json`` and ``dice_per_round.png``
     (validation ``dice_mean`` per round of ``history``). Returns ``(the Markdown table, the
-    paths of`` :data:`RUN_OUTPUT_FILES` ``)``."""
+    paths of`` :data:`RUN_OUTPUT_FILES` ``)``. Each site's optimiser steps
+    (:func:`optimiser_steps`), when the history has them, go under the table and into the
+    summary as ``train_steps``."""
     table = markdown_table(rows)
-    print(f"\n{title}\n\n{table}\n\n{footer}\n", flush=True)
+    steps = optimiser_steps(history, site_names)
+    steps_line = ""
+    if steps:
+        steps_line = "\n\nOptimiser steps per round / in total: " + ", ".join(
+            f"{s} {v['per_round']:.0f} / {v['total']:.0f}" for s, v in steps.items())
+        summary = {**summary, "train_steps": steps}
+    print(f"\n{title}\n\n{table}{steps_line}\n\n{footer}\n", flush=True)
     write_csv(rows, rdir / "sites.csv")
-    (rdir / "results.md").write_text(f"# {title}\n\n{table}\n")
+    (rdir / "results.md").write_text(f"# {title}\n\n{table}{steps_line}\n")
     (rdir / "history.json").write_text(json.dumps(list(history), indent=1))
     (rdir / "summary.json").write_text(json.dumps(dict(summary)))
     plot_dice_per_round(

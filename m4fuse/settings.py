@@ -216,7 +216,11 @@ def check_config(cfg: DictConfig) -> None:
         num_sites = len(cfg.fl.site_names)
     elif cfg.data.get("kind") == "synthetic" and not cfg.data.get("partition_csv"):
         num_sites = int(cfg.data.sites)
-    aggregation_settings(cfg.fl, num_sites)
+    aggregation_settings(cfg.fl, num_sites)  # also fl.aggregation_weight, fl.local_steps
+    if cfg.fl.get("local_steps") is not None and privacy is not None \
+            and bool(privacy.get("enabled", False)):
+        raise ValueError(f"fl.local_steps={cfg.fl.local_steps} is not available with "
+                         "privacy.enabled (the accountant counts epochs); set fl.local_steps=null")
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
     if (bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False))

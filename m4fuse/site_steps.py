@@ -23,6 +23,35 @@ Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer, Any],
                 tuple[torch.nn.Module, torch.optim.Optimizer, Any]]
 
 
+class FixedSteps:
+    """Exactly ``steps`` batches of ``loader``, passing over it again (reshuffled and
+    re-augmented: a new ``iter(loader)``) as often as needed, for ``fl.local_steps``.
+
+    Hand-written because ``itertools.cycle`` would replay the first pass's batches (the same
+    order and augmentation) and torch has no step-count loader. ``len()`` is ``steps``.
+    """
+
+    def __init__(self, loader: Any, steps: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"fl.local_steps must be an integer >= 1, got {steps!r}")
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        done = 0
+        while done < self.steps:
+            passed = 0
+            for batch in self.loader:
+                yield batch
+                done += 1
+                passed += 1
+                if done == self.steps:
+                    return
+            if passed == 0:
+                raise ValueError("no training batches: the site has no training cases")
+
 
 def train_site(
     model: torch.nn.Module,
@@ -40,8 +69,11 @@ def train_site(
     lr_scale: Mapping[str, float] | None = None,
     optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``.
+    """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``, or, with
+    ``max_steps`` (default None: epochs), for exactly that many optimiser steps
+    (``fl.local_steps``: :class:`FixedSteps` passes over the cases as often as needed).
 
     A fresh AdamW per call (FedAvg-style local training) whose warm-up/cosine learning rate
     continues one curve over the whole run: ``schedule = (round index, number of rounds)``
@@ -72,7 +104,7 @@ def train_site(
     return run_epochs(model, loader, cfg, device, epochs, seed, prox_mu, prox_reference,
                       schedule, len(records), wrap=wrap, on_empty_batch=on_empty_batch,
                       lr_scale=lr_scale, optimizer_state=optimizer_state,
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, max_steps=max_steps)
 
 
 def run_epochs(
@@ -91,10 +123,13 @@ def run_epochs(
     lr_scale: Mapping[str, float] | None = None,
     optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """``epochs`` passes of :func:`m4fuse.engine.train_epochs` with the configured optimiser
     (see :func:`train_site` for ``schedule``, ``wrap``, ``on_empty_batch``,
-    ``optimizer_state`` and ``on_epoch_end``)."""
+    ``optimizer_state`` and ``on_epoch_end``), or exactly ``max_steps`` optimiser steps
+    (default None: epochs; then ``epochs`` is ignored and ``on_epoch_end`` runs once, after
+    the last step). The result's ``steps`` are the optimiser steps taken."""
     from m4fuse.engine import (
         load_optimizer_state_by_name,
         make_optimizer,
@@ -107,8 +142,12 @@ def run_epochs(
     index, count = schedule or (0, 1)
     if not 0 <= index < count:
         raise ValueError(f"schedule must be (index, count) with 0 <= index < count, got {schedule}")
-    tcfg = train_config(cfg, epochs, seed)
-    steps = epochs * len(loader)
+    if max_steps is not None:
+        tcfg = train_config(cfg, 1, seed)
+        steps = int(max_steps)
+    else:
+        tcfg = train_config(cfg, epochs, seed)
+        steps = epochs * len(loader)
     model.to(device)
     optimizer, scheduler = make_optimizer(model, tcfg, steps * count, start_step=steps * index,
                                           lr_scale=lr_scale)
@@ -120,6 +159,8 @@ def run_epochs(
         prox_reference = {k: v for k, v in prox_reference.items() if k in params}
     if wrap is not None:
         model, optimizer, loader = wrap(model, optimizer, loader)
+    if max_steps is not None:
+        loader = FixedSteps(loader, int(max_steps))
     out = train_epochs(
         model, loader, optimizer, scheduler, tcfg, device,
         prox_mu=prox_mu, prox_reference=prox_reference, on_empty_batch=on_empty_batch,

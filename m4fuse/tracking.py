@@ -123,6 +123,10 @@ def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
     out.update(site_metrics(entry["val_by_site"]))
     for index, m in entry["train_by_site"].items():
         out[f"site{index}/train_loss"] = m["loss"]
+        if "steps" in m:  # the site's optimiser steps this round
+            out[f"site{index}/train_steps"] = float(m["steps"])
+    if "steps" in entry["train"]:  # pooled: one model's steps
+        out["train_steps"] = float(entry["train"]["steps"])
     out["bytes_sent"] = entry["bytes_sent"]
     out["bytes_received"] = entry["bytes_received"]
     out["round_seconds"] = entry["seconds"]

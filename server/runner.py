@@ -192,6 +192,7 @@ def _strategy(cfg: DictConfig, names: list[str], held: dict[str, torch.Tensor]):
         server_opt_args=server_opt_args,
         krum_malicious=aggregation_args["krum_malicious"],
         krum_select=aggregation_args["krum_select"],
+        aggregation_weight=aggregation_args["aggregation_weight"],
     )
 
 
@@ -252,6 +253,7 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
             final_metrics[f"site{index}/{stage}_not_scored_cases"] = float(cases)
     final_metrics.update({"total_bytes_sent": sent, "total_bytes_received": received,
                           "wall_seconds": seconds, "test_failed_sites": len(test_failed)})
+    final_metrics.update(report.optimiser_steps_metrics(history, names))
     tracker.log_metrics(final_metrics, step=int(cfg.fl.rounds))
     for path in outputs:
         tracker.log_artifact(path)
@@ -284,6 +286,8 @@ def run_federated(grid: Grid, cfg: DictConfig) -> report.RunSummary:
     _restore_train_counts(strategy, names, history)
     common = {"run-dir": str(rdir), "run-identity": run_identity}
     train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
+    if cfg.fl.get("local_steps") is not None:  # a fixed number of optimiser steps per round
+        train_config["local-steps"] = int(cfg.fl.local_steps)
 
     def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
         entry = _round_entry(rl)

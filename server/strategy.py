@@ -70,8 +70,10 @@ from flwr.supercore import log
 from m4fuse.aggregation import (
     KRUM_RULES,
     aggregation_settings,
+    fednova_rescale,
     krum_needed,
     krum_rule,
+    site_weight,
     sites_asked,
 )
 from m4fuse.server_opt import SERVER_OPTS
@@ -80,7 +82,7 @@ from m4fuse.state import strategy as named_strategy
 from server import robust
 
 #: Reply metric keys that identify or time a reply, not averaged into aggregates.
-BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds", "site-cases")
+BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds", "site-cases", "steps")
 
 #: Reason recorded for a site that was sent a message and did not answer in time.
 NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
@@ -98,6 +100,8 @@ AGGREGATORS: dict[str, type[FedAvg]] = {
     "median": FedMedian,
     "krum": Krum,
     "multikrum": MultiKrum,
+    # FedNova: Flower's weighted FedAvg over updates rescaled by m4fuse.aggregation.fednova_rescale
+    "fednova": FedAvg,
 }
 #: ``fl.server_opt`` -> the Flower strategy that steps from the round's arrays towards the
 #: aggregate (None: the aggregate is the new model).
@@ -250,10 +254,12 @@ class SiteStrategyMixin:
               norm_bound: float = math.inf, aggregation: str = "mean",
               trim: float = 0.2, server_opt: str = "none",
               server_opt_args: Mapping[str, float] | None = None,
-              krum_malicious: int = 1, krum_select: int = 1) -> None:
+              krum_malicious: int = 1, krum_select: int = 1,
+              aggregation_weight: str = "cases") -> None:
         """Remember the checks' settings and build the combiner (call after ``__init__``);
         defaults: no names, one usable site per round, no norm rule, case-weighted mean,
-        trim 0.2, no server optimiser, Krum's f 1 and m 1."""
+        trim 0.2, no server optimiser, Krum's f 1 and m 1, weights by training cases
+        (``aggregation_weight``: :func:`m4fuse.aggregation.site_weight`)."""
         self.expected_keys = frozenset(expected_keys)
         self.personal_strategy = personal_strategy
         if personal_strategy:
@@ -261,7 +267,9 @@ class SiteStrategyMixin:
             if experts:
                 raise ValueError(f"the server must not hold expert weights, got {experts[:3]}")
         aggregation_settings({"aggregation": aggregation, "trim": trim,
-                              "krum_malicious": krum_malicious, "krum_select": krum_select})
+                              "krum_malicious": krum_malicious, "krum_select": krum_select,
+                              "aggregation_weight": aggregation_weight})
+        self.aggregation_weight = aggregation_weight
         if not norm_bound > 0:
             raise ValueError(f"fl.norm_bound must be > 0 (.inf: off), got {norm_bound!r}")
         if min_sites < 1:
@@ -408,14 +416,18 @@ class SiteStrategyMixin:
             robust.check_quorum(
                 sorted(accepted), failed, krum_needed(self.krum_malicious, self.krum_select),
                 server_round, krum_rule(self.aggregation, self.krum_malicious, self.krum_select))
-        weights = {}
+        weights, steps = {}, {}
         for site in accepted:
             metrics = next(iter(good[site].content.metric_records.values()))
-            weights[site] = float(metrics["num-examples"])
+            # fl.aggregation_weight: cases (Flower's num-examples), uniform or sqrt; Flower's
+            # combiner averages by this value under its weighted_by_key
+            weights[site] = site_weight(float(metrics["num-examples"]), self.aggregation_weight)
+            if "steps" in metrics:
+                steps[site] = float(metrics["steps"])
             self.current.train_by_site[int(metrics["site-index"])] = {
                 k: float(v) for k, v in metrics.items()
             }
-        arrays = self.combine(server_round, accepted, weights, reference)
+        arrays = self.combine(server_round, accepted, weights, reference, steps)
         metrics = self.train_metrics_aggr_fn([good[s].content for s in sorted(accepted)],
                                              self.weighted_by_key)
         self.current.train = metrics
@@ -424,14 +436,19 @@ class SiteStrategyMixin:
         return arrays, metrics
 
     def combine(self, server_round: int, accepted: Mapping[str, Mapping[str, np.ndarray]],
-                weights: Mapping[str, float], reference: Mapping[str, np.ndarray]
-                ) -> ArrayRecord:
+                weights: Mapping[str, float], reference: Mapping[str, np.ndarray],
+                steps: Mapping[str, float] | None = None) -> ArrayRecord:
         """The new shared arrays: the combiner's ``aggregate_train`` over one message per
         accepted site holding its shared arrays (in the order of ``reference``, the server's
-        arrays: FedAvgM pairs arrays by position) and its case count, nothing else; cast back
+        arrays: FedAvgM pairs arrays by position) and its weight (``weights``: the case count
+        or another ``fl.aggregation_weight``), nothing else; under ``fednova`` each site's
+        update is first rescaled by its optimiser ``steps`` (default none; needed then,
+        :func:`m4fuse.aggregation.fednova_rescale`); cast back
         to ``reference``'s dtypes (integers rounded), since Flower keeps the arithmetic's
         dtype (a float32 mean stays float32, an int64 one becomes float64, FedAdam's bias
         correction makes float64)."""
+        if self.aggregation == "fednova":
+            accepted = fednova_rescale(accepted, reference, weights, steps or {})
         replies = [
             Message(content=RecordDict({
                 "arrays": ArrayRecord({k: Array(np.ascontiguousarray(accepted[site][k]))
@@ -594,6 +611,7 @@ def make_strategy(
     server_opt_args: Mapping[str, float] | None = None,
     krum_malicious: int = 1,
     krum_select: int = 1,
+    aggregation_weight: str = "cases",
 ) -> SiteStrategyMixin:
     """The strategy of ``fl.strategy``; every round evaluates every connected site.
 
@@ -602,7 +620,9 @@ def make_strategy(
     (default 0.2) are the update checks of :mod:`server.robust` and the Flower rule that
     combines what passed them (:data:`AGGREGATORS`), with Krum's f ``krum_malicious`` and
     MultiKrum's m ``krum_select`` (default 1 and 1; the sites asked per round must be at
-    least :func:`m4fuse.aggregation.krum_needed`); ``server_opt`` (default ``none``) and
+    least :func:`m4fuse.aggregation.krum_needed`); ``aggregation_weight`` (default ``cases``)
+    each site's weight in the average (:func:`m4fuse.aggregation.site_weight`); ``server_opt``
+    (default ``none``) and
     ``server_opt_args`` the Flower server optimiser (:data:`OPTIMISERS`) stepping on the
     shared arrays.
     """
@@ -619,7 +639,8 @@ def make_strategy(
     aggregation_settings({"aggregation": aggregation, "trim": trim,
                           "krum_malicious": krum_malicious, "krum_select": krum_select,
                           "fraction_train": fraction_train,
-                          "min_train_sites": min_train_sites}, num_sites)
+                          "min_train_sites": min_train_sites,
+                          "aggregation_weight": aggregation_weight}, num_sites)
     kwargs = dict(
         fraction_train=fraction_train,
         fraction_evaluate=1.0,
@@ -641,5 +662,5 @@ def make_strategy(
                    site_names=site_names, min_sites=min_sites, norm_bound=norm_bound,
                    aggregation=aggregation, trim=trim, server_opt=server_opt,
                    server_opt_args=server_opt_args, krum_malicious=krum_malicious,
-                   krum_select=krum_select)
+                   krum_select=krum_select, aggregation_weight=aggregation_weight)
     return strategy

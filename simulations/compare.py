@@ -47,6 +47,7 @@ import torch
 from m4fuse import provision, runtime, settings, workspace
 from m4fuse.crosssite import SCORE_KEYS, heatmap, markdown as matrix_markdown, matrix, score_cases
 from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
+from simulations import skewed
 
 BASELINES: tuple[str, ...] = ("pooled", "local")
 DP_SUFFIX = "-dp"
@@ -64,16 +65,30 @@ def known_modes() -> list[str]:
 
 
 def check_modes(modes: Sequence[str]) -> list[str]:
-    """The modes, checked (unknown or repeated ones fail naming ``--modes``)."""
+    """The modes' names, checked (unknown or repeated ones fail naming ``--modes``); an
+    entry may be ``name=mode:override[;override...]`` (:func:`simulations.skewed.parse_mode`,
+    :func:`mode_specs`)."""
     modes = [m for m in modes if m]
     if not modes:
         raise ValueError("--modes is empty")
-    unknown = [m for m in modes if m not in known_modes()]
+    specs = [skewed.parse_mode(m) for m in modes]
+    unknown = [m for _, m, _ in specs if m not in known_modes()]
     if unknown:
         raise ValueError(f"--modes: unknown {unknown}; choose from {known_modes()}")
-    if len(set(modes)) != len(modes):
-        raise ValueError(f"--modes repeats a mode: {list(modes)}")
-    return list(modes)
+    taken = [n for n, m, extra in specs if extra and n in known_modes()]
+    if taken:
+        raise ValueError(f"--modes: {taken} name a mode with overrides like a plain mode; "
+                         "give it another name")
+    names = [n for n, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--modes repeats a mode: {names}")
+    return names
+
+
+def mode_specs(modes: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """``{name: (mode, its own overrides)}`` of the ``--modes`` entries (a plain mode: itself,
+    none)."""
+    return {n: (m, extra) for n, m, extra in (skewed.parse_mode(x) for x in modes if x)}
 
 
 def mode_overrides(mode: str) -> list[str]:
@@ -332,7 +347,9 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
                          f"{(t['median_diff'] or 0):+.3f} | {p} |")
     else:
         lines.append("(none: the default strategy was run without fedavg or local)")
-    lines += ["", "Goals of issue 9:", ""]
+    lines += ["", "Goals of issue 9:" if not summary.get("size_groups") else
+              "Goals of a skewed federation (thresholds: `goal_thresholds` in comparison.json):",
+              ""]
     for g in summary["goals"]:
         mark = {True: "[x]", False: "[ ]", None: "[-]"}[g["met"]]
         state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
@@ -372,6 +389,7 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {k} | {fmt(t['mean_b'])} | {fmt(t['mean_a'])} | "
                          f"{(t['mean_diff'] or 0):+.3f} | {p} | {t['n']} | "
                          f"{v['frozen_unchanged']} |")
+    lines += skewed.report_lines(summary)  # training cases, steps, size groups
     if summary.get("convergence"):
         lines += ["", "Validation mean Dice of the last rounds:", "", *summary["convergence"]]
     return lines
@@ -437,6 +455,10 @@ class _Plan:
     crosssite: list[str]
     new_site_cases: list[int | str]
     new_site_epochs: int
+    #: name -> (mode, its own overrides) of ``--modes`` entries with overrides
+    specs: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    #: the goal thresholds (:func:`simulations.skewed.load_goals`)
+    goals: dict[str, Any] = field(default_factory=lambda: dict(skewed.DEFAULT_GOALS))
 
 
 @dataclass
@@ -454,6 +476,9 @@ class _Collected:
     sites: list[str] = field(default_factory=list)
     test_cases: dict[str, dict[str, int]] = field(default_factory=dict)
     bytes_by_mode: dict[str, list[float]] = field(default_factory=dict)
+    #: seed -> {site: training cases as trained}; mode -> {site: optimiser steps}
+    train_cases: dict[str, dict[str, int]] = field(default_factory=dict)
+    steps: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cross_rows = {m: [] for m in self.crosssite}
@@ -464,7 +489,7 @@ class _Collected:
 
 def _plan(overrides: Sequence[str], modes: Sequence[str] | None, seeds: Sequence[int] | None,
           crosssite: Sequence[str] | None, new_site_cases: Sequence[int | str],
-          new_site_epochs: int) -> _Plan:
+          new_site_epochs: int, goals_file: str | Path | None = None) -> _Plan:
     """The arguments of :func:`run_compare` resolved and checked (a bad new-site k fails
     here, before any training)."""
     base = settings.compose("config", list(overrides))
@@ -474,7 +499,9 @@ def _plan(overrides: Sequence[str], modes: Sequence[str] | None, seeds: Sequence
                  if not o.lstrip("+~").startswith(("run_name=", "fl.strategy=", "seed="))]
     if modes is None:
         modes = list(dict.fromkeys(["pooled", "local", "fedavg", default]))
+    specs = mode_specs(modes)
     modes = check_modes(modes)
+    goals = skewed.load_goals(goals_file)
     seeds = [int(base.seed)] if not seeds else [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds repeats a seed: {seeds}")
@@ -492,7 +519,8 @@ def _plan(overrides: Sequence[str], modes: Sequence[str] | None, seeds: Sequence
         for k in new_site_cases:  # bad k fail here, before any training
             check_cases(k, len(records["train"]), site)
     return _Plan(base, default, name, list(overrides), list(modes), seeds, list(crosssite),
-                 new_site_cases, new_site_epochs)
+                 new_site_cases, new_site_epochs,
+                 {n: v for n, v in specs.items() if v[1] or v[0] != n}, goals)
 
 
 def _new_site_result(plan: _Plan, run: Mapping[str, Any], seed: int,
@@ -512,17 +540,20 @@ def _new_site_result(plan: _Plan, run: Mapping[str, Any], seed: int,
 def _run_and_score(plan: _Plan, got: _Collected, mode: str, seed: int) -> None:
     """Run ``mode`` at ``seed``, score its models on every site's test cases (and the
     cross-site matrix, the new site), and add what it gives to ``got``."""
-    seed_overrides = [*plan.overrides, f"seed={seed}"]
+    base_mode, extra = plan.specs.get(mode, (mode, []))  # a named mode with its overrides
+    seed_overrides = [*plan.overrides, *extra, f"seed={seed}"]
     start = time.perf_counter()
-    run = run_mode(mode, seed_overrides, f"{plan.name}-{mode}-seed{seed}")
+    run = run_mode(base_mode, seed_overrides, f"{plan.name}-{mode}-seed{seed}")
     trained = time.perf_counter() - start
     cfg, names = run["cfg"], list(run["site_names"])
     got.sites = got.sites or names
     split = provision.load_sites(cfg)
     got.test_cases[str(seed)] = {s: len(split[s]["test"]) for s in names}
+    got.train_cases.setdefault(str(seed), {s: len(split[s]["train"]) for s in names})
+    got.steps.setdefault(mode, skewed.steps_of_history(run["history"], names))  # first seed
     device = runtime.resolve_device(str(cfg.device))
     runtime.apply_threads(cfg)
-    models = site_models(mode, cfg, Path(run["run_dir"]), names)
+    models = site_models(base_mode, cfg, Path(run["run_dir"]), names)
     mode_rows = []
     for site, (model, expert) in models.items():
         for r in score_cases(model, expert, split[site]["test"], device):
@@ -549,8 +580,8 @@ def _run_and_score(plan: _Plan, got: _Collected, mode: str, seed: int) -> None:
 
 def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = None,
                 seeds: Sequence[int] | None = None, crosssite: Sequence[str] | None = None,
-                new_site_cases: Sequence[int | str] = (2, 5, "all"), new_site_epochs: int = 20
-                ) -> Path:
+                new_site_cases: Sequence[int | str] = (2, 5, "all"), new_site_epochs: int = 20,
+                goals_file: str | Path | None = None) -> Path:
     """Run ``modes`` x ``seeds`` and write the report; returns ``comparison.json``'s path.
 
     Args:
@@ -565,8 +596,11 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
             (:func:`simulations.new_site.federation_checkpoint`); empty: skipped (also when
             the default strategy is not run or shares nothing).
         new_site_epochs: fine-tuning epochs of the new site (default 20).
+        goals_file: JSON/YAML goal thresholds of a skewed federation (default None:
+            :data:`simulations.skewed.DEFAULT_GOALS`).
     """
-    plan = _plan(overrides, modes, seeds, crosssite, new_site_cases, new_site_epochs)
+    plan = _plan(overrides, modes, seeds, crosssite, new_site_cases, new_site_epochs,
+                 goals_file)
     base, name = plan.base, plan.name
     out = workspace.project_root(base) / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -580,7 +614,15 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
         budget={"rounds": int(base.fl.rounds), "local_epochs": int(base.fl.local_epochs)},
         rows=got.rows, cross_rows=got.cross_rows, new_site=pool_new_site(got.new_site_results),
         seconds=got.seconds, bytes_by_mode=got.bytes_by_mode, check=got.check,
-        convergence=convergence_lines(got.histories))
+        convergence=convergence_lines(got.histories),
+        train_cases=got.train_cases.get(str(plan.seeds[0]), {}), steps=got.steps,
+        goal_thresholds=plan.goals)
+    if any(v != summary["train_cases"] for v in got.train_cases.values()):
+        summary["train_cases_by_seed"] = got.train_cases  # the seeds' splits differ in size
+    for mode in plan.modes:  # the time per mode, all seeds
+        total = sum(v["run"] + v["scoring"] for v in got.seconds[mode].values())
+        print(f"[compare] {mode}: {total:.0f} s over {len(got.seconds[mode])} seed(s)",
+              flush=True)
     json_path, artifacts = write_report(out, summary, got.rows, got.cross_rows,
                                         summary.pop("_new_site_rows"))
     log_tracking(base, name, summary, artifacts)
@@ -594,11 +636,18 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
               new_site: Mapping[str, Any] | None, seconds: Mapping[str, Any],
               bytes_by_mode: Mapping[str, Any], check: Mapping[str, Any],
               convergence: Sequence[str], against: Sequence[str] = (),
-              fedavg: str = "fedavg") -> dict[str, Any]:
+              fedavg: str = "fedavg", train_cases: Mapping[str, int] | None = None,
+              steps: Mapping[str, Any] | None = None,
+              goal_thresholds: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The comparison's summary from its per-case rows: the table of mean +- sd over seeds,
     the paired tests of the default strategy (against ``fedavg``, the mode standing for
     FedAvg, local and ``against``), the goals and the cross-site matrices (the new site's
-    per-case rows ride along under ``_new_site_rows`` for :func:`write_report`)."""
+    per-case rows ride along under ``_new_site_rows`` for :func:`write_report`). With
+    ``train_cases`` ({site: training cases}, default none), ``steps`` (mode -> site ->
+    optimiser steps) and ``goal_thresholds`` (default
+    :data:`simulations.skewed.DEFAULT_GOALS`): those, and for sites of different sizes the
+    size groups, their tests and the goals of a skewed federation in place of the equal-site
+    goals (:func:`simulations.skewed.skew_summary`)."""
     table = site_table(rows, modes, seeds, sites)
     others = [m for m in dict.fromkeys([fedavg, "local", *against])
               if m in modes and m != default]
@@ -621,6 +670,9 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
                                                    if k != "rows"},
         "convergence": list(convergence),
         "_new_site_rows": [] if new_site is None else list(new_site["rows"]),
+        **skewed.skew_summary(rows, default=default, modes=modes, seeds=seeds, sites=sites,
+                              by_site=table, tests=tests, train_cases=train_cases,
+                              steps=steps, goals=goal_thresholds, fedavg=fedavg),
     }
 
 
@@ -764,7 +816,10 @@ def merge_comparisons(paths: Sequence[Path | str], out: Path, name: str,
         new_site=merge_new_site(new_site_results), seconds=joined("seconds"),
         bytes_by_mode=joined("bytes"), check=joined("check"),
         convergence=[line for _, p in loaded for line in p["summary"]["convergence"]],
-        against=against, fedavg=fedavg)
+        against=against, fedavg=fedavg,
+        train_cases=first["summary"].get("train_cases"),
+        steps={m: v for _, p in loaded for m, v in p["summary"].get("steps", {}).items()},
+        goal_thresholds=first["summary"].get("goal_thresholds"))
     summary["merged_from"] = sources
     json_path, _ = write_report(out, summary, rows, cross_rows, summary.pop("_new_site_rows"))
     return json_path
@@ -778,6 +833,8 @@ def _rename_modes(payload: dict[str, Any], suffix: str) -> dict[str, Any]:
     s["modes"] = [renamed[m] for m in s["modes"]]
     for key in ("seconds", "bytes", "check"):
         s[key] = {renamed.get(m, m): v for m, v in s[key].items()}
+    if "steps" in s:
+        s["steps"] = {renamed.get(m, m): v for m, v in s["steps"].items()}
     s["convergence"] = [f"{line} ({suffix})" for line in s["convergence"]]
     return {**payload, "summary": s,
             "rows": [{**r, "mode": renamed.get(r["mode"], r["mode"])} for r in payload["rows"]],
@@ -848,7 +905,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=None,
                         help="comma-separated modes: pooled, local, any fl.strategy, or "
                              "<strategy>-dp (default: pooled,local,fedavg and the default "
-                             "strategy)")
+                             "strategy); NAME=MODE:OVERRIDE[;OVERRIDE...] runs MODE with "
+                             "those Hydra overrides as NAME, e.g. "
+                             "steps4=personal-norm-ft:fl.local_steps=4")
+    parser.add_argument("--goals", default=None,
+                        help="JSON or YAML file of goal thresholds of a skewed federation "
+                             "(keys of simulations.skewed.DEFAULT_GOALS; default: those)")
     parser.add_argument("--crosssite", default=None,
                         help="modes whose cross-site matrix is scored, or 'none' (default: the "
                              "default strategy and local)")
@@ -909,7 +971,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     crosssite = None if args.crosssite is None else (
         [] if args.crosssite == "none" else _list(args.crosssite))
     cases = [] if args.new_site_cases in ("", "none") else parse_cases(args.new_site_cases)
-    run_compare(args.overrides, modes, seeds, crosssite, cases, args.new_site_epochs)
+    try:
+        skewed.load_goals(args.goals)  # a bad file fails here, before any training
+        check_modes(modes or ["pooled"])
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    run_compare(args.overrides, modes, seeds, crosssite, cases, args.new_site_epochs,
+                args.goals)
     return 0
 
 

@@ -71,6 +71,15 @@ def test_json_has_one_row_per_mode_seed_site_and_case(compared):
     assert summary["default_strategy"] == "personal" and summary["seeds"] == [0, 1]
     by_site = summary["by_site"]["personal"]["site0"]
     assert by_site["n_seeds"] == 2 and set(by_site["per_seed"]) == {"0", "1"}
+    # training cases per site as trained (seed 0's split) and each mode's optimiser steps
+    cfg0 = settings.compose("config", [*args, "seed=0"])
+    split0 = provision.load_sites(cfg0)
+    assert summary["train_cases"] == {s: len(split0[s]["train"]) for s in split0}
+    batches = {s: -(-len(split0[s]["train"]) // int(cfg0.train.batch_size)) for s in split0}
+    for mode in ("local", "personal"):  # one epoch per round, 1 round
+        assert {s: v["total"] for s, v in summary["steps"][mode].items()} == batches
+    assert summary["steps"]["pooled"]["all sites"]["total"] == -(
+        -sum(len(split0[s]["train"]) for s in split0) // int(cfg0.train.batch_size))
     # the comparison's own scoring agrees with every run's own per-site table
     assert all(d is not None and d < 2e-3 for by in summary["check"].values()
                for d in by.values())

@@ -110,7 +110,9 @@ def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_pa
         assert not any(is_personal(k) for k in record.keys())
         assert max(int(np.prod(a.shape)) for a in record.values()) <= largest
         (metrics,) = reply.content.metric_records.values()
-        assert set(metrics) == {"loss", "num-examples", "site-index", "seconds"}
+        assert set(metrics) == {"loss", "num-examples", "site-index", "seconds", "steps"}
+        # one epoch: one optimiser step per batch of the site's training cases
+        assert metrics["steps"] == -(-metrics["num-examples"] // int(cfg.train.batch_size))
     experts = [states[p].array_records["kept"].to_torch_state_dict() for p in (0, 1)]
     assert set(experts[0]) == personal_keys
     assert any(not torch.equal(experts[0][k], experts[1][k]) for k in personal_keys), \

@@ -1,8 +1,8 @@
 """The sped-up network computes what the network before the speed work computed.
 
-``benchmarks/m4fuse_before_speedup.py`` is ``m4fuse/model.py`` of before that work, kept verbatim as the
-reference (the benchmarks time it as "before"). Same weights, same input: outputs and
-gradients must agree to 1e-5 relative, and the state-dict names must be the same.
+``benchmarks/m4fuse_before_speedup.py`` is ``m4fuse/model.py`` of before that work, kept
+verbatim as the reference (the benchmarks time it as "before"). Same weights, same input:
+outputs and gradients must agree to 1e-5 relative, and the state-dict names must be the same.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11's goals, measured side by side in one process: M4Fuse-B now vs before vs SegResNet.
+"""The speed goals, measured side by side in one process: M4Fuse-B now vs before vs SegResNet.
 
 Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints three tables:
 
@@ -11,8 +11,8 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
    * ``M4Fuse-B now``: :class:`m4fuse.model.M4Fuse`, preset B, 2 experts, routed to expert 0;
    * ``M4Fuse-B now, channels-last``: the same model with ``m4fuse.model.CHANNELS_LAST`` on
      (peer ``channels-last``);
-   * ``M4Fuse-B 1cc4274``: the same network and weights in the code before issue 11
-     (``benchmarks/m4fuse_1cc4274.py``, that commit's ``m4fuse/model.py`` verbatim);
+   * ``M4Fuse-B before``: the same network and weights in the code before the speed work
+     (``benchmarks/m4fuse_before_speedup.py``, that ``m4fuse/model.py`` verbatim);
    * ``SegResNet-32``: MONAI ``SegResNet(init_filters=32, blocks_down=(1, 2, 2, 4),
      blocks_up=(1, 1, 1))``, the paper's 18.8 M-parameter peer;
    * ``M4Fuse-B now, bf16 autocast`` (peer ``bf16``) and, when ``segresnet`` is among the
@@ -23,8 +23,8 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
 
    The ratio columns "/ SegResNet (same dtype)" divide by the SegResNet-32 row of the row's own
    precision (a bf16 row by ``SegResNet-32, bf16 autocast``, the others by ``SegResNet-32``);
-   "time / M4Fuse-B 1cc4274" is always against that float32 row, so a bf16 row there is the
-   mixed-precision step against the float32 code before issue 11.
+   "time / M4Fuse-B before" is always against that float32 row, so a bf16 row there is the
+   mixed-precision step against the float32 code before the speed work.
 
    The paper's own code (tonxycs/M4Fuse with mambapy in place of mamba_ssm) is not run here:
    this project does not vendor it, and a faithful re-implementation could not be written
@@ -107,7 +107,7 @@ def _ratio(value: float, ref: float) -> str:
 def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     from monai.networks.nets import SegResNet
 
-    from benchmarks import m4fuse_1cc4274 as before
+    from benchmarks import m4fuse_before_speedup as before
     from m4fuse.model import M4Fuse, M4FuseConfig
 
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     if "before" in which:
         old = before.M4Fuse(before.M4FuseConfig.preset("B", num_experts=2))
         old.load_state_dict(now.state_dict())
-        models.append(("M4Fuse-B 1cc4274", old, True))
+        models.append(("M4Fuse-B before", old, True))
     if "segresnet" in which:
         segresnet = SegResNet(spatial_dims=3, init_filters=32, in_channels=4, out_channels=3,
                               blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
@@ -181,13 +181,13 @@ def train_table(models: list[tuple[str, torch.nn.Module, bool]], size: Sequence[
             name, f"{seconds[name]:.2f}", f"{memory[name] / 2**20:.0f}",
             _ratio(seconds[name], seconds[ref]) if ref else "n/a",
             _ratio(memory[name], memory[ref]) if ref else "n/a",
-            f"{seconds[name] / seconds['M4Fuse-B 1cc4274']:.2f}"
-            if "M4Fuse-B 1cc4274" in seconds else "n/a",
+            f"{seconds[name] / seconds['M4Fuse-B before']:.2f}"
+            if "M4Fuse-B before" in seconds else "n/a",
         ])
     return _table(f"Training step (fwd+bwd), 1x4x{'x'.join(map(str, size))}, float32 "
                   "(bf16 rows: bfloat16 autocast)",
                   ["model", "fwd+bwd (s)", "peak mem (MiB)", "time / SegResNet (same dtype)",
-                   "mem / SegResNet (same dtype)", "time / M4Fuse-B 1cc4274"], rows)
+                   "mem / SegResNet (same dtype)", "time / M4Fuse-B before"], rows)
 
 
 def infer_table(models: list[tuple[str, torch.nn.Module, bool]], case: Sequence[int],

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_model import PeakMemory, _device, _sync, median_time
 
-#: Profile defaults: the preset, experts and size of the issue's table.
+#: Profile defaults: the preset, experts and size of the benchmark's network table.
 DEFAULT_PRESET = "B"
 DEFAULT_EXPERTS = 2
 

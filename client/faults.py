@@ -1,4 +1,4 @@
-"""Fault injection for the ClientApp, driven by config (issue #6, robustness tests).
+"""Fault injection for the ClientApp, driven by config (robustness tests).
 
 A :class:`FaultConfig` maps a site name to a :class:`SiteFault`. :func:`fault_mod`, a Flower
 client mod around the ClientApp's handlers (``ClientApp(mods=[fault_mod])`` in

@@ -1,4 +1,4 @@
-"""Differential privacy on the client: DP-SGD with Opacus 1.6 (issue #6).
+"""Differential privacy on the client: DP-SGD with Opacus 1.6.
 
 One site trains its own model (one expert, index 0) under DP-SGD: every optimiser step clips
 each case's gradient to ``max_grad_norm`` (flat clipping over all trainable parameters), adds

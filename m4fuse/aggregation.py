@@ -1,4 +1,4 @@
-"""The aggregation settings ``fl.aggregation`` and its parameters (issues 6 and 12): names and checks.
+"""The aggregation settings ``fl.aggregation`` and its parameters: names and checks.
 
 No Flower import, so :func:`m4fuse.settings.check_config` can refuse a bad value when the
 config is composed, before any training; :mod:`server.strategy` maps the names to Flower's own

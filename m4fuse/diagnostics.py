@@ -1,4 +1,4 @@
-"""Diagnostics of personalisation: how much the site experts contribute (issue 9).
+"""Diagnostics of personalisation: how much the site experts contribute.
 
 * :func:`expert_output_ratios` / :func:`expert_output_stats`: per expert unit,
   ``||expert output|| / ||shared mixer output||`` and their cosine over a set of cases

@@ -71,7 +71,7 @@ class TrainConfig:
             and gradients stay float32. CPU autocast is bfloat16 only, so ``amp_cpu`` with
             ``amp_dtype="float16"`` is refused (on any host, so that a config shared by CPU and
             GPU sites fails early). Off by default: CPU float32 stays the default
-            (deterministic) because every number in the README was measured in float32 on the
+            (deterministic): the project's measured comparisons ran in float32 on the
             CPU. A non-finite gradient or global gradient norm under CPU autocast raises
             ``FloatingPointError`` before the optimiser step, instead of writing NaN into the
             weights or letting an infinite norm clip every gradient to zero.

@@ -361,7 +361,7 @@ def _conv3(cin: int, cout: int) -> nn.Conv3d:
 #: Run the 3x3x3 convolutions and the trilinear upsampling in channels-last 3D layout
 #: (default False). Measured alone on CPU (oneDNN, 1 thread) both were faster there (conv
 #: forward+backward 0.57-0.89x, upsample 0.4x of the default layout's time), but whole-model
-#: runs on the loaded 2-core machine were not (1.2-1.65x, README "Benchmarks"), so it stays off
+#: runs on the loaded 2-core machine were not (1.2-1.65x of the time), so it stays off
 #: until measured on a quiet machine (benchmarks/bench_speed.py has a row for it). GroupNorm
 #: is never run channels-last: its CPU channels-last kernel loses precision on large volumes
 #: (2.6e-3 max error vs float64 at 32x64x128x128 against 5e-7 in the default layout), so

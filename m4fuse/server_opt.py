@@ -1,4 +1,4 @@
-"""The server optimiser settings ``fl.server_opt`` and its parameters (issue 9): names and checks.
+"""The server optimiser settings ``fl.server_opt`` and its parameters: names and checks.
 
 No Flower import, so :func:`m4fuse.settings.check_config` can refuse a bad value when the
 config is composed, before any training; :mod:`server.strategy` maps the names to Flower's own

@@ -5,7 +5,7 @@
 # torch is installed first so that pip keeps the build that fits this host: on a CPU-only
 # machine the CPU wheel, on a GPU host whatever `TORCH_SPEC` names (default torch==2.13.0).
 #
-# Flower settings (written by the last step, see README "Federated training"):
+# Flower settings (written by the last step, see docs/simulation.md):
 #  - .venv/lib/python*/site-packages/m4fuse_flower.pth: default environment for every
 #    process of this venv (`flwr`, the local SuperLink it starts, the ServerApp/ClientApp
 #    processes): FLWR_HOME=<checkout>/.flwr, M4FUSE_HOME=<checkout>,

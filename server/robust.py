@@ -1,4 +1,4 @@
-"""Checks on client updates before Flower combines the shared arrays (issue #6).
+"""Checks on client updates before Flower combines the shared arrays.
 
 Pure functions over ``dict[str, np.ndarray]`` updates keyed by site name; no Flower import, so
 the ServerApp's strategy calls them on the arrays it already holds (``ArrayRecord.to_numpy_ndarrays``

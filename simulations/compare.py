@@ -11,8 +11,12 @@ case, and writes into ``<root>/runs/<name>/`` (``name``: ``run_name`` or ``compa
   hd95_et``; Dice in [0, 1], HD95 in mm, null where not finite); the summary holds mean +- sd
   over seeds per mode and site, the Wilcoxon tests, the goals, wall times, the check against
   each run's own table, the cross-site matrices and the new-site results;
-* ``comparison.md`` (the report), ``comparison.png`` (mean +- sd per site and mode),
+* ``comparison.md`` (the report, headed by the command, date and code version that made it:
+  the summary's ``provenance``), ``comparison.png`` (mean +- sd per site and mode),
   ``crosssite.png`` (every site's model on every site's test cases).
+
+``python -m simulations.compare --report runs/X/comparison.json`` prints that report again
+from the JSON alone (the pages under ``docs/results/`` are made this way).
 
 Modes: ``pooled`` and ``local`` (the baselines, :mod:`m4fuse.baselines`), any
 ``fl.strategy`` of :data:`m4fuse.settings.STRATEGIES` (run as a Flower simulation), and
@@ -34,10 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +211,7 @@ def paired_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequen
 def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default: str,
           sites: Sequence[str], new_site: Mapping[str, Any] | None,
           fedavg: str = "fedavg") -> list[dict[str, Any]]:
-    """The issue's goals as ``{"goal", "met" (True/False/None: not measured), "detail"}``;
+    """The comparison's goals as ``{"goal", "met" (True/False/None: not measured), "detail"}``;
     ``fedavg`` names the mode that stands for FedAvg (default ``fedavg``; a merged report's
     renamed one, e.g. ``fedavg+none``)."""
     out: list[dict[str, Any]] = []
@@ -300,6 +307,63 @@ def pool_new_site(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
             "by_k": by_k, "rows": rows}
 
 
+# --------------------------------------------------------------------------- provenance
+
+#: The project checkout this module runs from (its git commit is a comparison's code version).
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+UNKNOWN = "unknown"
+
+
+def code_version(root: Path = PROJECT_DIR) -> str:
+    """The git commit of the checkout at ``root`` (default: this project's), with ``+dirty``
+    when its tree holds uncommitted changes or untracked, not ignored files; ``unknown`` when
+    ``root`` is no git checkout or git is missing. Asked of the ``git`` command itself (no
+    library reads a work tree's state more simply)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    return commit + ("+dirty" if dirty else "")
+
+
+def invoking_command(argv: Sequence[str] | None = None, root: Path = PROJECT_DIR) -> str:
+    """The command line of this process as a user would type it: a module of the project run
+    with ``python -m`` (``sys.argv[0]`` is then its file) is named by its module path, e.g.
+    ``python -m simulations.compare --seeds 0,1 fl.rounds=60``; ``argv`` defaults to
+    ``sys.argv``."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return UNKNOWN
+    program = Path(argv[0])
+    try:
+        module = program.resolve().relative_to(root).with_suffix("")
+        head = "python -m " + ".".join(module.parts)
+    except ValueError:
+        head = shlex.quote(program.name)
+    return " ".join([head, *(shlex.quote(a) for a in argv[1:])])
+
+
+def provenance() -> dict[str, str]:
+    """Where a comparison comes from, stored in its summary: the command that made it, the
+    date (UTC) and the code version (:func:`code_version`)."""
+    return {"command": invoking_command(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "code_version": code_version()}
+
+
+def provenance_line(summary: Mapping[str, Any]) -> str:
+    """The report's provenance line; a summary written before provenance was recorded reads
+    ``unknown``."""
+    made = summary.get("provenance") or {}
+    return (f"Made by `{made.get('command') or UNKNOWN}` on {made.get('date') or UNKNOWN}; "
+            f"code version {made.get('code_version') or UNKNOWN}.")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -309,17 +373,43 @@ def fmt(value: float | None, sd: float | None = None) -> str:
     return f"{value:.3f}" if sd is None else f"{value:.3f} ± {sd:.3f}"
 
 
+def merged_from_lines(summary: Mapping[str, Any]) -> list[str]:
+    """For a merged comparison, one bullet per joined file: its suffix and its provenance."""
+    sources = summary.get("merged_from") or []
+    if not sources:
+        return []
+    lines = ["Joined from:", ""]
+    for source in sources:
+        suffix = f" (modes renamed `<mode>{source['suffix']}`)" if source.get("suffix") else ""
+        lines.append(f"- `{Path(source['file']).parent.name}`{suffix}: "
+                     + provenance_line({"provenance": source.get("provenance")}))
+    return [*lines, ""]
+
+
+def report_text(path: Path | str) -> str:
+    """The Markdown report of a written ``comparison.json`` (what ``--report`` prints, and what
+    :func:`write_report` wrote beside it as ``comparison.md``)."""
+    try:
+        summary = json.loads(Path(path).read_text())["summary"]
+        return "\n".join(report_lines(str(summary["name"]), summary)) + "\n"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable comparison.json ({type(err).__name__}: "
+                         f"{err}); give the comparison.json a comparison or a --merge "
+                         "wrote") from None
+
+
 def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
     """The Markdown report of a summary."""
     modes, sites, seeds = summary["modes"], summary["sites"], summary["seeds"]
     table = summary["by_site"]
-    lines = [f"# Comparison {name}", "",
+    lines = [f"# Comparison {name}", "", provenance_line(summary), "",
              f"Seeds {seeds}; modes {modes}; default strategy `{summary['default_strategy']}`; "
              f"budget {summary['budget']['rounds']} rounds x {summary['budget']['local_epochs']} "
              f"local epochs; overrides `{' '.join(summary['overrides']) or 'none'}`.",
              f"Test cases per site and seed: {summary['test_cases']}. Scores: per case the mean "
              "Dice of WT, TC, ET on the original grid; per site and seed the mean over its "
              "cases; below, mean ± sd over seeds.", "",
+             *merged_from_lines(summary),
              "| mode | " + " | ".join([*sites, "all sites"]) + " |",
              "|" + "---|" * (len(sites) + 2)]
     for mode in modes:
@@ -347,7 +437,7 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
                          f"{(t['median_diff'] or 0):+.3f} | {p} |")
     else:
         lines.append("(none: the default strategy was run without fedavg or local)")
-    lines += ["", "Goals of issue 9:" if not summary.get("size_groups") else
+    lines += ["", "Goals:" if not summary.get("size_groups") else
               "Goals of a skewed federation (thresholds: `goal_thresholds` in comparison.json):",
               ""]
     for g in summary["goals"]:
@@ -669,6 +759,7 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
         "new_site": None if new_site is None else {k: v for k, v in new_site.items()
                                                    if k != "rows"},
         "convergence": list(convergence),
+        "provenance": provenance(),
         "_new_site_rows": [] if new_site is None else list(new_site["rows"]),
         **skewed.skew_summary(rows, default=default, modes=modes, seeds=seeds, sites=sites,
                               by_site=table, tests=tests, train_cases=train_cases,
@@ -725,7 +816,8 @@ def _load_mergeable(paths: Sequence[Path | str]) -> tuple[list[tuple[Path, dict[
             payload = _rename_modes(payload, suffix)
         loaded.append((Path(path), payload))
         sources.append({"file": path, "suffix": suffix,
-                        "overrides": payload["summary"]["overrides"]})
+                        "overrides": payload["summary"]["overrides"],
+                        "provenance": payload["summary"].get("provenance")})
     first_path, first = loaded[0]
     for (path, payload), source in zip(loaded[1:], sources[1:]):
         same = ("budget", "sites") if source["suffix"] else (
@@ -926,6 +1018,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "<mode>SUFFIX and lets its overrides differ (e.g. "
                              "runs/m/comparison.json#+fedavgm); written to <root>/runs/"
                              "<run_name or 'merged'>/")
+    parser.add_argument("--report", default=None, metavar="PATH",
+                        help="print the Markdown report of a written comparison.json (e.g. "
+                             "runs/X/comparison.json) to stdout and exit: no training, no "
+                             "files written; the report starts with the command, date and "
+                             "code version that made it")
     parser.add_argument("--default", default=None,
                         help="with --merge: the mode tested against fedavg and local (default: "
                              "the first file's default strategy)")
@@ -953,6 +1050,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simulations.new_site import parse_cases
 
     args = parse_args(argv)
+    if args.report:
+        try:
+            sys.stdout.write(report_text(args.report))
+        except ValueError as err:
+            raise SystemExit(f"--report: {err}") from None
+        return 0
     if args.merge:
         base = settings.compose("config", list(args.overrides))
         name = str(base.run_name) if base.run_name else "merged"

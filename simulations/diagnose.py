@@ -1,4 +1,4 @@
-"""Diagnose a finished federated run: do the site experts matter? (issue 9)
+"""Diagnose a finished federated run: do the site experts matter?
 
 ``python -m simulations.diagnose RUN_NAME [RUN_NAME ...] [hydra overrides]`` rebuilds each
 site's model of ``runs/<RUN_NAME>`` as it was after the last round (the server's last round

@@ -1,9 +1,9 @@
 """Deployment on loopback: a SuperLink and two SuperNodes as separate processes, TLS on,
 SuperNode authentication on, one short run of this project's Flower app on tiny synthetic data,
 then both SuperNodes restarted (stopped by PID, started again with the same node config and state
-folder) and the run resumed for a second round with ``fl.resume=true`` (issue #6).
+folder) and the run resumed for a second round with ``fl.resume=true``.
 
-The commands are the ones the README's 'Deploy across hospitals' gives to the coordinator and
+The commands are the ones docs/deployment.md gives to the coordinator and
 the hospitals (the last test checks that every flag used here is documented there). Every process is started in its
 own session and stopped by PID at teardown, with all its descendants (the SuperLink's and the
 SuperNodes' SuperExec, ServerApp and ClientApp processes), also when a test fails.
@@ -48,7 +48,7 @@ RUN_TIMEOUT_S = 240
 
 
 def flwr_env(home: Path) -> dict[str, str]:
-    """The environment every Flower process of the project gets (README, "Deploy across hospitals")."""
+    """The environment every Flower process of the project gets (docs/deployment.md)."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),
@@ -188,7 +188,7 @@ def _port_open(port: int) -> bool:
 
 
 def start_supernode(fed: Federation, index: int, key: Path, port: int, tag: str = "") -> Proc:
-    """A hospital's SuperNode (README, 'Deploy across hospitals', 'Each hospital'); ``tag``
+    """A hospital's SuperNode (docs/deployment.md, 'Each hospital'); ``tag``
     (default none) is appended to the process and log name, e.g. for a restarted one."""
     site = SITES[index]
     hospital = fed.root / f"hospital-{index + 1}"
@@ -357,7 +357,7 @@ MARK = 1.0
 
 
 def test_restarted_hospitals_resume_the_run(federation: Federation, first_run: FirstRun) -> None:
-    """Issue #6 on loopback: after round 1, stop both SuperNodes, start them again with the same
+    """On loopback: after round 1, stop both SuperNodes, start them again with the same
     node config and state folders, and resume the run (same run_name and settings,
     ``fl.rounds=2 fl.resume=true``): round 2 starts from the checkpoint's shared weights and
     from each hospital's own expert, and round 1 is not repeated."""
@@ -425,11 +425,8 @@ def test_restarted_hospitals_resume_the_run(federation: Federation, first_run: F
 
 
 def test_commands_are_the_documented_ones() -> None:
-    """Every executable and flag this test uses appears in the README's deployment section."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Deploy across hospitals")
-    end = readme.find("\n## ", start + 1)
-    doc = readme[start:end if end > 0 else None]
+    """Every executable and flag this test uses appears in the deployment walk-through."""
+    doc = (REPO / "docs" / "deployment.md").read_text()
     for needed in (
         "flower-superlink", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
         "--enable-supernode-auth", "--database", "flwr supernode register",
@@ -438,4 +435,4 @@ def test_commands_are_the_documented_ones() -> None:
         "flwr run", "--run-config", "--stream", "root-certificates =", "m4fuse certs",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "flwr list",
     ):
-        assert needed in doc, f"README 'Deploy across hospitals' does not mention {needed!r}"
+        assert needed in doc, f"docs/deployment.md does not mention {needed!r}"

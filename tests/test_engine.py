@@ -309,7 +309,7 @@ def test_real_m4fuse_one_step() -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# --- opt-in CPU bfloat16 autocast (train.amp_cpu; issue 11) ---------------------------------
+# --- opt-in CPU bfloat16 autocast (train.amp_cpu) ---------------------------------------
 # One torch thread (conftest's module fixture, so for the rest of this module): on the shared
 # 2-core machine, two OpenMP threads have stalled in barriers.
 

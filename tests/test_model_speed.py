@@ -1,8 +1,8 @@
-"""The sped-up network computes what the network of commit 1cc4274 computed (issue 11).
+"""The sped-up network computes what the network before the speed work computed.
 
-``benchmarks/m4fuse_1cc4274.py`` is that commit's ``m4fuse/model.py`` kept verbatim as the
-reference (the benchmarks time it as "before"). Same weights, same input: outputs and
-gradients must agree to 1e-5 relative, and the state-dict names must be the same.
+``benchmarks/m4fuse_before_speedup.py`` is ``m4fuse/model.py`` of before that work, kept
+verbatim as the reference (the benchmarks time it as "before"). Same weights, same input:
+outputs and gradients must agree to 1e-5 relative, and the state-dict names must be the same.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import m4fuse_1cc4274 as before
+from benchmarks import m4fuse_before_speedup as before
 from benchmarks.profile_model import build_blocks, run_chain
 from m4fuse import model as m4
 from m4fuse.model import M4Fuse, M4FuseConfig
@@ -44,7 +44,7 @@ def test_state_dict_names_unchanged() -> None:
 
 @pytest.mark.parametrize("expert", [None, [1], [0, 1], [1, 1]])
 @pytest.mark.parametrize("size", [(16, 16, 24), (11, 14, 17)])
-def test_output_equals_commit_1cc4274(expert: list[int] | None,
+def test_output_equals_the_network_before_the_speedup(expert: list[int] | None,
                                       size: tuple[int, int, int]) -> None:
     new, ref = _pair()
     new.eval(), ref.eval()
@@ -55,7 +55,7 @@ def test_output_equals_commit_1cc4274(expert: list[int] | None,
         _close(new(x, e), ref(x, e))
 
 
-def test_gradients_equal_commit_1cc4274() -> None:
+def test_gradients_equal_the_network_before_the_speedup() -> None:
     new, ref = _pair(output="labels", dropout=0.0)  # no dropout: train mode is deterministic
     new.train(), ref.train()
     x = torch.randn(2, 4, 16, 20, 24, generator=torch.Generator().manual_seed(2))

@@ -1,4 +1,4 @@
-"""The personalisation strategies of issue 9 (m4fuse.state.STRATEGIES): personal sets, the
+"""The personalisation strategies (m4fuse.state.STRATEGIES): personal sets, the
 "+FT" fine-tuning, the personal learning rate, bad settings, and a whole run of
 ``personal-norm-ft`` through the project's ServerApp/ClientApp in Flower's simulation: what
 each reply carries and what stays at the site."""

@@ -1,4 +1,4 @@
-"""Site personalisation (issue 9): AdamW moments kept across rounds (``fl.optimizer_state``)
+"""Site personalisation: AdamW moments kept across rounds (``fl.optimizer_state``)
 through the real ClientApp, the best-epoch "+FT" fine-tuning, and a new site's start from the
 sites' mean layers. Tiny widths, 16³ volumes, seconds."""
 

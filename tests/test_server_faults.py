@@ -1,4 +1,4 @@
-"""Faults over whole simulated runs (issue #6), through the project's ServerApp and ClientApp
+"""Faults over whole simulated runs, through the project's ServerApp and ClientApp
 with the ClientApp's config-driven faults (``fl.faults``):
 
 * a NaN update is dropped and a crashing site is tolerated while ``fl.min_sites`` answered;

@@ -1,4 +1,4 @@
-"""Flower's server optimisers (``fl.server_opt``, issue 9) through the project's strategy, on a
+"""Flower's server optimisers (``fl.server_opt``) through the project's strategy, on a
 toy shared state: expected arrays from the update formulas written out here, the update checks
 in front of them, and no personal key anywhere near them."""
 

@@ -1,4 +1,4 @@
-"""The strategy's update checks, quorum and robust aggregation on hand-made replies (issue #6):
+"""The strategy's update checks, quorum and robust aggregation on hand-made replies:
 a NaN update or an outlier norm is dropped and the round goes on, error replies and silent
 sites are named, too few usable sites stop the run, trimmed mean, median and Krum are
 selectable (Krum after the same checks, with its own least number of updates)."""

@@ -89,7 +89,7 @@ def test_resume_hash_and_cpu_autocast(tmp_path):
     assert resume_hash(_cfg(tmp_path, "train.amp_cpu=true")) != base
 
 
-#: Issue 12, one room per concern: what a package may not import. ``m4fuse/`` (the task
+#: One room per concern: what a package may not import. ``m4fuse/`` (the task
 #: package, no Flower roles) takes nothing from the federation's roles or its drivers; the server
 #: never reaches into a client (what both need, e.g. the site-state format, lives in m4fuse/).
 FORBIDDEN_IMPORTS: dict[str, tuple[str, ...]] = {

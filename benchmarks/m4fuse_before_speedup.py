@@ -1,6 +1,7 @@
-"""Frozen reference: the project's M4Fuse network as of commit 1cc4274, kept unchanged (except
-this docstring's citation) as the oracle that tests/test_model_speed.py compares today's
-m4fuse/model.py against (same weights -> same outputs) and as a peer in benchmarks/bench_speed.py.
+"""Frozen reference: the project's M4Fuse network as it was before the speed work
+(channels-last layout, CPU bfloat16 autocast), kept unchanged (except this docstring) as the
+oracle that tests/test_model_speed.py compares today's m4fuse/model.py against (same weights
+-> same outputs) and as a peer in benchmarks/bench_speed.py.
 
 M4Fuse ("M4Fuse: Lightweight State-Space MoE with a Cross-Scale Gating Bridge for Brain Tumor
 Segmentation", arXiv:2605.02444; code github.com/tonxycs/M4Fuse) is a lightweight

@@ -137,7 +137,10 @@ def run_baseline(cfg: DictConfig, mode: str, split: dict | None = None) -> repor
     except BaseException:
         tracker.finish("FAILED")
         raise
-    rows = report.site_rows(names, history[-1]["val_by_site"], test_by_site)
+    unvalidated = {index: sum(len(split[site][k]) for k in ("train", "val", "test"))
+                   for index, site in enumerate(names) if not split[site]["val"]}
+    rows = report.site_rows(names, history[-1]["val_by_site"], test_by_site,
+                            not_scored={"val": unvalidated})
     seconds = time.perf_counter() - wall
     table, outputs = report.write_run_outputs(
         rdir, names, rows, history,

@@ -74,5 +74,7 @@ def test_a_site_without_validation_cases_trains_and_is_tested(cfg_args):
     summary = run_baseline(cfg, "local", split=given)
     rows = {r["name"]: r for r in summary.rows}
     assert "val_dice_mean" not in rows[second] and rows[second]["test_num-examples"] == len(split[second]["test"])
+    cases = len(split[second]["train"]) + len(split[second]["test"])
+    assert rows[second]["val_num-examples"] == f"not scored: {cases} cases"
     assert rows["weighted by cases"]["val_num-examples"] == len(split[first]["val"])
     assert rows["weighted by cases"]["val_dice_mean"] == pytest.approx(rows[first]["val_dice_mean"])

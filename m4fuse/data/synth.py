@@ -41,6 +41,7 @@ from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from m4fuse.data.guard import claim_for_synthesizer
 from m4fuse.data.partition import write_partition_csv
 from m4fuse.data.sites import site_names
 
@@ -318,6 +319,7 @@ def synthesize(out_dir: str | os.PathLike, sites: int = 4, cases_per_site: int =
             is the BraTS grid).
         progress: show a progress bar (default True).
     """
+    claim_for_synthesizer(out_dir)  # refuses a folder that is not empty nor its own set
     if sites < 1 or cases_per_site < 1:
         raise ValueError(f"sites and cases_per_site must be >= 1, got {sites}, {cases_per_site}")
     shape = tuple(int(s) for s in shape)

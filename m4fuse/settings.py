@@ -123,13 +123,36 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
     previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if previous is not None:
         GlobalHydra.instance().clear()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from m4fuse.config_check import ConfigError, check_overrides, hydra_message, is_group_choice
+
+    base = None
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            # the same config with the group choices only: the keys and types a setting may
+            # have (m4fuse.config_check)
+            base = OmegaConf.to_container(hydra_compose(
+                config_name=config_name,
+                overrides=[o for o in overrides if is_group_choice(o, CONFIG_DIR)]))
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(hydra_message(err, overrides, base, CONFIG_DIR)) from err
     finally:
         if previous is not None:
             GlobalHydra.instance().initialize(previous.config_loader)
-    check_config(cfg)
+    from m4fuse.engine import TrainConfig
+
+    check_overrides(OmegaConf.to_container(cfg), base, overrides, CONFIG_DIR,
+                    {"train": [f.name for f in dataclasses.fields(TrainConfig)]})
+    try:
+        check_config(cfg)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err).strip().splitlines()[0] if str(err).strip() else
+                          type(err).__name__) from err
     return cfg
 
 

@@ -1,0 +1,163 @@
+"""What a user mistypes is refused before anything is written, in one line naming the key,
+the value and the fix (docs/bad-input.md): every writer leaves a folder holding a real-layout
+BraTS case byte-identical (checksums of every file, and no new entry), and bad settings
+fail at compose time in every config group."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from engine_fixtures import write_case
+
+from m4fuse import provision, settings
+from m4fuse.cli import main
+from m4fuse.config_check import ConfigError
+from m4fuse.data import guard
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every entry below ``folder`` -> the SHA-256 of its bytes ("dir" for folders)."""
+    return {str(p.relative_to(folder)): ("dir" if p.is_dir() else
+                                         hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def brats(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A BraTS 2021-layout folder with one tiny case named as the synthesiser names its
+    first case, and its digest."""
+    root = tmp_path / "BraTS2021"
+    write_case(root, case_id="BraTS2021_00000", shape=(16, 16, 16))
+    return root, tree_digest(root)
+
+
+def test_a_synthetic_run_on_a_brats_folder_is_refused_and_writes_nothing(brats, tmp_path):
+    """The deployment mistake: data=brats left out, data.source names the hospital's folder."""
+    root, before = brats
+    cfg = settings.compose("config", [f"data.source={root}", f"root={tmp_path / 'home'}",
+                                      "data.sites=1", "data.cases_per_site=2"])
+    with pytest.raises(guard.FolderRefused) as caught:
+        provision.ensure_data(cfg)
+    text = str(caught.value)
+    assert "\n" not in text and str(root) in text and "data.source" in text
+    assert "this looks like BraTS data: add data=brats" in text and "BraTS2021_00000" in text
+    assert tree_digest(root) == before
+
+
+def test_the_synthesiser_writes_only_into_an_empty_folder_or_its_own_set(brats, tmp_path, capsys):
+    root, before = brats
+    assert main(["data", "synth", "--out", str(root), "--sites", "1", "--cases-per-site", "1",
+                 "--shape", "16", "16", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m4fuse data synth: error:") and "looks like BraTS data" in err
+    assert len(err.splitlines()) == 1 and tree_digest(root) == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "readme.txt").write_text("mine")
+    with pytest.raises(guard.FolderRefused, match=r"holds 1 entry \(readme.txt\)"):
+        guard.claim_for_synthesizer(other)
+    assert [p.name for p in other.iterdir()] == ["readme.txt"]
+    # an empty folder, then the same folder again (its own set): both written
+    own = tmp_path / "synthetic"
+    for _ in range(2):
+        assert main(["data", "synth", "--out", str(own), "--sites", "1", "--cases-per-site",
+                     "1", "--shape", "16", "16", "16"]) == 0
+    assert (own / guard.SYNTH_MARKER).is_file() and (own / "BraTS2021_00000").is_dir()
+
+
+def test_prepare_never_writes_into_or_below_its_source_nor_into_a_brats_folder(brats, tmp_path,
+                                                                              capsys):
+    root, before = brats
+    other = tmp_path / "BraTS2020"
+    write_case(other, case_id="BraTS20_Training_001", shape=(16, 16, 16))
+    other_before = tree_digest(other)
+    assert main(["data", "prepare", str(root), "--cache", str(root / "cache"),
+                 "--size", "16", "16", "16"]) == 2
+    assert "inside the BraTS source" in capsys.readouterr().err
+    assert main(["data", "prepare", str(root), "--cache", str(other), "--size", "16", "16",
+                 "16"]) == 2
+    assert "looks like BraTS data" in capsys.readouterr().err
+    assert tree_digest(root) == before and tree_digest(other) == other_before
+    # a BraTS run whose project root is the BraTS folder itself, or a run name leaving runs/
+    for overrides, message in (([f"root={root}"], "inside data.source"),
+                               ([f"root={tmp_path}", "run_name=../x"], "not a folder name")):
+        cfg = settings.compose("config", ["data=brats", f"data.source={root}", *overrides])
+        with pytest.raises(guard.FolderRefused, match=message):
+            provision.ensure_data(cfg)
+    assert tree_digest(root) == before
+
+
+def test_segment_and_sites_never_write_into_their_input(brats, tmp_path, capsys):
+    """``m4fuse segment --out`` into the case folder (e.g. over its own _seg file) and
+    ``m4fuse data sites --out`` into the BraTS folder are refused before any work."""
+    root, before = brats
+    case = root / "BraTS2021_00000"
+    assert main(["segment", str(case), "--model", str(tmp_path / "missing.ckpt"), "--out",
+                 str(case / "BraTS2021_00000_seg.nii.gz")]) == 2
+    assert "inside the case folder" in capsys.readouterr().err
+    assert main(["data", "sites", str(root), "--out", str(root / "partition.csv")]) == 2
+    assert "inside ROOT" in capsys.readouterr().err
+    assert tree_digest(root) == before
+    # a file where a case folder is wanted: says what the command wants
+    assert main(["segment", str(case / "BraTS2021_00000_t1.nii.gz"), "--model",
+                 str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    assert "a case folder holding the four modalities" in capsys.readouterr().err
+
+
+def test_certificates_and_site_state_write_only_their_own_files(brats):
+    """Pointed at a BraTS folder by mistake, ``m4fuse certs`` and a site's state store add
+    their own files only; every case file stays as it was."""
+    import torch
+
+    from m4fuse.site_state import SiteState, SiteStateStore
+
+    root, before = brats
+    assert main(["certs", "--out", str(root), "--host", "localhost", "--supernodes", "1"]) == 0
+    store = SiteStateStore(root, "site0")
+    store.bind_run("run-a")
+    store.save(SiteState(site="site0", round=1, fingerprint="x",
+                         expert={"site_experts.*.w": torch.zeros(2)}))
+    store.bind_run("run-b")  # a new run discards the old run's state files, only those
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+@pytest.mark.parametrize("override, words", [
+    ("fl.rouns=2", ["fl.rouns=2", "did you mean fl.rounds?"]),
+    ("+fl.rouns=2", ["+fl.rouns=2", "no config has the key fl.rouns", "fl.rounds"]),
+    ("+seed2=1", ["+seed2=1", "no config has the key seed2"]),
+    ("fl.rounds=abc", ["fl.rounds=abc", "takes an integer", "default is 60"]),
+    ("fl.rounds=2.5", ["fl.rounds=2.5", "takes an integer"]),
+    ("data.size=[32,32,a]", ["data.size", "takes an integer", "'a'"]),
+    ("tracking.enabled=maybe", ["tracking.enabled=maybe", "true or false"]),
+    ("fl.strategy=fedx", ["fl.strategy", "'fedx'", "personal-norm-ft"]),
+    ("data=bratz", ["data=bratz", "brats, synthetic"]),
+    ("fl.rounds=[1", ["fl.rounds=[1", "not a valid Hydra override"]),
+])
+def test_a_bad_setting_is_one_line_naming_key_value_and_fix(override, words):
+    with pytest.raises(ConfigError) as caught:
+        settings.compose("config", [override])
+    text = str(caught.value)
+    assert "\n" not in text
+    for word in words:
+        assert word in text
+
+
+def test_open_maps_and_the_train_schema_still_take_plus_keys():
+    cfg = settings.compose("config", ["+fl.faults.site1.nan_round=1", "+train.betas=[0.9,0.99]",
+                                      "privacy=dp", "fl.strategy=personal",
+                                      "privacy.noise_multiplier=null"])
+    assert cfg.fl.faults.site1.nan_round == 1 and cfg.privacy.noise_multiplier is None
+    with pytest.raises(ConfigError, match=r"\+data.sites=3: no config has the key data.sites"):
+        settings.compose("config", ["data=brats", "data.source=/x", "+data.sites=3"])
+
+
+def test_the_cli_prints_one_line_and_debug_keeps_the_traceback(monkeypatch, capsys):
+    assert main(["train", "fl.rouns=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m4fuse train: error: fl.rouns=2:") and len(err.splitlines()) == 1
+    monkeypatch.setenv("M4FUSE_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(["train", "fl.rouns=2"])

@@ -85,9 +85,15 @@ def _brats_note(folder: Path, what: str, depth: int = 3) -> str | None:
 def _is_synthetic_set(folder: Path) -> bool:
     """Whether ``folder`` holds the synthesiser's own earlier set: its marker, or the files an
     earlier set (before the marker existed) has: ``acquisition.json`` with the generator's
-    keys, or the ``.complete`` record of :func:`m4fuse.provision.ensure_data`."""
+    keys, or the ``.complete`` record of :func:`m4fuse.provision.ensure_data` (a JSON with the
+    generator's version, or the plain ``ok`` of its first version)."""
     if (folder / SYNTH_MARKER).is_file():
         return True
+    try:  # the plain marker ensure_data wrote before it recorded versions
+        if (folder / ".complete").read_text().strip() == "ok":
+            return True
+    except (OSError, UnicodeDecodeError):
+        pass
     for name, keys in (("acquisition.json", {"seed", "shape", "sites"}),
                        (".complete", {"generator", "cases_per_site"})):
         try:

@@ -161,3 +161,83 @@ def test_the_cli_prints_one_line_and_debug_keeps_the_traceback(monkeypatch, caps
     monkeypatch.setenv("M4FUSE_DEBUG", "1")
     with pytest.raises(ConfigError):
         main(["train", "fl.rouns=2"])
+
+
+class _Nodes:
+    """A grid that only answers which nodes are connected."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.count + 1))
+
+
+def test_sites_and_supernodes_must_match_before_any_waiting_in_a_simulation():
+    """A simulation (Flower's InMemoryGrid registers every SuperNode at once) is refused as
+    soon as the count settles, fewer or more SuperNodes than sites; a deployment waits up
+    to fl.wait_for_sites for hospitals to connect."""
+    import time
+
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from server.runner import SIMULATION_SETTLE_S, SitesMismatch, wait_for_sites
+
+    class Simulated(_Nodes, InMemoryGrid):
+        pass
+
+    for nodes in (2, 5):
+        started = time.monotonic()
+        with pytest.raises(SitesMismatch, match=rf"{nodes} SuperNode\(s\) connected in this "
+                                                r"simulation.*has 4 sites.*num-supernodes=4"):
+            wait_for_sites(Simulated(nodes), 4, timeout=120)
+        assert time.monotonic() - started < SIMULATION_SETTLE_S + 5  # not the 120 s
+    wait_for_sites(Simulated(4), 4, timeout=120)
+    started = time.monotonic()
+    with pytest.raises(SitesMismatch, match=r"after 1 s"):
+        wait_for_sites(_Nodes(2), 4, timeout=1)  # a deployment: waits the timeout
+    assert time.monotonic() - started >= 1
+
+
+def test_the_serverapp_log_of_a_refused_run_ends_with_the_one_line(monkeypatch):
+    """Flower logs a ServerApp's exception with its traceback, then an exit message; for a
+    refused run the traceback becomes the one line and the exit message ends with it
+    (M4FUSE_DEBUG=1 keeps the traceback). The records are made as Flower 1.42 makes them
+    (flwr.superlink.runtime.run_serverapp and flwr.supercore.exit.flwr_exit)."""
+    import io
+    import logging
+    from logging import ERROR
+
+    from flwr.supercore import log
+
+    from server import failure
+
+    failure.install()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger(failure.FLOWER_LOGGER).addHandler(handler)
+    try:
+        for debug in ("", "1"):
+            monkeypatch.setenv("M4FUSE_DEBUG", debug)
+            for one_line in logging.getLogger(failure.FLOWER_LOGGER).filters:
+                one_line.line = None
+            try:
+                try:
+                    raise ValueError("fl.rouns=2: no config has the key fl.rouns")
+                except ValueError as err:
+                    raise failure.RunRefused(str(err)) from err
+            except failure.RunRefused as refused:
+                log(ERROR, "%s raised an exception", "ServerApp", exc_info=refused)
+            log(ERROR, "Exit Code: 201\nAn unhandled exception occurred in the ServerApp.")
+            text = stream.getvalue()
+            stream.seek(0)
+            stream.truncate()
+            lines = [line for line in text.splitlines() if line.strip()]
+            if debug:
+                assert "Traceback" in text
+            else:
+                assert "Traceback" not in text
+                assert lines[-1] == "m4fuse: error: fl.rouns=2: no config has the key fl.rouns"
+                assert lines[0] == lines[-1] and "Exit Code: 201" in text
+    finally:
+        logging.getLogger(failure.FLOWER_LOGGER).removeHandler(handler)

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "m4fuse.commands.certs",  # m4fuse certs
     "m4fuse.commands.bench",  # m4fuse bench model|data
     "m4fuse.commands.site",  # m4fuse site join (a hospital joining later)
+    "m4fuse.commands.simulate",  # m4fuse simulate (flwr run, one SuperNode per site)
 )
 
 

@@ -241,3 +241,27 @@ def test_the_serverapp_log_of_a_refused_run_ends_with_the_one_line(monkeypatch):
                 assert lines[0] == lines[-1] and "Exit Code: 201" in text
     finally:
         logging.getLogger(failure.FLOWER_LOGGER).removeHandler(handler)
+
+
+def test_simulate_counts_the_sites_and_builds_the_flwr_command(tmp_path, capsys):
+    """``m4fuse simulate``: one SuperNode per site of the split, and the overrides reach the
+    ServerApp unchanged (read back by Flower's own run-config parser, then ours)."""
+    from flwr.common.config import parse_config_args
+
+    from m4fuse.commands.simulate import count_sites, flwr_command
+
+    overrides = [f"root={tmp_path}", "data.sites=3", "data.cases_per_site=2",
+                 "data.shape=[16,16,16]", "data.size=[16,16,16]", "run_name=my run"]
+    assert count_sites(overrides) == ["site0", "site1", "site2"]
+    command = flwr_command(overrides, 3, "/app", "hospitals")
+    assert command[1:] == ["run", "/app", "hospitals", "--stream", "--federation-config",
+                           "num-supernodes=3", "--run-config", command[-1]]
+    passed = parse_config_args([command[-1]])
+    assert list(passed) == ["overrides"]
+    assert settings.parse_overrides(passed["overrides"]) == overrides
+    assert main(["simulate", "--dry-run", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "3 site(s), one SuperNode each: site0, site1, site2" in out
+    assert "split: m4fuse.data.split_cases per site" in out and "num-supernodes=3" in out
+    with pytest.raises(ConfigError, match="single quote"):
+        flwr_command(["run_name=it's"], 3)

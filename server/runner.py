@@ -31,7 +31,7 @@ from m4fuse.checkpoint import CHECKPOINT_NAME, SERVER_MODEL_NAME, save_server_mo
 from m4fuse.server_opt import server_opt_settings
 from m4fuse.state import split_state
 from m4fuse.state import strategy as named_strategy
-from m4fuse.tracking import Tracker, final_test_metrics, round_metrics
+from m4fuse.tracking import Tracker, final_test_metrics, round_metrics, tracking_uri
 from server import checkpoint as server_ckpt
 from server.strategy import RoundLog, make_strategy
 
@@ -282,6 +282,8 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
         {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
          "bytes_received": received, "first_round": start.first_round,
          "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
+         # where `m4fuse model assemble` logs model.ckpt and the overlays to this MLflow run
+         "mlflow_tracking_uri": tracking_uri(cfg) if tracker.run_id else None,
          "run_identity": start.run_identity, "site_names": list(names)},
         title=f"{workspace.run_name(cfg)} ({strategy_name}): per-site results",
         plot_title=f"{workspace.run_name(cfg)}: validation Dice",
@@ -361,4 +363,9 @@ def run_federated(grid: Grid, cfg: DictConfig, names: list[str] | None = None
         tracker.set_tag("failure", message[:5000])
         tracker.finish("FAILED")
         raise
-    return _finish(cfg, rdir, names, start, tracker, arrays, final, wall)
+    summary = _finish(cfg, rdir, names, start, tracker, arrays, final, wall)
+    if strategy_name != "local":  # the server never reads a site's folder: the last step
+        log(INFO, "run %s finished; the final model with each site's own weights (model.ckpt) "
+            "and the overlays are made by the next step, which also logs them to MLflow: "
+            "m4fuse model assemble %s", workspace.run_name(cfg), rdir)
+    return summary

@@ -265,3 +265,30 @@ def test_simulate_counts_the_sites_and_builds_the_flwr_command(tmp_path, capsys)
     assert "split: m4fuse.data.split_cases per site" in out and "num-supernodes=3" in out
     with pytest.raises(ConfigError, match="single quote"):
         flwr_command(["run_name=it's"], 3)
+
+
+def test_assemble_logs_its_files_to_the_mlflow_run_the_run_folder_records(tmp_path):
+    """After ``flwr run .`` the ServerApp's MLflow run gets model.ckpt and the overlays from
+    ``m4fuse model assemble`` (:func:`m4fuse.tracking.log_to_recorded_run`)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from m4fuse.tracking import Tracker, log_to_recorded_run, tracking_uri
+
+    cfg = settings.compose("config", [f"root={tmp_path}"])
+    tracker = Tracker(cfg, "assembled")
+    run_dir = tmp_path / "runs" / "assembled"
+    (run_dir / "overlays").mkdir(parents=True)
+    (run_dir / "model.ckpt").write_bytes(b"model")
+    (run_dir / "overlays" / "site0.png").write_bytes(b"png")
+    files = [(run_dir / "model.ckpt", "model"), (run_dir / "overlays" / "site0.png", "overlays")]
+    (run_dir / "summary.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
+    assert "not its store" in log_to_recorded_run(run_dir, files)
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracking_uri(cfg)}))
+    assert log_to_recorded_run(run_dir, files).startswith("MLflow: logged 2 file(s)")
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    logged = {a.path for folder in ("model", "overlays")
+              for a in client.list_artifacts(tracker.run_id, folder)}
+    assert logged == {"model/model.ckpt", "overlays/site0.png"}

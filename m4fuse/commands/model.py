@@ -118,4 +118,10 @@ def assemble_command(args: argparse.Namespace) -> int:
     print(f"wrote {assembled.model}: {len(ckpt.sites)} site(s) "
           f"({', '.join(ckpt.sites) or 'none'}); own weights from the folders of "
           f"{', '.join(own) or 'no site'}")
+    if args.out is None:  # the run's own files: logged to the run's MLflow run
+        from pathlib import Path
+
+        from m4fuse.tracking import log_to_recorded_run
+
+        print(log_to_recorded_run(Path(args.run), assembled.artifacts))
     return 0

@@ -41,7 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from m4fuse.config_check import ConfigError, debug_enabled
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Hydra overrides after an option (`data sites ROOT --out X data=brats`): argparse has
+    # matched the overrides positional already and leaves these over
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         result = args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:

@@ -265,6 +265,21 @@ def test_simulate_counts_the_sites_and_builds_the_flwr_command(tmp_path, capsys)
     assert "split: m4fuse.data.split_cases per site" in out and "num-supernodes=3" in out
     with pytest.raises(ConfigError, match="single quote"):
         flwr_command(["run_name=it's"], 3)
+    # one split rule: `m4fuse data sites` on the raw folder shows the runs' own split
+    cfg = settings.compose("config", overrides)
+    raw = provision.data_paths(cfg)[0]
+    split = provision.load_sites(cfg)
+    for extra in ([], ["data.test_fraction=0.0"]):
+        assert main(["data", "sites", str(raw), "--partition-csv", str(raw / "partition.csv"),
+                     *overrides, *extra]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("split: m4fuse.data.split_cases per site, data=synthetic")
+        shown = {line.split()[0]: [int(n) for n in line.split()[2:5]]
+                 for line in lines if line.startswith("site") and line.split()[1].isdigit()}
+        expected = {site: [len(parts[k]) for k in ("train", "val", "test")]
+                    for site, parts in (split if not extra else provision.load_sites(
+                        settings.compose("config", overrides + extra))).items()}
+        assert shown == expected and len(shown) == 3
 
 
 def test_assemble_logs_its_files_to_the_mlflow_run_the_run_folder_records(tmp_path):

@@ -33,7 +33,8 @@ def brats(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, tree_digest(root)
 
 
-def test_a_synthetic_run_on_a_brats_folder_is_refused_and_writes_nothing(brats, tmp_path):
+def test_a_synthetic_run_on_a_brats_folder_is_refused_and_writes_nothing(brats, tmp_path,
+                                                                        capsys):
     """The deployment mistake: data=brats left out, data.source names the hospital's folder."""
     root, before = brats
     cfg = settings.compose("config", [f"data.source={root}", f"root={tmp_path / 'home'}",
@@ -43,6 +44,15 @@ def test_a_synthetic_run_on_a_brats_folder_is_refused_and_writes_nothing(brats, 
     text = str(caught.value)
     assert "\n" not in text and str(root) in text and "data.source" in text
     assert "this looks like BraTS data: add data=brats" in text and "BraTS2021_00000" in text
+    assert tree_digest(root) == before
+    # the same through the simulation and baseline drivers: one line, exit status 2
+    from simulations import baselines, federated
+
+    assert federated.main([f"data.source={root}", f"root={tmp_path / 'home'}"]) == 2
+    assert baselines.main("pooled", ["fl.rouns=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("simulations.federated: error: data.source") and len(err) == 2
+    assert err[1].startswith("simulations.pooled: error: fl.rouns=2")
     assert tree_digest(root) == before
 
 

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "m4fuse.commands.certs",  # m4fuse certs
     "m4fuse.commands.bench",  # m4fuse bench model|data
     "m4fuse.commands.site",  # m4fuse site join (a hospital joining later)
+    "m4fuse.commands.simulate",  # m4fuse simulate (flwr run, one SuperNode per site)
 )
 
 
@@ -34,10 +35,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the subcommand of ``argv``. A user's mistake (a bad setting, a folder the command
+    may not write, a missing input) prints one line ``m4fuse <command>: error: ...`` and
+    returns 2; ``M4FUSE_DEBUG=1`` raises it with its traceback."""
+    from m4fuse.config_check import ConfigError, debug_enabled
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    result = args.func(args)
+    args, extra = parser.parse_known_args(argv)
+    # Hydra overrides after an option (`data sites ROOT --out X data=brats`): argparse has
+    # matched the overrides positional already and leaves these over
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        result = args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        return _user_error(args, err, debug_enabled())
+    except ValueError as err:
+        from m4fuse.data.guard import FolderRefused
+        from m4fuse.data.layout import DataError
+
+        if not isinstance(err, (FolderRefused, DataError)):
+            raise
+        return _user_error(args, err, debug_enabled())
     return int(result or 0)
+
+
+def _user_error(args: argparse.Namespace, err: BaseException, debug: bool) -> int:
+    """Print ``err`` as one line naming the command (raise it under ``debug``); returns 2."""
+    if debug:
+        raise err
+    words = [args.command] + [str(v) for k, v in vars(args).items()
+                              if k.endswith("_command") and v]
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"m4fuse {' '.join(words)}: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -47,11 +47,10 @@ def data_paths(cfg: DictConfig) -> tuple[Path, Path]:
 def generator_version() -> str:
     """Version of the synthetic generator, recorded in the data folder's marker.
 
-    ``m4fuse.data.SYNTH_VERSION`` when the data package exports one; else the first 12 hex
-    digits of the SHA-256 of the generator's source file (``m4fuse/data/synth.py``). The
-    data package has no generator version constant, so the source hash is what notices that
-    the generator changed (e.g. a new acquisition table) and makes :func:`ensure_data`
-    generate the set again instead of reusing files of the old generator.
+    ``m4fuse.data.SYNTH_VERSION`` (``"v2"``); without that constant, the first 12 hex digits
+    of the SHA-256 of the generator's source file (``m4fuse/data/synth.py``). A changed version
+    makes :func:`ensure_data` generate the set again instead of reusing the old generator's
+    files.
     """
     from m4fuse import data as mdata
     from m4fuse.data import synth
@@ -110,6 +109,7 @@ def ensure_data(cfg: DictConfig) -> Path:
     source, cache = data_paths(cfg)
     d = cfg.data
     source_marker, cache_marker = data_markers(cfg)
+    check_data_folders(cfg, source, cache)  # before the lock file: nothing written yet
     # filelock.FileLock (an exclusive OS lock, parent folders created): concurrent clients
     # prepare the data only once.
     with FileLock(cache.parent / f".{cache.name}.lock"):
@@ -136,6 +136,28 @@ def ensure_data(cfg: DictConfig) -> Path:
     return cache
 
 
+def check_data_folders(cfg: DictConfig, source: Path, cache: Path) -> None:
+    """Refuse, before anything is written (:mod:`m4fuse.data.guard`), data folders that are
+    not the project's own: a synthetic ``source`` that is neither empty nor an earlier
+    synthetic set (a BraTS folder without ``data=brats``), a ``cache`` inside the source or
+    holding anything but an earlier cache, a project ``root`` holding BraTS cases or lying
+    inside a BraTS source, a ``run_name`` that is not one folder name."""
+    from m4fuse.data import guard
+
+    if cfg.data.kind == "synthetic":
+        guard.check_synth_folder(source, "data.source" if cfg.data.source else "the synthetic "
+                                 "data folder")
+    elif not source.is_dir():
+        raise FileNotFoundError(f"data.source={source}: no such folder (name the BraTS folder "
+                                "that holds the case folders)")
+    from m4fuse.workspace import run_name
+
+    guard.check_project_root(project_root(cfg), source if cfg.data.kind == "brats" else None)
+    guard.check_run_name(run_name(cfg))
+    guard.check_cache_folder(cache, source, "data.cache_dir" if cfg.data.cache_dir else
+                             "the cache folder")
+
+
 def partition_csv(cfg: DictConfig) -> Path | None:
     """The partition CSV: configured, or the one the synthesiser wrote."""
     if cfg.data.partition_csv:
@@ -159,22 +181,13 @@ def load_sites(cfg: DictConfig) -> Any:
 
 
 def _full_split(cfg: DictConfig) -> Any:
-    from m4fuse.data import load_split
-
     cache = ensure_data(cfg)
     csv = partition_csv(cfg)
     test_cases = test_cases_per_site(cfg)
     key = (str(cache), str(csv), int(cfg.seed), float(cfg.data.val_fraction),
            float(cfg.data.test_fraction), test_cases)
     if key not in _SPLITS:
-        _SPLITS[key] = load_split(
-            cache,
-            partition_csv=csv,
-            seed=int(cfg.seed),
-            val_fraction=float(cfg.data.val_fraction),
-            test_fraction=float(cfg.data.test_fraction),
-            test_cases=test_cases,
-        )
+        _SPLITS[key] = split_prepared(cfg, cache, csv)
     return _SPLITS[key]
 
 
@@ -267,6 +280,42 @@ def check_data_settings(cfg: DictConfig) -> None:
         if unknown:
             raise ValueError(f"data.lower_grade_sites names {unknown}, not sites of this "
                              f"federation: {known}")
+
+
+def split_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings of the one train/val/test split rule (:func:`m4fuse.data.split_cases`,
+    per site, salted by the site's name): ``seed``, ``data.val_fraction``,
+    ``data.test_fraction``, ``data.test_cases_per_site``. Every command that splits a site's cases takes them from here."""
+    return {"seed": int(cfg.seed), "val_fraction": float(cfg.data.val_fraction),
+            "test_fraction": float(cfg.data.test_fraction),
+            "test_cases": test_cases_per_site(cfg)}
+
+
+def split_rule(cfg: DictConfig) -> str:
+    """One line saying which split rule and settings a command uses."""
+    s = split_settings(cfg)
+    return (f"split: m4fuse.data.split_cases per site, data={cfg.data.kind} settings "
+            f"seed={s['seed']} data.val_fraction={s['val_fraction']} "
+            f"data.test_fraction={s['test_fraction']} "
+            f"data.test_cases_per_site={s['test_cases']} (the split of every run and command)")
+
+
+def split_prepared(cfg: DictConfig, cache: Path, partition_csv: Path | str | None) -> Any:
+    """The :class:`m4fuse.data.SiteSplit` of the prepared ``cache`` (sites from
+    ``partition_csv``, else those the cache records, else the institution tokens) by the one
+    split rule (:func:`split_settings`): what runs, ``m4fuse site join`` and the new-site
+    simulation use."""
+    from m4fuse.data import load_split
+
+    return load_split(cache, partition_csv=partition_csv, **split_settings(cfg))
+
+
+def split_site(cfg: DictConfig, site: str, case_ids: Sequence[str]) -> dict[str, list[str]]:
+    """One site's case ids split by the one rule (:func:`split_settings`), as
+    :func:`split_prepared` splits it: ``{"train"|"val"|"test": [case id]}``."""
+    from m4fuse.data import split_cases
+
+    return split_cases(list(case_ids), salt=site, **split_settings(cfg))
 
 
 def _site_cases(parts: Mapping[str, Sequence[Any]]) -> int:

@@ -110,7 +110,11 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
 
     Works inside an already-running Hydra app too (the global Hydra state is restored).
     The ``train`` and ``model`` groups are checked against their schemas (:func:`register_schemas`), the
-    result by :func:`check_config`.
+    result by :func:`check_config`. Every override is checked against the configs' keys and
+    types (:func:`m4fuse.config_check.check_overrides`: an unknown key, also through
+    ``+key``, or a value of another type than the YAML default's); any of these mistakes,
+    and Hydra's own errors, raise :class:`m4fuse.config_check.ConfigError` (a ``ValueError``)
+    with one line naming the key, the value and the fix.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -124,15 +128,40 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
     previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if previous is not None:
         GlobalHydra.instance().clear()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from m4fuse.config_check import ConfigError, check_overrides, hydra_message, is_group_choice
+
+    base = None
+    choices = [o for o in overrides if is_group_choice(o, CONFIG_DIR)]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            if len(choices) < len(overrides):
+                # the same config with the group choices only: the keys and types a setting
+                # may have (m4fuse.config_check)
+                base = OmegaConf.to_container(hydra_compose(config_name=config_name,
+                                                            overrides=choices))
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except MissingConfigException as err:  # Hydra's message spans lines (options, search path)
-        raise ValueError(_missing_option(str(err))) from None
+        raise ConfigError(_missing_option(str(err))) from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(hydra_message(err, overrides, base, CONFIG_DIR)) from err
     finally:
         if previous is not None:
             GlobalHydra.instance().initialize(previous.config_loader)
-    check_config(cfg)
+    from m4fuse.engine import TrainConfig
+
+    if base is not None:  # some override sets a key: check it against the configs
+        check_overrides(OmegaConf.to_container(cfg), base, overrides, CONFIG_DIR,
+                        {"train": [f.name for f in dataclasses.fields(TrainConfig)]})
+    try:
+        check_config(cfg)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err).strip().splitlines()[0] if str(err).strip() else
+                          type(err).__name__) from err
     return cfg
 
 

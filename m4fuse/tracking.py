@@ -143,3 +143,30 @@ def final_test_metrics(mean_row: Mapping[str, Any],
            if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
     out.update(site_metrics(test_by_site, prefix="test_"))
     return out
+
+
+def log_to_recorded_run(run_dir: Path, artifacts: list[tuple[Path, str | None]]) -> str:
+    """Log ``artifacts`` (``(file, artifact folder)``, e.g. :func:`m4fuse.assembly.assemble_run`'s
+    model.ckpt and overlays) to the MLflow run the run folder's ``summary.json`` records
+    (``mlflow_run_id`` in the store ``mlflow_tracking_uri``), so that ``flwr run`` followed by
+    ``m4fuse model assemble`` leaves in MLflow what ``python -m simulations.federated`` does.
+    Returns one line saying what was done (nothing when tracking was off, or when the store
+    is a SQLite file that is not on this machine, e.g. a hospital assembling its own model)."""
+    import json
+
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return f"MLflow: {run_dir} has no readable summary.json; nothing logged"
+    run_id, uri = summary.get("mlflow_run_id"), summary.get("mlflow_tracking_uri")
+    if not run_id:
+        return "MLflow: the run had tracking off; nothing logged"
+    if not uri:
+        return (f"MLflow: summary.json records run {run_id} but not its store (a run of an "
+                "earlier version); nothing logged")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return f"MLflow: the store {uri} is not on this machine; nothing logged"
+    client = MlflowClient(tracking_uri=uri)
+    for path, folder in artifacts:
+        client.log_artifact(run_id, str(path), folder)
+    return f"MLflow: logged {len(artifacts)} file(s) to run {run_id} ({uri})"

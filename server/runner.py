@@ -31,7 +31,7 @@ from m4fuse.checkpoint import CHECKPOINT_NAME, SERVER_MODEL_NAME, save_server_mo
 from m4fuse.server_opt import server_opt_settings
 from m4fuse.state import split_state
 from m4fuse.state import strategy as named_strategy
-from m4fuse.tracking import Tracker, final_test_metrics, round_metrics
+from m4fuse.tracking import Tracker, final_test_metrics, round_metrics, tracking_uri
 from server import checkpoint as server_ckpt
 from server.strategy import RoundLog, make_strategy
 
@@ -121,19 +121,61 @@ def save_server_part(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: li
                              size=list(cfg.data.size))
 
 
+#: Seconds a simulation's SuperNode count must stay unchanged before it is taken as final
+#: (Flower registers them all at once, just after the ServerApp started).
+SIMULATION_SETTLE_S = 1.0
+
+
+class SitesMismatch(ValueError):
+    """The federation has another number of SuperNodes than the data split has sites."""
+
+
+def _mismatch(connected: int, count: int, after: str) -> SitesMismatch:
+    return SitesMismatch(
+        f"{connected} SuperNode(s) connected {after}, the data split has {count} sites (one "
+        f"SuperNode per site): in simulation run flwr run . --federation-config "
+        f"\"num-supernodes={count}\" (or m4fuse simulate, which counts them)")
+
+
 def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
     """Wait until ``count`` SuperNodes are connected; a clear error instead of Flower's
-    endless wait when the federation has fewer nodes than the split has sites."""
+    endless wait when the federation has fewer nodes than the split has sites. In a
+    simulation (Flower's ``InMemoryGrid``: every SuperNode is registered at once) the error
+    comes as soon as the count has settled (:data:`SIMULATION_SETTLE_S`), more SuperNodes
+    than sites included; a deployment waits up to ``timeout`` seconds for hospitals to
+    connect."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    simulation = isinstance(grid, InMemoryGrid)
     deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < count:
+    last, since = -1, time.monotonic()
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected != last:
+            last, since = connected, time.monotonic()
+        if simulation and connected and time.monotonic() - since >= SIMULATION_SETTLE_S:
+            if connected != count:
+                raise _mismatch(connected, count, "in this simulation")
+            return
+        if not simulation and connected >= count:
+            return
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{connected} SuperNode(s) connected after {timeout:.0f} s, the data split has "
-                f"{count} sites (one SuperNode per site); in simulation run "
-                f"flwr run . --federation-config \"num-supernodes={count}\" (or once "
-                f"M4FUSE_SITES={count} bash scripts/setup.sh)"
-            )
-        time.sleep(1.0)
+            raise _mismatch(connected, count, f"after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def prepare_run(grid: Grid, cfg: DictConfig) -> list[str]:
+    """Everything a run checks before it trains: the federation's sites (the data prepared
+    once), the run's folders (:mod:`m4fuse.data.guard`) and one SuperNode per site; returns
+    the site names. A mistake here is the user's (:class:`server.failure.RunRefused`)."""
+    from m4fuse.data import guard
+
+    names = federation_sites(cfg)
+    guard.check_run_name(workspace.run_name(cfg))
+    guard.check_project_root(workspace.project_root(cfg), cfg.data.get("source")
+                             if cfg.data.get("kind") == "brats" else None)
+    wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
+    return names
 
 
 @dataclass
@@ -241,6 +283,8 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
         {"mode": strategy_name, "seconds": seconds, "bytes_sent": sent,
          "bytes_received": received, "first_round": start.first_round,
          "mlflow_run_id": tracker.run_id, "test_failed": test_failed,
+         # where `m4fuse model assemble` logs model.ckpt and the overlays to this MLflow run
+         "mlflow_tracking_uri": tracking_uri(cfg) if tracker.run_id else None,
          "run_identity": start.run_identity, "site_names": list(names)},
         title=f"{workspace.run_name(cfg)} ({strategy_name}): per-site results",
         plot_title=f"{workspace.run_name(cfg)}: validation Dice",
@@ -264,12 +308,14 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
                              seconds, start.first_round, sent, received)
 
 
-def run_federated(grid: Grid, cfg: DictConfig) -> report.RunSummary:
-    """Run the configured federated experiment on ``grid`` (simulation or deployment)."""
+def run_federated(grid: Grid, cfg: DictConfig, names: list[str] | None = None
+                  ) -> report.RunSummary:
+    """Run the configured federated experiment on ``grid`` (simulation or deployment);
+    ``names`` are the sites :func:`prepare_run` returned (default: it runs here)."""
     wall = time.perf_counter()
     strategy_name = str(cfg.fl.strategy)
-    names = federation_sites(cfg)
-    wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
+    if names is None:
+        names = prepare_run(grid, cfg)
     rdir = workspace.run_dir(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = rdir / CHECKPOINT_FILE
@@ -321,4 +367,9 @@ def run_federated(grid: Grid, cfg: DictConfig) -> report.RunSummary:
         tracker.set_tag("failure", message[:5000])
         tracker.finish("FAILED")
         raise
-    return _finish(cfg, rdir, names, start, tracker, arrays, final, wall)
+    summary = _finish(cfg, rdir, names, start, tracker, arrays, final, wall)
+    if strategy_name != "local":  # the server never reads a site's folder: the last step
+        log(INFO, "run %s finished; the final model with each site's own weights (model.ckpt) "
+            "and the overlays are made by the next step, which also logs them to MLflow: "
+            "m4fuse model assemble %s", workspace.run_name(cfg), rdir)
+    return summary

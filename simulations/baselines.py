@@ -14,6 +14,18 @@ from m4fuse.settings import compose
 def main(mode: str, argv: Sequence[str] | None = None) -> int:
     """``python -m simulations.<mode> [hydra overrides...]``: compose the config with the
     overrides (default: the command line) and run the ``mode`` baseline."""
+    from m4fuse import provision
+    from m4fuse.config_check import debug_enabled
+
     overrides = list(sys.argv[1:] if argv is None else argv)
-    run_baseline(compose("config", overrides), mode)
+    try:
+        cfg = compose("config", overrides)
+        provision.load_sites(cfg)  # prepares the data once: the folder checks run here
+    except (ValueError, FileNotFoundError) as err:  # a bad setting or folder: one line
+        if debug_enabled():
+            raise
+        print(f"simulations.{mode}: error: {str(err).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return 2
+    run_baseline(cfg, mode)
     return 0

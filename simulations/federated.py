@@ -120,8 +120,22 @@ def _number(text: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.federated [hydra overrides...]``."""
-    simulate(list(sys.argv[1:] if argv is None else argv))
+    """``python -m simulations.federated [hydra overrides...]``. A bad setting or a folder
+    the run may not write (found before training) prints one line and returns 2
+    (``M4FUSE_DEBUG=1``: the traceback)."""
+    from m4fuse.config_check import debug_enabled
+
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = settings.compose("config", overrides)
+        provision.load_sites(cfg)  # prepares the data once: the folder checks run here
+    except (ValueError, FileNotFoundError) as err:
+        if debug_enabled():
+            raise
+        print(f"simulations.federated: error: {str(err).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return 2
+    simulate(overrides)
     return 0
 
 

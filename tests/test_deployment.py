@@ -314,6 +314,26 @@ class FirstRun:
     history: list[dict]
 
 
+def test_a_bad_setting_fails_the_run_in_one_line(federation: Federation) -> None:
+    """A misspelt key through ``flwr run``: Flower's run status is failed, the stream's last
+    line names the key and the fix, and no traceback is shown (docs/bad-input.md)."""
+    started = time.monotonic()
+    done = federation.flwr("run", str(APP), CONNECTION, "--run-config",
+                           f"overrides='fl.rouns=2 root={federation.root / 'bad'}'", "--stream",
+                           timeout=RUN_TIMEOUT_S)
+    seconds = time.monotonic() - started
+    run_id = re.search(r"Successfully started run (\d+)", done.stdout).group(1)
+    listed = federation.flwr("list", CONNECTION, "--run-id", run_id, "--format", "json")
+    run = json.loads(listed.stdout)["runs"][0]
+    assert run["status"] == "finished:failed", f"{run}\n{done.stdout}"
+    stream = [line for line in done.stdout.splitlines() if line.strip()]  # the run's log
+    assert stream[-1].startswith("m4fuse: error: fl.rouns=2:"), done.stdout
+    assert "did you mean fl.rounds?" in stream[-1]
+    assert "Traceback" not in done.stdout + done.stderr and "fl.rouns" in run["status-details"]
+    assert not (federation.root / "bad").exists()  # refused before anything was written
+    assert seconds < 120  # no waiting
+
+
 @pytest.fixture(scope="module")
 def first_run(federation: Federation) -> FirstRun:
     """One round of the app on the federation, checked to have finished."""

@@ -257,6 +257,15 @@ def test_assemble_command_adds_the_sites_folders_to_the_servers_part(tmp_path, m
     # bad input: a malformed --site, a folder that is not a run
     assert main(["model", "assemble", str(run), "--site", "siteB"]) == 2
     assert "NAME=FOLDER" in capsys.readouterr().err
+    # a misspelt site or a folder without a state is an error, not a quiet skip
+    assert main(["model", "assemble", str(run), "--site", f"siteX={folders['siteB']}",
+                 "--out", str(tmp_path / "x.ckpt")]) == 2
+    assert "its sites: siteA, siteB, siteC" in capsys.readouterr().err
+    (tmp_path / "nostate").mkdir()
+    assert main(["model", "assemble", str(run), "--site", f"siteB={tmp_path / 'nostate'}",
+                 "--out", str(tmp_path / "x.ckpt")]) == 2
+    assert "no site state there" in capsys.readouterr().err
+    assert not (tmp_path / "x.ckpt").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty holds no shared.ckpt"):
         assemble_run(tmp_path / "empty")

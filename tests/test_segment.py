@@ -151,8 +151,12 @@ def test_segment_png_outlines_prediction_and_reference(tmp_path: Path, ckpt: Pat
 def test_segment_site_choice_and_et_convention(tmp_path: Path, ckpt: Path) -> None:
     folder, _, _ = write_case(tmp_path / "in", case_id="BraTS-GLI-00001-000", et_label=3, naming="2023")
     a = segment_case(folder, ckpt, tmp_path / "a.nii.gz", site="siteA", device="cpu")
-    z = segment_case(folder, ckpt, tmp_path / "z.nii.gz", site="unknown", device="cpu")
+    z = segment_case(folder, ckpt, tmp_path / "z.nii.gz", site=None, device="cpu")
     assert a["expert"] == 0 and z["expert"] is None
+    # a site the model does not have is an error listing its sites, not the shared model
+    with pytest.raises(ValueError, match=r"--site 'unknown'.*its sites: siteA, siteB"):
+        segment_case(folder, ckpt, tmp_path / "u.nii.gz", site="unknown", device="cpu")
+    assert not (tmp_path / "u.nii.gz").exists()
     assert a["et_label"] == 3  # 2023 naming -> ET = 3
     values = set(np.unique(np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj)).tolist())
     assert values <= {0, 1, 2, 3}

@@ -27,10 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--random", type=int, metavar="N", help="stratified random split into N sites")
     sites.add_argument("--case-column", help="case column of --partition-csv (default: detected)")
     sites.add_argument("--site-column", help="site column of --partition-csv (default: detected)")
-    sites.add_argument("--seed", type=int, default=0, help="seed of --random and the split (default 0)")
-    sites.add_argument("--val-fraction", type=float, default=0.15, help="per site (default 0.15)")
-    sites.add_argument("--test-fraction", type=float, default=0.15, help="per site (default 0.15)")
-    sites.add_argument("--out", help="write the partition as a Partition_ID,Subject_ID CSV")
+    sites.add_argument("--seed", type=int, default=None,
+                       help="seed of --random and the split (default: the config's seed)")
+    sites.add_argument("--val-fraction", type=float, default=None,
+                       help="per site (default: the config's data.val_fraction)")
+    sites.add_argument("--test-fraction", type=float, default=None,
+                       help="per site (default: the config's data.test_fraction)")
+    sites.add_argument("--out", help="write the partition as a Partition_ID,Subject_ID CSV "
+                                     "(outside ROOT, which is never written)")
+    sites.add_argument("overrides", nargs="*",
+                       help="Hydra overrides of the split's settings, as for a run (the split "
+                            "is the runs' own: provision.split_site), e.g. data=brats "
+                            "data.source=/abs/BraTS or seed=1 data.test_fraction=0.2")
     sites.set_defaults(func=_sites)
 
     prep = which.add_parser("prepare", help="check, crop, normalise, resize and cache every case")
@@ -55,10 +63,20 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _sites(args: argparse.Namespace) -> int:
+    from m4fuse import provision, settings
+    from m4fuse.data.guard import check_outside
     from m4fuse.data.layout import discover_cases
     from m4fuse.data.partition import read_site_csv, write_partition_csv
-    from m4fuse.data.sites import institution_sites, random_sites, split_cases
+    from m4fuse.data.sites import institution_sites, random_sites
 
+    given = [f"seed={args.seed}" if args.seed is not None else "",
+             f"data.val_fraction={args.val_fraction}" if args.val_fraction is not None else "",
+             f"data.test_fraction={args.test_fraction}" if args.test_fraction is not None
+             else ""]
+    cfg = settings.compose("config", list(args.overrides) + [o for o in given if o])
+    args.seed = int(cfg.seed)
+    if args.out:
+        check_outside(args.out, [("ROOT", args.root)], "--out")
     cases = discover_cases(args.root)
     ids = [c.case_id for c in cases]
     if not ids:
@@ -77,10 +95,10 @@ def _sites(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = Counter(mapping.values())
+    print(provision.split_rule(cfg))
     print(f"{'site':<12} {'cases':>5} {'train':>5} {'val':>5} {'test':>5}")
     for site in sorted(counts):
-        parts = split_cases([c for c, s in mapping.items() if s == site], args.seed,
-                            args.val_fraction, args.test_fraction, salt=site)
+        parts = provision.split_site(cfg, site, [c for c, s in mapping.items() if s == site])
         print(f"{site:<12} {counts[site]:>5} {len(parts['train']):>5} {len(parts['val']):>5} {len(parts['test']):>5}")
     print(f"{'total':<12} {sum(counts.values()):>5}")
     unlisted = len(ids) - len(mapping)

@@ -98,6 +98,28 @@ def parse_site_folders(entries: list[str]) -> dict[str, str] | None:
     return folders
 
 
+def check_named_sites(run: str, folders: dict[str, str] | None) -> None:
+    """Refuse a ``--site NAME=FOLDER`` whose NAME is not a site of the run's model (listing
+    them) or whose FOLDER holds no site state: a misspelt name or folder must not leave that
+    site's own weights out quietly."""
+    from pathlib import Path
+
+    from m4fuse.checkpoint import SERVER_MODEL_NAME, load_checkpoint
+    from m4fuse.site_state import newest_kept
+
+    server_model = Path(run) / SERVER_MODEL_NAME
+    if not folders or not server_model.is_file():
+        return
+    sites = [str(s) for s in load_checkpoint(server_model).metadata.get("sites") or []]
+    for site, folder in folders.items():
+        if sites and site not in sites:
+            raise ValueError(f"--site {site}={folder}: {site!r} is not a site of {run} (its "
+                             f"sites: {', '.join(sites)})")
+        if newest_kept(folder) is None:
+            raise ValueError(f"--site {site}={folder}: no site state there (files "
+                             "site-state-r<N>.pt of the SuperNode's state-dir)")
+
+
 def assemble_command(args: argparse.Namespace) -> int:
     """Write the run's final model (:func:`m4fuse.assembly.assemble_run`) and print it."""
     import sys
@@ -106,7 +128,9 @@ def assemble_command(args: argparse.Namespace) -> int:
     from m4fuse.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        assembled = assemble_run(args.run, parse_site_folders(args.site), args.out)
+        folders = parse_site_folders(args.site)
+        check_named_sites(args.run, folders)
+        assembled = assemble_run(args.run, folders, args.out)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"m4fuse model assemble: error: {err}", file=sys.stderr)
         return 2
@@ -118,4 +142,10 @@ def assemble_command(args: argparse.Namespace) -> int:
     print(f"wrote {assembled.model}: {len(ckpt.sites)} site(s) "
           f"({', '.join(ckpt.sites) or 'none'}); own weights from the folders of "
           f"{', '.join(own) or 'no site'}")
+    if args.out is None:  # the run's own files: logged to the run's MLflow run
+        from pathlib import Path
+
+        from m4fuse.tracking import log_to_recorded_run
+
+        print(log_to_recorded_run(Path(args.run), assembled.artifacts))
     return 0

@@ -79,15 +79,37 @@ def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
         raise
 
 
+#: What ``m4fuse segment`` reads, in its messages.
+CASE_WANTED = ("a case folder holding the four modalities (<case>_t1, _t1ce, _t2, _flair "
+               ".nii.gz, or the 2023 names t1n, t1c, t2w, t2f)")
+
+
 def _one_case(case_dir: str | os.PathLike) -> Any:
     """The one BraTS case (``m4fuse.data.CaseFiles``) whose files ``case_dir`` holds."""
     from m4fuse.data import discover_cases
 
+    if not Path(case_dir).is_dir():
+        what = "a file" if Path(case_dir).exists() else "not found"
+        raise FileNotFoundError(f"CASE_DIR {case_dir}: {what}; m4fuse segment wants "
+                                f"{CASE_WANTED}")
     cases = discover_cases(case_dir)
     if len(cases) != 1:
         found = ", ".join(c.case_id for c in cases) or "none"
-        raise ValueError(f"{case_dir}: expected the files of exactly one BraTS case, found {found}")
+        raise ValueError(f"{case_dir}: expected the files of exactly one BraTS case, found "
+                         f"{found}; m4fuse segment wants {CASE_WANTED}")
     return cases[0]
+
+
+def check_site(checkpoint: Any, site: str | None) -> None:
+    """Refuse a ``--site`` the checkpoint has no personal weights for, listing its sites (a
+    misspelt name must not fall back to the shared model quietly)."""
+    if site is None:
+        return
+    known = sorted(set(checkpoint.sites) | set(checkpoint.site_layers))
+    if site not in known:
+        raise ValueError(f"--site {site!r}: {checkpoint.path or 'the model'} has no weights of "
+                         f"this site (its sites: {', '.join(known) or 'none'}); name one of "
+                         "them, or leave --site out for the shared model alone")
 
 
 def _training_size(checkpoint: Any, size: Sequence[int] | None) -> tuple[int, ...]:
@@ -159,14 +181,20 @@ def segment_case(
     from m4fuse.inference import output_mode, predict_probs, probs_to_regions
     from m4fuse.regions import ET_LABELS, regions_to_labels
 
+    from m4fuse.data.guard import check_outside
+
     out = Path(out)
     if not out.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"--out must end with .nii.gz or .nii, got {out}")
     if et_label is not None and et_label not in ET_LABELS:
         raise ValueError(f"et_label must be one of {ET_LABELS}, got {et_label!r}")
     case = _one_case(case_dir)
+    check_outside(out, [("the case folder", case.directory)], "--out")  # inputs stay as they are
+    if png is not None:
+        check_outside(png, [("the case folder", case.directory)], "--png")
     paths = case.image_paths()
     checkpoint = load_checkpoint(model)
+    check_site(checkpoint, site)
     train_size = _training_size(checkpoint, size)
     net, expert = build_model(checkpoint, site)
     image, meta = preprocess_case(paths, size=train_size, case_id=case.case_id)
@@ -326,7 +354,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="checkpoint file, or a run folder holding model.ckpt")
     seg.add_argument("--out", required=True, help="output .nii.gz file")
     seg.add_argument("--site", default=None,
-                     help="use this site's expert; a site without one uses the shared model")
+                     help="use this site's own weights (one of the model's sites; a name it "
+                          "does not have is an error); default: the shared model alone")
     seg.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     seg.add_argument("--et-label", type=int, choices=(3, 4), default=None,
                      help="ET label of the output (default: the input's convention)")

@@ -56,9 +56,8 @@ def run_join(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from m4fuse import runtime, settings
+    from m4fuse import provision, runtime, settings
     from m4fuse.checkpoint import load_checkpoint, resolve_checkpoint_path
-    from m4fuse.data import load_split
     from m4fuse.newsite import check_cases, join_site
     from m4fuse.stats import case_score, mean_sd, paired_test
 
@@ -66,9 +65,8 @@ def _join(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder (a prepared cache is expected)")
-    split = load_split(data, partition_csv=args.partition_csv, seed=int(cfg.seed),
-                       val_fraction=float(cfg.data.val_fraction),
-                       test_fraction=float(cfg.data.test_fraction))
+    split = provision.split_prepared(cfg, data, args.partition_csv)
+    print(provision.split_rule(cfg))
     if args.site not in split:
         raise ValueError(f"--site {args.site!r}: no such site in {data} (sites: {sorted(split)})")
     records = split[args.site]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from m4fuse.data.guard import check_cache_folder
 from m4fuse.data.layout import CaseFiles, DataError, discover_cases, institution_of
 from m4fuse.data.partition import read_site_csv
 from m4fuse.data.preprocess import (
@@ -223,6 +224,7 @@ def prepare_dataset(
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     root = Path(root)
     cache_dir = Path(cache_dir)
+    check_cache_folder(cache_dir, root, "the cache folder")  # never into the source's folder
     cases = discover_cases(root)
     if not cases:
         raise FileNotFoundError(f"no BraTS cases (files named <case>_t1.nii[.gz] etc.) found below {root}")

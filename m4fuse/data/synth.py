@@ -59,6 +59,7 @@ from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from m4fuse.data.guard import claim_for_synthesizer
 from m4fuse.data.partition import write_partition_csv
 from m4fuse.data.sites import site_names as default_site_names
 
@@ -616,6 +617,7 @@ def synthesize(out_dir: str | os.PathLike, sites: int = 4, cases_per_site: int =
     unknown = sorted(set(lower_grade) - set(site_list))
     if unknown:
         raise ValueError(f"lower_grade names sites that do not exist: {unknown} (sites: {site_list})")
+    claim_for_synthesizer(out_dir)  # refuses a folder that is not empty nor its own set
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be three ints >= 16 (X, Y, Z), got {shape}")

@@ -23,7 +23,7 @@ HD95 here is the challenge's: surfaces are the surface elements ("surfels") of t
 neighbourhoods of the voxel corners, each weighted by its area in mm² at the given spacing,
 and HD95 is the larger of the two directed area-weighted 95th percentiles (the first distance
 at which the cumulative surface area reaches 95 %, no interpolation). MONAI computes these
-surfels, their areas and the distances (``get_edge_surface_distance(use_subvoxels=True)``);
+surfels, their areas and the distances (``get_mask_edges`` with a spacing, ``get_surface_distance``);
 numpy takes the weighted percentile (``method="inverted_cdf"``). This is not the voxel-wise
 HD95 of :mod:`m4fuse.metrics` (voxel surfaces, unweighted, interpolated percentile), which
 keeps its own definition.
@@ -179,26 +179,28 @@ def _dilate(mask: np.ndarray, dilation: int) -> np.ndarray:
 
 
 def surfel_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
-    """The challenge's HD95 (mm) of two non-empty masks: the larger of the two directed
+    """The challenge's HD95 (mm) of two non-empty 3-D masks: the larger of the two directed
     area-weighted 95th percentiles of the surfel distances (see the module docstring).
 
-    MONAI gives the surfels, their areas and the distances; the area-weighted percentile,
-    which MONAI does not offer, is numpy's weighted ``inverted_cdf`` percentile.
+    MONAI gives the surfels with their areas (``get_mask_edges`` with ``spacing``) and the
+    distances (``get_surface_distance``); the masks get the one-voxel empty border the 2×2×2
+    neighbourhoods need here (MONAI's own cropping, which would add it, costs more than the
+    rest on a small lesion). The area-weighted percentile, which MONAI does not offer, is
+    numpy's weighted ``inverted_cdf`` percentile.
     """
-    p = torch.from_numpy(np.ascontiguousarray(pred))
-    t = torch.from_numpy(np.ascontiguousarray(truth))
-    from monai.metrics.utils import get_edge_surface_distance
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
 
+    p = torch.from_numpy(np.pad(pred, 1))
+    t = torch.from_numpy(np.pad(truth, 1))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI-internal deprecations; masks are not empty
-        (edges_p, edges_t), (d_pt, d_tp), (areas_p, areas_t) = get_edge_surface_distance(
-            p, t, distance_metric="euclidean", spacing=tuple(spacing), use_subvoxels=True,
-            symmetric=True, warn_empty=False,
-        )
+        warnings.simplefilter("ignore")  # MONAI-internal deprecations
+        edges_p, edges_t, areas_p, areas_t = get_mask_edges(p, t, crop=False, spacing=tuple(spacing))
+        d_pt = get_surface_distance(edges_p, edges_t, distance_metric="euclidean", spacing=tuple(spacing))
+        d_tp = get_surface_distance(edges_t, edges_p, distance_metric="euclidean", spacing=tuple(spacing))
     directed = []
     for distances, areas, edges in ((d_pt, areas_p, edges_p), (d_tp, areas_t, edges_t)):
-        d = distances.reshape(-1).double().numpy()
-        w = areas[edges].reshape(-1).double().numpy()
+        d = torch.as_tensor(distances).reshape(-1).double().numpy()
+        w = torch.as_tensor(areas)[torch.as_tensor(edges)].reshape(-1).double().numpy()
         directed.append(float(np.percentile(d, 95.0, weights=w, method="inverted_cdf")))
     return max(directed)
 

@@ -259,3 +259,11 @@ def test_evaluate_bad_input_names_the_file(tmp_path: Path, capsys) -> None:
     assert "bad.nii.gz" in err and "[7]" in err and err.count("\n") == 1
     assert main(["evaluate", str(t), str(t), "--lesion-dilation", "-2"]) == 2
     assert "dilation must be a whole number >= 0, got -2" in capsys.readouterr().err
+
+
+def test_bench_lesion_prints_a_row_per_grid(capsys) -> None:
+    from benchmarks import bench_lesion
+
+    assert bench_lesion.main(["--grids", "32", "32", "24", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32x32x24")]
+    assert len(rows) == 1 and rows[0].count("|") == 8

@@ -71,6 +71,10 @@ lesion_hd95_et``."""
 LESION_MEAN_KEYS: tuple[str, ...] = ("lesion_dice_mean", "lesion_hd95_mean")
 """Means over the three regions of the lesion-wise Dice and HD95."""
 
+LESION_REPORTED_KEYS: tuple[str, ...] = LESION_SCORE_KEYS + LESION_MEAN_KEYS
+"""The lesion-wise keys a site's final test reports (its means over cases), the results
+tables show and MLflow logs, beside :data:`m4fuse.metrics.REPORTED_METRIC_KEYS`."""
+
 LESION_COUNT_KEYS: tuple[str, ...] = tuple(
     f"lesion_{c}_{r.lower()}" for c in ("found", "missed", "fp") for r in REGIONS
 )

@@ -49,6 +49,7 @@ from m4fuse.lesion import (  # noqa: F401
     LESION_MEAN_KEYS,
     LESION_MISS_HD95_MM,
     LESION_PRESETS,
+    LESION_REPORTED_KEYS,
     LESION_SCORE_KEYS,
     LesionScores,
     lesion_parameters,

@@ -267,3 +267,27 @@ def test_bench_lesion_prints_a_row_per_grid(capsys) -> None:
     assert bench_lesion.main(["--grids", "32", "32", "24", "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32x32x24")]
     assert len(rows) == 1 and rows[0].count("|") == 8
+
+
+def test_lesion_scores_reach_the_site_table_and_mlflow_keys() -> None:
+    from m4fuse.report import markdown_table, site_rows
+    from m4fuse.tracking import final_test_metrics
+
+    def test_means(dice: float, lesion: float, n: float) -> dict[str, float]:
+        out = {f"{m}_{g}": dice if m == "dice" else 2.0 for m in ("dice", "hd95")
+               for g in ("wt", "tc", "et", "mean")}
+        out.update({f"lesion_{m}_{g}": lesion if m == "dice" else 100.0
+                    for m in ("dice", "hd95") for g in ("wt", "tc", "et", "mean")})
+        out["num-examples"] = n
+        return out
+
+    test = {0: test_means(0.8, 0.5, 1.0), 1: test_means(0.9, 0.8, 3.0)}
+    rows = site_rows(["a", "b"], {}, test)
+    # case-weighted mean row: (0.5 * 1 + 0.8 * 3) / 4 = 0.725
+    assert rows[-1]["test_lesion_dice_wt"] == pytest.approx(0.725)
+    table = markdown_table(rows)
+    assert "test lesion Dice WT" in table and "test lesion HD95 ET" in table
+    assert "| 0.725 |" in table and "| 100.0 |" in table
+    logged = final_test_metrics(rows[-1], test)
+    assert logged["test_lesion_dice_wt"] == pytest.approx(0.725)
+    assert logged["site1/test_lesion_dice_et"] == 0.8 and logged["site0/test_lesion_hd95_mean"] == 100.0

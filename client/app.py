@@ -57,7 +57,7 @@ from client.weights import (
 )
 from m4fuse import settings, site_steps
 from m4fuse.logs import configure_logging
-from m4fuse.metrics import REPORTED_METRIC_KEYS
+from m4fuse.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
 from m4fuse.site_state import SiteState, SiteStateStore, model_fingerprint
 from m4fuse.state import expert_state, is_personal, place_expert, split_state
 from m4fuse.state import strategy as state_strategy
@@ -395,7 +395,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not records:
         # A site too small to hold out cases for this stage: not scored (the server leaves
         # num-examples 0 out of the mean and reports "not scored: <site-cases> cases").
-        values: dict[str, float | int] = {k: 0.0 for k in REPORTED_METRIC_KEYS}
+        # the final test's replies carry the lesion-wise scores too (every reply: same keys)
+        keys = REPORTED_METRIC_KEYS + (LESION_REPORTED_KEYS if final_test else ())
+        values: dict[str, float | int] = {k: 0.0 for k in keys}
         values.update({"num-examples": 0, "site-cases": site_cases, "site-index": site.index,
                        "seconds": time.perf_counter() - start})
         return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
@@ -415,7 +417,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         _write_overlay(site, model, records)
     else:
         scores = site_steps.validate_site(model, records, 0, site.cfg, site.device)
-    values = {k: float(scores[k]) for k in REPORTED_METRIC_KEYS}
+    values = {k: float(scores[k])
+              for k in REPORTED_METRIC_KEYS + (LESION_REPORTED_KEYS if final_test else ())}
     values["num-examples"] = int(scores["num-examples"])
     values["site-cases"] = site_cases
     values["site-index"] = site.index

@@ -16,19 +16,24 @@ import numpy as np
 import torch
 
 from m4fuse import site_steps
+from m4fuse.metrics import LESION_COUNT_KEYS, LESION_SCORE_KEYS
 from m4fuse.stats import case_score
 
 SCORE_KEYS: tuple[str, ...] = ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et")
+#: The lesion-wise scores and counts (BraTS 2023+ rule) a per-case row carries after SCORE_KEYS.
+LESION_CASE_KEYS: tuple[str, ...] = LESION_SCORE_KEYS + LESION_COUNT_KEYS
 
 
 def score_cases(model: torch.nn.Module, expert: int | None, records: Sequence[Any],
                 device: torch.device) -> list[dict[str, Any]]:
     """Per-case test scores of ``model`` routed to ``expert`` (None: shared path alone) on
     ``records``, on the original voxel grid (:func:`m4fuse.site_steps.test_site`):
-    ``[{"case", "dice_wt", ..., "hd95_et"}]``."""
+    ``[{"case", "dice_wt", ..., "hd95_et", "lesion_dice_wt", ..., "lesion_fp_et"}]``
+    (:data:`SCORE_KEYS`, then :data:`LESION_CASE_KEYS`)."""
     model.eval()
     _, rows = site_steps.test_site(model, records, expert, device)
-    return [{"case": str(r["case"]), **{k: float(r[k]) for k in SCORE_KEYS}} for r in rows]
+    return [{"case": str(r["case"]), **{k: float(r[k]) for k in SCORE_KEYS + LESION_CASE_KEYS}}
+            for r in rows]
 
 
 def score_matrix(models: Mapping[str, tuple[torch.nn.Module, int | None]],

@@ -41,7 +41,7 @@ from m4fuse.inference import (
     probs_to_regions,
     unwrap,
 )
-from m4fuse.metrics import REGION_METRIC_KEYS, mean_scores, region_scores
+from m4fuse.metrics import REGION_METRIC_KEYS, lesion_region_scores, mean_scores, region_scores
 from m4fuse.regions import labels_to_regions, regions_to_labels
 from m4fuse.runtime import resolve_device, seed_everything
 
@@ -589,7 +589,9 @@ def test_original_grid(
 
     Returns:
         One row per case: ``{"case", "site", "dice_wt", "dice_tc", "dice_et", "hd95_wt",
-        "hd95_tc", "hd95_et", "dice_mean", "hd95_mean"}``.
+        "hd95_tc", "hd95_et", "dice_mean", "hd95_mean"}`` and the lesion-wise scores and
+        counts of the BraTS 2023+ rule, ``gli`` parameters (:data:`m4fuse.metrics.LESION_KEYS`:
+        ``lesion_dice_wt``, ..., ``lesion_fp_et``).
     """
     from m4fuse.data import restore_to_original  # data imports heavy MONAI transforms
 
@@ -615,6 +617,7 @@ def test_original_grid(
             )
         truth_regions = labels_to_regions(np.rint(truth).astype(np.int16), record.et_label)
         scores = region_scores(pred.numpy(), truth_regions, record.spacing)
+        scores.update(lesion_region_scores(pred.numpy(), truth_regions, record.spacing))
         rows.append({"case": record.case_id, "site": record.site, **scores})
     return rows
 

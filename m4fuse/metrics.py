@@ -21,6 +21,11 @@ Everything is computed with MONAI's metric functions (``compute_dice``,
 ``compute_hausdorff_distance``, and ``get_edge_surface_distance`` for the pooled definition);
 only the empty-mask conventions are decided here, before MONAI is called (MONAI returns
 NaN/inf for them).
+
+Lesion-wise Dice and HD95 (the BraTS 2023+ ranking: per lesion, with missed lesions and
+false-positive components at Dice 0 / HD95 374 mm) are in :mod:`m4fuse.lesion` and re-exported
+here (:func:`lesion_scores`, :func:`lesion_region_scores`, :func:`lesion_label_scores`); they
+use the challenge's own HD95 (area-weighted surfels), see that module.
 """
 
 from __future__ import annotations
@@ -35,6 +40,23 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.metrics.utils import get_edge_surface_distance
 
 from m4fuse.regions import ET_LABELS, REGIONS, labels_to_regions
+
+# Lesion-wise (BraTS 2023+ ranking) scores live in m4fuse.lesion; re-exported here.
+from m4fuse.lesion import (  # noqa: F401
+    DEFAULT_LESION_PRESET,
+    LESION_COUNT_KEYS,
+    LESION_KEYS,
+    LESION_MEAN_KEYS,
+    LESION_MISS_HD95_MM,
+    LESION_PRESETS,
+    LESION_REPORTED_KEYS,
+    LESION_SCORE_KEYS,
+    LesionScores,
+    lesion_parameters,
+    lesion_region_scores,
+    lesion_scores,
+    mean_lesion_scores,
+)
 
 EMPTY_HD95_MM: float = 373.13
 """HD95 (mm) given when exactly one of prediction and truth is empty."""
@@ -236,6 +258,14 @@ def label_scores(
             against a 0/1/2/4 truth.
         hd95: HD95 definition, see :func:`region_scores`.
     """
+    return region_scores(*label_regions(pred_labels, truth_labels, et_label), spacing, hd95)
+
+
+def label_regions(
+    pred_labels: ArrayLike, truth_labels: ArrayLike, et_label: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Region masks ``(3, *spatial)`` (WT, TC, ET) of a prediction and a reference label map,
+    after checking their shapes and labels (``et_label`` as in :func:`label_scores`)."""
     p = np.asarray(pred_labels.cpu() if isinstance(pred_labels, torch.Tensor) else pred_labels)
     t = np.asarray(truth_labels.cpu() if isinstance(truth_labels, torch.Tensor) else truth_labels)
     if p.shape != t.shape:
@@ -246,7 +276,30 @@ def label_scores(
         bad = set(np.unique(arr).tolist()) - {0, 1, 2, et}
         if bad:
             raise ValueError(f"{name}: label values {sorted(bad)} not in {{0, 1, 2, {et}}}")
-    return region_scores(labels_to_regions(p, et_p), labels_to_regions(t, et_t), spacing, hd95)
+    return labels_to_regions(p, et_p), labels_to_regions(t, et_t)
+
+
+def lesion_label_scores(
+    pred_labels: ArrayLike,
+    truth_labels: ArrayLike,
+    spacing: Sequence[float] | float = 1.0,
+    et_label: int | None = None,
+    preset: str = DEFAULT_LESION_PRESET,
+    dilation: int | None = None,
+    threshold_mm3: float | None = None,
+) -> dict[str, float]:
+    """Lesion-wise scores and counts (:data:`LESION_KEYS`) of two BraTS label maps of the same
+    3-D grid, by the BraTS 2023+ rule (:mod:`m4fuse.lesion`).
+
+    Args:
+        pred_labels, truth_labels, spacing, et_label: as :func:`label_scores`.
+        preset: challenge parameters, ``"gli"`` (default), ``"ssa"``, ``"men"``, ``"ped"`` or
+            ``"met"`` (:data:`LESION_PRESETS`).
+        dilation, threshold_mm3: override the preset's dilation (voxels) and lesion volume
+            threshold (mm³); default None keeps the preset's.
+    """
+    p, t = label_regions(pred_labels, truth_labels, et_label)
+    return lesion_region_scores(p, t, spacing, preset, dilation, threshold_mm3)
 
 
 def mean_scores(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -28,6 +28,13 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("test HD95 ET", "test", "hd95_et"),
     ("test HD95 TC", "test", "hd95_tc"),
     ("test HD95 WT", "test", "hd95_wt"),
+    # lesion-wise, BraTS 2023+ rule (m4fuse.lesion): missed lesions / false positives count
+    ("test lesion Dice ET", "test", "lesion_dice_et"),
+    ("test lesion Dice TC", "test", "lesion_dice_tc"),
+    ("test lesion Dice WT", "test", "lesion_dice_wt"),
+    ("test lesion HD95 ET", "test", "lesion_hd95_et"),
+    ("test lesion HD95 TC", "test", "lesion_hd95_tc"),
+    ("test lesion HD95 WT", "test", "lesion_hd95_wt"),
 )
 
 

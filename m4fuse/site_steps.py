@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from m4fuse.metrics import REPORTED_METRIC_KEYS
+from m4fuse.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
 from m4fuse.settings import amp_settings, train_config
 
 #: ``wrap(model, optimizer, loader) -> (model, optimizer, loader)`` of :func:`train_site`.
@@ -352,7 +352,9 @@ def test_site(
     device: torch.device,
     cfg: DictConfig | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``.
+    """Scores on the original voxel grid: ``(mean over cases, per-case rows)``; the means
+    include the lesion-wise scores (:data:`m4fuse.metrics.LESION_REPORTED_KEYS`), the rows
+    also the lesion counts.
 
     ``cfg`` (default None: autocast on CUDA in bfloat16, float32 on the CPU) gives
     ``train.amp``/``train.amp_dtype``/``train.amp_cpu``, so that the test forward runs in the
@@ -364,7 +366,8 @@ def test_site(
     model.to(device)
     amp = {} if cfg is None else amp_settings(cfg)
     rows = list(test_original_grid(model, list(records), device, expert_index, **amp))
-    means = {k: float(np.mean([float(r[k]) for r in rows])) for k in REPORTED_METRIC_KEYS if k in rows[0]}
+    means = {k: float(np.mean([float(r[k]) for r in rows]))
+             for k in REPORTED_METRIC_KEYS + LESION_REPORTED_KEYS if k in rows[0]}
     if "dice_mean" not in means:
         means["dice_mean"] = float(np.mean([means[k] for k in ("dice_wt", "dice_tc", "dice_et")]))
     if "hd95_mean" not in means:
@@ -412,11 +415,11 @@ def overlay_case(
 
 
 def weighted_mean(rows: Sequence[Mapping[str, float]], weight: str = "num-examples") -> dict:
-    """Case-weighted mean of the metric keys of per-site rows."""
+    """Case-weighted mean of the metric keys (voxel- and lesion-wise) of per-site rows."""
     total = sum(float(r[weight]) for r in rows)
     if total <= 0:
         raise ValueError(f"weights {weight!r} sum to {total}")
-    keys = [k for k in REPORTED_METRIC_KEYS if all(k in r for r in rows)]
+    keys = [k for k in REPORTED_METRIC_KEYS + LESION_REPORTED_KEYS if all(k in r for r in rows)]
     out = {k: sum(float(r[k]) * float(r[weight]) for r in rows) / total for k in keys}
     out[weight] = total
     return out

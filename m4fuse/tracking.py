@@ -16,7 +16,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from m4fuse.metrics import REPORTED_METRIC_KEYS
+from m4fuse.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
 from m4fuse.settings import flatten
 from m4fuse.workspace import project_root
 
@@ -138,10 +138,12 @@ def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
 def final_test_metrics(mean_row: Mapping[str, Any],
                        test_by_site: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
     """MLflow metrics of the final test: the case-weighted ``test_*`` means of the results
-    table's ``mean`` row (:func:`m4fuse.report.site_rows`) and the ``site<k>/test_*`` scores."""
+    table's ``mean`` row (:func:`m4fuse.report.site_rows`) and the ``site<k>/test_*`` scores
+    (voxel- and lesion-wise)."""
     out = {k: float(v) for k, v in mean_row.items()
            if k.startswith("test_") and isinstance(v, float) and not k.endswith("num-examples")}
-    out.update(site_metrics(test_by_site, prefix="test_"))
+    out.update(site_metrics(test_by_site, prefix="test_",
+                            keys=REPORTED_METRIC_KEYS + LESION_REPORTED_KEYS))
     return out
 
 

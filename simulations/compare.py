@@ -8,8 +8,10 @@ case, and writes into ``<root>/runs/<name>/`` (``name``: ``run_name`` or ``compa
 
 * ``comparison.json``: ``{"rows": [...], "summary": {...}}``, one row per mode, seed, site
   and test case (``mode, seed, site, case, dice_wt, dice_tc, dice_et, hd95_wt, hd95_tc,
-  hd95_et``; Dice in [0, 1], HD95 in mm, null where not finite); the summary holds mean +- sd
-  over seeds per mode and site, the Wilcoxon tests, the goals, wall times, the check against
+  hd95_et``, then the lesion-wise ``lesion_dice_wt`` .. ``lesion_hd95_et`` and the counts
+  ``lesion_found_wt`` .. ``lesion_fp_et``; Dice in [0, 1], HD95 in mm, null where not
+  finite); the summary holds mean +- sd over seeds per mode and site (voxel-wise
+  ``by_site``, lesion-wise ``by_site_lesion``), the Wilcoxon tests, the goals, wall times, the check against
   each run's own table, the cross-site matrices and the new-site results;
 * ``comparison.md`` (the report, headed by the command, date and code version that made it:
   the summary's ``provenance``), ``comparison.png`` (mean +- sd per site and mode),
@@ -53,6 +55,7 @@ import torch
 
 from m4fuse import provision, runtime, settings, workspace
 from m4fuse.crosssite import SCORE_KEYS, heatmap, markdown as matrix_markdown, matrix, score_cases
+from m4fuse.crosssite import LESION_CASE_KEYS
 from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
 from simulations import skewed
 
@@ -367,6 +370,59 @@ def provenance_line(summary: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- report
 
 
+def lesion_tables(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: Sequence[int],
+                  sites: Sequence[str]) -> dict[str, Any] | None:
+    """The lesion-wise twins of :func:`site_table` (BraTS 2023+ rule, :mod:`m4fuse.lesion`):
+    ``{"dice": table, "hd95": table}`` with, per case, the mean over WT, TC, ET of the
+    lesion-wise Dice resp. HD95 (mm); None when a row has no lesion-wise scores (a
+    comparison written before they existed)."""
+    if not rows or not all(k in r for r in rows for k in LESION_CASE_KEYS):
+        return None
+    out: dict[str, Any] = {}
+    for metric in ("dice", "hd95"):
+        keys = [f"lesion_{metric}_{g}" for g in ("wt", "tc", "et")]
+        out[metric] = {}
+        for mode in modes:
+            out[metric][mode] = {}
+            for site in [*sites, "mean"]:
+                per_seed = {}
+                for seed in seeds:
+                    scores = [float(np.mean([r[k] for k in keys])) for r in rows
+                              if r["mode"] == mode and r["seed"] == seed
+                              and (site == "mean" or r["site"] == site)]
+                    if scores:
+                        per_seed[str(seed)] = float(np.mean(scores))
+                mean, sd, n = mean_sd(per_seed.values())
+                out[metric][mode][site] = {"mean": _finite(mean), "sd": _finite(sd),
+                                           "n_seeds": n, "per_seed": per_seed}
+    return out
+
+
+def lesion_report_lines(lesion: Mapping[str, Any] | None, modes: Sequence[str],
+                        sites: Sequence[str]) -> list[str]:
+    """The report's lesion-wise tables (Dice, then HD95 in mm), mean ± sd over seeds; no
+    lines without lesion-wise scores."""
+    if not lesion:
+        return []
+    lines = ["", "Lesion-wise scores (the BraTS 2023+ ranking, gli parameters: a missed lesion "
+             "or a false-positive component counts Dice 0 / HD95 374 mm): per case the mean of "
+             "WT, TC, ET; per site and seed the mean over its cases; mean ± sd over seeds.", ""]
+    for metric, title, digits in (("dice", "lesion-wise Dice", 3), ("hd95", "lesion-wise HD95 (mm)", 1)):
+        lines += [f"| {title} | " + " | ".join([*sites, "all sites"]) + " |",
+                  "|" + "---|" * (len(sites) + 2)]
+        for mode in modes:
+            cells = []
+            for s in [*sites, "mean"]:
+                cell = lesion[metric][mode][s]
+                text = "n/a" if cell["mean"] is None else f"{cell['mean']:.{digits}f}"
+                if cell["mean"] is not None and cell["sd"] is not None:
+                    text += f" ± {cell['sd']:.{digits}f}"
+                cells.append(text)
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines[:-1]
+
+
 def fmt(value: float | None, sd: float | None = None) -> str:
     if value is None:
         return "n/a"
@@ -415,6 +471,7 @@ def report_lines(name: str, summary: Mapping[str, Any]) -> list[str]:
     for mode in modes:
         cells = [fmt(table[mode][s]["mean"], table[mode][s]["sd"]) for s in [*sites, "mean"]]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines += lesion_report_lines(summary.get("by_site_lesion"), modes, sites)
     lines += ["", "Wall time per mode and seed (training and the run's own test; then the "
               "comparison's scoring):", ""]
     for mode in modes:
@@ -753,6 +810,7 @@ def summarise(*, name: str, default: str, modes: Sequence[str], seeds: Sequence[
         "budget": dict(budget),
         "score": "per case: mean of dice_wt, dice_tc, dice_et",
         "by_site": table, "tests": tests,
+        "by_site_lesion": lesion_tables(rows, modes, seeds, sites),
         "goals": goals(table, tests, default, sites, new_site, fedavg),
         "seconds": dict(seconds), "bytes": dict(bytes_by_mode), "check": dict(check),
         "crosssite": crossdata,
@@ -774,7 +832,7 @@ def write_report(out: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[s
     when there are matrices) into ``out``; returns the JSON's path and every file written."""
     out.mkdir(parents=True, exist_ok=True)
     json_rows = [{k: (_finite(r[k]) if k in SCORE_KEYS else r[k]) for k in ROW_KEYS}
-                 for r in rows]
+                 | {k: _finite(r[k]) for k in LESION_CASE_KEYS if k in r} for r in rows]
     payload = {"rows": json_rows, "summary": summary,
                "crosssite_rows": [{k: (_finite(v) if k in SCORE_KEYS else v)
                                    for k, v in {"mode": m, **r}.items()}

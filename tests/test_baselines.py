@@ -46,6 +46,10 @@ def test_pooled_and_local_train_and_score_every_site(cfg_args):
         for row in summary.rows:
             assert 0.0 <= row["test_dice_mean"] <= 1.0
             assert row["test_hd95_mean"] >= 0.0
+            # the lesion-wise scores (BraTS 2023+ rule) beside them
+            assert 0.0 <= row["test_lesion_dice_mean"] <= 1.0
+            assert 0.0 <= row["test_lesion_hd95_mean"] <= 374.0
+        assert "test lesion Dice WT" in (summary.run_dir / "results.md").read_text()
         assert (summary.run_dir / "dice_per_round.png").stat().st_size > 0
     ckpt = load_checkpoint(pooled.run_dir / "model.ckpt")
     assert set(ckpt.experts) == {"site0", "site1"}

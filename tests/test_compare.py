@@ -17,7 +17,9 @@ TINY = [
     "fl.local_epochs=1", "tracking.enabled=false", "fl.strategy=personal",
 ]
 ROW_KEYS = {"mode", "seed", "site", "case", "dice_wt", "dice_tc", "dice_et", "hd95_wt",
-            "hd95_tc", "hd95_et"}
+            "hd95_tc", "hd95_et",
+            *(f"lesion_{m}_{r}" for m in ("dice", "hd95", "found", "missed", "fp")
+              for r in ("wt", "tc", "et"))}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,11 @@ def test_json_has_one_row_per_mode_seed_site_and_case(compared):
             got = [(r["site"], r["case"]) for r in rows if r["mode"] == mode and r["seed"] == seed]
             assert sorted(got) == sorted(expected)  # every test case once
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("dice_wt", "dice_tc", "dice_et"))
+    # lesion-wise: Dice in [0, 1], HD95 in [0, 374] mm, whole-number counts
+    assert all(0.0 <= r[f"lesion_dice_{g}"] <= 1.0 and 0.0 <= r[f"lesion_hd95_{g}"] <= 374.0
+               for r in rows for g in ("wt", "tc", "et"))
+    assert all(float(r[k]).is_integer() for r in rows for k in r if k.startswith(
+        ("lesion_found", "lesion_missed", "lesion_fp")))
     summary = data["summary"]
     assert summary["default_strategy"] == "personal" and summary["seeds"] == [0, 1]
     by_site = summary["by_site"]["personal"]["site0"]
@@ -96,6 +103,13 @@ def test_report_has_wilcoxon_lines_goals_and_plots(compared):
         p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
         assert f"| personal | local | {t['site']} | {t['n']} |" in text and f"| {p} |" in text
     assert "personal >= local on every site" in text
+    # the lesion-wise tables beside the voxel-wise one
+    assert "| lesion-wise Dice | site0 | site1 | all sites |" in text
+    assert "| lesion-wise HD95 (mm) | site0 | site1 | all sites |" in text
+    lesion = data["summary"]["by_site_lesion"]["dice"]["personal"]["site0"]
+    mine = [sum(r[f"lesion_dice_{g}"] for g in ("wt", "tc", "et")) / 3 for r in data["rows"]
+            if r["mode"] == "personal" and r["seed"] == 0 and r["site"] == "site0"]
+    assert lesion["per_seed"]["0"] == pytest.approx(sum(mine) / len(mine))
     assert "mean Dice >= 97 % of pooled" in text
     for name in ("comparison.png", "crosssite.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

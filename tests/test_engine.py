@@ -283,11 +283,19 @@ def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
     from m4fuse.regions import labels_to_regions
 
     expected = region_scores(pred.numpy(), labels_to_regions(labels, 4), spacing)
-    assert row == pytest.approx({"case": cid, "site": "siteA", **expected})
+    assert {k: row[k] for k in ("case", "site", *expected)} == pytest.approx(
+        {"case": cid, "site": "siteA", **expected})
+    # beside them the lesion-wise scores (BraTS 2023+ rule) of the same masks
+    from m4fuse.metrics import LESION_KEYS
+
+    assert set(row) == {"case", "site", *expected, *LESION_KEYS}
     # a prediction of nothing gives the one-empty convention for every region
     empty = CaseRecord(cid, "siteA", tmp_path / "empty.npy", None, 4, meta)
     (row0,) = score_original_grid(model, [empty], "cpu", expert_index=None)
     assert row0["dice_wt"] == 0.0 and row0["hd95_wt"] == 373.13
+    # lesion-wise: the tumour is a missed lesion, nothing is a false positive -> 0 and 374
+    assert (row0["lesion_found_wt"], row0["lesion_missed_wt"], row0["lesion_fp_wt"]) == (0, 1, 0)
+    assert (row0["lesion_dice_wt"], row0["lesion_hd95_wt"]) == (0.0, 374.0)
     assert model.experts[-1] is None
     # the same scores through sliding windows smaller than the volume
     (row_sw,) = score_original_grid(model, [record], "cpu", expert_index=0, roi_size=(8, 8, 8))

@@ -200,13 +200,16 @@ def test_segment_then_evaluate_equals_direct_metrics(tmp_path: Path, ckpt: Path,
     assert main(["evaluate", str(out), str(seg), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and set(rows[0]) == {
-        "case", "dice_et", "dice_tc", "dice_wt", "hd95_et", "hd95_tc", "hd95_wt"
+        "case", "dice_et", "dice_tc", "dice_wt", "hd95_et", "hd95_tc", "hd95_wt",
+        *(f"lesion_{m}_{r}" for m in ("dice", "hd95", "found", "missed", "fp")
+          for r in ("et", "tc", "wt")),
     }
     assert rows[0]["case"] == folder.name
     for key in ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et"):
         assert rows[0][key] == pytest.approx(direct[key], abs=1e-9), key
     # folders: predictions folder vs a BraTS-layout reference folder
-    assert evaluate_paths(out.parent, tmp_path / "data")[0] == pytest.approx({"case": folder.name, **direct})
+    row = evaluate_paths(out.parent, tmp_path / "data")[0]
+    assert {k: row[k] for k in ("case", *direct)} == pytest.approx({"case": folder.name, **direct})
     # the table output names the case and a mean row
     assert main(["evaluate", str(out.parent), str(tmp_path / "data")]) == 0
     table = capsys.readouterr().out

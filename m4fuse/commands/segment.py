@@ -24,6 +24,14 @@ import numpy as np
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 JSON_KEYS: tuple[str, ...] = ("case", "dice_et", "dice_tc", "dice_wt", "hd95_et", "hd95_tc", "hd95_wt")
+# Lesion-wise keys of `evaluate --json` (m4fuse.lesion): scores, then counts (whole numbers).
+LESION_JSON_KEYS: tuple[str, ...] = (
+    "lesion_dice_et", "lesion_dice_tc", "lesion_dice_wt",
+    "lesion_hd95_et", "lesion_hd95_tc", "lesion_hd95_wt",
+    "lesion_found_et", "lesion_found_tc", "lesion_found_wt",
+    "lesion_missed_et", "lesion_missed_tc", "lesion_missed_wt",
+    "lesion_fp_et", "lesion_fp_tc", "lesion_fp_wt",
+)
 # Suffixes stripped from file names to get a case id (".../BraTS2021_00000_seg.nii.gz").
 _CASE_SUFFIX = re.compile(r"[_-](seg|pred|prediction|label|labels)$", re.IGNORECASE)
 
@@ -279,11 +287,25 @@ def pair_files(pred: str | os.PathLike, truth: str | os.PathLike) -> list[tuple[
     raise ValueError(f"PRED and TRUTH must both be files or both folders: {pred}, {truth}")
 
 
-def score_files(pred: Path, truth: Path, et_label: int | None = None, hd95: str = "max_directed") -> dict[str, float]:
-    """Dice / HD95 of one label-map pair on the reference's grid and spacing (mm)."""
+def score_files(
+    pred: Path,
+    truth: Path,
+    et_label: int | None = None,
+    hd95: str = "max_directed",
+    lesion_preset: str = "gli",
+    lesion_dilation: int | None = None,
+    lesion_threshold_mm3: float | None = None,
+) -> dict[str, float]:
+    """Voxel-wise Dice / HD95 and the lesion-wise scores and counts (BraTS 2023+ rule,
+    :mod:`m4fuse.lesion`) of one label-map pair on the reference's grid and spacing (mm).
+
+    ``lesion_preset`` (default ``"gli"``), ``lesion_dilation`` and ``lesion_threshold_mm3``
+    (default None: the preset's) choose the lesion-wise parameters."""
     import nibabel as nib
 
-    from m4fuse.metrics import label_scores
+    from m4fuse.metrics import label_scores, lesion_label_scores, lesion_parameters
+
+    lesion_parameters(lesion_preset, lesion_dilation, lesion_threshold_mm3)  # bad values first
 
     images = {}
     for path, what in ((pred, "prediction"), (truth, "reference")):
@@ -300,13 +322,22 @@ def score_files(pred: Path, truth: Path, et_label: int | None = None, hd95: str 
     p, t = images["prediction_data"], images["reference_data"]
     if p.shape != t.shape:
         raise ValueError(f"{pred} has shape {p.shape}, reference {truth} has {t.shape}")
+    spacing = tuple(float(z) for z in images["reference"].header.get_zooms()[:3])
+    p_spacing = tuple(float(z) for z in images["prediction"].header.get_zooms()[:3])
+    if not np.allclose(p_spacing, spacing, atol=1e-3):
+        raise ValueError(f"{pred} has voxel spacing {tuple(round(z, 4) for z in p_spacing)} mm, "
+                         f"reference {truth} has {tuple(round(z, 4) for z in spacing)} mm: "
+                         "resample the prediction onto the reference grid")
     if not np.allclose(images["prediction"].affine, images["reference"].affine, atol=1e-3):
         raise ValueError(f"{pred} and {truth} have different affines (not on the same grid)")
-    spacing = tuple(float(z) for z in images["reference"].header.get_zooms()[:3])
     try:
-        return label_scores(p, t, spacing, et_label=et_label, hd95=hd95)
+        scores = label_scores(p, t, spacing, et_label=et_label, hd95=hd95)
+        scores.update(lesion_label_scores(p, t, spacing, et_label=et_label, preset=lesion_preset,
+                                          dilation=lesion_dilation,
+                                          threshold_mm3=lesion_threshold_mm3))
     except ValueError as err:
         raise ValueError(f"{pred} vs {truth}: {err}") from err
+    return scores
 
 
 def evaluate_paths(
@@ -314,32 +345,70 @@ def evaluate_paths(
     truth: str | os.PathLike,
     et_label: int | None = None,
     hd95: str = "max_directed",
+    lesion_preset: str = "gli",
+    lesion_dilation: int | None = None,
+    lesion_threshold_mm3: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-case scores (``case`` + the metric keys) of label maps against references.
+    """Per-case scores (``case`` + the metric keys + the lesion-wise keys) of label maps
+    against references.
 
     ``et_label``: ET label of both maps (4 or 3); default None infers it from each map.
-    ``hd95``: ``"max_directed"`` (default) or ``"pooled"`` (see :mod:`m4fuse.metrics`).
+    ``hd95``: voxel-wise HD95, ``"max_directed"`` (default) or ``"pooled"`` (see
+    :mod:`m4fuse.metrics`). ``lesion_preset`` (default ``"gli"``), ``lesion_dilation``,
+    ``lesion_threshold_mm3`` (default None: the preset's): see :func:`score_files`.
     """
-    return [{"case": case, **score_files(p, t, et_label, hd95)} for case, p, t in pair_files(pred, truth)]
+    return [{"case": case, **score_files(p, t, et_label, hd95, lesion_preset, lesion_dilation,
+                                         lesion_threshold_mm3)}
+            for case, p, t in pair_files(pred, truth)]
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One case of ``evaluate --json``: the voxel-wise keys, then the lesion-wise scores and
+    counts (counts as integers)."""
+    out = {k: row[k] for k in JSON_KEYS}
+    for k in LESION_JSON_KEYS:
+        out[k] = int(row[k]) if k.startswith(("lesion_found", "lesion_missed", "lesion_fp")) else row[k]
+    return out
 
 
 @_user_errors
 def _run_evaluate(args: argparse.Namespace) -> int:
     from m4fuse.metrics import mean_scores
 
-    rows = evaluate_paths(args.pred, args.truth, et_label=args.et_label, hd95=args.hd95)
+    from m4fuse.metrics import lesion_parameters
+
+    dilation, threshold = lesion_parameters(args.lesion_preset, args.lesion_dilation,
+                                            args.lesion_threshold)
+    rows = evaluate_paths(args.pred, args.truth, et_label=args.et_label, hd95=args.hd95,
+                          lesion_preset=args.lesion_preset, lesion_dilation=args.lesion_dilation,
+                          lesion_threshold_mm3=args.lesion_threshold)
     if args.json:
-        print(json.dumps([{k: r[k] for k in JSON_KEYS} for r in rows], indent=2))
+        print(json.dumps([_json_row(r) for r in rows], indent=2))
         return 0
-    keys = JSON_KEYS[1:]
+    # voxel-wise columns, then lesion-wise ("l" prefix), then lesions found/missed/false pos.
+    keys = JSON_KEYS[1:] + LESION_JSON_KEYS[:6]
+    headers = [k.replace("lesion_", "l") for k in keys]
+    regions = ("et", "tc", "wt")
     width = max(len("mean"), *(len(r["case"]) for r in rows))
-    print(f"{'case':<{width}}  " + "  ".join(f"{k:>8}" for k in keys))
+
+    def counts(r: dict[str, Any], region: str) -> str:
+        return "/".join(f"{r[f'lesion_{c}_{region}']:.0f}" for c in ("found", "missed", "fp"))
+
+    print(f"{'case':<{width}}  " + "  ".join(f"{h:>9}" for h in headers) + "  "
+          + "  ".join(f"{'n_' + g + ' f/m/fp':>13}" for g in regions))
     for r in rows:
-        print(f"{r['case']:<{width}}  " + "  ".join(f"{r[k]:8.4f}" for k in keys))
+        print(f"{r['case']:<{width}}  " + "  ".join(f"{r[k]:9.4f}" for k in keys) + "  "
+              + "  ".join(f"{counts(r, g):>13}" for g in regions))
     mean = mean_scores(rows)
-    print(f"{'mean':<{width}}  " + "  ".join(f"{mean[k]:8.4f}" for k in keys))
+    mean.update({k: float(np.mean([r[k] for r in rows])) for k in LESION_JSON_KEYS[:6]})
+    total = {k: float(sum(r[k] for r in rows)) for k in LESION_JSON_KEYS[6:]}
+    print(f"{'mean':<{width}}  " + "  ".join(f"{mean[k]:9.4f}" for k in keys) + "  "
+          + "  ".join(f"{counts(total, g):>13}" for g in regions) + " (sum)")
     print(f"{len(rows)} case(s); HD95 in mm ({args.hd95}); Dice 1 / HD95 0 when both empty, "
           "Dice 0 / HD95 373.13 when one is")
+    print(f"lesion-wise (l*, BraTS 2023+ rule, preset {args.lesion_preset}: dilation {dilation}, "
+          f"lesions <= {threshold:g} mm^3 left out): missed lesions and false positives count "
+          "Dice 0 / HD95 374; f/m/fp = lesions found / missed / false-positive components")
     return 0
 
 
@@ -369,7 +438,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     seg.set_defaults(func=_run_segment)
 
     ev = sub.add_parser(
-        "evaluate", help="Dice and HD95 (mm) of label maps against references",
+        "evaluate", help="Dice and HD95 (mm), voxel- and lesion-wise, of label maps against references",
         description="PRED and TRUTH are two label-map files or two folders (matched by case id).",
     )
     ev.add_argument("pred", help="predicted label map file or folder")
@@ -379,4 +448,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="ET label of both maps (default: inferred from each map)")
     ev.add_argument("--hd95", choices=("max_directed", "pooled"), default="max_directed",
                     help="HD95 definition (default max_directed, as MONAI; pooled as medpy)")
+    ev.add_argument("--lesion-preset", choices=("gli", "ssa", "men", "ped", "met"), default="gli",
+                    help="lesion-wise parameters of a BraTS challenge (default gli: dilation 3, "
+                         "lesions <= 50 mm^3 left out; men 1/50, met 1/2, ssa and ped 3/50)")
+    ev.add_argument("--lesion-dilation", type=int, default=None, metavar="VOXELS",
+                    help="override the preset's dilation (voxels, >= 0)")
+    ev.add_argument("--lesion-threshold", type=float, default=None, metavar="MM3",
+                    help="override the preset's lesion volume threshold (mm^3, >= 0)")
     ev.set_defaults(func=_run_evaluate)

@@ -33,6 +33,11 @@ def new_site_split(overrides: Sequence[str]) -> tuple[str, dict[str, list[Any]],
     if cfg.data.kind != "synthetic":
         raise ValueError(f"a held-out synthetic site needs data.kind=synthetic, got "
                          f"{cfg.data.kind!r}; use `m4fuse site join --data` for real data")
+    if cfg.data.get("site_sizes") is not None:
+        raise ValueError("a held-out synthetic site is drawn only for equal sites, but "
+                         f"data.site_sizes is set ({list(cfg.data.site_sizes)}): run the "
+                         "comparison with --new-site-cases none, or join a site with "
+                         "`m4fuse site join`")
     sites = int(cfg.data.sites)
     bigger = settings.compose("config", [*overrides, f"data.sites={sites + 1}"])
     split = provision.load_sites(bigger)

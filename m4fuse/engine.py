@@ -41,7 +41,12 @@ from m4fuse.inference import (
     probs_to_regions,
     unwrap,
 )
-from m4fuse.metrics import REGION_METRIC_KEYS, lesion_region_scores, mean_scores, region_scores
+from m4fuse.metrics import (
+    REGION_METRIC_KEYS,
+    lesion_region_scores,
+    mean_scores,
+    region_scores,
+)
 from m4fuse.regions import labels_to_regions, regions_to_labels
 from m4fuse.runtime import resolve_device, seed_everything
 

@@ -259,7 +259,7 @@ def lesion_scores(
         # Lesions: truth voxels grouped by the 26-connected blobs of the dilated truth.
         tbox = _grow(_bbox(t), dil, t.shape)
         t_box = t[tbox]
-        blobs, n_lesions = ndimage.label(_dilate(t_box, dil), structure=_STRUCT_26)
+        blobs, _ = ndimage.label(_dilate(t_box, dil), structure=_STRUCT_26)
         lesions = np.where(t_box, blobs, 0)
         toff = [s.start for s in tbox]
         for index, lbox in enumerate(ndimage.find_objects(lesions), start=1):

@@ -39,8 +39,6 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.metrics.utils import get_edge_surface_distance
 
-from m4fuse.regions import ET_LABELS, REGIONS, labels_to_regions
-
 # Lesion-wise (BraTS 2023+ ranking) scores live in m4fuse.lesion; re-exported here.
 from m4fuse.lesion import (  # noqa: F401
     DEFAULT_LESION_PRESET,
@@ -57,6 +55,7 @@ from m4fuse.lesion import (  # noqa: F401
     lesion_scores,
     mean_lesion_scores,
 )
+from m4fuse.regions import ET_LABELS, REGIONS, labels_to_regions
 
 EMPTY_HD95_MM: float = 373.13
 """HD95 (mm) given when exactly one of prediction and truth is empty."""

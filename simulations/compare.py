@@ -54,8 +54,8 @@ import numpy as np
 import torch
 
 from m4fuse import provision, runtime, settings, workspace
-from m4fuse.crosssite import SCORE_KEYS, heatmap, markdown as matrix_markdown, matrix, score_cases
-from m4fuse.crosssite import LESION_CASE_KEYS
+from m4fuse.crosssite import LESION_CASE_KEYS, SCORE_KEYS, heatmap, matrix, score_cases
+from m4fuse.crosssite import markdown as matrix_markdown
 from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
 from simulations import skewed
 

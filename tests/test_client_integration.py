@@ -257,6 +257,8 @@ def test_kept_finetuning_becomes_the_sites_final_state(monkeypatch, root, tmp_pa
                       state=state, run_config={})
     reply = client_app.evaluate(msg, context)
     assert not reply.has_error() and _metrics(reply)["finetune-kept"] == float(kept)
+    # the final test's reply carries the lesion-wise scores beside the voxel-wise ones
+    assert 0.0 <= _metrics(reply)["lesion_dice_mean"] <= 1.0 and "lesion_hd95_et" in _metrics(reply)
     after = newest_kept(folder)
     assert after["round"] == 1 and set(after["state"]) == set(before["state"])
     in_context = state.array_records["kept"].to_torch_state_dict()

@@ -373,9 +373,7 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
 
 @_user_errors
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from m4fuse.metrics import mean_scores
-
-    from m4fuse.metrics import lesion_parameters
+    from m4fuse.metrics import lesion_parameters, mean_scores
 
     dilation, threshold = lesion_parameters(args.lesion_preset, args.lesion_dilation,
                                             args.lesion_threshold)

@@ -746,8 +746,13 @@ def run_compare(overrides: Sequence[str] = (), modes: Sequence[str] | None = Non
         goals_file: JSON/YAML goal thresholds of a skewed federation (default None:
             :data:`simulations.skewed.DEFAULT_GOALS`).
     """
-    plan = _plan(overrides, modes, seeds, crosssite, new_site_cases, new_site_epochs,
-                 goals_file)
+    return run_plan(_plan(overrides, modes, seeds, crosssite, new_site_cases, new_site_epochs,
+                          goals_file))
+
+
+def run_plan(plan: _Plan) -> Path:
+    """Run a checked plan (:func:`_plan`) and write the report; returns ``comparison.json``'s
+    path."""
     base, name = plan.base, plan.name
     out = workspace.project_root(base) / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -1105,6 +1110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simulations.compare [--seeds 0,1,2] [--modes a,b] [hydra overrides...]``."""
+    from m4fuse.config_check import debug_enabled
     from simulations.new_site import parse_cases
 
     args = parse_args(argv)
@@ -1132,13 +1138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     crosssite = None if args.crosssite is None else (
         [] if args.crosssite == "none" else _list(args.crosssite))
     cases = [] if args.new_site_cases in ("", "none") else parse_cases(args.new_site_cases)
-    try:
-        skewed.load_goals(args.goals)  # a bad file fails here, before any training
-        check_modes(modes or ["pooled"])
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-    run_compare(args.overrides, modes, seeds, crosssite, cases, args.new_site_epochs,
-                args.goals)
+    try:  # every setting, the goals file and the new site are checked before any training
+        plan = _plan(args.overrides, modes, seeds, crosssite, cases, args.new_site_epochs,
+                     args.goals)
+    except (ValueError, FileNotFoundError) as err:
+        if debug_enabled():
+            raise
+        raise SystemExit(f"simulations.compare: error: {str(err).strip().splitlines()[0]}"
+                         ) from None
+    run_plan(plan)
     return 0
 
 

@@ -58,6 +58,20 @@ def test_bad_modes_and_seeds_fail_before_training(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_sized_sites_refuse_the_held_out_site_in_one_line(tmp_path):
+    """A held-out new site is drawn only for equal sites: on a sized federation the command
+    stops in one line naming the fix, before any data or run folder is written."""
+    from simulations.compare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--modes", "local,personal-norm-ft", "--crosssite", "none", f"root={tmp_path}",
+              "data=brats19_shaped"])
+    message = str(exit_info.value.code)
+    assert message.startswith("simulations.compare: error: a held-out synthetic site")
+    assert "--new-site-cases none" in message and "\n" not in message
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
 def test_json_has_one_row_per_mode_seed_site_and_case(compared):
     args, out, data = compared
     rows = data["rows"]

@@ -504,8 +504,9 @@ class SiteStrategyMixin:
                 self.current.not_scored[index] = cases
                 if site not in self.not_scored_logged:  # once per site, not every round
                     self.not_scored_logged.add(site)
-                    log(INFO, "%s not scored: %d case(s), too few to hold out validation or "
-                        "test cases (it still trains when it has training cases)", site, cases)
+                    log(INFO, "%s not scored in round %d: none of its %d case(s) is held out "
+                        "for this evaluation (it still trains when it has training cases)",
+                        site, server_round, cases)
                 continue
             self.current.evaluate_by_site[index] = {k: float(v) for k, v in metrics.items()}
             scored.append(site)

@@ -243,8 +243,21 @@ def finetune_best_epoch(
     are those of a plain ``epochs`` run. Returns ``finetune-steps``, ``finetune-epochs``
     (run), ``finetune-epochs-kept``, ``finetune-loss``, ``finetune-kept`` (1 when an epoch
     > 0 was kept, else 0) and the validation mean Dice before fine-tuning and of the kept
-    weights (``finetune-val-before``/``-after``)."""
+    weights (``finetune-val-before``/``-after``).
+
+    A site with no validation cases (a small site of a sized federation) has nothing to
+    choose an epoch by: it keeps its weights as they are (epoch 0, no step taken; the
+    validation Dice entries are nan) and the log says so."""
+    import logging
     import random
+
+    if not val_records:
+        logging.getLogger(__name__).info(
+            "no fine-tuning: the site has no validation cases to choose an epoch by "
+            "(%d training cases); its federated weights are kept", len(train_records))
+        return {"finetune-steps": 0.0, "finetune-epochs": 0.0, "finetune-epochs-kept": 0.0,
+                "finetune-loss": 0.0, "finetune-kept": 0.0,
+                "finetune-val-before": float("nan"), "finetune-val-after": float("nan")}
 
     def val_dice() -> float:
         model.eval()

@@ -6,6 +6,7 @@ each reply carries and what stays at the site."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -283,6 +284,25 @@ def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, va
     assert out["finetune-kept"] == float(kept) and out["finetune-steps"] >= 1
     same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert same is (not kept)
+
+
+def test_a_site_without_validation_cases_keeps_its_weights(tmp_path):
+    """A small site of a sized federation has no validation case to choose a fine-tuning
+    epoch by: fine-tuning takes no step, leaves every weight as it was and says so (it used
+    to fail the site's final test)."""
+    from client.app import finetune
+    from client.site import Site
+
+    cfg = settings.compose("config", [f"root={tmp_path}", *TINY, "fl.finetune_epochs=2"])
+    split = provision.load_sites(cfg)
+    name = provision.site_names(split)[0]
+    records = {**split[name], "val": []}
+    model = settings.build_model(cfg, num_experts=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = finetune(model, Site(cfg, name, 0, records, torch.device("cpu"), None), "norms")
+    assert out["finetune-steps"] == 0 and out["finetune-kept"] == 0
+    assert out["finetune-epochs-kept"] == 0 and math.isnan(out["finetune-val-before"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.usefixtures("flower_task_identity")

@@ -19,7 +19,12 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from collections.abc import Callable  # noqa: E402
 
 from flwr.app import (  # noqa: E402
-    ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 

@@ -366,7 +366,7 @@ def test_restarted_hospitals_resume_the_run(federation: Federation, first_run: F
     assert server_ckpt.load(ckpt_path).server_round == 1
 
     # a restarted hospital: stop each SuperNode (with its ClientApp processes) by PID
-    for index, name in enumerate(("hospital-1", "hospital-2")):
+    for index, _name in enumerate(("hospital-1", "hospital-2")):
         old = next(p for p in federation.procs if p.name == f"supernode-{index + 1}")
         old.stop()
         assert not _alive(old.popen.pid), old.name

@@ -187,14 +187,16 @@ def _healthy_head(shape: tuple[int, ...], rng: np.random.Generator) -> _Head:
     csf = brain & (depth_mm < 6 * mm) & (fold > 1.0)  # sulci
     csf |= brain & (np.abs(coords[0]) < 0.9 * mm) & (coords[2] > -0.2 * axes[2])  # fissure
     for side in (-1, 1):  # deep grey nuclei
-        gm |= _ellipsoid(coords, (side * 0.26 * axes[0], -0.05 * axes[1], 0.0), (0.1 * axes[0], 0.18 * axes[1], 0.15 * axes[2])) < 1
+        gm |= _ellipsoid(coords, (side * 0.26 * axes[0], -0.05 * axes[1], 0.0),
+                         (0.1 * axes[0], 0.18 * axes[1], 0.15 * axes[2])) < 1
     bend = 0.12 * axes[2] * (coords[1] / axes[1]) ** 2
     for side in (-1, 1):  # lateral ventricles, bent like a banana in Y
         vent = _ellipsoid((coords[0], coords[1], coords[2] + bend),
                           (side * 0.12 * axes[0], 0.05 * axes[1], 0.12 * axes[2]),
                           (0.07 * axes[0], 0.36 * axes[1], 0.11 * axes[2])) < 1
         csf |= vent
-    csf |= _ellipsoid(coords, (0, -0.05 * axes[1], -0.05 * axes[2]), (0.02 * axes[0] + 0.5, 0.15 * axes[1], 0.1 * axes[2])) < 1
+    csf |= _ellipsoid(coords, (0, -0.05 * axes[1], -0.05 * axes[2]),
+                      (0.02 * axes[0] + 0.5, 0.15 * axes[1], 0.1 * axes[2])) < 1
     tissue = np.zeros(shape, np.uint8)  # 0 bg, 1 wm, 2 gm, 3 csf
     tissue[brain] = 1
     tissue[gm & brain] = 2

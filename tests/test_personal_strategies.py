@@ -234,8 +234,8 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     layers = [ckpt.site_layers[s] for s in ckpt.sites]
     assert set(layers[0]) == set(layers[1]) == mine - {n for n in mine if is_expert(n)}
     assert any(not torch.equal(layers[0][k], layers[1][k]) for k in layers[0])
-    # scored again from model.ckpt, every site's test cases give the run's own test Dice
-    # (the final test scored the fine-tuned weights; the file holds those)
+    # model.ckpt is each site's final model: the server's last shared weights and the
+    # site's own newest state (the fine-tuned weights its final test scored)
     _assert_model_ckpt_is_each_sites_final_model("personal-norm-ft", cfg, rdir, ckpt.sites)
     segmented = tmp_path / "seg.nii.gz"
     from engine_fixtures import write_case
@@ -343,5 +343,5 @@ def test_fedavg_ft_all_run_puts_each_sites_whole_fine_tuned_model_in_the_final_m
             assert site not in ckpt.site_layers
             assert all(torch.equal(built[k], v) for k, v in ckpt.shared.items())
     assert any(tuned.values()), tuned  # the tiny run does keep a fine-tuning somewhere
-    # scored from model.ckpt, each site's test cases give the run's own final test Dice
+    # model.ckpt is each site's final model: its whole fine-tuned model from its own folder
     _assert_model_ckpt_is_each_sites_final_model("fedavg-ft-all", cfg, rdir, ckpt.sites)

@@ -365,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         lengths = [int(v) for v in args.scan_lengths.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--scan-lengths must be comma-separated ints, got {args.scan_lengths!r}")
+        raise SystemExit(
+            f"--scan-lengths must be comma-separated ints, got {args.scan_lengths!r}") from None
     size, shape = list(args.size), list(args.scan_shape)
     repeats, warmup = args.repeats, args.warmup
     if args.quick:

@@ -182,7 +182,8 @@ def scan_part(device: torch.device, lengths: Sequence[int], repeats: int) -> boo
         if fused is not None:
             impls["fused"] = fused
         for name, fn in impls.items():
-            def step(fn: Callable[..., torch.Tensor] = fn) -> tuple[torch.Tensor, list]:
+            def step(fn: Callable[..., torch.Tensor] = fn,
+                     inputs: dict[str, torch.Tensor] = inputs) -> tuple[torch.Tensor, list]:
                 leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
                 out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
                          leaves["D"], leaves["z"], delta_bias=leaves["delta_bias"],

@@ -89,7 +89,7 @@ def overlay_png(
             for masks, style in ((reference, "solid"), (prediction, "dashed")):
                 if masks is None:
                     continue
-                for (name, colour), mask in zip(REGION_COLOURS, masks):
+                for (_name, colour), mask in zip(REGION_COLOURS, masks):
                     plane = np.asarray(mask[:, :, z], dtype=float).T
                     if plane.any() and not plane.all():
                         ax.contour(plane, levels=[0.5], colors=[colour], linewidths=1.0,

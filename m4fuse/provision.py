@@ -285,7 +285,8 @@ def check_data_settings(cfg: DictConfig) -> None:
 def split_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings of the one train/val/test split rule (:func:`m4fuse.data.split_cases`,
     per site, salted by the site's name): ``seed``, ``data.val_fraction``,
-    ``data.test_fraction``, ``data.test_cases_per_site``. Every command that splits a site's cases takes them from here."""
+    ``data.test_fraction``, ``data.test_cases_per_site``. Every command that splits a site's
+    cases takes them from here."""
     return {"seed": int(cfg.seed), "val_fraction": float(cfg.data.val_fraction),
             "test_fraction": float(cfg.data.test_fraction),
             "test_cases": test_cases_per_site(cfg)}

@@ -2,7 +2,8 @@
 
 The format both the ClientApp (which writes and reads its own folder) and the final-model
 assembly (:func:`m4fuse.checkpoint.add_site_states`, run by the simulation driver or
-``m4fuse model assemble`` on the machine that holds the folders) need; it imports nothing from ``client/`` or ``server/``.
+``m4fuse model assemble`` on the machine that holds the folders) need; it imports nothing from
+``client/`` or ``server/``.
 
 What a site keeps between rounds and across SuperNode restarts: its expert (index-free keys
 from :func:`m4fuse.state.expert_state`, so it loads at whatever index the site's model uses),

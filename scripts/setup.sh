@@ -24,10 +24,17 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (flwr 1.42), got " + sys.version.split()[0] + ": set PYTHON=python3.11 and remove .venv")'
+# pip's output without its harmless "WARNING: Location ... is ignored" lines (an index folder
+# this host lacks); pip's exit status is kept (pipefail), so a failed install stops here.
+pip_install() {
+    .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location' || :; }
+}
 if [ -z "${M4FUSE_SKIP_INSTALL:-}" ]; then
-    .venv/bin/python -m pip install -q --upgrade "pip>=24" 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -m pip install -q -e ".[test,bench]" 2>&1 | grep -v '^WARNING: Location' || true
+    pip_install --upgrade "pip>=24"
+    pip_install "${TORCH_SPEC:-torch==2.13.0}"
+    # the test extra: pytest, ruff and the tests' oracles (scripts/test.sh, .ci/run)
+    pip_install -e ".[test,bench]"
+    .venv/bin/python -m pip check
 fi
 
 # ---- Flower: the environment of this venv's processes

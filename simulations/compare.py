@@ -236,11 +236,11 @@ def goals(table: Mapping[str, Any], tests: Sequence[Mapping[str, Any]], default:
         common = seeds_of(default) & seeds_of("local")
         diffs = {s: (site_mean(default, s, common), site_mean("local", s, common))
                  for s in sites}
-        below = [s for s, (d, l) in diffs.items() if d is None or l is None or d < l]
+        below = [s for s, (d, loc) in diffs.items() if d is None or loc is None or d < loc]
         out.append({"goal": f"{default} >= local on every site (mean over seeds)",
                     "met": not below,
-                    "detail": ", ".join(f"{s} {d:.4f} vs {l:.4f}" for s, (d, l) in diffs.items()
-                                        if d is not None and l is not None)
+                    "detail": ", ".join(f"{s} {d:.4f} vs {loc:.4f}" for s, (d, loc) in diffs.items()
+                                        if d is not None and loc is not None)
                               + (f"; below local on {below}" if below else "") + over(common)})
     else:
         out.append({"goal": "default >= local on every site", "met": None,

@@ -23,8 +23,8 @@ import torch
 def site_model(cfg: Any, run: str, site: str, arrays: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Site ``site``'s model after the last round of run ``run``."""
     from client.weights import load_round_state
-    from m4fuse.site_state import newest_kept
     from m4fuse import settings, workspace
+    from m4fuse.site_state import newest_kept
 
     model = settings.build_model(cfg, num_experts=1)
     kept = newest_kept(workspace.project_root(cfg) / "runs" / run / "clients" / site)

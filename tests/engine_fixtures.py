@@ -1,5 +1,7 @@
-"""Shared helpers of tests/test_engine.py and tests/test_segment.py: a tiny network with the
-M4Fuse forward signature, learnable toy batches, and a small BraTS-style case on disk."""
+"""Shared helpers of the tests: the tiny settings every test that composes the project's
+config starts from (:data:`TINY_OVERRIDES`), and for tests/test_engine.py and
+tests/test_segment.py a tiny network with the M4Fuse forward signature, learnable toy
+batches, and a small BraTS-style case on disk."""
 
 from __future__ import annotations
 
@@ -11,6 +13,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
+
+#: The tiny federation the tests compose the project's config with (Hydra overrides; a later
+#: override of the same key wins): 2 synthetic sites x 5 cases of 24x24x20 voxels cropped to
+#: 16^3, the narrowest network, batches of 2, no augmentation, on the CPU. Modules add their
+#: own keys (rounds, strategy, tracking ...).
+TINY_OVERRIDES: tuple[str, ...] = (
+    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
+    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
+)
 
 
 class TinyNet(nn.Module):

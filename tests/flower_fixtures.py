@@ -18,17 +18,21 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from collections.abc import Callable  # noqa: E402
 
+from engine_fixtures import TINY_OVERRIDES  # noqa: E402
 from flwr.app import (  # noqa: E402
-    ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 
-# The tiny federation: 2 sites x 5 synthetic cases of 24x24x20 voxels cropped to 16^3, the
-# narrowest network, batches of 2, no augmentation, on the CPU, strategy personal. Modules add
-# their own keys.
+# The tiny federation (engine_fixtures.TINY_OVERRIDES), strategy personal. Modules add their
+# own keys.
 TINY_FL = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
+    *TINY_OVERRIDES,
     # the paper's scheme (experts only), whatever the default strategy is
     "fl.strategy=personal",
 ]

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_fixtures import TINY_OVERRIDES
 
 from m4fuse import provision, settings
 
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.batch_size=2", "train.augment=false", "device=cpu",
-    "fl.rounds=2", "tracking.enabled=false",
-]
+TINY = [*TINY_OVERRIDES, "fl.rounds=2", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="module")

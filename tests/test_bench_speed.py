@@ -38,7 +38,8 @@ def fixed_times(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[torch.dtype]]:
         for name, step in steps.items():
             dtypes = seen.setdefault(name, set())
             hook = nn.modules.module.register_module_forward_hook(
-                lambda m, i, o: dtypes.add(o.dtype) if isinstance(m, nn.Conv3d) else None)
+                lambda m, i, o, dtypes=dtypes: (
+                    dtypes.add(o.dtype) if isinstance(m, nn.Conv3d) else None))
             try:
                 step()
             finally:

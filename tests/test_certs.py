@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -41,7 +42,7 @@ def test_chain_verifies_and_server_is_not_a_ca(made: Path) -> None:
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku
     # a certificate from another CA does not verify against this one
     other = make_certificates(made / "other", ["localhost"], [])
-    with pytest.raises(Exception):
+    with pytest.raises((InvalidSignature, ValueError)):  # signature / issuer name mismatch
         _cert(other.server_cert).verify_directly_issued_by(ca)
 
 

@@ -107,6 +107,53 @@ def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, 
     assert set(_metrics(other)) == set(m1)
 
 
+def _opacus_rdp_epsilon(n_train: int, batch_size: int, rounds: int, sigma: float = 1.0
+                        ) -> tuple[float, int, float]:
+    """(ε, steps, δ) of ``rounds`` rounds of one epoch each, from a fresh
+    ``opacus.accountants.RDPAccountant`` stepped once per DP-SGD step: ceil(n / batch) Poisson
+    steps per epoch at rate 1 / that many, δ = 1 / (10 n) (the configs' default)."""
+    from opacus.accountants import RDPAccountant
+
+    per_round = math.ceil(n_train / batch_size)
+    accountant = RDPAccountant()
+    for _ in range(rounds * per_round):
+        accountant.step(noise_multiplier=sigma, sample_rate=1.0 / per_round)
+    delta = 1.0 / (10 * n_train)
+    return accountant.get_epsilon(delta=delta), rounds * per_round, delta
+
+
+def test_dp_epsilon_matches_opacus_and_a_restarted_client_continues_it(
+        monkeypatch, root, tmp_path):
+    """Each site's reported ε against Opacus's RDP accountant fed the same σ, rate, steps and
+    δ; a client restarted after round 1 (fresh context.state, the same state folder) reports in
+    round 2 the ε of an uninterrupted client, not a reset one."""
+    import shutil
+
+    from m4fuse import provision
+
+    cfg, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp-oracle")
+    split = provision.load_sites(cfg)
+    n_train = [len(split[name]["train"]) for name in provision.site_names(split)]
+    batch = int(cfg.train.batch_size)
+    uninterrupted, first = tmp_path / "uninterrupted", tmp_path / "restarted"
+    states = [RecordDict(), RecordDict()]
+    round1 = [_metrics(client_train_round(p, start, states[p], 1, str(uninterrupted)))
+              for p in (0, 1)]
+    for p in (0, 1):
+        eps, steps, delta = _opacus_rdp_epsilon(n_train[p], batch, rounds=1)
+        assert round1[p]["dp-steps"] == steps and round1[p]["dp-delta"] == pytest.approx(delta)
+        assert round1[p]["dp-noise-multiplier"] == 1.0
+        assert round1[p]["dp-epsilon"] == pytest.approx(eps, rel=1e-9), p
+    shutil.copytree(uninterrupted, first)  # the folder a restarted process finds
+    kept_on = _metrics(client_train_round(0, start, states[0], 2, str(uninterrupted)))
+    restarted = _metrics(client_train_round(0, start, RecordDict(), 2, str(first)))
+    eps2, steps2, _ = _opacus_rdp_epsilon(n_train[0], batch, rounds=2)
+    assert kept_on["dp-steps"] == restarted["dp-steps"] == steps2
+    assert kept_on["dp-epsilon"] == pytest.approx(eps2, rel=1e-9)
+    assert restarted["dp-epsilon"] == pytest.approx(kept_on["dp-epsilon"], rel=1e-12)
+    assert restarted["dp-epsilon"] > round1[0]["dp-epsilon"]
+
+
 def test_dp_refuses_fedprox_float16_and_cpu_autocast(monkeypatch, root, tmp_path):
     from client.app import check_dp_training
 

@@ -8,14 +8,12 @@ import json
 
 import pytest
 import torch
+from engine_fixtures import TINY_OVERRIDES
 
 from m4fuse import provision, settings
 
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.augment=false", "device=cpu", "fl.rounds=1",
-    "fl.local_epochs=1", "tracking.enabled=false", "fl.strategy=personal",
-]
+TINY = [*TINY_OVERRIDES, "fl.rounds=1", "fl.local_epochs=1", "tracking.enabled=false",
+        "fl.strategy=personal"]
 ROW_KEYS = {"mode", "seed", "site", "case", "dice_wt", "dice_tc", "dice_et", "hd95_wt",
             "hd95_tc", "hd95_et",
             *(f"lesion_{m}_{r}" for m in ("dice", "hd95", "found", "missed", "fp")
@@ -72,6 +70,7 @@ def test_sized_sites_refuse_the_held_out_site_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_json_has_one_row_per_mode_seed_site_and_case(compared):
     args, out, data = compared
     rows = data["rows"]
@@ -106,6 +105,7 @@ def test_json_has_one_row_per_mode_seed_site_and_case(compared):
                for d in by.values())
 
 
+@pytest.mark.slow
 def test_report_has_wilcoxon_lines_goals_and_plots(compared):
     _, out, data = compared
     text = (out / "comparison.md").read_text()
@@ -134,6 +134,7 @@ def test_report_has_wilcoxon_lines_goals_and_plots(compared):
     assert new_site["site"] == "site2" and new_site["by_k"]["1"]["frozen_unchanged"]
 
 
+@pytest.mark.slow
 def test_join_trains_only_the_new_expert(compared, tmp_path, capsys):
     from m4fuse.checkpoint import load_checkpoint
     from m4fuse.cli import main

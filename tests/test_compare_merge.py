@@ -97,6 +97,7 @@ def test_flags_and_overrides_may_come_in_any_order():
     assert args.overrides == ["fl.rounds=60", "fl.optimizer_state=all", "run_name=x"]
 
 
+@pytest.mark.slow  # writes and merges whole reports with their plots (about 10 s)
 def test_a_suffix_renames_modes_and_lets_overrides_differ(tmp_path):
     a = _comparison(tmp_path, "a", {"local": 0.8, "fedavg": 0.7}, [0, 1])
     b = _comparison(tmp_path, "b", {"fedavg": 0.72, "personal-norm-ft": 0.78}, [0, 1])
@@ -121,6 +122,7 @@ def test_a_suffix_renames_modes_and_lets_overrides_differ(tmp_path):
     assert vs_fedavg_m["mean_diff"] == pytest.approx(0.06)
 
 
+@pytest.mark.slow  # writes and merges whole reports with their plots (about 10 s)
 def test_fedavg_names_the_mode_that_stands_for_fedavg_in_the_tests_and_goals(tmp_path):
     a = _comparison(tmp_path, "a", {"local": 0.8, "personal-norm-ft": 0.85}, [0, 1])
     b = _comparison(tmp_path, "b", {"fedavg": 0.7}, [0, 1])

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from m4fuse.cli import main
-from m4fuse.data import (discover_cases, institution_of, institution_sites, random_sites,
-                         read_site_csv, split_cases, write_partition_csv)
+from m4fuse.data import (
+    discover_cases,
+    institution_of,
+    institution_sites,
+    random_sites,
+    read_site_csv,
+    split_cases,
+    write_partition_csv,
+)
 from m4fuse.data.fake import write_fake_case
 
 

@@ -38,7 +38,8 @@ def test_batches(split):
     assert batch["site"].dtype == torch.long and batch["site"].tolist() == [1, 1]
     assert batch["case"] == ["BraTS2021_00002", "BraTS2021_00003"]
     lab = batch["label"]
-    assert set(lab.unique().tolist()) <= {0.0, 1.0} and (lab[:, 2] <= lab[:, 1]).all() and (lab[:, 1] <= lab[:, 0]).all()
+    assert set(lab.unique().tolist()) <= {0.0, 1.0}
+    assert (lab[:, 2] <= lab[:, 1]).all() and (lab[:, 1] <= lab[:, 0]).all()
     rec = split["B"]["train"][0]
     assert torch.equal(batch["image"][0], torch.from_numpy(np.asarray(rec.image(), np.float32)))
 

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from m4fuse.cli import main
-from m4fuse.data import (DataError, PrepareError, load_split, preprocess_case, preprocess_label,
-                         prepare_dataset, read_index, restore_to_original)
+from m4fuse.data import (
+    DataError,
+    PrepareError,
+    load_split,
+    prepare_dataset,
+    preprocess_case,
+    preprocess_label,
+    read_index,
+    restore_to_original,
+)
 from m4fuse.data.fake import fake_volumes, write_fake_case
 from m4fuse.regions import labels_to_regions
 

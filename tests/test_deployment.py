@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import TINY_OVERRIDES
 
 from m4fuse.commands.certs import make_certificates
 from server import checkpoint as server_ckpt
@@ -36,14 +37,13 @@ APP = Path(os.environ.get("M4FUSE_DEPLOY_TEST_APP", str(REPO)))
 BIN = Path(sys.executable).parent
 CONNECTION = "hospitals"
 SITES = ("site0", "site1")  # the synthesiser's site names for 2 sites
-#: Everything small: 2 sites x 4 cases (2 train, 1 val, 1 test) of 24x24x20 voxels, trained at
-#: 16^3 with tiny widths, 1 round of 1 epoch, no MLflow (tracking is tested elsewhere).
-OVERRIDES = (
-    "run_name=deploy-test data.sites=2 data.cases_per_site=4 data.val_fraction=0.25 "
-    "data.test_fraction=0.25 data.shape=[24,24,20] data.size=[16,16,16] data.workers=1 "
-    "model.widths=[4,4,8,8,8,8] fl.rounds=1 fl.local_epochs=1 train.batch_size=2 "
-    "train.amp=false train.augment=false tracking.enabled=false device=cpu fl.strategy=personal"
-)
+#: Everything small (engine_fixtures.TINY_OVERRIDES) with 4 cases a site (2 train, 1 val, 1
+#: test), 1 round of 1 epoch, no MLflow (tracking is tested elsewhere).
+OVERRIDES = " ".join([
+    *TINY_OVERRIDES, "run_name=deploy-test", "data.cases_per_site=4", "data.val_fraction=0.25",
+    "data.test_fraction=0.25", "data.workers=1", "fl.rounds=1", "fl.local_epochs=1",
+    "train.amp=false", "tracking.enabled=false", "fl.strategy=personal",
+])
 RUN_TIMEOUT_S = 240
 
 
@@ -263,6 +263,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         assert not leftover, f"processes left running: {leftover}"
 
 
+@pytest.mark.slow
 def test_unregistered_supernode_is_refused(federation: Federation) -> None:
     stranger = make_certificates(federation.root / "stranger", ["localhost"], ["x"])
     proc = federation.start(
@@ -346,6 +347,7 @@ def first_run(federation: Federation) -> FirstRun:
     return FirstRun(coordinator_root, overrides, history)
 
 
+@pytest.mark.slow
 def test_run_finishes_and_each_site_keeps_its_expert(federation: Federation,
                                                       first_run: FirstRun) -> None:
     # both sites reported: the coordinator's round history holds validation from both indices
@@ -376,6 +378,7 @@ def _smallest(tensors: dict[str, torch.Tensor]) -> str:
 MARK = 1.0
 
 
+@pytest.mark.slow
 def test_restarted_hospitals_resume_the_run(federation: Federation, first_run: FirstRun) -> None:
     """On loopback: after round 1, stop both SuperNodes, start them again with the same
     node config and state folders, and resume the run (same run_name and settings,
@@ -386,7 +389,7 @@ def test_restarted_hospitals_resume_the_run(federation: Federation, first_run: F
     assert server_ckpt.load(ckpt_path).server_round == 1
 
     # a restarted hospital: stop each SuperNode (with its ClientApp processes) by PID
-    for index, name in enumerate(("hospital-1", "hospital-2")):
+    for index, _name in enumerate(("hospital-1", "hospital-2")):
         old = next(p for p in federation.procs if p.name == f"supernode-{index + 1}")
         old.stop()
         assert not _alive(old.popen.pid), old.name

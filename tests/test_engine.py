@@ -25,7 +25,7 @@ from m4fuse.engine import (
     test_original_grid as score_original_grid,
 )
 from m4fuse.inference import probs_to_regions
-from m4fuse.metrics import mean_scores, region_scores
+from m4fuse.metrics import region_scores
 from m4fuse.runtime import resolve_device
 
 
@@ -181,23 +181,52 @@ def test_fedprox_pulls_only_the_given_keys() -> None:
         train_epochs(model, toy_batches(1, 1), opt, None, cfg, "cpu", prox_mu=1.0)
 
 
-def test_evaluate_matches_direct_metrics_and_restores_mode() -> None:
-    torch.manual_seed(0)
-    model = TinyNet()
+class _PredictionInInput(nn.Module):
+    """A "network" whose region logits are +-10 where the first three input channels are 1 /
+    0: the batch itself carries a hand-built prediction."""
+
+    config = SimpleNamespace(output="regions", num_experts=2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # something to place on a device
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
+        return 20.0 * (x[:, :3] - 0.5) + 0.0 * self.unused
+
+
+def _box(lo: tuple[int, int, int], hi: tuple[int, int, int], size: int = 12) -> torch.Tensor:
+    mask = torch.zeros((size,) * 3)
+    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1.0
+    return mask
+
+
+def test_evaluate_scores_a_hand_built_prediction_and_restores_mode() -> None:
+    """Two cases with known overlaps, voxels of 2 x 1 x 1 mm. Case 0: WT a 4^3 box predicted
+    one voxel deeper along axis 0 (overlap 48 of 64 + 64: Dice 0.75; the faces one voxel
+    apart are 2 mm apart and are 16 of the 56 surface voxels, so HD95 is 2 mm); TC exact;
+    ET absent in both (Dice 1, HD95 0). Case 1: WT exact; TC a 2^3 box predicted 3 x 2 x 2
+    (Dice 2 * 8 / 20 = 0.8; the extra layer 2 mm away: HD95 2 mm); ET one voxel, missed
+    (Dice 0, HD95 the empty-prediction value)."""
+    from m4fuse.metrics import EMPTY_HD95_MM
+
+    empty = torch.zeros((12,) * 3)
+    truth = [torch.stack([_box((2, 2, 2), (6, 6, 6)), _box((3, 3, 3), (5, 5, 5)), empty]),
+             torch.stack([_box((2, 2, 2), (8, 8, 8)), _box((3, 3, 3), (5, 5, 5)),
+                          _box((3, 3, 3), (4, 4, 4))])]
+    predicted = [torch.stack([_box((3, 2, 2), (7, 6, 6)), _box((3, 3, 3), (5, 5, 5)), empty]),
+                 torch.stack([_box((2, 2, 2), (8, 8, 8)), _box((3, 3, 3), (6, 5, 5)), empty])]
+    images = torch.stack([torch.cat([p, torch.zeros(1, 12, 12, 12)]) for p in predicted])
+    batch = {"image": images, "label": torch.stack(truth), "site": torch.tensor([0, 1])}
+    model = _PredictionInInput()
     model.train()
-    batches = toy_batches(3, 2)
-    out = evaluate(model, batches, "cpu", expert="site", spacing=(2.0, 1.0, 1.0))
+    out = evaluate(model, [batch], "cpu", expert="site", spacing=(2.0, 1.0, 1.0))
     assert model.training  # mode restored
-    assert out["num-examples"] == 3
-    model.eval()
-    rows = []
-    with torch.no_grad():
-        for b in batches:
-            probs = torch.sigmoid(model(b["image"], b["site"]))
-            for i in range(len(probs)):
-                rows.append(region_scores(probs_to_regions(probs[i], "regions"), b["label"][i] > 0.5,
-                                          (2.0, 1.0, 1.0)))
-    expected = mean_scores(rows)
+    assert out["num-examples"] == 2
+    expected = {"dice_wt": (0.75 + 1.0) / 2, "dice_tc": (1.0 + 0.8) / 2, "dice_et": 0.5,
+                "hd95_wt": 1.0, "hd95_tc": 1.0, "hd95_et": EMPTY_HD95_MM / 2}
+    expected["dice_mean"] = (0.875 + 0.9 + 0.5) / 3
+    expected["hd95_mean"] = (1.0 + 1.0 + EMPTY_HD95_MM / 2) / 3
     for key, value in expected.items():
         assert out[key] == pytest.approx(value, abs=1e-6), key
     assert out["loss"] > 0

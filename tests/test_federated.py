@@ -90,7 +90,27 @@ def test_server_refuses_expert_keys():
         make_strategy("personal", 2, 1.0, 1, 0.0, ["x.site_experts.0.w"])
 
 
+def _shared_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shape of every weight and buffer of ``model`` outside its site experts, counted from
+    the network's own module tree (the ``site_experts`` lists of its expert units), not from
+    the state-dict key patterns the code splits on."""
+    from m4fuse.model import ExpertUnit
+
+    in_experts = {id(t) for unit in model.modules() if isinstance(unit, ExpertUnit)
+                  for t in [*unit.site_experts.parameters(), *unit.site_experts.buffers()]}
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {name: tuple(t.shape) for name, t in named if id(t) not in in_experts}
+
+
+def _checksums(record: ArrayRecord) -> dict[str, str]:
+    """sha256 of each array's bytes: a copy of what the record holds now."""
+    import hashlib
+
+    return {k: hashlib.sha256(a.numpy().tobytes()).hexdigest() for k, a in record.items()}
+
+
 def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_path):
+    from client.weights import load_round_state
     from server.runner import initial_state
     from server.strategy import make_strategy
 
@@ -100,15 +120,17 @@ def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_pa
     held, full = initial_state(cfg)
     shared_keys, personal_keys = (set(p) for p in split_state(full))
     assert personal_keys and set(held) == shared_keys
+    shapes = _shared_shapes(settings.build_model(cfg, num_experts=1))
     start = ArrayRecord({k: v for k, v in held.items()})
     states = [RecordDict(), RecordDict()]
     replies = [client_train_round(p, start, states[p], 1, str(tmp_path)) for p in (0, 1)]
-    largest = max(v.numel() for v in full.values())
     for reply in replies:
         (record,) = reply.content.array_records.values()
-        assert set(record.keys()) == shared_keys
+        # exactly the network's weights outside the experts, each whole, nothing else
+        assert {k: tuple(a.shape) for k, a in record.items()} == shapes
+        assert sum(a.numpy().nbytes for a in record.values()) == \
+            4 * sum(int(np.prod(s)) for s in shapes.values())  # float32
         assert not any(is_personal(k) for k in record.keys())
-        assert max(int(np.prod(a.shape)) for a in record.values()) <= largest
         (metrics,) = reply.content.metric_records.values()
         assert set(metrics) == {"loss", "num-examples", "site-index", "seconds", "steps"}
         # one epoch: one optimiser step per batch of the site's training cases
@@ -117,24 +139,46 @@ def test_client_sends_only_shared_and_keeps_its_expert(monkeypatch, root, tmp_pa
     assert set(experts[0]) == personal_keys
     assert any(not torch.equal(experts[0][k], experts[1][k]) for k in personal_keys), \
         "the two sites' experts should differ after training on different data"
-    # aggregation never touches an expert: the server's result has none, the sites keep theirs
+    # each site's expert bytes, taken before the server aggregates and the next round loads
+    before = [_checksums(states[p].array_records["kept"]) for p in (0, 1)]
     strategy = make_strategy("personal", 2, 1.0, 1, 0.0, held.keys())
     aggregated, _ = strategy.aggregate_train(1, replies)
     assert set(aggregated.keys()) == shared_keys
-    after = [states[p].array_records["kept"].to_torch_state_dict() for p in (0, 1)]
-    for before, now in zip(experts, after):
-        assert all(torch.equal(before[k], now[k]) for k in personal_keys)
-    # the next round loads the aggregated shared weights and the site's own expert
-    from client.weights import load_round_state
-
-    model = settings.build_model(cfg, num_experts=1, seed=123)
-    load_round_state(model, "personal", aggregated.to_torch_state_dict(), after[1])
-    loaded = model.state_dict()
-    assert all(torch.equal(loaded[k], after[1][k]) for k in personal_keys)
     agg = aggregated.to_torch_state_dict()
-    assert all(torch.equal(loaded[k], agg[k]) for k in shared_keys)
+    # the next round at each site: the aggregated shared weights and the site's own expert,
+    # byte for byte the one it kept (a fresh network of another seed underneath)
+    for p in (0, 1):
+        kept = states[p].array_records["kept"]
+        model = settings.build_model(cfg, num_experts=1, seed=123)
+        load_round_state(model, "personal", agg, kept.to_torch_state_dict())
+        loaded = model.state_dict()
+        assert _checksums(ArrayRecord({k: loaded[k] for k in personal_keys})) == before[p]
+        assert _checksums(kept) == before[p]
+        assert all(torch.equal(loaded[k], agg[k]) for k in shared_keys)
 
 
+@pytest.mark.slow
+def test_half_the_sites_train_each_round_of_a_real_run(monkeypatch, root):
+    """``fl.fraction_train=0.5`` of 2 sites: each round the server asks one site to train and
+    evaluates both; the site that trained (the server's history) is the one whose own state
+    folder gained that round (the sites' folders keep their 2 newest trained rounds)."""
+    run = simulate(monkeypatch, root, "fl.rounds=3", "fl.fraction_train=0.5",
+                   "fl.min_train_sites=1", "run_name=half", "tracking.enabled=false")
+    history = run["history"]
+    assert [e["round"] for e in history] == [1, 2, 3]
+    trained = {e["round"]: set(map(int, e["train_by_site"])) for e in history}
+    for entry in history:
+        assert len(trained[entry["round"]]) == 1, trained
+        assert set(map(int, entry["val_by_site"])) == {0, 1}
+    for index in (0, 1):
+        rounds = [r for r in sorted(trained) if index in trained[r]]
+        folder = run["dir"] / "clients" / f"site{index}"
+        on_disk = sorted(int(p.stem.rsplit("-r", 1)[1])
+                         for p in folder.glob("site-state-r*.pt")) if folder.is_dir() else []
+        assert on_disk == rounds[-2:], (index, trained, on_disk)
+
+
+@pytest.mark.slow
 def test_two_site_simulation_then_resume(monkeypatch, root):
     first = simulate(monkeypatch, root, "fl.rounds=2", "run_name=sim")
     assert [e["round"] for e in first["history"]] == [1, 2]

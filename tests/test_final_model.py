@@ -237,10 +237,12 @@ def test_assemble_command_adds_the_sites_folders_to_the_servers_part(tmp_path, m
     assert main(["model", "assemble", str(run)]) == 0
     assert "2 site(s) (siteA, siteB)" in capsys.readouterr().out
     assembled = load_checkpoint(run)
-    reference = load_checkpoint(save_final_model(tmp_path / "ref.ckpt", CONFIG,
-                                                 "personal-norm-ft", held, initial,
-                                                 {**folders, "siteC": None}, size=SIZE))
-    assert assembled.metadata == reference.metadata
+    # written out by hand: the server's strategy and site list, and from the two folders the
+    # round of each kept state (3) and the training cases where recorded (siteA's 4)
+    assert assembled.metadata == {"strategy": "personal-norm-ft",
+                                  "sites": ["siteA", "siteB", "siteC"],
+                                  "site_rounds": {"siteA": 3, "siteB": 3},
+                                  "site_cases": {"siteA": 4}}
     for site in ("siteA", "siteB"):
         got = build_model(assembled, site)[0].state_dict()
         assert all(torch.equal(got[k], v) for k, v in models[site].state_dict().items())

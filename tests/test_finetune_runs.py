@@ -8,14 +8,12 @@ import json
 
 import pytest
 import torch
+from engine_fixtures import TINY_OVERRIDES
 
 from m4fuse import provision, settings
 
-TINY = [
-    "data.sites=2", "data.cases_per_site=5", "data.shape=[24,24,20]", "data.size=[16,16,16]",
-    "model.widths=[4,8,8,8,8,8]", "train.augment=false", "device=cpu", "fl.rounds=1",
-    "fl.local_epochs=1", "tracking.enabled=false", "fl.strategy=personal", "run_name=cmp",
-]
+TINY = [*TINY_OVERRIDES, "fl.rounds=1", "fl.local_epochs=1", "tracking.enabled=false",
+        "fl.strategy=personal", "run_name=cmp"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +26,7 @@ def compared(tmp_path_factory):
     return root, root / "runs" / "cmp" / "comparison.json"
 
 
+@pytest.mark.slow
 def test_fedavg_plus_whole_model_finetuning_is_a_new_default_mode(compared, monkeypatch,
                                                                      capsys):
     from m4fuse import site_steps
@@ -91,6 +90,7 @@ def test_fedavg_plus_whole_model_finetuning_is_a_new_default_mode(compared, monk
     assert "| fedavg+ft-all | fedavg | all |" in text and "Offline fine-tuning" in text
 
 
+@pytest.mark.slow
 def test_bad_input_fails_naming_the_file_or_key(compared, tmp_path):
     from simulations.finetune_runs import main
 

@@ -149,6 +149,7 @@ def test_problems_found_in_leaking_replies(tmp_path):
     assert reply_problems(evaluate, shared, volume)
 
 
+@pytest.mark.slow
 def test_whole_run_sends_only_shared_arrays_and_numbers(monkeypatch, tmp_path):
     args = [f"root={tmp_path / 'root'}", *TINY, "fl.rounds=2", "run_name=leak"]
     cfg, _, entries = simulate_recorded(app, args, RECORD_ENV, tmp_path / "replies", monkeypatch)
@@ -169,6 +170,7 @@ def _arrays_of(entries: list[dict], kind: str) -> list[set[str]]:
             if e["type"] == kind and "arrays" in e["records"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "local"])
 def test_every_strategy_runs_through_the_apps(monkeypatch, tmp_path, strategy):
     """fedavg, fedprox and local through the real ServerApp and ClientApp (2 sites, 1 round):

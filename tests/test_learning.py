@@ -21,6 +21,7 @@ SITE = ["data.sites=1", "data.cases_per_site=8", "data.shape=[24,24,20]", "data.
         "train.batch_size=2", "train.augment=false", "device=cpu", "tracking.enabled=false"]
 
 
+@pytest.mark.slow  # trains to a Dice threshold: tens of seconds
 @pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_m4fuse_learns_to_segment_a_synthetic_site(tmp_path) -> None:
     cfg = settings.compose("config", [f"root={tmp_path}", *SITE])

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+@pytest.mark.slow  # a fresh interpreter imports Flower, Opacus and the apps
 def test_a_flower_line_is_printed_once_after_the_apps_are_imported() -> None:
     code = textwrap.dedent("""
         import client.app, server.app   # import Opacus and configure logging

@@ -8,7 +8,10 @@ import math
 
 import numpy as np
 import pytest
+from flwr.serverapp.strategy import FedAdam, FedAvgM, Krum, MultiKrum
 
+from m4fuse import settings
+from m4fuse.aggregation import aggregation_settings, krum_needed
 from server.robust import (
     QuorumError,
     check_quorum,
@@ -18,10 +21,6 @@ from server.robust import (
     screen_updates,
     update_norm,
 )
-from flwr.serverapp.strategy import FedAdam, FedAvgM, Krum, MultiKrum
-
-from m4fuse import settings
-from m4fuse.aggregation import aggregation_settings, krum_needed
 from server.strategy import make_combiner, make_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

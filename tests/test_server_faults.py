@@ -59,6 +59,7 @@ def simulate(monkeypatch, args: list[str], client_app=None) -> Path:
     return workspace.run_dir(settings.compose("config", args))
 
 
+@pytest.mark.slow
 def test_nan_update_dropped_and_crash_tolerated(monkeypatch, root):
     args = [f"root={root}", *TINY, "run_name=faults", "fl.rounds=2", "fl.min_sites=1",
             "+fl.faults={site1:{nan_round:1},site0:{crash_round:2}}"]
@@ -92,6 +93,7 @@ def test_nan_update_dropped_and_crash_tolerated(monkeypatch, root):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_too_few_sites_stop_the_run_then_resume(monkeypatch, root, tmp_path):
     from server.robust import QuorumError
 

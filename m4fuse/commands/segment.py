@@ -186,10 +186,9 @@ def segment_case(
 
     from m4fuse.checkpoint import build_model, load_checkpoint
     from m4fuse.data import preprocess_case, restore_to_original
+    from m4fuse.data.guard import check_outside
     from m4fuse.inference import output_mode, predict_probs, probs_to_regions
     from m4fuse.regions import ET_LABELS, regions_to_labels
-
-    from m4fuse.data.guard import check_outside
 
     out = Path(out)
     if not out.name.endswith(NIFTI_SUFFIXES):

@@ -3,7 +3,8 @@
 It loads the federation's model, adds a fresh expert for itself (``model.add_expert()``, which
 starts as the shared model), fine-tunes only that expert (and the non-expert part of the
 federation's personal set, e.g. norm layers, which start from the mean of the sites' own;
-:mod:`m4fuse.state`) on k of its own training cases with the shared weights frozen, scores the shared model alone and the fine-tuned one on
+:mod:`m4fuse.state`) on k of its own training cases with the shared weights frozen, scores
+the shared model alone and the fine-tuned one on
 its test cases, and writes a checkpoint holding its expert (usable with ``m4fuse segment
 --site NAME``). The work is done by :func:`m4fuse.newsite.join_site`.
 """

@@ -1,9 +1,24 @@
 """BraTS data (2019/2020, 2021, 2023+ layouts), sites and splits, preprocessing cache,
 training loader, and the synthetic multi-site set (docs/interfaces.md, "Data")."""
 
-from m4fuse.data.cache import CaseRecord, PrepareError, PrepareReport, load_records, prepare_dataset, read_index
-from m4fuse.data.layout import MODALITIES, MODALITIES_2023, CaseFiles, DataError, discover_cases, institution_of
+from m4fuse.data.cache import (
+    CaseRecord,
+    PrepareError,
+    PrepareReport,
+    load_records,
+    prepare_dataset,
+    read_index,
+)
+from m4fuse.data.layout import (
+    MODALITIES,
+    MODALITIES_2023,
+    CaseFiles,
+    DataError,
+    discover_cases,
+    institution_of,
+)
 from m4fuse.data.loader import PreparedCaseDataset, make_loader, train_transforms
+from m4fuse.data.partition import read_site_csv, write_partition_csv
 from m4fuse.data.preprocess import (
     DEFAULT_SIZE,
     PREPROCESS_VERSION,
@@ -12,7 +27,6 @@ from m4fuse.data.preprocess import (
     preprocess_label,
     restore_to_original,
 )
-from m4fuse.data.partition import read_site_csv, write_partition_csv
 from m4fuse.data.sites import (
     SiteSplit,
     institution_sites,

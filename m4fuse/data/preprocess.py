@@ -75,7 +75,8 @@ def load_volume(path: str | os.PathLike, case_id: str) -> tuple[np.ndarray, np.n
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated gzip: EOFError / zlib.error / OSError
-        raise DataError(case_id, path, f"cannot read voxel data, truncated or corrupt ({type(err).__name__}: {err})") from None
+        raise DataError(case_id, path, "cannot read voxel data, truncated or corrupt "
+                        f"({type(err).__name__}: {err})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -206,7 +207,8 @@ def preprocess_label(seg_path: str | os.PathLike, meta: Mapping[str, Any], et_la
     seg_path = Path(seg_path)
     label, affine = load_volume(seg_path, case_id)
     if list(label.shape) != list(meta["original_shape"]):
-        raise DataError(case_id, seg_path, f"shape {label.shape} differs from the images' {tuple(meta['original_shape'])}")
+        raise DataError(case_id, seg_path,
+                        f"shape {label.shape} differs from the images' {tuple(meta['original_shape'])}")
     if not np.allclose(affine, np.asarray(meta["affine"]), atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
         raise DataError(case_id, seg_path, "affine differs from that of the images")
     allowed = valid_labels(et_label)

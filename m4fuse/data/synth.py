@@ -350,7 +350,8 @@ def _healthy_head(shape: tuple[int, ...], rng: np.random.Generator,
     csf = brain & (depth_mm < (5 + 2 * atrophy) * mm) & (fold > 1.15 - 0.4 * atrophy)  # sulci
     csf |= brain & (np.abs(q[0]) < (0.8 + 0.8 * atrophy) * mm) & (q[2] > -0.2 * axes[2])  # fissure
     for side in (-1, 1):  # deep grey nuclei
-        gm |= _ellipsoid(q, (side * 0.26 * axes[0], -0.05 * axes[1], 0.0), (0.1 * axes[0], 0.18 * axes[1], 0.15 * axes[2])) < 1
+        gm |= _ellipsoid(q, (side * 0.26 * axes[0], -0.05 * axes[1], 0.0),
+                         (0.1 * axes[0], 0.18 * axes[1], 0.15 * axes[2])) < 1
     bend = 0.12 * axes[2] * (q[1] / axes[1]) ** 2
     vent_scale = 0.75 + 0.8 * atrophy
     vent = np.zeros(shape, bool)
@@ -365,7 +366,8 @@ def _healthy_head(shape: tuple[int, ...], rng: np.random.Generator,
         near_vent |= e < 2.2
         plexus |= _ellipsoid(q, (side * 0.12 * axes[0], -0.2 * axes[1], 0.12 * axes[2]),
                              (0.05 * s * axes[0] + 0.5, 0.08 * axes[1], 0.06 * s * axes[2] + 0.5)) < 1
-    vent |= _ellipsoid(q, (0, -0.05 * axes[1], -0.05 * axes[2]), ((0.02 * axes[0] + 0.5) * vent_scale, 0.15 * axes[1], 0.1 * axes[2])) < 1
+    vent |= _ellipsoid(q, (0, -0.05 * axes[1], -0.05 * axes[2]),
+                       ((0.02 * axes[0] + 0.5) * vent_scale, 0.15 * axes[1], 0.1 * axes[2])) < 1
     csf |= vent
     tissue = np.zeros(shape, np.uint8)  # 0 bg, 1 wm, 2 gm, 3 csf
     tissue[brain] = 1
@@ -443,7 +445,8 @@ def _tumour(shape: tuple[int, ...], rng: np.random.Generator, head: _Head, acq: 
                 for _ in range(int(rng.integers(1, 3))):
                     centre = core_idx[int(rng.integers(len(core_idx)))]
                     r = max(foci[0].radius * rng.uniform(0.2, 0.4), 1.2)
-                    ball = sum((np.arange(s, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)]) - centre[k]) ** 2
+                    ball = sum((np.arange(s, dtype=np.float32).reshape(
+                        [-1 if i == k else 1 for i in range(3)]) - centre[k]) ** 2
                                for k, s in enumerate(shape)) < r * r
                     label[ball & tc] = 4
         # the rest of the core: necrosis in the centre, non-enhancing tumour towards the edge
@@ -509,7 +512,8 @@ def _acquire(images: np.ndarray, rng: np.random.Generator, head: _Head,
         if moved:
             img = img + ghost * np.roll(img, shape[1] // 2, axis=1)
             odd = img[:, :, 1::2]
-            img[:, :, 1::2] = (1 - shift % 1) * np.roll(odd, int(shift), axis=1) + (shift % 1) * np.roll(odd, int(shift) + 1, axis=1)
+            img[:, :, 1::2] = ((1 - shift % 1) * np.roll(odd, int(shift), axis=1)
+                               + (shift % 1) * np.roll(odd, int(shift) + 1, axis=1))
         gamma = acq["gamma"][m] * rng.uniform(0.97, 1.03)
         img = np.clip(img, 0, None) ** gamma * bias
         n1, n2 = rng.standard_normal((2,) + shape).astype(np.float32) * acq["noise"]

@@ -38,6 +38,7 @@ run's own ``sites.csv``; a difference is reported, never hidden.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import shlex
@@ -442,13 +443,21 @@ def merged_from_lines(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def read_comparison(path: Path | str) -> dict[str, Any]:
+    """A written ``comparison.json``, or its gzip-compressed copy ``comparison.json.gz`` (a
+    committed results source: the per-case rows compress about sevenfold)."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return json.loads(raw)
+
+
 def report_text(path: Path | str) -> str:
     """The Markdown report of a written ``comparison.json`` (what ``--report`` prints, and what
     :func:`write_report` wrote beside it as ``comparison.md``)."""
     try:
-        summary = json.loads(Path(path).read_text())["summary"]
+        summary = read_comparison(path)["summary"]
         return "\n".join(report_lines(str(summary["name"]), summary)) + "\n"
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a readable comparison.json ({type(err).__name__}: "
                          f"{err}); give the comparison.json a comparison or a --merge "
                          "wrote") from None
@@ -872,8 +881,8 @@ def _load_mergeable(paths: Sequence[Path | str]) -> tuple[list[tuple[Path, dict[
     for entry in paths:
         path, _, suffix = str(entry).partition("#")
         try:
-            payload = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            payload = read_comparison(path)
+        except (OSError, EOFError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read comparison {path}: {err}") from None
         if suffix:
             payload = _rename_modes(payload, suffix)

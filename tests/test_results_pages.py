@@ -30,8 +30,11 @@ PAGES = sorted(p for p in RESULTS.glob("*.md") if p.name != "README.md")
 
 
 def source_of(page: Path) -> Path:
-    """The comparison a results page is generated from: ``<name>/comparison.json`` beside it."""
-    return page.with_suffix("") / "comparison.json"
+    """The comparison a results page is generated from: ``<name>/comparison.json`` beside it,
+    or its gzip-compressed copy ``<name>/comparison.json.gz``."""
+    folder = page.with_suffix("")
+    packed = folder / "comparison.json.gz"
+    return packed if packed.is_file() else folder / "comparison.json"
 
 
 def test_there_is_a_page_to_check() -> None:
@@ -67,6 +70,16 @@ def test_the_page_carries_its_provenance_and_numbers_from_the_rows() -> None:
     cell = f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
     local_line = next(line for line in text.splitlines() if line.startswith("| local |"))
     assert local_line.split(" | ")[2] == cell
+
+
+def test_a_gzipped_source_gives_the_same_page(tmp_path, capsys) -> None:
+    import gzip
+
+    source = source_of(RESULTS / "example.md")
+    packed = tmp_path / "comparison.json.gz"
+    packed.write_bytes(gzip.compress(source.read_bytes()))
+    assert compare.main(["--report", str(packed)]) == 0
+    assert capsys.readouterr().out == (RESULTS / "example.md").read_text()
 
 
 def test_a_comparison_without_provenance_reads_unknown(tmp_path, capsys) -> None:

@@ -7,7 +7,7 @@ pairs the cases of two modes by ``(seed, site, case)`` and packs the result into
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,23 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     sd = float(np.std(data, ddof=1)) if data.size > 1 else float("nan")
     return float(np.mean(data)), sd, int(data.size)
+
+
+def seed_summary(rows: Sequence[Mapping[str, Any]], mode: str, seeds: Iterable[Any],
+                 sites: Iterable[str] | None = None,
+                 score: Callable[[Mapping[str, Any]], float] = case_score) -> dict[str, Any]:
+    """One cell of a comparison table: per seed the mean ``score`` over the cases of ``mode``
+    (at ``sites``; None: every site), then mean and sd over the seeds that have cases:
+    ``{"mean", "sd", "n_seeds", "per_seed": {seed: mean}}`` (None where not finite)."""
+    keep = None if sites is None else set(sites)
+    per_seed = {}
+    for seed in seeds:
+        scores = [score(r) for r in rows if r["mode"] == mode and r["seed"] == seed
+                  and (keep is None or r["site"] in keep)]
+        if scores:
+            per_seed[str(seed)] = float(np.mean(scores))
+    mean, sd, n = mean_sd(per_seed.values())
+    return {"mean": _f(mean), "sd": _f(sd), "n_seeds": n, "per_seed": per_seed}
 
 
 def pair_cases(rows: Sequence[Mapping[str, Any]], mode_a: str, mode_b: str,

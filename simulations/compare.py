@@ -57,7 +57,7 @@ import torch
 from m4fuse import provision, runtime, settings, workspace
 from m4fuse.crosssite import LESION_CASE_KEYS, SCORE_KEYS, heatmap, matrix, score_cases
 from m4fuse.crosssite import markdown as matrix_markdown
-from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
+from m4fuse.stats import case_score, pair_cases, paired_test, seed_summary
 from simulations import skewed
 
 BASELINES: tuple[str, ...] = ("pooled", "local")
@@ -182,15 +182,7 @@ def site_table(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: S
     for mode in modes:
         out[mode] = {}
         for site in [*sites, "mean"]:
-            per_seed = {}
-            for seed in seeds:
-                scores = [case_score(r) for r in rows if r["mode"] == mode and r["seed"] == seed
-                          and (site == "mean" or r["site"] == site)]
-                if scores:
-                    per_seed[str(seed)] = float(np.mean(scores))
-            mean, sd, n = mean_sd(per_seed.values())
-            out[mode][site] = {"mean": _finite(mean), "sd": _finite(sd), "n_seeds": n,
-                               "per_seed": per_seed}
+            out[mode][site] = seed_summary(rows, mode, seeds, None if site == "mean" else [site])
     return out
 
 
@@ -386,16 +378,9 @@ def lesion_tables(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds
         for mode in modes:
             out[metric][mode] = {}
             for site in [*sites, "mean"]:
-                per_seed = {}
-                for seed in seeds:
-                    scores = [float(np.mean([r[k] for k in keys])) for r in rows
-                              if r["mode"] == mode and r["seed"] == seed
-                              and (site == "mean" or r["site"] == site)]
-                    if scores:
-                        per_seed[str(seed)] = float(np.mean(scores))
-                mean, sd, n = mean_sd(per_seed.values())
-                out[metric][mode][site] = {"mean": _finite(mean), "sd": _finite(sd),
-                                           "n_seeds": n, "per_seed": per_seed}
+                out[metric][mode][site] = seed_summary(
+                    rows, mode, seeds, None if site == "mean" else [site],
+                    score=lambda r, keys=keys: float(np.mean([r[k] for k in keys])))
     return out
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from m4fuse.stats import case_score, mean_sd, pair_cases, paired_test
+from m4fuse.stats import pair_cases, paired_test, seed_summary
 
 #: The goals of a skewed federation and their thresholds (mean test Dice, over seeds):
 #: ``small_max_cases``: a site with at most this many training cases is "small";
@@ -155,15 +155,7 @@ def group_table(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: 
     for group, sites in groups.items():
         out[group] = {}
         for mode in modes:
-            per_seed = {}
-            for seed in seeds:
-                scores = [case_score(r) for r in rows if r["mode"] == mode
-                          and r["seed"] == seed and r["site"] in sites]
-                if scores:
-                    per_seed[str(seed)] = float(np.mean(scores))
-            mean, sd, n = mean_sd(per_seed.values())
-            out[group][mode] = {"mean": _finite(mean), "sd": _finite(sd), "n_seeds": n,
-                                "per_seed": per_seed}
+            out[group][mode] = seed_summary(rows, mode, seeds, sites)
     return out
 
 
@@ -189,10 +181,6 @@ def steps_of_history(history: Sequence[Mapping[str, Any]], names: Sequence[str]
     from m4fuse.report import optimiser_steps
 
     return optimiser_steps(history, names)
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
 
 
 def _mean_over(entry: Mapping[str, Any] | None, seeds: set[str]) -> float | None:

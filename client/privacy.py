@@ -74,6 +74,11 @@ class PrivacyBudgetExhausted(RuntimeError):
     """The site's accountant already used the steps its target ε was planned for."""
 
 
+class PrivacyPlanError(ValueError):
+    """A target ε (or sampling rate) that the planned steps cannot meet; one line naming the
+    setting and what would meet it."""
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -98,6 +103,14 @@ class PrivacyConfig:
         secure_rng: cryptographically secure noise and sampling (Opacus ``secure_mode``; needs
             the ``torchcsprng`` package, seeds are then refused). Default False: torch's PRNG,
             fine for experiments, not for a deployment that claims the guarantee.
+        expected_batch: expected Poisson batch (default None: ``train.batch_size``, sampling
+            rate ``1 / ceil(n / batch_size)`` as before). An integer: sampling rate
+            ``expected_batch / n`` for a site of n training cases (at most n), and
+            ``round(n / expected_batch)`` steps per local epoch.
+        lr: learning rate of DP-SGD training (default None: ``train.lr``); the noise calls
+            for its own.
+        max_noise_multiplier: the largest σ a target ε may plan (default 10.0); a target that
+            needs more fails before training (:func:`plan_site`).
     """
 
     enabled: bool = False
@@ -107,6 +120,9 @@ class PrivacyConfig:
     delta: float | None = None
     accountant: str = "rdp"
     secure_rng: bool = False
+    expected_batch: int | None = None
+    lr: float | None = None
+    max_noise_multiplier: float = 10.0
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -129,6 +145,18 @@ class PrivacyConfig:
             raise ValueError(f"delta must be None or in (0, 1), got {self.delta!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.expected_batch is not None and (
+            isinstance(self.expected_batch, bool) or not isinstance(self.expected_batch, int)
+            or self.expected_batch < 1
+        ):
+            raise ValueError(f"privacy.expected_batch must be null or an integer >= 1, got "
+                             f"{self.expected_batch!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"privacy.lr must be null or a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.max_noise_multiplier, (int, float))
+                and 0 < self.max_noise_multiplier < math.inf):
+            raise ValueError(f"privacy.max_noise_multiplier must be a finite number > 0, got "
+                             f"{self.max_noise_multiplier!r}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> PrivacyConfig:
@@ -162,6 +190,124 @@ def resolve_delta(config: PrivacyConfig, n_cases: int) -> float:
     if not isinstance(n_cases, int) or isinstance(n_cases, bool) or n_cases < 1:
         raise ValueError(f"n_cases must be an int >= 1, got {n_cases!r}")
     return float(config.delta) if config.delta is not None else 1.0 / (10 * n_cases)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def sample_rate_of(config: PrivacyConfig, n_cases: int, batch_size: int, site: str = "") -> float:
+    """Poisson sampling rate q of a site with ``n_cases`` training cases.
+
+    ``privacy.expected_batch`` null: ``1 / ceil(n / batch_size)`` (one epoch of
+    ``ceil(n / batch_size)`` batches, as before the key existed). An integer b: ``b / n``;
+    b above n is refused (a rate above 1 is not a sampling rate), naming the key.
+    """
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be >= 1, got {n_cases}")
+    if config.expected_batch is None:
+        return 1.0 / math.ceil(n_cases / int(batch_size))
+    if config.expected_batch > n_cases:
+        where = f" of site {site}" if site else ""
+        raise PrivacyPlanError(
+            f"privacy.expected_batch={config.expected_batch} exceeds the {n_cases} training "
+            f"cases{where}: the sampling rate would be {config.expected_batch / n_cases:.2f} > 1; "
+            f"set privacy.expected_batch <= {n_cases}")
+    return config.expected_batch / n_cases
+
+
+def steps_per_round(config: PrivacyConfig, n_cases: int, batch_size: int, local_epochs: int,
+                    local_steps: int | None) -> int:
+    """DP-SGD steps a site takes per round: ``fl.local_steps`` when set, else
+    ``local_epochs`` epochs of ``round(1 / q)`` steps (``ceil(n / batch_size)`` with
+    ``expected_batch`` null)."""
+    if local_steps is not None:
+        return int(local_steps)
+    if config.expected_batch is None:
+        return int(local_epochs) * math.ceil(n_cases / int(batch_size))
+    return int(local_epochs) * max(1, round(n_cases / config.expected_batch))
+
+
+def _epsilon_after(sigma: float, sample_rate: float, steps: int, delta: float,
+                   mechanism: str) -> float:
+    accountant = create_accountant(mechanism=mechanism)
+    accountant.history = [(float(sigma), float(sample_rate), int(steps))]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def largest_steps(target_epsilon: float, delta: float, sample_rate: float, sigma: float,
+                  mechanism: str, upper: int) -> int:
+    """The largest number of steps k <= ``upper`` at ``sigma`` and ``sample_rate`` whose ε
+    stays within ``target_epsilon`` (0 when not even one does); bisection on k, ε growing
+    with k."""
+    if _epsilon_after(sigma, sample_rate, 1, delta, mechanism) > target_epsilon:
+        return 0
+    low, high = 1, int(upper)
+    if _epsilon_after(sigma, sample_rate, high, delta, mechanism) <= target_epsilon:
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _epsilon_after(sigma, sample_rate, mid, delta, mechanism) <= target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """A site's DP-SGD plan for the whole run (:func:`plan_site`).
+
+    Attributes:
+        noise_multiplier: σ (the given one, or planned from ``target_epsilon``).
+        sample_rate: Poisson rate q.
+        delta: δ.
+        steps_per_round: DP-SGD steps per round.
+        total_steps: steps over the run (rounds × steps per round); the accountant's horizon.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    steps_per_round: int
+    total_steps: int
+
+
+def plan_site(config: PrivacyConfig, n_cases: int, *, batch_size: int, rounds: int,
+              local_epochs: int, local_steps: int | None = None, site: str = "") -> DPPlan:
+    """Plan one site's DP-SGD over every step it will take in the run.
+
+    With ``target_epsilon``, σ is Opacus ``get_noise_multiplier`` for q, δ and ``rounds ×
+    steps_per_round`` steps (no step outside DP-SGD: the strategies that fine-tune after the
+    last round are refused under DP). A target that needs σ above
+    ``max_noise_multiplier`` raises :class:`PrivacyPlanError` naming
+    ``privacy.target_epsilon``, the σ it would need and the largest number of steps that
+    meets it at ``max_noise_multiplier``.
+    """
+    delta = resolve_delta(config, n_cases)
+    q = sample_rate_of(config, n_cases, batch_size, site)
+    per_round = steps_per_round(config, n_cases, batch_size, local_epochs, local_steps)
+    total = int(rounds) * per_round
+    if config.target_epsilon is None:
+        return DPPlan(float(config.noise_multiplier), q, delta, per_round, total)
+    target = float(config.target_epsilon)
+    try:
+        sigma: float | None = float(get_noise_multiplier(
+            target_epsilon=target, target_delta=delta, sample_rate=q, steps=total,
+            accountant=config.accountant, epsilon_tolerance=0.01))
+    except ValueError:  # Opacus: "The privacy budget is too low." (σ above its MAX_SIGMA)
+        sigma = None
+    bound = float(config.max_noise_multiplier)
+    if sigma is None or sigma > bound:
+        fits = largest_steps(target, delta, q, bound, config.accountant, total)
+        where = f" at site {site}" if site else ""
+        needs = f"σ={sigma:.2f}" if sigma is not None else f"σ > {MAX_PLANNED_SIGMA:.0f}"
+        raise PrivacyPlanError(
+            f"privacy.target_epsilon={target:g} cannot be met{where} ({n_cases} training "
+            f"cases, δ={delta:.2g}, sampling rate {q:.3g}, {total} steps = {rounds} rounds x "
+            f"{per_round}): it needs {needs}, above privacy.max_noise_multiplier={bound:g}; at "
+            f"σ={bound:g} at most {fits} steps meet it (fewer fl.rounds or fl.local_steps), or "
+            "raise privacy.target_epsilon or lower privacy.expected_batch")
+    return DPPlan(sigma, q, delta, per_round, total)
 
 
 # --------------------------------------------------------------------------- model
@@ -298,19 +444,26 @@ def _empty_like(value: Any) -> Any:
     raise TypeError(f"cannot build an empty batch entry from {type(value).__name__}")
 
 
-def poisson_loader(loader: DataLoader, generator: torch.Generator | None = None) -> DataLoader:
+def poisson_loader(loader: DataLoader, generator: torch.Generator | None = None,
+                   sample_rate: float | None = None) -> DataLoader:
     """The same dataset and collate, batches drawn by Poisson sampling.
 
-    ``q = 1 / len(loader)`` (the expected batch is the original batch size) and
-    ``len(loader)`` batches per epoch, as Opacus' ``DPDataLoader`` does; empty batches are
+    ``sample_rate`` None (default): ``q = 1 / len(loader)`` (the expected batch is the
+    original batch size) and ``len(loader)`` batches per epoch, as Opacus' ``DPDataLoader``
+    does. A given rate q: ``max(1, round(1 / q))`` batches per epoch. Empty batches are
     possible (probability ``(1 - q)^n`` per step).
     """
     steps = len(loader)
     if steps < 1:
         raise ValueError("the loader has no batches (no training cases)")
+    if sample_rate is None:
+        sample_rate = 1.0 / steps
+    else:
+        steps = max(1, round(1.0 / sample_rate))
     dataset = loader.dataset
     sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset), sample_rate=1.0 / steps, generator=generator, steps=steps
+        num_samples=len(dataset), sample_rate=float(sample_rate), generator=generator,
+        steps=steps
     )
     extra: dict[str, Any] = {}
     if loader.num_workers > 0:
@@ -474,22 +627,28 @@ def _generators(config: PrivacyConfig, engine: PrivacyEngine, model: M4Fuse, see
 
 
 def _noise_multiplier(config: PrivacyConfig, engine: PrivacyEngine, delta: float,
-                      sample_rate: float, total_epochs: int | None, steps_per_epoch: int
-                      ) -> tuple[float, int | None]:
+                      sample_rate: float, total_epochs: int | None, steps_per_epoch: int,
+                      total_steps: int | None = None) -> tuple[float, int | None]:
     """``(σ, planned steps)``: ``noise_multiplier`` as given (no plan), or with
     ``target_epsilon`` the σ planned on what is left of the budget after the restored history
-    (:func:`plan_noise_multiplier`)."""
+    (:func:`plan_noise_multiplier`) for ``total_steps`` steps (default None:
+    ``total_epochs × steps_per_epoch``)."""
     if config.target_epsilon is None:
         return float(config.noise_multiplier), None
-    if not isinstance(total_epochs, int) or total_epochs < 1:
+    if total_steps is not None:
+        planned, horizon = int(total_steps), f"{int(total_steps)} steps"
+    elif not isinstance(total_epochs, int) or total_epochs < 1:
         raise ValueError(f"target_epsilon needs total_epochs >= 1 (rounds × local epochs), "
                          f"got {total_epochs!r}")
-    planned = total_epochs * steps_per_epoch
+    else:
+        planned, horizon = total_epochs * steps_per_epoch, f"{total_epochs} epochs"
     done = _history_steps(engine.accountant)
     if done >= planned:
+        spent = float(engine.accountant.get_epsilon(delta=delta)) if done else 0.0
         raise PrivacyBudgetExhausted(
-            f"site has taken {done} DP steps, the budget ε={config.target_epsilon} "
-            f"(δ={delta:.3g}) was planned for {planned} ({total_epochs} epochs)"
+            f"privacy budget spent (ε={spent:.2f}, δ={delta:.2g}): the site has taken {done} "
+            f"DP steps, privacy.target_epsilon={config.target_epsilon:g} was planned for "
+            f"{planned} ({horizon}); it refuses to train this round"
         )
     sigma = plan_noise_multiplier(
         float(config.target_epsilon), delta, sample_rate, planned - done,
@@ -509,6 +668,8 @@ def make_private_training(
     expert_index: int = 0,
     n_cases: int | None = None,
     seed: int | None = None,
+    total_steps: int | None = None,
+    sample_rate: float | None = None,
 ) -> PrivateTraining:
     """Wrap a site's model, optimiser and loader for DP-SGD with Opacus' ``make_private``.
 
@@ -526,6 +687,11 @@ def make_private_training(
         n_cases: training cases for the δ rule (default ``len(loader.dataset)``).
         seed: seeds noise and sampling (default None: fresh randomness); refused with
             ``secure_rng``.
+        total_steps: DP steps over the whole run (default None: ``total_epochs`` epochs);
+            the horizon of ``target_epsilon`` (:func:`plan_site`'s ``total_steps``).
+        sample_rate: Poisson rate q (default None: ``1 / len(loader)``), e.g.
+            :func:`sample_rate_of` with ``privacy.expected_batch``; the accountant and the
+            optimiser's gradient average use it.
 
     Raises:
         PrivacyBudgetExhausted: with ``target_epsilon``, when the restored history already
@@ -541,10 +707,12 @@ def make_private_training(
     prepare_for_opacus(model)
     engine = _privacy_engine(config, accountant_state)
     generator, noise_generator = _generators(config, engine, model, seed)
-    dp_loader = poisson_loader(loader, generator)
-    sample_rate = 1.0 / len(dp_loader)
+    custom_rate = sample_rate is not None
+    dp_loader = poisson_loader(loader, generator, sample_rate)
+    if sample_rate is None:
+        sample_rate = 1.0 / len(dp_loader)
     sigma, planned = _noise_multiplier(config, engine, delta, sample_rate, total_epochs,
-                                       len(dp_loader))
+                                       len(dp_loader), total_steps)
     module, dp_optimizer, _ = engine.make_private(
         module=site_model,
         optimizer=optimizer,
@@ -555,6 +723,12 @@ def make_private_training(
         noise_generator=noise_generator,
     )
     module.forbid_grad_accumulation()  # what make_private does when it builds the loader
+    if custom_rate:
+        # make_private takes q = 1 / len(loader); with a given q (len = round(1 / q)) the
+        # accountant and the average of the noisy sum use the true q and n·q instead.
+        dp_optimizer.expected_batch_size = sample_rate * len(loader.dataset)
+        dp_optimizer.attach_step_hook(
+            engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return PrivateTraining(
         module=module, optimizer=dp_optimizer, loader=dp_loader, engine=engine, model=model,
         noise_multiplier=sigma, delta=delta, sample_rate=sample_rate, planned_steps=planned,

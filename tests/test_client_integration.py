@@ -86,7 +86,7 @@ def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, 
     from client.app import ACCOUNTANT_RECORD
     from m4fuse.site_state import ACCOUNTANT_FILE
 
-    _, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp")
+    _, start = _use(monkeypatch, root, "privacy.enabled=true", "run_name=dp")
     state = RecordDict()
     first = client_train_round(0, start, state, 1, str(tmp_path))
     m1 = _metrics(first)
@@ -131,7 +131,7 @@ def test_dp_epsilon_matches_opacus_and_a_restarted_client_continues_it(
 
     from m4fuse import provision
 
-    cfg, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp-oracle")
+    cfg, start = _use(monkeypatch, root, "privacy.enabled=true", "run_name=dp-oracle")
     split = provision.load_sites(cfg)
     n_train = [len(split[name]["train"]) for name in provision.site_names(split)]
     batch = int(cfg.train.batch_size)

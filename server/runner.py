@@ -181,7 +181,7 @@ def prepare_run(grid: Grid, cfg: DictConfig) -> list[str]:
 
 def check_privacy_plan(cfg: DictConfig, names: list[str]) -> None:
     """Under ``privacy.enabled``, plan every site's DP-SGD before round 1
-    (:func:`client.privacy.plan_site`): a target ε the planned steps cannot meet, or an
+    (:func:`m4fuse.dp_plan.plan_site`): a target ε the planned steps cannot meet, or an
     expected batch above a site's cases, stops the run here in one line instead of at the
     sites. Skipped on a coordinator that holds no data (``fl.site_names``): the sites then
     check at their first round."""
@@ -190,7 +190,7 @@ def check_privacy_plan(cfg: DictConfig, names: list[str]) -> None:
         return
     from omegaconf import OmegaConf
 
-    from client.privacy import PrivacyConfig, plan_site
+    from m4fuse.dp_plan import PrivacyConfig, plan_site
 
     privacy = PrivacyConfig.from_mapping(OmegaConf.to_container(group, resolve=True))
     split = provision.load_sites(cfg)

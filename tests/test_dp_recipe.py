@@ -297,3 +297,26 @@ def test_the_public_reference_set_draws_cases_no_site_has(tmp_path) -> None:
     cfg = settings.compose("config", ["data=public_reference"])
     assert (cfg.data.sites, list(cfg.data.site_names), cfg.data.seed_salt) == (1, ["public"], 1)
     assert int(cfg.data.cases_per_site) >= 100
+
+
+def test_the_public_pretraining_stage_feeds_a_federation(tmp_path) -> None:
+    """Stage 1, a pooled run on data=public_reference (tiny), writes model.ckpt with one
+    expert, "public"; stage 2, a federation with fl.init_checkpoint on that run folder, starts
+    from exactly those weights."""
+    from m4fuse.baselines import run_baseline
+    from m4fuse.checkpoint import load_checkpoint
+    from server.runner import initial_state
+
+    common = [f"root={tmp_path}", *TINY_OVERRIDES, "fl.rounds=1", "tracking.enabled=false"]
+    public = settings.compose("config", [*common, "data=public_reference",
+                                         "data.sites=1", "data.cases_per_site=6",
+                                         "run_name=public"])
+    summary = run_baseline(public, "pooled")
+    saved = load_checkpoint(summary.run_dir)
+    assert saved.sites == ["public"]
+    fed = settings.compose("config", [*common, "fl.strategy=personal",
+                                      f"fl.init_checkpoint={summary.run_dir}"])
+    held, full = initial_state(fed)
+    assert all(torch.equal(held[k], saved.shared[k]) for k in held)
+    assert all(torch.equal(v, saved.experts["public"][k])
+               for k, v in expert_state(full, 0).items())

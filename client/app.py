@@ -45,7 +45,13 @@ from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
 from client.faults import fault_mod
-from client.privacy import PrivacyConfig, PrivateTraining, make_private_training, noise_only_step
+from client.privacy import (
+    PrivacyConfig,
+    PrivateTraining,
+    make_private_training,
+    noise_only_step,
+    plan_site,
+)
 from client.site import Site
 from client.weights import (
     KEPT,
@@ -259,7 +265,8 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
     Opacus clips. CPU bfloat16 autocast (``train.amp_cpu``): the per-case gradients are
     recomputed in backward, outside autocast, from bfloat16 activations (the hand-written
     sampler fails on the dtype mismatch, Opacus' own ones compute in bfloat16); untried
-    and refused. Global gradient clipping is turned off (Opacus clips per case).
+    and refused. Global gradient clipping is turned off (Opacus clips per case), and
+    ``privacy.lr``, when set, replaces ``train.lr``.
     """
     if strategy == "fedprox":
         raise ValueError("privacy.enabled with fl.strategy=fedprox is not supported: the "
@@ -280,6 +287,9 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(cfg, False)
     cfg.train.grad_clip = None
+    dp_lr = privacy_config(cfg).lr
+    if dp_lr is not None:
+        cfg.train.lr = float(dp_lr)
     return cfg
 
 
@@ -318,9 +328,14 @@ def train(msg: Message, context: Context) -> Message:
     epochs = int(config.get("local-epochs", cfg.fl.local_epochs))
     # fl.local_steps: a fixed number of optimiser steps per round instead of epochs
     local_steps = config.get("local-steps", cfg.fl.get("local_steps"))
-    if local_steps is not None and privacy.enabled:
-        raise ValueError(f"fl.local_steps={local_steps} is not available with privacy.enabled "
-                         "(the accountant counts epochs); set fl.local_steps=null")
+    max_steps = None if local_steps is None else int(local_steps)
+    plan = None
+    if privacy.enabled:  # σ, q and the steps over the whole run; a target out of reach fails
+        plan = plan_site(privacy, len(site.records["train"]),
+                         batch_size=int(cfg.train.batch_size), rounds=int(cfg.fl.rounds),
+                         local_epochs=epochs, local_steps=max_steps, site=site.name)
+        if max_steps is not None or privacy.expected_batch is not None:
+            max_steps = plan.steps_per_round
     seed = int(cfg.seed) * 1000 + site.index * 100 + server_round
     store = _store(site)
     private: list[PrivateTraining] = []
@@ -332,6 +347,9 @@ def train(msg: Message, context: Context) -> Message:
             net, optimizer, loader, privacy,
             total_epochs=int(cfg.fl.rounds) * epochs, accountant_state=restored,
             seed=None if privacy.secure_rng else seed,
+            total_steps=None if plan is None else plan.total_steps,
+            sample_rate=(plan.sample_rate if plan is not None
+                         and privacy.expected_batch is not None else None),
         )
         private.append(wrapped)
         return wrapped.module, wrapped.optimizer, wrapped.loader
@@ -352,7 +370,7 @@ def train(msg: Message, context: Context) -> Message:
             on_empty_batch=noise_only_step if privacy.enabled else None,
             lr_scale=site_steps.personal_lr_scale(model, cfg),
             optimizer_state=_kept_optimizer_state(context, optimizer_mode),
-            max_steps=None if local_steps is None else int(local_steps),
+            max_steps=max_steps,
         )
     finally:
         # Steps taken are spent even if the round fails later: persist the accountant first.

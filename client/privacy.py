@@ -48,10 +48,9 @@ accountants and their ``history``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,103 +64,21 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
+from m4fuse.dp_plan import ACCOUNTANTS as ACCOUNTANTS
+from m4fuse.dp_plan import MAX_PLANNED_SIGMA as MAX_PLANNED_SIGMA
+from m4fuse.dp_plan import DPPlan as DPPlan
+from m4fuse.dp_plan import PrivacyConfig as PrivacyConfig
+from m4fuse.dp_plan import PrivacyPlanError as PrivacyPlanError
+from m4fuse.dp_plan import largest_steps as largest_steps
+from m4fuse.dp_plan import plan_site as plan_site
+from m4fuse.dp_plan import resolve_delta as resolve_delta
+from m4fuse.dp_plan import sample_rate_of as sample_rate_of
+from m4fuse.dp_plan import steps_per_round as steps_per_round
 from m4fuse.model import M4Fuse
-
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 
 class PrivacyBudgetExhausted(RuntimeError):
     """The site's accountant already used the steps its target ε was planned for."""
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """DP-SGD settings of one run (Hydra group ``privacy``).
-
-    Attributes:
-        enabled: train with DP-SGD (default False: ordinary training, nothing else applies).
-        noise_multiplier: σ, noise std as a multiple of ``max_grad_norm`` (default 1.0). Set it
-            to None and give ``target_epsilon`` instead to let Opacus choose σ.
-        target_epsilon: ε the site may spend over the whole run (default None). σ is then the
-            smallest value (tolerance 0.01 in ε) that keeps ε at or below it after
-            ``total_epochs`` epochs of Poisson-sampled steps, planned each round on what is
-            left (:func:`plan_noise_multiplier`: the restored history plus the remaining
-            steps); training past the planned steps raises :class:`PrivacyBudgetExhausted`.
-        max_grad_norm: per-case gradient clipping bound C (default 1.0).
-        delta: δ (default None: ``1 / (10 · n)`` with n the site's number of training cases,
-            see :func:`resolve_delta`; an explicit value must be in (0, 1)).
-        accountant: ``"rdp"`` (default; Rényi DP, Mironov et al.) or ``"prv"`` (privacy random
-            variables, Gopi et al.: tighter, slower).
-        secure_rng: cryptographically secure noise and sampling (Opacus ``secure_mode``; needs
-            the ``torchcsprng`` package, seeds are then refused). Default False: torch's PRNG,
-            fine for experiments, not for a deployment that claims the guarantee.
-    """
-
-    enabled: bool = False
-    noise_multiplier: float | None = 1.0
-    target_epsilon: float | None = None
-    max_grad_norm: float = 1.0
-    delta: float | None = None
-    accountant: str = "rdp"
-    secure_rng: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError(
-                "give exactly one of noise_multiplier and target_epsilon, got "
-                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
-            )
-        if self.noise_multiplier is not None and not (
-            isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0
-            and math.isfinite(self.noise_multiplier)
-        ):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
-        if self.target_epsilon is not None and not (
-            isinstance(self.target_epsilon, (int, float)) and 0 < self.target_epsilon < math.inf
-        ):
-            raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon!r}")
-        if not (isinstance(self.max_grad_norm, (int, float)) and 0 < self.max_grad_norm < math.inf):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
-        if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
-            raise ValueError(f"delta must be None or in (0, 1), got {self.delta!r}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> PrivacyConfig:
-        """From the Hydra ``privacy`` group (a DictConfig is a Mapping); unknown keys raise
-        ``KeyError`` naming them. ``None`` gives the defaults (DP off)."""
-        if mapping is None:
-            return cls()
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - allowed)
-        if unknown:
-            raise KeyError(f"unknown privacy setting(s) {unknown}; allowed: {sorted(allowed)}")
-        values = dict(mapping)
-        if "target_epsilon" in values and values["target_epsilon"] is not None \
-                and "noise_multiplier" not in values:
-            values["noise_multiplier"] = None  # a target ε replaces the default σ
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for MLflow params)."""
-        return asdict(self)
-
-
-def resolve_delta(config: PrivacyConfig, n_cases: int) -> float:
-    """δ of a site: ``config.delta`` if given, else ``1 / (10 · n_cases)``.
-
-    The rule keeps δ an order of magnitude below 1/n, the level at which a mechanism could
-    publish one whole case with probability δ and still meet the definition. BraTS sites hold
-    tens to hundreds of cases, so δ is 1e-3..1e-4: weaker than the 1e-5 of large-data papers,
-    which is why the value used is logged next to ε.
-    """
-    if not isinstance(n_cases, int) or isinstance(n_cases, bool) or n_cases < 1:
-        raise ValueError(f"n_cases must be an int >= 1, got {n_cases!r}")
-    return float(config.delta) if config.delta is not None else 1.0 / (10 * n_cases)
 
 
 # --------------------------------------------------------------------------- model
@@ -298,19 +215,26 @@ def _empty_like(value: Any) -> Any:
     raise TypeError(f"cannot build an empty batch entry from {type(value).__name__}")
 
 
-def poisson_loader(loader: DataLoader, generator: torch.Generator | None = None) -> DataLoader:
+def poisson_loader(loader: DataLoader, generator: torch.Generator | None = None,
+                   sample_rate: float | None = None) -> DataLoader:
     """The same dataset and collate, batches drawn by Poisson sampling.
 
-    ``q = 1 / len(loader)`` (the expected batch is the original batch size) and
-    ``len(loader)`` batches per epoch, as Opacus' ``DPDataLoader`` does; empty batches are
+    ``sample_rate`` None (default): ``q = 1 / len(loader)`` (the expected batch is the
+    original batch size) and ``len(loader)`` batches per epoch, as Opacus' ``DPDataLoader``
+    does. A given rate q: ``max(1, round(1 / q))`` batches per epoch. Empty batches are
     possible (probability ``(1 - q)^n`` per step).
     """
     steps = len(loader)
     if steps < 1:
         raise ValueError("the loader has no batches (no training cases)")
+    if sample_rate is None:
+        sample_rate = 1.0 / steps
+    else:
+        steps = max(1, round(1.0 / sample_rate))
     dataset = loader.dataset
     sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset), sample_rate=1.0 / steps, generator=generator, steps=steps
+        num_samples=len(dataset), sample_rate=float(sample_rate), generator=generator,
+        steps=steps
     )
     extra: dict[str, Any] = {}
     if loader.num_workers > 0:
@@ -474,22 +398,28 @@ def _generators(config: PrivacyConfig, engine: PrivacyEngine, model: M4Fuse, see
 
 
 def _noise_multiplier(config: PrivacyConfig, engine: PrivacyEngine, delta: float,
-                      sample_rate: float, total_epochs: int | None, steps_per_epoch: int
-                      ) -> tuple[float, int | None]:
+                      sample_rate: float, total_epochs: int | None, steps_per_epoch: int,
+                      total_steps: int | None = None) -> tuple[float, int | None]:
     """``(σ, planned steps)``: ``noise_multiplier`` as given (no plan), or with
     ``target_epsilon`` the σ planned on what is left of the budget after the restored history
-    (:func:`plan_noise_multiplier`)."""
+    (:func:`plan_noise_multiplier`) for ``total_steps`` steps (default None:
+    ``total_epochs × steps_per_epoch``)."""
     if config.target_epsilon is None:
         return float(config.noise_multiplier), None
-    if not isinstance(total_epochs, int) or total_epochs < 1:
+    if total_steps is not None:
+        planned, horizon = int(total_steps), f"{int(total_steps)} steps"
+    elif not isinstance(total_epochs, int) or total_epochs < 1:
         raise ValueError(f"target_epsilon needs total_epochs >= 1 (rounds × local epochs), "
                          f"got {total_epochs!r}")
-    planned = total_epochs * steps_per_epoch
+    else:
+        planned, horizon = total_epochs * steps_per_epoch, f"{total_epochs} epochs"
     done = _history_steps(engine.accountant)
     if done >= planned:
+        spent = float(engine.accountant.get_epsilon(delta=delta)) if done else 0.0
         raise PrivacyBudgetExhausted(
-            f"site has taken {done} DP steps, the budget ε={config.target_epsilon} "
-            f"(δ={delta:.3g}) was planned for {planned} ({total_epochs} epochs)"
+            f"privacy budget spent (ε={spent:.2f}, δ={delta:.2g}): the site has taken {done} "
+            f"DP steps, privacy.target_epsilon={config.target_epsilon:g} was planned for "
+            f"{planned} ({horizon}); it refuses to train this round"
         )
     sigma = plan_noise_multiplier(
         float(config.target_epsilon), delta, sample_rate, planned - done,
@@ -509,6 +439,8 @@ def make_private_training(
     expert_index: int = 0,
     n_cases: int | None = None,
     seed: int | None = None,
+    total_steps: int | None = None,
+    sample_rate: float | None = None,
 ) -> PrivateTraining:
     """Wrap a site's model, optimiser and loader for DP-SGD with Opacus' ``make_private``.
 
@@ -526,6 +458,11 @@ def make_private_training(
         n_cases: training cases for the δ rule (default ``len(loader.dataset)``).
         seed: seeds noise and sampling (default None: fresh randomness); refused with
             ``secure_rng``.
+        total_steps: DP steps over the whole run (default None: ``total_epochs`` epochs);
+            the horizon of ``target_epsilon`` (:func:`plan_site`'s ``total_steps``).
+        sample_rate: Poisson rate q (default None: ``1 / len(loader)``), e.g.
+            :func:`sample_rate_of` with ``privacy.expected_batch``; the accountant and the
+            optimiser's gradient average use it.
 
     Raises:
         PrivacyBudgetExhausted: with ``target_epsilon``, when the restored history already
@@ -541,10 +478,12 @@ def make_private_training(
     prepare_for_opacus(model)
     engine = _privacy_engine(config, accountant_state)
     generator, noise_generator = _generators(config, engine, model, seed)
-    dp_loader = poisson_loader(loader, generator)
-    sample_rate = 1.0 / len(dp_loader)
+    custom_rate = sample_rate is not None
+    dp_loader = poisson_loader(loader, generator, sample_rate)
+    if sample_rate is None:
+        sample_rate = 1.0 / len(dp_loader)
     sigma, planned = _noise_multiplier(config, engine, delta, sample_rate, total_epochs,
-                                       len(dp_loader))
+                                       len(dp_loader), total_steps)
     module, dp_optimizer, _ = engine.make_private(
         module=site_model,
         optimizer=optimizer,
@@ -555,14 +494,17 @@ def make_private_training(
         noise_generator=noise_generator,
     )
     module.forbid_grad_accumulation()  # what make_private does when it builds the loader
+    if custom_rate:
+        # make_private takes q = 1 / len(loader); with a given q (len = round(1 / q)) the
+        # accountant and the average of the noisy sum use the true q and n·q instead.
+        dp_optimizer.expected_batch_size = sample_rate * len(loader.dataset)
+        dp_optimizer.attach_step_hook(
+            engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return PrivateTraining(
         module=module, optimizer=dp_optimizer, loader=dp_loader, engine=engine, model=model,
         noise_multiplier=sigma, delta=delta, sample_rate=sample_rate, planned_steps=planned,
     )
 
-
-#: Largest σ tried when planning on what is left of a budget (Opacus' MAX_SIGMA too).
-MAX_PLANNED_SIGMA = 2000.0
 
 
 def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,

@@ -35,6 +35,9 @@ def data_paths(cfg: DictConfig) -> tuple[Path, Path]:
             layout = json.dumps(_site_layout(cfg), sort_keys=True).encode()
             name = (f"synthetic-s{int(d.sites)}-n{sum(synthetic_site_cases(cfg))}-"
                     f"{hashlib.sha256(layout).hexdigest()[:8]}-{shape}-seed{int(cfg.seed)}")
+        salt = int(d.get("seed_salt", 0) or 0)
+        if salt:  # another draw of cases (the public reference set)
+            name += f"-salt{salt}"
         source = Path(str(d.source)) if d.source else root / "data" / name
     else:
         if d.source in (None, "???"):
@@ -80,6 +83,8 @@ def data_markers(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                   "shape": [int(s) for s in d.shape], "seed": int(cfg.seed)}
         if d.get("site_sizes") is not None:
             source["layout"] = _site_layout(cfg)
+        if int(d.get("seed_salt", 0) or 0):
+            source["seed_salt"] = int(d.seed_salt)
     cache = {"source": source, "preprocess_version": int(PREPROCESS_VERSION),
              "size": [int(s) for s in d.size]}
     return source, cache
@@ -228,6 +233,8 @@ def _synth_layout_kwargs(cfg: DictConfig) -> dict[str, Any]:
         kwargs["names"] = [str(n) for n in d.site_names]
     if d.get("lower_grade_sites"):
         kwargs["lower_grade"] = [str(n) for n in d.lower_grade_sites]
+    if int(d.get("seed_salt", 0) or 0):
+        kwargs["salt"] = int(d.seed_salt)
     return kwargs
 
 

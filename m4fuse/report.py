@@ -71,11 +71,13 @@ def site_rows(
     val: Mapping[int, Mapping[str, float]],
     test: Mapping[int, Mapping[str, float]],
     not_scored: Mapping[str, Mapping[int, int]] | None = None,
+    privacy: Mapping[int, Mapping[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per site (by index), then the case-weighted ``mean`` row (weights: the
     number of validation resp. test cases). ``not_scored`` (default none) maps ``"val"`` /
     ``"test"`` to ``{site index: its number of cases}`` for sites too small to hold out
-    cases: their ``n val`` / ``n test`` cell says ``not scored: <n> cases``."""
+    cases: their ``n val`` / ``n test`` cell says ``not scored: <n> cases``. ``privacy``
+    (default none; :func:`privacy_spent`) adds each site's ``dp_epsilon`` and ``dp_delta``."""
     rows: list[dict[str, Any]] = []
     for index, name in enumerate(site_names):
         row: dict[str, Any] = {"site": f"site{index}", "name": name}
@@ -85,6 +87,7 @@ def site_rows(
             cases = (not_scored or {}).get(prefix, {}).get(index)
             if cases is not None and index not in source:
                 row[f"{prefix}_num-examples"] = f"not scored: {cases} cases"
+        row.update((privacy or {}).get(index, {}))
         rows.append(row)
     mean: dict[str, Any] = {"site": "mean", "name": "weighted by cases"}
     for prefix, source in (("val", val), ("test", test)):
@@ -95,6 +98,18 @@ def site_rows(
     return rows
 
 
+def privacy_spent(history: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, float]]:
+    """``{site index: {"dp_epsilon", "dp_delta"}}``: the ε (and δ) each site reported in the
+    last round it trained (its accountant covers every earlier round); empty without DP."""
+    spent: dict[int, dict[str, float]] = {}
+    for entry in history:
+        for index, metrics in entry.get("train_by_site", {}).items():
+            if "dp-epsilon" in metrics:
+                spent[int(index)] = {"dp_epsilon": float(metrics["dp-epsilon"]),
+                                     "dp_delta": float(metrics["dp-delta"])}
+    return spent
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]],
                    columns: Sequence[tuple[str, str]] | None = None) -> str:
     """Rows -> a Markdown table; ``columns`` = (header, row key); Dice 3 and HD95 1 decimal."""
@@ -102,6 +117,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]],
         columns = [("site", "site"), ("name", "name"), ("n val", "val_num-examples"),
                    ("n test", "test_num-examples")]
         columns += [(header, f"{source}_{key}") for header, source, key in TABLE_COLUMNS]
+        if any("dp_epsilon" in row for row in rows):  # DP-SGD: what each site spent
+            columns += [("ε spent", "dp_epsilon"), ("δ", "dp_delta")]
     lines = ["| " + " | ".join(h for h, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
@@ -109,7 +126,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]],
         for _, key in columns:
             value = row.get(key, "")
             if isinstance(value, float):
-                if "num-examples" in key or key.endswith("bytes"):
+                if key == "dp_delta":
+                    cells.append(f"{value:.2g}")
+                elif "num-examples" in key or key.endswith("bytes"):
                     cells.append(f"{value:.0f}")
                 elif "hd95" in key or key.endswith("seconds"):
                     cells.append(f"{value:.1f}")

@@ -220,6 +220,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "
                          "the fine-tuning after the last round is not DP-SGD (use "
                          "fl.finetune_epochs=0 or fl.strategy=personal-norm)")
+    if cfg.fl.get("init_checkpoint") is not None:
+        build_model(cfg, num_experts=1)  # fl.init_checkpoint: exists, fits the network
     if chosen.kept not in ("experts", "none", "all") or chosen.finetune:
         # The personal layers must exist in the configured model (a cheap tiny build).
         names = list(build_model(cfg, num_experts=1).state_dict())
@@ -246,10 +248,6 @@ def check_config(cfg: DictConfig) -> None:
     elif cfg.data.get("kind") == "synthetic" and not cfg.data.get("partition_csv"):
         num_sites = int(cfg.data.sites)
     aggregation_settings(cfg.fl, num_sites)  # also fl.aggregation_weight, fl.local_steps
-    if cfg.fl.get("local_steps") is not None and privacy is not None \
-            and bool(privacy.get("enabled", False)):
-        raise ValueError(f"fl.local_steps={cfg.fl.local_steps} is not available with "
-                         "privacy.enabled (the accountant counts epochs); set fl.local_steps=null")
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
     if (bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False))
@@ -320,14 +318,20 @@ def model_config(cfg: DictConfig, num_experts: int):
 
 
 def build_model(cfg: DictConfig, num_experts: int, seed: int | None = None) -> torch.nn.Module:
-    """A freshly initialised network; the same ``seed`` gives the same weights everywhere."""
+    """A freshly initialised network; the same ``seed`` gives the same weights everywhere.
+    With ``fl.init_checkpoint`` set, its weights instead (:mod:`m4fuse.pretrained`)."""
     from m4fuse.model import M4Fuse
 
     # torch's RNG only (what initialises the weights); monai.utils.set_determinism would also
     # reseed Python's and NumPy's RNGs and switch cuDNN to deterministic mode, a side effect
     # on whatever runs next in the process.
     torch.manual_seed(int(cfg.seed) if seed is None else seed)
-    return M4Fuse(model_config(cfg, num_experts))
+    config = model_config(cfg, num_experts)
+    model = M4Fuse(config)
+    # fl.init_checkpoint: start from a pre-trained network (m4fuse.pretrained)
+    from m4fuse.pretrained import apply_init_checkpoint
+
+    return apply_init_checkpoint(cfg, model, config.to_dict())
 
 
 LOADER_KEYS: tuple[str, ...] = ("augment", "num_workers")

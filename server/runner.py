@@ -171,11 +171,34 @@ def prepare_run(grid: Grid, cfg: DictConfig) -> list[str]:
     from m4fuse.data import guard
 
     names = federation_sites(cfg)
+    check_privacy_plan(cfg, names)
     guard.check_run_name(workspace.run_name(cfg))
     guard.check_project_root(workspace.project_root(cfg), cfg.data.get("source")
                              if cfg.data.get("kind") == "brats" else None)
     wait_for_sites(grid, len(names), float(cfg.fl.wait_for_sites))
     return names
+
+
+def check_privacy_plan(cfg: DictConfig, names: list[str]) -> None:
+    """Under ``privacy.enabled``, plan every site's DP-SGD before round 1
+    (:func:`m4fuse.dp_plan.plan_site`): a target ε the planned steps cannot meet, or an
+    expected batch above a site's cases, stops the run here in one line instead of at the
+    sites. Skipped on a coordinator that holds no data (``fl.site_names``): the sites then
+    check at their first round."""
+    group = cfg.get("privacy")
+    if group is None or not bool(group.get("enabled", False)) or cfg.fl.get("site_names"):
+        return
+    from omegaconf import OmegaConf
+
+    from m4fuse.dp_plan import PrivacyConfig, plan_site
+
+    privacy = PrivacyConfig.from_mapping(OmegaConf.to_container(group, resolve=True))
+    split = provision.load_sites(cfg)
+    local_steps = cfg.fl.get("local_steps")
+    for name in names:
+        plan_site(privacy, len(split[name]["train"]), batch_size=int(cfg.train.batch_size),
+                  rounds=int(cfg.fl.rounds), local_epochs=int(cfg.fl.local_epochs),
+                  local_steps=None if local_steps is None else int(local_steps), site=name)
 
 
 @dataclass
@@ -272,7 +295,8 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
     test_failed = _record_test_failures(rdir, tracker, final)
     not_scored = {"val": {int(i): int(n) for i, n in history[-1].get("not_scored", {}).items()}
                   if history else {}, "test": dict(final.not_scored)}
-    rows = report.site_rows(names, val_by_site, test_by_site, not_scored)
+    rows = report.site_rows(names, val_by_site, test_by_site, not_scored,
+                            privacy=report.privacy_spent(history))
     sent = sum(e["bytes_sent"] for e in history) + final.bytes_sent
     received = sum(e["bytes_received"] for e in history)
     seconds = time.perf_counter() - wall

@@ -143,7 +143,7 @@ def test_certificates_and_site_state_write_only_their_own_files(brats):
     ("data.size=[32,32,a]", ["data.size", "takes an integer", "'a'"]),
     ("tracking.enabled=maybe", ["tracking.enabled=maybe", "true or false"]),
     ("fl.strategy=fedx", ["fl.strategy", "'fedx'", "personal-norm-ft"]),
-    ("data=bratz", ["data=bratz", "brats, brats19_shaped, fets22_shaped, synthetic"]),
+    ("data=bratz", ["data=bratz", "brats, brats19_shaped, fets22_shaped, public_reference, synthetic"]),
     ("fl.rounds=[1", ["fl.rounds=[1", "not a valid Hydra override"]),
 ])
 def test_a_bad_setting_is_one_line_naming_key_value_and_fix(override, words):

@@ -86,7 +86,7 @@ def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, 
     from client.app import ACCOUNTANT_RECORD
     from m4fuse.site_state import ACCOUNTANT_FILE
 
-    _, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp")
+    _, start = _use(monkeypatch, root, "privacy.enabled=true", "run_name=dp")
     state = RecordDict()
     first = client_train_round(0, start, state, 1, str(tmp_path))
     m1 = _metrics(first)
@@ -131,7 +131,7 @@ def test_dp_epsilon_matches_opacus_and_a_restarted_client_continues_it(
 
     from m4fuse import provision
 
-    cfg, start = _use(monkeypatch, root, "privacy=dp", "run_name=dp-oracle")
+    cfg, start = _use(monkeypatch, root, "privacy.enabled=true", "run_name=dp-oracle")
     split = provision.load_sites(cfg)
     n_train = [len(split[name]["train"]) for name in provision.site_names(split)]
     batch = int(cfg.train.batch_size)
@@ -152,6 +152,50 @@ def test_dp_epsilon_matches_opacus_and_a_restarted_client_continues_it(
     assert kept_on["dp-epsilon"] == pytest.approx(eps2, rel=1e-9)
     assert restarted["dp-epsilon"] == pytest.approx(kept_on["dp-epsilon"], rel=1e-12)
     assert restarted["dp-epsilon"] > round1[0]["dp-epsilon"]
+
+
+def test_dp_recipe_round_takes_the_planned_steps_at_the_expected_batch_rate(
+        monkeypatch, root, tmp_path):
+    """privacy=dp through the ClientApp: fl.local_steps=2 DP steps per round at rate
+    expected_batch / n, ε of them by Opacus's RDP accountant, and the σ planned so that the
+    whole run (rounds x 2 steps) stays within the target."""
+    from opacus.accountants import RDPAccountant
+
+    from client.app import check_dp_training
+    from m4fuse import provision
+
+    cfg, start = _use(monkeypatch, root, "privacy=dp", "fl.strategy=personal",
+                      "privacy.expected_batch=2", "privacy.lr=0.001", "fl.rounds=3",
+                      "run_name=dp-recipe")
+    assert check_dp_training(cfg, "personal").train.lr == 0.001
+    split = provision.load_sites(cfg)
+    n = len(split[provision.site_names(split)[0]]["train"])
+    m = _metrics(client_train_round(0, start, RecordDict(), 1, str(tmp_path)))
+    sigma, q, delta = m["dp-noise-multiplier"], 2 / n, 1 / (10 * n)
+    assert m["dp-steps"] == 2 and m["dp-delta"] == pytest.approx(delta)
+
+    def rdp(steps: int) -> float:
+        accountant = RDPAccountant()
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+        return accountant.get_epsilon(delta=delta)
+
+    assert m["dp-epsilon"] == pytest.approx(rdp(2), rel=1e-9)
+    assert 10.0 - 0.05 <= rdp(3 * 2) <= 10.0  # the run's 6 steps spend the target
+
+
+def test_an_unreachable_dp_target_stops_the_run_before_round_one(monkeypatch, root):
+    from client.privacy import PrivacyPlanError
+    from server.runner import check_privacy_plan, federation_sites
+
+    cfg, _ = _use(monkeypatch, root, "privacy=dp", "fl.strategy=personal",
+                  "privacy.expected_batch=2", "privacy.target_epsilon=0.05")
+    with pytest.raises(PrivacyPlanError, match=r"^privacy.target_epsilon=0.05 cannot be met at "
+                                               r"site site0 .* at most \d+ steps"):
+        check_privacy_plan(cfg, federation_sites(cfg))
+    fine, _ = _use(monkeypatch, root, "privacy=dp", "fl.strategy=personal",
+                   "privacy.expected_batch=2")
+    check_privacy_plan(fine, federation_sites(fine))
 
 
 def test_dp_refuses_fedprox_float16_and_cpu_autocast(monkeypatch, root, tmp_path):

@@ -227,3 +227,31 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
     assert "site1/test_dice_wt" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"sites.csv", "dice_per_round.png", "model", "experts"} <= artifacts
+
+
+@pytest.mark.slow
+def test_a_dp_recipe_run_from_a_checkpoint_reports_epsilon_per_site(monkeypatch, root, tmp_path):
+    """privacy=dp from a pre-trained checkpoint end to end: the run starts (the checkpoint
+    fits), every site spends at most its target, and the per-site table shows ε and δ."""
+    import csv
+
+    from m4fuse.checkpoint import save_checkpoint
+    from m4fuse.state import expert_state, split_state
+
+    base = settings.compose("config", overrides(root))
+    state = settings.build_model(base, num_experts=1, seed=11).state_dict()
+    shared, personal = split_state(state)
+    path = tmp_path / "public.ckpt"
+    save_checkpoint(path, settings.model_config(base, num_experts=1), shared,
+                    {"public": expert_state(personal, 0)})
+    run = simulate(monkeypatch, root, "privacy=dp", "fl.strategy=personal",
+                   "privacy.expected_batch=2", "fl.rounds=2", f"fl.init_checkpoint={path}",
+                   "run_name=dp-recipe", "tracking.enabled=false")
+    assert "ε spent" in (run["dir"] / "results.md").read_text()
+    rows = list(csv.DictReader(open(run["dir"] / "sites.csv")))
+    sites = [r for r in rows if r["site"] != "mean"]
+    assert len(sites) == 2
+    for row in sites:
+        assert 0 < float(row["dp_epsilon"]) <= 10.0 and 0 < float(row["dp_delta"]) < 1
+    last = run["history"][-1]["train_by_site"]
+    assert all(m["dp-steps"] == 4 for m in last.values())  # 2 rounds x fl.local_steps=2

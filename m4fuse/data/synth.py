@@ -588,7 +588,7 @@ def _affine(shape: Sequence[int]) -> np.ndarray:
 def synthesize(out_dir: str | os.PathLike, sites: int = 4, cases_per_site: int = 12, seed: int = 0,
                shape: Sequence[int] = SYNTH_SHAPE, progress: bool = True, *,
                site_cases: Sequence[int] | None = None, names: Sequence[str] | None = None,
-               lower_grade: Sequence[str] = ()) -> dict[str, str]:
+               lower_grade: Sequence[str] = (), salt: int = 0) -> dict[str, str]:
     """Write the synthetic BraTS2021-layout set and its ``partition.csv``; returns ``{case: site}``.
 
     Args:
@@ -605,6 +605,10 @@ def synthesize(out_dir: str | os.PathLike, sites: int = 4, cases_per_site: int =
             acquisitions (the first is the reference scanner).
         lower_grade: names of the sites with the lower-grade case mix :data:`LGG_MIX`
             (keyword; default none); the others have :data:`HGG_MIX`.
+        salt: seed salt (keyword; default 0: the seeds below). A salt s > 0 appends s to
+            every case's and plan's seed (``[seed, k, j, s]``): cases no federation of salt 0
+            draws, e.g. the public reference set (``data=public_reference``); the site
+            acquisitions stay those of ``(k, seed)``.
 
     Case ``j`` of site ``k`` is drawn from the seed ``[seed, k, j]``; case ids run on over the
     sites in order (``BraTS2021_00000 ..``). ``acquisition.json`` records each site's
@@ -637,14 +641,15 @@ def synthesize(out_dir: str | os.PathLike, sites: int = 4, cases_per_site: int =
     first = 0
     for k, name in enumerate(site_list):
         n = counts[k]
-        plans = plan_cases(n, mixes[name], np.random.default_rng([seed, 104729, k]))
+        extra = [int(salt)] if salt else []  # salt 0: the seeds of every earlier set
+        plans = plan_cases(n, mixes[name], np.random.default_rng([seed, 104729, k, *extra]))
         case_mix[name] = {**asdict(mixes[name]), "cases": n,
                           **{s: sum(p.size_class == s for p in plans) for s in SIZE_CLASS_NAMES},
                           "without_et": sum(not p.with_et for p in plans),
                           "multifocal": sum(p.foci > 1 for p in plans)}
         for j, plan in enumerate(plans):
             case_id = f"BraTS2021_{first + j:05d}"
-            rng = np.random.default_rng([seed, k, j])
+            rng = np.random.default_rng([seed, k, j, *extra])
             images, label = make_case(shape, rng, acquisitions[name], plan.size_class, plan.with_et,
                                       foci=plan.foci)
             case_dir = out / case_id

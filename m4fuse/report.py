@@ -203,8 +203,9 @@ def optimiser_steps(history: Sequence[Mapping[str, Any]], site_names: Sequence[s
                 by_site.setdefault(site_names[int(index)], []).append(float(metrics["steps"]))
         if "steps" in entry.get("train", {}):
             by_site.setdefault("all sites", []).append(float(entry["train"]["steps"]))
+    order = {name: k for k, name in enumerate(site_names)}  # sites in index order, pooled last
     return {site: {"per_round": sum(v) / len(v), "total": float(sum(v)), "rounds": len(v)}
-            for site, v in by_site.items()}
+            for site, v in sorted(by_site.items(), key=lambda kv: order.get(kv[0], len(order)))}
 
 
 def optimiser_steps_metrics(history: Sequence[Mapping[str, Any]], site_names: Sequence[str]

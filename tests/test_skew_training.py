@@ -196,3 +196,14 @@ def test_federation_with_fixed_steps_and_fednova_reports_each_sites_steps(
     for entry in history:
         assert {int(i): m["steps"] for i, m in entry["train_by_site"].items()} == {0: 5.0,
                                                                                   1: 5.0}
+
+
+def test_steps_are_listed_in_site_order_whatever_order_the_replies_came_in() -> None:
+    """The line under the run table lists sites by index (replies arrive in any order)."""
+    from m4fuse.report import optimiser_steps
+
+    history = [{"train_by_site": {"2": {"steps": 3}, "0": {"steps": 1}, "1": {"steps": 2}}},
+               {"train_by_site": {"1": {"steps": 2}, "2": {"steps": 5}, "0": {"steps": 1}}}]
+    steps = optimiser_steps(history, ["a", "b", "c"])
+    assert list(steps) == ["a", "b", "c"]
+    assert steps["c"] == {"per_round": 4.0, "total": 8.0, "rounds": 2}

@@ -50,8 +50,8 @@ def synthetic_case(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.
 def bench(shape: Sequence[int], repeats: int) -> dict[str, float]:
     """Median seconds of the voxel-wise and the lesion-wise scoring of one case's three
     regions, and the lesion-wise scores (gli preset, 1 mm)."""
-    from m4fuse.metrics import lesion_region_scores, region_scores
-    from m4fuse.regions import labels_to_regions
+    from m4fuse.data.regions import labels_to_regions
+    from m4fuse.evaluation.metrics import lesion_region_scores, region_scores
 
     pred, truth = synthetic_case(shape)
     p, t = labels_to_regions(pred, 3), labels_to_regions(truth, 3)

@@ -21,7 +21,7 @@ strides=(2, 2, 2, 2), num_res_units=2)`` (MONAI's standard residual 3D U-Net).
 
 Part 2, the selective scan alone, forward + backward, float32, at L = 2048, 8192, 32768
 (``--scan-lengths``) with batch*groups = 4, d_inner = 128, d_state = 16 (``--scan-shape``):
-:func:`m4fuse.scan.selective_scan_chunked` vs the ``mambapy`` package's parallel-scan
+:func:`m4fuse.nets.scan.selective_scan_chunked` vs the ``mambapy`` package's parallel-scan
 selective scan (``mambapy.mamba.MambaBlock.selective_scan``, which calls ``mambapy.pscan``),
 each given its own native layout, the same maths (delta already positive, D term, no z).
 """
@@ -172,7 +172,7 @@ class Row:
 
 def build_models(presets: Sequence[str], peers: bool) -> list[tuple[str, torch.nn.Module, bool]]:
     """(name, module, takes an expert index) for every network of the table."""
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
     models: list[tuple[str, torch.nn.Module, bool]] = []
     for preset in presets:
@@ -241,7 +241,7 @@ def measure_scan(impl: str, inputs: dict[str, torch.Tensor], device: torch.devic
                  repeats: int, warmup: int) -> Row:
     """Median fwd+bwd seconds and peak memory of one scan implementation."""
     if impl == "m4fuse chunked":
-        from m4fuse.scan import selective_scan_chunked
+        from m4fuse.nets.scan import selective_scan_chunked
 
         leaves = {k: v.to(device).requires_grad_(True) for k, v in inputs.items()}
 

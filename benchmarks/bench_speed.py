@@ -8,11 +8,11 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
    model, then run 2, ...) so that load from other processes falls on all of them alike; peak
    memory of one step (see :class:`benchmarks.bench_model.PeakMemory`). Models:
 
-   * ``M4Fuse-B now``: :class:`m4fuse.model.M4Fuse`, preset B, 2 experts, routed to expert 0;
-   * ``M4Fuse-B now, channels-last``: the same model with ``m4fuse.model.CHANNELS_LAST`` on
+   * ``M4Fuse-B now``: :class:`m4fuse.nets.model.M4Fuse`, preset B, 2 experts, routed to expert 0;
+   * ``M4Fuse-B now, channels-last``: the same model with ``m4fuse.nets.model.CHANNELS_LAST`` on
      (peer ``channels-last``);
    * ``M4Fuse-B before``: the same network and weights in the code before the speed work
-     (``benchmarks/m4fuse_before_speedup.py``, that ``m4fuse/model.py`` verbatim);
+     (``benchmarks/m4fuse_before_speedup.py``, that ``m4fuse/nets/model.py`` verbatim);
    * ``SegResNet-32``: MONAI ``SegResNet(init_filters=32, blocks_down=(1, 2, 2, 4),
      blocks_up=(1, 1, 1))``, the paper's 18.8 M-parameter peer;
    * ``M4Fuse-B now, bf16 autocast`` (peer ``bf16``) and, when ``segresnet`` is among the
@@ -56,7 +56,7 @@ from benchmarks.bench_model import PeakMemory, _device, _sync
 
 
 class _ChannelsLast(torch.nn.Module):
-    """The same model (same weights) with :data:`m4fuse.model.CHANNELS_LAST` on in forward
+    """The same model (same weights) with :data:`m4fuse.nets.model.CHANNELS_LAST` on in forward
     (backward follows the graph that forward built)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -64,7 +64,7 @@ class _ChannelsLast(torch.nn.Module):
         self.model = model
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from m4fuse import model as m4
+        from m4fuse.nets import model as m4
 
         previous, m4.CHANNELS_LAST = m4.CHANNELS_LAST, True
         try:
@@ -108,7 +108,7 @@ def _models(which: Sequence[str]) -> list[tuple[str, torch.nn.Module, bool]]:
     from monai.networks.nets import SegResNet
 
     from benchmarks import m4fuse_before_speedup as before
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
     torch.manual_seed(0)
     now = M4Fuse(M4FuseConfig.preset("B", num_experts=2))
@@ -223,8 +223,8 @@ def infer_table(models: list[tuple[str, torch.nn.Module, bool]], case: Sequence[
 
 
 def sizes_table(repeats: int, warmup: int) -> str:
-    from m4fuse.engine import make_loss
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
+    from m4fuse.training.engine import make_loss
 
     torch.set_num_threads(1)
     x = torch.randn(2, 4, 32, 32, 32)

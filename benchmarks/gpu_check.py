@@ -64,7 +64,7 @@ def make_amp_step(model: torch.nn.Module, takes_expert: bool, x: torch.Tensor,
     """One AMP training step (zero grads, autocast forward, float32 loss, scaled backward,
     unscale); returns ``(loss, every gradient finite)``. Works on any device (the CPU tests
     run it with bfloat16)."""
-    from m4fuse.engine import make_loss
+    from m4fuse.training.engine import make_loss
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[amp_dtype]
     device = x.device
@@ -92,7 +92,7 @@ def amp_table(device: torch.device, size: Sequence[int], repeats: int, warmup: i
     """Part 1; returns whether every loss and gradient was finite."""
     from monai.networks.nets import SegResNet
 
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
     torch.manual_seed(0)
     models = {
@@ -165,7 +165,7 @@ def scan_inputs(device: torch.device, batch: int, dim: int, state: int, length: 
 
 def scan_part(device: torch.device, lengths: Sequence[int], repeats: int) -> bool:
     """Part 2; returns whether the fused and chunked scans agree (or True without fused)."""
-    from m4fuse import scan
+    from m4fuse.nets import scan
 
     fused = scan._fused_selective_scan()
     print(f"\n2. Selective scan, fwd+bwd, float32, batch*groups=4, d_inner=128, d_state=16; "

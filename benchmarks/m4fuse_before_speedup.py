@@ -1,6 +1,6 @@
 """Frozen reference: the project's M4Fuse network as it was before the speed work
 (channels-last layout, CPU bfloat16 autocast), kept unchanged (except this docstring) as the
-oracle that tests/test_model_speed.py compares today's m4fuse/model.py against (same weights
+oracle that tests/test_model_speed.py compares today's m4fuse/nets/model.py against (same weights
 -> same outputs) and as a peer in benchmarks/bench_speed.py.
 
 M4Fuse ("M4Fuse: Lightweight State-Space MoE with a Cross-Scale Gating Bridge for Brain Tumor
@@ -17,7 +17,7 @@ this one.
 
 Where this file differs from the paper's code:
 - Mamba is written here (``mamba_ssm`` is CUDA-only) and calls
-  :func:`m4fuse.scan.selective_scan`; it works channel-first ``(B, D, L)`` throughout (its
+  :func:`m4fuse.nets.scan.selective_scan`; it works channel-first ``(B, D, L)`` throughout (its
   linear maps are kernel-1 convolutions), so no token/channel transposes sit between them.
 - The four channel groups of a mixer share one Mamba; the Mamba folds them into its batch
   so that one call serves all four (the paper loops over the groups).
@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m4fuse.scan import selective_scan
-from m4fuse.state import is_personal
+from m4fuse.nets.scan import selective_scan
+from m4fuse.personal.sets import is_personal
 
 #: Widths of the base preset (paper: "Base", 1.11M parameters with one expert).
 BASE_WIDTHS: tuple[int, ...] = (32, 64, 96, 128, 192, 256)
@@ -182,7 +182,7 @@ class Mamba(nn.Module):
     The k channel blocks of width ``d_model`` are k independent sequences through the SAME
     weights: they are folded into the batch here, a free view, so one call serves them all.
     Written by hand because ``mamba_ssm`` needs CUDA; the scan is
-    :func:`m4fuse.scan.selective_scan`. Parameters are those of ``mamba_ssm.Mamba`` (in_proj
+    :func:`m4fuse.nets.scan.selective_scan`. Parameters are those of ``mamba_ssm.Mamba`` (in_proj
     and out_proj without bias, causal depthwise conv1d with bias, x_proj without bias,
     dt_proj with bias, A_log, D; dt_rank = ceil(d_model / 16)) and keep its initialisation.
 
@@ -301,7 +301,7 @@ class ExpertUnit(nn.Module):
 
     ``m`` is each sample's expert (site) index, given as routes computed once per forward by
     :func:`route`. With no routes only the shared mixer runs. Experts live in the
-    ModuleList ``site_experts`` (the name :mod:`m4fuse.state` splits on).
+    ModuleList ``site_experts`` (the name :mod:`m4fuse.personal.sets` splits on).
 
     A batch that mixes experts runs each expert on its gathered sub-batch; per-sample
     gradient tools (Opacus) need batches of one expert (as at a federated site), which take

@@ -14,7 +14,7 @@ backward time (``torch.autograd.backward`` with a random output gradient) and th
 of forward + backward above what was resident before (peak RSS on CPU, ``max_memory_allocated``
 on CUDA; see :class:`benchmarks.bench_model.PeakMemory`) are the medians over ``--repeats``.
 The share of the selective scan is measured inside each block by timing the chunked scan's
-custom autograd Function (:class:`m4fuse.scan._ChunkedScan`) forward and backward.
+custom autograd Function (:class:`m4fuse.nets.scan._ChunkedScan`) forward and backward.
 
 Chaining the blocks in evaluation mode reproduces ``model(x, expert)`` (checked at start:
 the run stops if it does not), so the table covers the whole network. Blocks run in
@@ -62,7 +62,7 @@ class BlockTimes:
 
 
 class ScanClock:
-    """Accumulates the wall time of :class:`m4fuse.scan._ChunkedScan` forward/backward."""
+    """Accumulates the wall time of :class:`m4fuse.nets.scan._ChunkedScan` forward/backward."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -70,7 +70,7 @@ class ScanClock:
         self.backward = 0.0
 
     def __enter__(self) -> ScanClock:
-        from m4fuse import scan
+        from m4fuse.nets import scan
 
         self._cls = scan._ChunkedScan
         self._fwd, self._bwd = self._cls.forward, self._cls.backward
@@ -99,8 +99,8 @@ class ScanClock:
 
 
 def build_blocks(model: torch.nn.Module, expert_index: int | None) -> list[Block]:
-    """The chain of blocks of :class:`m4fuse.model.M4Fuse` (mirrors its ``forward``)."""
-    from m4fuse import model as m
+    """The chain of blocks of :class:`m4fuse.nets.model.M4Fuse` (mirrors its ``forward``)."""
+    from m4fuse.nets import model as m
 
     enc, bridge, dec = model.encoder, model.bridge, model.decoder
 
@@ -222,8 +222,8 @@ def profile_table(rows: Sequence[BlockTimes], title: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Profile ``--profile-preset`` (default B) with ``--experts`` (default 2) at ``--size``."""
-    from m4fuse.engine import make_loss
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
+    from m4fuse.training.engine import make_loss
 
     preset = getattr(args, "profile_preset", DEFAULT_PRESET)
     experts = args.experts

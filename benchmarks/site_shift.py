@@ -31,7 +31,7 @@ def build_model(kind: str) -> torch.nn.Module:
         return UNet(spatial_dims=3, in_channels=4, out_channels=3, channels=(8, 16, 32, 64),
                     strides=(2, 2, 2), num_res_units=1, norm="instance")
     if kind == "m4fuse":
-        from m4fuse.model import M4Fuse, M4FuseConfig
+        from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
         return M4Fuse(M4FuseConfig.preset("T"))
     raise ValueError(f"--model must be unet or m4fuse, got {kind!r}")

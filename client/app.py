@@ -1,7 +1,7 @@
 """The Flower ClientApp: one hospital (site) of the federation.
 
 Only translation lives here: the message's arrays and config become a model state and a call
-into :mod:`m4fuse.site_steps` (the same training steps the pooled and local baselines use),
+into :mod:`m4fuse.training.site_steps` (the same training steps the pooled and local baselines use),
 and the result becomes a reply with one ArrayRecord (what the strategy shares, see
 :mod:`client.weights`) and one MetricRecord with the same keys from every site.
 
@@ -11,8 +11,8 @@ Per train message, in order:
    :func:`client.faults.fault_mod`, a Flower client mod of :data:`app`, delays or crashes
    the site before the handler runs, or turns its reply's arrays into NaN after it;
 2. the model: the server's arrays plus what the site kept (below);
-3. training, with DP-SGD when ``privacy.enabled`` (:mod:`client.privacy`): Opacus wraps the
-   model, optimiser and loader inside :func:`m4fuse.site_steps.train_site`; the accountant's
+3. training, with DP-SGD when ``privacy.enabled`` (:mod:`m4fuse.training.dp`): Opacus wraps the
+   model, optimiser and loader inside :func:`m4fuse.training.site_steps.train_site`; the accountant's
    history survives rounds and restarts, and every reply carries ``dp-epsilon``,
    ``dp-delta``, ``dp-noise-multiplier`` and ``dp-steps`` (same keys from every site);
 4. the reply: the shared arrays and metrics.
@@ -20,7 +20,7 @@ Per train message, in order:
 The site's personal weights (its expert; the whole model under ``local``) live in
 ``context.state["kept"]`` between rounds (the first source, in simulation and in a running
 SuperNode) and in the site's state folder (``state-dir`` of the node config; in simulation
-``<run dir>/clients/<site>``) as :class:`m4fuse.site_state.SiteState` files, the fallback
+``<run dir>/clients/<site>``) as :class:`m4fuse.personal.site_store.SiteState` files, the fallback
 for a restarted client or a resumed run. The DP accountant likewise lives in
 ``context.state["dp-accountant"]`` and in the folder's ``dp-accountant.json``. Under
 ``fl.optimizer_state`` personal/all the AdamW moments (of the kept set / of every parameter)
@@ -45,13 +45,6 @@ from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
 from client.faults import fault_mod
-from client.privacy import (
-    PrivacyConfig,
-    PrivateTraining,
-    make_private_training,
-    noise_only_step,
-    plan_site,
-)
 from client.site import Site
 from client.weights import (
     KEPT,
@@ -61,14 +54,22 @@ from client.weights import (
     outgoing_state,
     to_record,
 )
-from m4fuse import settings, site_steps
-from m4fuse.logs import configure_logging
-from m4fuse.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
-from m4fuse.site_state import SiteState, SiteStateStore, model_fingerprint
-from m4fuse.state import expert_state, is_personal, place_expert, split_state
-from m4fuse.state import strategy as state_strategy
+from m4fuse.evaluation.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
+from m4fuse.personal.sets import expert_state, is_personal, place_expert, split_state
+from m4fuse.personal.sets import strategy as state_strategy
+from m4fuse.personal.site_store import SiteState, SiteStateStore, model_fingerprint
+from m4fuse.run import settings
+from m4fuse.run.logs import configure_logging
+from m4fuse.training import site_steps
+from m4fuse.training.dp import (
+    PrivacyConfig,
+    PrivateTraining,
+    make_private_training,
+    noise_only_step,
+    plan_site,
+)
 
-configure_logging()  # after client.privacy imported Opacus (see m4fuse.logs)
+configure_logging()  # after m4fuse.training.dp imported Opacus (see m4fuse.run.logs)
 #: The ClientApp's mods, outermost first: fault injection around the handlers.
 MODS = [fault_mod]
 app = ClientApp(mods=MODS)
@@ -147,7 +148,7 @@ def _save_finetuned(context: Context, site: Site, model: torch.nn.Module, strate
     fine-tuned one, in ``context.state`` (what the strategy keeps, nothing more) and in its
     folder as the state of ``server_round`` (the last round's file is overwritten): there
     both what it keeps and what it fine-tuned (for ``fedavg-ft`` the norms and expert, for
-    ``-ft-all`` the whole model), so the final model (``m4fuse.checkpoint.add_site_states``)
+    ``-ft-all`` the whole model), so the final model (``m4fuse.io.checkpoint.add_site_states``)
     holds what the final test scored; a resumed run reads only the kept set from it."""
     spec = state_strategy(strategy)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -449,8 +450,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, float]:
     """Fine-tune the personal set ``personal`` of ``model`` on the site's training cases for
     up to ``fl.finetune_epochs`` epochs, every other weight frozen, keeping the epoch its
-    validation cases score best (:func:`m4fuse.site_steps.finetune_best_epoch`, seeded with
-    :func:`m4fuse.site_steps.finetune_seed`). Returns its metrics for the reply."""
+    validation cases score best (:func:`m4fuse.training.site_steps.finetune_best_epoch`, seeded with
+    :func:`m4fuse.training.site_steps.finetune_seed`). Returns its metrics for the reply."""
     return site_steps.finetune_best_epoch(
         model, site.records["train"], site.records["val"], 0, site.cfg, site.device,
         personal=personal, epochs=int(site.cfg.fl.finetune_epochs),

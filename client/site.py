@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from m4fuse import provision, runtime, settings, workspace
+from m4fuse.run import provision, runtime, settings, workspace
 
 _CONFIGS: dict[tuple, DictConfig] = {}
 

@@ -1,6 +1,6 @@
 """Message <-> model state translation for the ClientApp (no training here).
 
-Which weights cross the wire is decided by the strategy and by :func:`m4fuse.state.split_state`
+Which weights cross the wire is decided by the strategy and by :func:`m4fuse.personal.sets.split_state`
 (the one owner of the shared/personal split):
 
 * ``personal`` / ``fedprox`` / ``personal-ft``: the shared arrays travel; the site's expert
@@ -11,7 +11,7 @@ Which weights cross the wire is decided by the strategy and by :func:`m4fuse.sta
   averages).
 * ``local``: nothing (an empty ArrayRecord, so replies keep Flower's one-ArrayRecord shape).
 
-The tables below are derived from :data:`m4fuse.state.STRATEGIES`.
+The tables below are derived from :data:`m4fuse.personal.sets.STRATEGIES`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord
 
-from m4fuse.state import STRATEGIES, split_state
+from m4fuse.personal.sets import STRATEGIES, split_state
 
 #: strategy -> what the outgoing ArrayRecord carries ("shared" | "all" | "none").
 SENT: dict[str, str] = {name: s.sent for name, s in STRATEGIES.items()}
-#: strategy -> the personal set the site keeps between rounds (m4fuse.state.PERSONAL_SETS:
+#: strategy -> the personal set the site keeps between rounds (m4fuse.personal.sets.PERSONAL_SETS:
 #: "experts" | "norms" | "stem" | "head" | "decoder" | "all" | "none").
 KEPT: dict[str, str] = {name: s.kept for name, s in STRATEGIES.items()}
 

@@ -3,7 +3,7 @@
 The Flower run config names the Hydra config (``config-name``, default ``config``) and its
 ``overrides`` (a space-separated string, e.g. ``"fl.rounds=5 fl.strategy=fedavg"``); the
 ClientApp composes the same config (``$M4FUSE_OVERRIDES`` is applied after both, see
-:func:`m4fuse.settings.compose_run`). Everything else is in :mod:`server.runner`.
+:func:`m4fuse.run.settings.compose_run`). Everything else is in :mod:`server.runner`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from m4fuse import settings
-from m4fuse.logs import configure_logging
+from m4fuse.run import settings
+from m4fuse.run.logs import configure_logging
 from server import failure
 from server.runner import prepare_run, run_federated
 
@@ -21,7 +21,7 @@ failure.install()  # a refused run's last log line is the one-line reason (serve
 
 app = ServerApp()
 
-#: What a run refuses before it trains: bad settings (m4fuse.config_check.ConfigError, a
+#: What a run refuses before it trains: bad settings (m4fuse.run.config_check.ConfigError, a
 #: ValueError), folders it may not write (m4fuse.data.guard.FolderRefused, a ValueError),
 #: missing data, fewer SuperNodes than sites (server.runner.SitesMismatch, a ValueError).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from m4fuse.config_check import debug_enabled
+from m4fuse.run.config_check import debug_enabled
 
 #: Flower's logger (``flwr.supercore.log`` writes through it).
 FLOWER_LOGGER = "flwr"

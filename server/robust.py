@@ -30,12 +30,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from m4fuse.aggregation import AGGREGATIONS as _AGGREGATIONS
+from m4fuse.run.aggregation import AGGREGATIONS as _AGGREGATIONS
 
 Arrays = Mapping[str, np.ndarray]
 """One model's shared arrays, by state-dict key."""
 
-#: The values of ``fl.aggregation`` (checked in :mod:`m4fuse.aggregation`; the Flower
+#: The values of ``fl.aggregation`` (checked in :mod:`m4fuse.run.aggregation`; the Flower
 #: strategies are in :mod:`server.strategy`).
 AGGREGATIONS: tuple[str, ...] = _AGGREGATIONS
 

@@ -3,10 +3,10 @@ and the per-site results table.
 
 What the server holds: the shared arrays (``personal``/``fedprox``), the whole one-expert
 model (``fedavg``) or nothing (``local``). Experts never cross the wire. The server's part of
-the final model (``shared.ckpt``, :func:`m4fuse.checkpoint.save_server_model`) is written
+the final model (``shared.ckpt``, :func:`m4fuse.io.checkpoint.save_server_model`) is written
 before the final test, so a failed test still leaves it. The server never reads a site's
 folder: the final model with each site's own weights (``model.ckpt``) is put together
-afterwards by the simulation driver or ``m4fuse model assemble`` (:mod:`m4fuse.assembly`).
+afterwards by the simulation driver or ``m4fuse model assemble`` (:mod:`m4fuse.io.assembly`).
 Nothing here imports ``client/``.
 """
 
@@ -25,14 +25,14 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from m4fuse import provision, report, settings, workspace
-from m4fuse.aggregation import KRUM_RULES, aggregation_settings
-from m4fuse.checkpoint import CHECKPOINT_NAME, SERVER_MODEL_NAME, save_server_model
-from m4fuse.server_opt import server_opt_settings
-from m4fuse.state import split_state
-from m4fuse.state import strategy as named_strategy
-from m4fuse.tracking import Tracker, final_test_metrics, round_metrics, tracking_uri
-from server import checkpoint as server_ckpt
+from m4fuse.io.checkpoint import CHECKPOINT_NAME, SERVER_MODEL_NAME, save_server_model
+from m4fuse.personal.sets import split_state
+from m4fuse.personal.sets import strategy as named_strategy
+from m4fuse.run import provision, report, settings, workspace
+from m4fuse.run.aggregation import KRUM_RULES, aggregation_settings
+from m4fuse.run.server_opt import server_opt_settings
+from m4fuse.run.tracking import Tracker, final_test_metrics, round_metrics, tracking_uri
+from server import round_checkpoint as server_ckpt
 from server.strategy import RoundLog, make_strategy
 
 CHECKPOINT_FILE = "server_checkpoint.pt"
@@ -113,7 +113,7 @@ def save_server_part(cfg: DictConfig, rdir: Path, arrays: ArrayRecord, names: li
                      ) -> Path | None:
     """Write ``<run dir>/shared.ckpt`` from the server's ``arrays`` (the initial model where the
     server holds nothing: the personal layers a site without a state starts from); None for
-    ``local`` (:func:`m4fuse.checkpoint.save_server_model`)."""
+    ``local`` (:func:`m4fuse.io.checkpoint.save_server_model`)."""
     held = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     _, initial = initial_state(cfg)
     return save_server_model(rdir / SERVER_MODEL_NAME, settings.model_config(cfg, num_experts=1),
@@ -181,7 +181,7 @@ def prepare_run(grid: Grid, cfg: DictConfig) -> list[str]:
 
 def check_privacy_plan(cfg: DictConfig, names: list[str]) -> None:
     """Under ``privacy.enabled``, plan every site's DP-SGD before round 1
-    (:func:`m4fuse.dp_plan.plan_site`): a target ε the planned steps cannot meet, or an
+    (:func:`m4fuse.training.dp_plan.plan_site`): a target ε the planned steps cannot meet, or an
     expected batch above a site's cases, stops the run here in one line instead of at the
     sites. Skipped on a coordinator that holds no data (``fl.site_names``): the sites then
     check at their first round."""
@@ -190,7 +190,7 @@ def check_privacy_plan(cfg: DictConfig, names: list[str]) -> None:
         return
     from omegaconf import OmegaConf
 
-    from m4fuse.dp_plan import PrivacyConfig, plan_site
+    from m4fuse.training.dp_plan import PrivacyConfig, plan_site
 
     privacy = PrivacyConfig.from_mapping(OmegaConf.to_container(group, resolve=True))
     split = provision.load_sites(cfg)
@@ -232,7 +232,7 @@ def _start(cfg: DictConfig, rdir: Path, ckpt_path: Path, chash: str,
         return start
     # A fresh run: forget an earlier run of the same name's checkpoint. The sites discard
     # their own state of that run when they see this run's new identity
-    # (m4fuse.site_state.SiteStateStore.bind_run); the server touches no site's folder.
+    # (m4fuse.personal.site_store.SiteStateStore.bind_run); the server touches no site's folder.
     ckpt_path.unlink(missing_ok=True)
     return _Start(arrays, 1, [], None, run_identity)
 

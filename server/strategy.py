@@ -21,10 +21,10 @@ the *combiner* (:func:`make_combiner`), that only ever sees the accepted replies
   ``num-examples`` = training cases), ``trimmed_mean`` Flower's ``FedTrimmedAvg`` (``beta`` =
   ``trim``), ``median`` Flower's ``FedMedian``, ``krum`` / ``multikrum`` Flower's ``Krum`` /
   ``MultiKrum`` (f = ``krum_malicious``, m = ``krum_select``; a round with fewer accepted
-  updates than :func:`m4fuse.aggregation.krum_needed` stops the run with
+  updates than :func:`m4fuse.run.aggregation.krum_needed` stops the run with
   :class:`server.robust.QuorumError`); with ``server_opt`` (default ``none``) Flower's
   ``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad`` then take a server step from the arrays
-  sent this round towards that aggregate (:mod:`m4fuse.server_opt`). The result is cast back
+  sent this round towards that aggregate (:mod:`m4fuse.run.server_opt`). The result is cast back
   to the dtypes of the server's arrays (Flower keeps the arithmetic's dtype);
 * per-site bookkeeping (train loss, validation and test scores by ``site-index``) and bytes
   sent/received per round (serialised array bytes);
@@ -67,7 +67,9 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from m4fuse.aggregation import (
+from m4fuse.personal.sets import is_personal
+from m4fuse.personal.sets import strategy as named_strategy
+from m4fuse.run.aggregation import (
     KRUM_RULES,
     aggregation_settings,
     fednova_rescale,
@@ -76,9 +78,7 @@ from m4fuse.aggregation import (
     site_weight,
     sites_asked,
 )
-from m4fuse.server_opt import SERVER_OPTS
-from m4fuse.state import is_personal
-from m4fuse.state import strategy as named_strategy
+from m4fuse.run.server_opt import SERVER_OPTS
 from server import robust
 
 #: Reply metric keys that identify or time a reply, not averaged into aggregates.
@@ -100,7 +100,7 @@ AGGREGATORS: dict[str, type[FedAvg]] = {
     "median": FedMedian,
     "krum": Krum,
     "multikrum": MultiKrum,
-    # FedNova: Flower's weighted FedAvg over updates rescaled by m4fuse.aggregation.fednova_rescale
+    # FedNova: Flower's weighted FedAvg over updates rescaled by m4fuse.run.aggregation.fednova_rescale
     "fednova": FedAvg,
 }
 #: ``fl.server_opt`` -> the Flower strategy that steps from the round's arrays towards the
@@ -125,7 +125,7 @@ def make_combiner(aggregation: str = "mean", trim: float = 0.2, server_opt: str 
     ``krum_malicious`` Krum's and MultiKrum's ``num_malicious_nodes``, ``krum_select``
     MultiKrum's ``num_nodes_to_select``), ``server_opt`` :data:`OPTIMISERS` with
     ``server_opt_args`` (keyword arguments of that class,
-    :func:`m4fuse.server_opt.server_opt_settings`; default none: Flower's defaults).
+    :func:`m4fuse.run.server_opt.server_opt_settings`; default none: Flower's defaults).
     A server optimiser over a robust rule is the two Flower classes in one: FedAvgM and the
     FedOpt family call ``super().aggregate_train`` for the aggregate, which the class order
     (optimiser first) makes FedTrimmedAvg's, FedMedian's, Krum's or MultiKrum's: of FedAvg's
@@ -259,7 +259,7 @@ class SiteStrategyMixin:
         """Remember the checks' settings and build the combiner (call after ``__init__``);
         defaults: no names, one usable site per round, no norm rule, case-weighted mean,
         trim 0.2, no server optimiser, Krum's f 1 and m 1, weights by training cases
-        (``aggregation_weight``: :func:`m4fuse.aggregation.site_weight`)."""
+        (``aggregation_weight``: :func:`m4fuse.run.aggregation.site_weight`)."""
         self.expected_keys = frozenset(expected_keys)
         self.personal_strategy = personal_strategy
         if personal_strategy:
@@ -443,7 +443,7 @@ class SiteStrategyMixin:
         arrays: FedAvgM pairs arrays by position) and its weight (``weights``: the case count
         or another ``fl.aggregation_weight``), nothing else; under ``fednova`` each site's
         update is first rescaled by its optimiser ``steps`` (default none; needed then,
-        :func:`m4fuse.aggregation.fednova_rescale`); cast back
+        :func:`m4fuse.run.aggregation.fednova_rescale`); cast back
         to ``reference``'s dtypes (integers rounded), since Flower keeps the arithmetic's
         dtype (a float32 mean stays float32, an int64 one becomes float64, FedAdam's bias
         correction makes float64)."""
@@ -621,8 +621,8 @@ def make_strategy(
     (default 0.2) are the update checks of :mod:`server.robust` and the Flower rule that
     combines what passed them (:data:`AGGREGATORS`), with Krum's f ``krum_malicious`` and
     MultiKrum's m ``krum_select`` (default 1 and 1; the sites asked per round must be at
-    least :func:`m4fuse.aggregation.krum_needed`); ``aggregation_weight`` (default ``cases``)
-    each site's weight in the average (:func:`m4fuse.aggregation.site_weight`); ``server_opt``
+    least :func:`m4fuse.run.aggregation.krum_needed`); ``aggregation_weight`` (default ``cases``)
+    each site's weight in the average (:func:`m4fuse.run.aggregation.site_weight`); ``server_opt``
     (default ``none``) and
     ``server_opt_args`` the Flower server optimiser (:data:`OPTIMISERS`) stepping on the
     shared arrays.

@@ -20,8 +20,8 @@ case, and writes into ``<root>/runs/<name>/`` (``name``: ``run_name`` or ``compa
 ``python -m simulations.compare --report runs/X/comparison.json`` prints that report again
 from the JSON alone (the pages under ``docs/results/`` are made this way).
 
-Modes: ``pooled`` and ``local`` (the baselines, :mod:`m4fuse.baselines`), any
-``fl.strategy`` of :data:`m4fuse.settings.STRATEGIES` (run as a Flower simulation), and
+Modes: ``pooled`` and ``local`` (the baselines, :mod:`m4fuse.training.baselines`), any
+``fl.strategy`` of :data:`m4fuse.run.settings.STRATEGIES` (run as a Flower simulation), and
 ``<strategy>-dp`` (that strategy with ``privacy=dp``). The *default strategy* is
 ``fl.strategy`` of the composed config.
 
@@ -29,8 +29,8 @@ Per-case rows: the federated ServerApp only receives each site's mean scores (th
 nothing more), so the comparison rebuilds each site's final model from the run's
 ``model.ckpt`` (the server's final weights plus the site's personal weights, fine-tuned
 where the site kept its fine-tuning, put together after the run by
-:func:`m4fuse.assembly.assemble_run`) and scores
-it itself with :func:`m4fuse.site_steps.test_site`; baselines are rebuilt from
+:func:`m4fuse.io.assembly.assemble_run`) and scores
+it itself with :func:`m4fuse.training.site_steps.test_site`; baselines are rebuilt from
 their ``model.ckpt`` / ``models/<site>.ckpt``. The per-site means are checked against the
 run's own ``sites.csv``; a difference is reported, never hidden.
 """
@@ -54,10 +54,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from m4fuse import provision, runtime, settings, workspace
-from m4fuse.crosssite import LESION_CASE_KEYS, SCORE_KEYS, heatmap, matrix, score_cases
-from m4fuse.crosssite import markdown as matrix_markdown
-from m4fuse.stats import case_score, pair_cases, paired_test, seed_summary
+from m4fuse.evaluation.crosssite import LESION_CASE_KEYS, SCORE_KEYS, heatmap, matrix, score_cases
+from m4fuse.evaluation.crosssite import markdown as matrix_markdown
+from m4fuse.evaluation.stats import case_score, pair_cases, paired_test, seed_summary
+from m4fuse.run import provision, runtime, settings, workspace
 from simulations import skewed
 
 BASELINES: tuple[str, ...] = ("pooled", "local")
@@ -119,7 +119,7 @@ def run_mode(mode: str, overrides: Sequence[str], run_name: str) -> dict[str, An
     "site_names"}`` (``rows``: the run's own per-site table)."""
     args = [*overrides, *mode_overrides(mode), f"run_name={run_name}"]
     if mode in BASELINES:
-        from m4fuse.baselines import run_baseline
+        from m4fuse.training.baselines import run_baseline
 
         cfg = settings.compose("config", args)
         out = run_baseline(cfg, mode)
@@ -141,7 +141,7 @@ def site_models(mode: str, cfg: Any, run_dir: Path, names: Sequence[str]
     the site's personal weights (federated: as the site's final test scored them, fine-tuned
     for a "+FT" strategy where the site kept the fine-tuning).
     """
-    from m4fuse.checkpoint import build_model, load_checkpoint
+    from m4fuse.io.checkpoint import build_model, load_checkpoint
 
     if mode == "local":
         return {s: build_model(load_checkpoint(run_dir / "models" / f"{s}.ckpt"), s)
@@ -191,7 +191,7 @@ def paired_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequen
     """Wilcoxon of ``default`` against each of ``others`` per site and over all sites, on the
     cases of the seeds both modes ran (a merged report may hold a mode on fewer seeds; those
     seeds are in each result's ``"seeds"``). Within a seed the cases must agree
-    (:func:`m4fuse.stats.pair_cases`)."""
+    (:func:`m4fuse.evaluation.stats.pair_cases`)."""
     out = []
     ran = {mode: {r["seed"] for r in rows if r["mode"] == mode} for mode in [default, *others]}
     for other in others:
@@ -365,7 +365,7 @@ def provenance_line(summary: Mapping[str, Any]) -> str:
 
 def lesion_tables(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: Sequence[int],
                   sites: Sequence[str]) -> dict[str, Any] | None:
-    """The lesion-wise twins of :func:`site_table` (BraTS 2023+ rule, :mod:`m4fuse.lesion`):
+    """The lesion-wise twins of :func:`site_table` (BraTS 2023+ rule, :mod:`m4fuse.evaluation.lesion`):
     ``{"dice": table, "hd95": table}`` with, per case, the mean over WT, TC, ET of the
     lesion-wise Dice resp. HD95 (mm); None when a row has no lesion-wise scores (a
     comparison written before they existed)."""
@@ -653,7 +653,7 @@ def _plan(overrides: Sequence[str], modes: Sequence[str] | None, seeds: Sequence
         raise ValueError(f"--crosssite: {bad} are not among --modes {modes}")
     new_site_cases = list(new_site_cases) if default in modes else []
     if new_site_cases:
-        from m4fuse.newsite import check_cases
+        from m4fuse.personal.new_site import check_cases
         from simulations.new_site import new_site_split
 
         site, records, _ = new_site_split([*overrides, f"seed={seeds[0]}"])
@@ -1022,7 +1022,7 @@ def score_matrix_rows(models: Mapping[str, tuple[torch.nn.Module, int | None]], 
 def log_tracking(cfg: Any, name: str, summary: Mapping[str, Any], artifacts: Sequence[Path]
                  ) -> None:
     """One MLflow run of the comparison: mean test Dice per mode and site, and the files."""
-    from m4fuse.tracking import Tracker
+    from m4fuse.run.tracking import Tracker
 
     tracker = Tracker(cfg, name, tags={"kind": "comparison"})
     metrics = {}
@@ -1104,7 +1104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simulations.compare [--seeds 0,1,2] [--modes a,b] [hydra overrides...]``."""
-    from m4fuse.config_check import debug_enabled
+    from m4fuse.run.config_check import debug_enabled
     from simulations.new_site import parse_cases
 
     args = parse_args(argv)

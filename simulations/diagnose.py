@@ -23,8 +23,8 @@ import torch
 def site_model(cfg: Any, run: str, site: str, arrays: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Site ``site``'s model after the last round of run ``run``."""
     from client.weights import load_round_state
-    from m4fuse import settings, workspace
-    from m4fuse.site_state import newest_kept
+    from m4fuse.personal.site_store import newest_kept
+    from m4fuse.run import settings, workspace
 
     model = settings.build_model(cfg, num_experts=1)
     kept = newest_kept(workspace.project_root(cfg) / "runs" / run / "clients" / site)
@@ -35,7 +35,8 @@ def site_model(cfg: Any, run: str, site: str, arrays: dict[str, torch.Tensor]) -
 
 def diagnose(run: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The diagnosis of run ``run`` (see the module docstring) as a JSON-able dict."""
-    from m4fuse import diagnostics, provision, settings, workspace
+    from m4fuse.evaluation import diagnostics
+    from m4fuse.run import provision, settings, workspace
 
     cfg = settings.compose(overrides=list(overrides))
     rdir = workspace.project_root(cfg) / "runs" / run

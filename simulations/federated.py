@@ -5,7 +5,7 @@ with those overrides, starts one SuperNode per site with Flower's ``run_simulati
 the same ServerApp and ClientApp that ``flwr run .`` runs. The overrides reach both apps
 through ``$M4FUSE_OVERRIDES`` (``run_simulation`` passes no run config). After the run it puts
 the final model together from the server's ``shared.ckpt`` and the sites' state folders
-(:func:`m4fuse.assembly.assemble_run`: ``model.ckpt``, the sites' overlays and kept states),
+(:func:`m4fuse.io.assembly.assemble_run`: ``model.ckpt``, the sites' overlays and kept states),
 the step ``flwr run .`` leaves to ``m4fuse model assemble``.
 """
 
@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from m4fuse import provision, settings, workspace
-from m4fuse.assembly import CLIENTS_DIR
+from m4fuse.io.assembly import CLIENTS_DIR
+from m4fuse.run import provision, settings, workspace
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -99,10 +99,10 @@ def simulate(overrides: Sequence[str], cpus_per_site: int = 1,
 
 
 def assemble_and_log(cfg: Any, rdir: Any, mlflow_run_id: str | None) -> None:
-    """:func:`m4fuse.assembly.assemble_run` on the finished run ``rdir``, its files logged to
+    """:func:`m4fuse.io.assembly.assemble_run` on the finished run ``rdir``, its files logged to
     the run's MLflow record (``mlflow_run_id``, the one the ServerApp opened)."""
-    from m4fuse.assembly import assemble_run
-    from m4fuse.tracking import Tracker
+    from m4fuse.io.assembly import assemble_run
+    from m4fuse.run.tracking import Tracker
 
     assembled = assemble_run(rdir)
     if mlflow_run_id is None:  # tracking off
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m simulations.federated [hydra overrides...]``. A bad setting or a folder
     the run may not write (found before training) prints one line and returns 2
     (``M4FUSE_DEBUG=1``: the traceback)."""
-    from m4fuse.config_check import debug_enabled
+    from m4fuse.run.config_check import debug_enabled
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -9,11 +9,11 @@ from the config composed as the comparison's runs were: its ``summary.overrides`
 mode's ``fl.strategy``, ``seed=<seed>``, then the command line's overrides), builds each
 site's final model from it exactly as the comparison scored it
 (:func:`simulations.compare.site_models`), fine-tunes the personal set ``--set``
-(:data:`m4fuse.state.PERSONAL_SETS`; ``all``: the whole model, the federated model as the
+(:data:`m4fuse.personal.sets.PERSONAL_SETS`; ``all``: the whole model, the federated model as the
 initialisation) on the site's training cases with
-:func:`m4fuse.site_steps.finetune_best_epoch` (its validation cases choose the epoch, epoch 0
-= no fine-tuning; the seed is the ClientApp's, :func:`m4fuse.site_steps.finetune_seed`),
-and scores the site's test cases with :func:`m4fuse.crosssite.score_cases`.
+:func:`m4fuse.training.site_steps.finetune_best_epoch` (its validation cases choose the epoch, epoch 0
+= no fine-tuning; the seed is the ClientApp's, :func:`m4fuse.training.site_steps.finetune_seed`),
+and scores the site's test cases with :func:`m4fuse.evaluation.crosssite.score_cases`.
 
 The rows become the mode ``<mode>+ft-<set>`` (e.g. ``fedavg+ft-all``), and a new comparison
 is written into ``<root>/runs/<name>+ft-<set>/`` (``comparison.json/.md/.png``, as
@@ -34,9 +34,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from m4fuse import provision, runtime, settings, site_steps, workspace
-from m4fuse.crosssite import SCORE_KEYS, score_cases
-from m4fuse.state import PERSONAL_SETS
+from m4fuse.evaluation.crosssite import SCORE_KEYS, score_cases
+from m4fuse.personal.sets import PERSONAL_SETS
+from m4fuse.run import provision, runtime, settings, workspace
+from m4fuse.training import site_steps
 
 #: ``--set`` values: every personal set except ``none`` (fine-tuning nothing).
 FINETUNE_SETS: tuple[str, ...] = tuple(s for s in PERSONAL_SETS if s != "none")

@@ -7,7 +7,7 @@ site of the reference scanner (site 0's acquisition, the high-grade case mix) ho
 ``max(cases) + val-cases`` cases besides ``test-cases`` test cases (``data.sites=1``,
 ``data.site_sizes``, ``data.test_cases_per_site``), shuffles its non-test cases once per seed,
 keeps the first ``val-cases`` for validation and trains the pooled baseline
-(:func:`m4fuse.baselines.run_baseline`, the same trainer, loss, optimiser and budget as the
+(:func:`m4fuse.training.baselines.run_baseline`, the same trainer, loss, optimiser and budget as the
 comparison's) on the first N of the rest for each N: nested training sets, one fixed test
 set. The budget is the config's ``fl.rounds`` x ``fl.local_epochs`` epochs (as the
 comparison trains), or with ``--steps S`` about S optimiser steps at every N (the epochs per
@@ -93,8 +93,8 @@ def run_curve(cases: Sequence[int], seeds: Sequence[int], overrides: Sequence[st
     """Train the pooled model on each N of ``cases`` for each seed; write the JSON, return
     its path. ``test_cases`` (default 30) and ``val_cases`` (default 5) are fixed per seed;
     ``steps`` (default None: the config's epochs) gives every N about that many steps."""
-    from m4fuse import provision, settings, workspace
-    from m4fuse.baselines import run_baseline
+    from m4fuse.run import provision, settings, workspace
+    from m4fuse.training.baselines import run_baseline
 
     data = curve_overrides(max(cases), val_cases, test_cases)
     base = settings.compose("config", [*overrides, *data])

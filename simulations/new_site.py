@@ -5,10 +5,10 @@
 with one site more (``data.sites + 1``; the extra site has its own scanner, see
 :func:`m4fuse.data.synth.site_acquisition`); that site's training cases were never seen by
 the federation. For each k a fresh expert is fine-tuned on k of its training cases
-(:func:`m4fuse.newsite.join_site`, shared weights frozen) and scored with the shared model
+(:func:`m4fuse.personal.new_site.join_site`, shared weights frozen) and scored with the shared model
 alone on the site's test cases; the per-case pairs go through a Wilcoxon test. Under a
 strategy that keeps norm layers at the sites, both start from the sites' mean layers of
-``model.ckpt`` (:func:`m4fuse.newsite.start_layers`).
+``model.ckpt`` (:func:`m4fuse.personal.new_site.start_layers`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from m4fuse import provision, runtime, settings
-from m4fuse.stats import case_score, mean_sd, paired_test
+from m4fuse.evaluation.stats import case_score, mean_sd, paired_test
+from m4fuse.run import provision, runtime, settings
 
 
 def new_site_split(overrides: Sequence[str]) -> tuple[str, dict[str, list[Any]], Any]:
@@ -52,9 +52,9 @@ def federation_checkpoint(run_dir: Path, cfg: Any) -> Path | None:
     the *initial* values of the kept non-expert layers (what every site started from; the new
     site then fine-tunes them with its expert; without the sites' layers there is no mean to
     start from). None for a run without shared weights."""
-    from m4fuse.checkpoint import save_checkpoint
-    from m4fuse.state import is_expert
-    from server import checkpoint as server_ckpt
+    from m4fuse.io.checkpoint import save_checkpoint
+    from m4fuse.personal.sets import is_expert
+    from server import round_checkpoint as server_ckpt
     from server.runner import CHECKPOINT_FILE
 
     run_dir = Path(run_dir)
@@ -96,10 +96,10 @@ def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
     ``rows``: one per k, model (``shared`` / ``fine-tuned``) and test case, with the case
     scores and ``label`` (e.g. ``{"seed": 0}``); ``by_k``: per k the mean test Dice of both,
     the paired Wilcoxon test and the wall time. Bad k fail before any training.
-    ``expert_init``: ``fresh`` (default) or ``mean`` (:func:`m4fuse.newsite.join_site`).
+    ``expert_init``: ``fresh`` (default) or ``mean`` (:func:`m4fuse.personal.new_site.join_site`).
     """
-    from m4fuse.checkpoint import load_checkpoint
-    from m4fuse.newsite import check_cases
+    from m4fuse.io.checkpoint import load_checkpoint
+    from m4fuse.personal.new_site import check_cases
 
     site, records, cfg = new_site_split(overrides)
     runtime.apply_threads(cfg)
@@ -107,7 +107,7 @@ def evaluate_new_site(overrides: Sequence[str], model_path: str | Path,
     checkpoint = load_checkpoint(model_path)
     rows: list[dict[str, Any]] = []
     by_k: dict[str, Any] = {}
-    from m4fuse.newsite import join_site
+    from m4fuse.personal.new_site import join_site
 
     for k in ks:
         start = time.perf_counter()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from m4fuse.stats import pair_cases, paired_test, seed_summary
+from m4fuse.evaluation.stats import pair_cases, paired_test, seed_summary
 
 #: The goals of a skewed federation and their thresholds (mean test Dice, over seeds):
 #: ``small_max_cases``: a site with at most this many training cases is "small";
@@ -149,7 +149,7 @@ def size_groups(train_cases: Mapping[str, int], small_max: int = 5
 def group_table(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: Sequence[int],
                 groups: Mapping[str, Sequence[str]]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{group: {mode: {"mean", "sd", "n_seeds", "per_seed": {seed: v}}}}``: per seed the
-    mean test Dice (per case: :func:`m4fuse.stats.case_score`) over the cases of the group's
+    mean test Dice (per case: :func:`m4fuse.evaluation.stats.case_score`) over the cases of the group's
     sites, then mean and sd over seeds (as the per-site table)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for group, sites in groups.items():
@@ -161,7 +161,7 @@ def group_table(rows: Sequence[Mapping[str, Any]], modes: Sequence[str], seeds: 
 
 def group_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequence[str],
                 groups: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
-    """Paired Wilcoxon tests (:func:`m4fuse.stats.paired_test`) of ``default`` against each
+    """Paired Wilcoxon tests (:func:`m4fuse.evaluation.stats.paired_test`) of ``default`` against each
     of ``others`` on the cases of each group's sites, of the seeds both modes ran."""
     out = []
     ran = {m: {r["seed"] for r in rows if r["mode"] == m} for m in [default, *others]}
@@ -177,8 +177,8 @@ def group_tests(rows: Sequence[Mapping[str, Any]], default: str, others: Sequenc
 
 def steps_of_history(history: Sequence[Mapping[str, Any]], names: Sequence[str]
                      ) -> dict[str, dict[str, float]]:
-    """Optimiser steps of one run by site (:func:`m4fuse.report.optimiser_steps`)."""
-    from m4fuse.report import optimiser_steps
+    """Optimiser steps of one run by site (:func:`m4fuse.run.report.optimiser_steps`)."""
+    from m4fuse.run.report import optimiser_steps
 
     return optimiser_steps(history, names)
 

@@ -94,12 +94,12 @@ def simulate_recorded(client_app: ClientApp, args: list[str], record_env: str, f
     mod that writes one JSON file per reply into ``$<record_env>``) on the Hydra overrides
     ``args``; checks that the run finished and that the ServerApp wrote no ``model.ckpt``
     (it never reads the sites' folders), then assembles it as the simulation driver does
-    (:func:`m4fuse.assembly.assemble_run`), and returns ``(composed config, run folder, the
+    (:func:`m4fuse.io.assembly.assemble_run`), and returns ``(composed config, run folder, the
     recorded entries)``."""
     import json
 
-    from m4fuse import settings, workspace
-    from m4fuse.assembly import assemble_run
+    from m4fuse.io.assembly import assemble_run
+    from m4fuse.run import settings, workspace
 
     folder.mkdir()
     monkeypatch.setenv(settings.OVERRIDES_ENV, " ".join(args))

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from engine_fixtures import write_case
 
-from m4fuse import provision, settings
-from m4fuse.cli import main
-from m4fuse.config_check import ConfigError
+from m4fuse.cli.main import main
 from m4fuse.data import guard
+from m4fuse.run import provision, settings
+from m4fuse.run.config_check import ConfigError
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -121,7 +121,7 @@ def test_certificates_and_site_state_write_only_their_own_files(brats):
     their own files only; every case file stays as it was."""
     import torch
 
-    from m4fuse.site_state import SiteState, SiteStateStore
+    from m4fuse.personal.site_store import SiteState, SiteStateStore
 
     root, before = brats
     assert main(["certs", "--out", str(root), "--host", "localhost", "--supernodes", "1"]) == 0
@@ -258,7 +258,7 @@ def test_simulate_counts_the_sites_and_builds_the_flwr_command(tmp_path, capsys)
     ServerApp unchanged (read back by Flower's own run-config parser, then ours)."""
     from flwr.common.config import parse_config_args
 
-    from m4fuse.commands.simulate import count_sites, flwr_command
+    from m4fuse.cli.simulate import count_sites, flwr_command
 
     overrides = [f"root={tmp_path}", "data.sites=3", "data.cases_per_site=2",
                  "data.shape=[16,16,16]", "data.size=[16,16,16]", "run_name=my run"]
@@ -294,12 +294,12 @@ def test_simulate_counts_the_sites_and_builds_the_flwr_command(tmp_path, capsys)
 
 def test_assemble_logs_its_files_to_the_mlflow_run_the_run_folder_records(tmp_path):
     """After ``flwr run .`` the ServerApp's MLflow run gets model.ckpt and the overlays from
-    ``m4fuse model assemble`` (:func:`m4fuse.tracking.log_to_recorded_run`)."""
+    ``m4fuse model assemble`` (:func:`m4fuse.run.tracking.log_to_recorded_run`)."""
     import json
 
     from mlflow.tracking import MlflowClient
 
-    from m4fuse.tracking import Tracker, log_to_recorded_run, tracking_uri
+    from m4fuse.run.tracking import Tracker, log_to_recorded_run, tracking_uri
 
     cfg = settings.compose("config", [f"root={tmp_path}"])
     tracker = Tracker(cfg, "assembled")

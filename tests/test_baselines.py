@@ -6,7 +6,7 @@ import pytest
 import torch
 from engine_fixtures import TINY_OVERRIDES
 
-from m4fuse import provision, settings
+from m4fuse.run import provision, settings
 
 TINY = [*TINY_OVERRIDES, "fl.rounds=2", "tracking.enabled=false"]
 
@@ -17,7 +17,7 @@ def cfg_args(tmp_path_factory) -> list[str]:
 
 
 def test_pooled_routes_each_site_to_its_expert(cfg_args):
-    from m4fuse.baselines import pooled_loader
+    from m4fuse.training.baselines import pooled_loader
 
     cfg = settings.compose("config", cfg_args)
     split = provision.load_sites(cfg)
@@ -32,8 +32,8 @@ def test_pooled_routes_each_site_to_its_expert(cfg_args):
 
 
 def test_pooled_and_local_train_and_score_every_site(cfg_args):
-    from m4fuse.baselines import run_baseline
-    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.io.checkpoint import load_checkpoint
+    from m4fuse.training.baselines import run_baseline
 
     pooled = run_baseline(settings.compose("config", [*cfg_args, "run_name=p"]), "pooled")
     local = run_baseline(settings.compose("config", [*cfg_args, "run_name=l"]), "local")
@@ -57,7 +57,7 @@ def test_pooled_and_local_train_and_score_every_site(cfg_args):
 
 
 def test_train_command_runs_the_local_baseline(cfg_args, capsys):
-    from m4fuse.cli import main
+    from m4fuse.cli.main import main
 
     assert main(["train", "--mode", "local", *cfg_args, "run_name=cli", "fl.rounds=1"]) == 0
     assert "cli (local): per-site results" in capsys.readouterr().out
@@ -66,7 +66,7 @@ def test_train_command_runs_the_local_baseline(cfg_args, capsys):
 def test_a_site_without_validation_cases_trains_and_is_tested(cfg_args):
     """A small site that validates on none (sized sites) still trains and is tested; the
     validation mean is over the sites that validate."""
-    from m4fuse.baselines import run_baseline
+    from m4fuse.training.baselines import run_baseline
 
     cfg = settings.compose("config", [*cfg_args, "fl.rounds=1", "run_name=no-val"])
     split = provision.load_sites(cfg)

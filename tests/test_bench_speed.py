@@ -10,7 +10,7 @@ from monai.networks.nets import SegResNet
 from torch import nn
 
 from benchmarks import bench_speed
-from m4fuse.model import M4Fuse, M4FuseConfig
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from m4fuse.cli import main
-from m4fuse.commands.certs import make_certificates
+from m4fuse.cli.certs import make_certificates
+from m4fuse.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_refuses_overwrite_and_bad_arguments(made: Path, tmp_path: Path) -> None
 
 def test_named_supernodes_from_the_console(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "m4fuse.cli", "certs", "--out", str(tmp_path), "--host",
+        [sys.executable, "-m", "m4fuse.cli.main", "certs", "--out", str(tmp_path), "--host",
          "localhost", "--supernode-names", "hospital-a", "hospital-b"],
         capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
     )

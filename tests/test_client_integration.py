@@ -12,8 +12,9 @@ import torch
 from flower_fixtures import TINY_FL, client_train_round
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from m4fuse import settings, site_steps
-from m4fuse.state import is_personal, split_state
+from m4fuse.personal.sets import is_personal, split_state
+from m4fuse.run import settings
+from m4fuse.training import site_steps
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -49,8 +50,8 @@ def _arrays(reply: Message) -> dict[str, np.ndarray]:
 
 
 def test_engine_empty_batch_hook_steps_scheduler_and_skips_forward() -> None:
-    from m4fuse.engine import TrainConfig, make_optimizer, train_epochs
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
+    from m4fuse.training.engine import TrainConfig, make_optimizer, train_epochs
 
     torch.manual_seed(0)
     model = M4Fuse(M4FuseConfig(widths=[4, 8, 8, 8, 8, 8], dropout=0.0))
@@ -84,7 +85,7 @@ def test_engine_empty_batch_hook_steps_scheduler_and_skips_forward() -> None:
 
 def test_dp_round_reports_epsilon_that_grows_with_state_in_context(monkeypatch, root, tmp_path):
     from client.app import ACCOUNTANT_RECORD
-    from m4fuse.site_state import ACCOUNTANT_FILE
+    from m4fuse.personal.site_store import ACCOUNTANT_FILE
 
     _, start = _use(monkeypatch, root, "privacy.enabled=true", "run_name=dp")
     state = RecordDict()
@@ -129,7 +130,7 @@ def test_dp_epsilon_matches_opacus_and_a_restarted_client_continues_it(
     round 2 the ε of an uninterrupted client, not a reset one."""
     import shutil
 
-    from m4fuse import provision
+    from m4fuse.run import provision
 
     cfg, start = _use(monkeypatch, root, "privacy.enabled=true", "run_name=dp-oracle")
     split = provision.load_sites(cfg)
@@ -162,7 +163,7 @@ def test_dp_recipe_round_takes_the_planned_steps_at_the_expected_batch_rate(
     from opacus.accountants import RDPAccountant
 
     from client.app import check_dp_training
-    from m4fuse import provision
+    from m4fuse.run import provision
 
     cfg, start = _use(monkeypatch, root, "privacy=dp", "fl.strategy=personal",
                       "privacy.expected_batch=2", "privacy.lr=0.001", "fl.rounds=3",
@@ -185,7 +186,7 @@ def test_dp_recipe_round_takes_the_planned_steps_at_the_expected_batch_rate(
 
 
 def test_an_unreachable_dp_target_stops_the_run_before_round_one(monkeypatch, root):
-    from client.privacy import PrivacyPlanError
+    from m4fuse.training.dp import PrivacyPlanError
     from server.runner import check_privacy_plan, federation_sites
 
     cfg, _ = _use(monkeypatch, root, "privacy=dp", "fl.strategy=personal",
@@ -249,7 +250,7 @@ def test_restarted_client_continues_with_its_expert_from_disk(monkeypatch, root,
 
 
 def test_state_of_another_model_is_refused(monkeypatch, root, tmp_path):
-    from m4fuse.site_state import StateStoreError
+    from m4fuse.personal.site_store import StateStoreError
 
     _, start = _use(monkeypatch, root, "run_name=fp")
     client_train_round(0, start, RecordDict(), 1, str(tmp_path))
@@ -287,7 +288,7 @@ def test_a_new_run_identity_never_loads_the_old_runs_expert(monkeypatch, root, t
     context.state and in its folder and trains from the server's weights alone; the same
     identity (a resumed run) continues with its expert."""
     import client.app as client_app
-    from m4fuse.site_state import SiteStateStore
+    from m4fuse.personal.site_store import SiteStateStore
 
     _, start = _use(monkeypatch, root, "run_name=identity")
     seen: dict[str, torch.Tensor] = {}
@@ -328,7 +329,7 @@ def test_kept_finetuning_becomes_the_sites_final_state(monkeypatch, root, tmp_pa
     from flwr.app import ConfigRecord, Context, MessageType
 
     import client.app as client_app
-    from m4fuse.site_state import newest_kept
+    from m4fuse.personal.site_store import newest_kept
 
     _, start = _use(monkeypatch, root, "run_name=ftsave", "fl.strategy=personal-norm-ft",
                     "fl.finetune_epochs=1")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from engine_fixtures import TINY_OVERRIDES
 
-from m4fuse import provision, settings
+from m4fuse.run import provision, settings
 
 TINY = [*TINY_OVERRIDES, "fl.rounds=1", "fl.local_epochs=1", "tracking.enabled=false",
         "fl.strategy=personal"]
@@ -136,9 +136,9 @@ def test_report_has_wilcoxon_lines_goals_and_plots(compared):
 
 @pytest.mark.slow
 def test_join_trains_only_the_new_expert(compared, tmp_path, capsys):
-    from m4fuse.checkpoint import load_checkpoint
-    from m4fuse.cli import main
-    from m4fuse.state import expert_index
+    from m4fuse.cli.main import main
+    from m4fuse.io.checkpoint import load_checkpoint
+    from m4fuse.personal.sets import expert_index
 
     args, out, _ = compared
     model = out.parent / "compare-personal-seed0" / "model.ckpt"
@@ -165,7 +165,7 @@ def test_join_trains_only_the_new_expert(compared, tmp_path, capsys):
 
 
 def test_pairs_match_cases_and_identical_scores_give_p_one():
-    from m4fuse.stats import pair_cases, paired_test
+    from m4fuse.evaluation.stats import pair_cases, paired_test
 
     def row(mode, case, dice, seed=0):
         return {"mode": mode, "seed": seed, "site": "s", "case": case, "dice_wt": dice,

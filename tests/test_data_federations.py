@@ -12,10 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from m4fuse import provision, settings
 from m4fuse.data import SYNTH_VERSION, read_site_csv, scale_site_sizes, split_cases
 from m4fuse.data.sites import BRATS19_LOWER_GRADE, BRATS19_SITE_SIZES, FETS22_SITE_SIZES
 from m4fuse.data.synth import HGG_MIX, LGG_MIX, make_case, plan_cases, site_acquisition
+from m4fuse.run import provision, settings
 
 
 def test_scaling_rounds_half_up_and_keeps_a_case():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m4fuse.cli import main
+from m4fuse.cli.main import main
 from m4fuse.data import (
     discover_cases,
     institution_of,

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from m4fuse.cli import main
+from m4fuse.cli.main import main
 from m4fuse.data import (
     DataError,
     PrepareError,
@@ -23,7 +23,7 @@ from m4fuse.data import (
     restore_to_original,
 )
 from m4fuse.data.fake import fake_volumes, write_fake_case
-from m4fuse.regions import labels_to_regions
+from m4fuse.data.regions import labels_to_regions
 
 SIZE = (8, 16, 16)
 
@@ -247,7 +247,7 @@ def test_training_grid_spacing_follows_the_canonical_axes(tmp_path):
     axis order; the training grid's voxel size (validation HD95 in mm) is the same as for the
     case stored LPS."""
     from m4fuse.data import CaseRecord
-    from m4fuse.site_steps import training_grid_spacing
+    from m4fuse.training.site_steps import training_grid_spacing
 
     files = write_fake_case(tmp_path / "a", "BraTS2021_00009", shape=(28, 24, 20), seed=9,
                             affine=np.diag([-1.0, -1.5, 2.5, 1.0]))

@@ -9,7 +9,7 @@ import torch
 from monai.transforms import NormalizeIntensity
 from scipy import ndimage
 
-from m4fuse.cli import main
+from m4fuse.cli.main import main
 from m4fuse.data import discover_cases, read_site_csv
 from m4fuse.data.synth import SITE_TABLE, make_case, site_acquisition
 

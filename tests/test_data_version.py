@@ -1,4 +1,4 @@
-"""The data-ready markers of m4fuse.provision.ensure_data record the generator and
+"""The data-ready markers of m4fuse.run.provision.ensure_data record the generator and
 preprocessing versions, so data of an older generator is generated again, not reused."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from m4fuse import provision, settings
+from m4fuse.run import provision, settings
 
 TINY = ["data.sites=2", "data.cases_per_site=2", "data.shape=[16,16,16]",
         "data.size=[16,16,16]", "data.workers=0", "tracking.enabled=false"]

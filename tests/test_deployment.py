@@ -27,8 +27,8 @@ import pytest
 import torch
 from engine_fixtures import TINY_OVERRIDES
 
-from m4fuse.commands.certs import make_certificates
-from server import checkpoint as server_ckpt
+from m4fuse.cli.certs import make_certificates
+from server import round_checkpoint as server_ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 #: The Flower app submitted with `flwr run`: this checkout (a copy elsewhere when

@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, Dataset
 
-from client.privacy import (
+from m4fuse.io.checkpoint import save_checkpoint
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
+from m4fuse.personal.sets import expert_state, is_personal, split_state
+from m4fuse.run import report, settings
+from m4fuse.run.config_check import ConfigError
+from m4fuse.training.dp import (
     PrivacyBudgetExhausted,
     PrivacyConfig,
     PrivacyPlanError,
     make_private_training,
     plan_site,
 )
-from m4fuse import report, settings
-from m4fuse.checkpoint import save_checkpoint
-from m4fuse.config_check import ConfigError
-from m4fuse.model import M4Fuse, M4FuseConfig
-from m4fuse.state import expert_state, is_personal, split_state
 from tests.engine_fixtures import TINY_OVERRIDES
 
 
@@ -118,7 +118,7 @@ def _steps(private, count: int) -> None:
         for batch in private.loader:
             private.optimizer.zero_grad()
             if batch["image"].shape[0] == 0:
-                from client.privacy import noise_only_step
+                from m4fuse.training.dp import noise_only_step
                 noise_only_step(private.optimizer)
             else:
                 logits = private.module(batch["image"], batch["site"])
@@ -303,8 +303,8 @@ def test_the_public_pretraining_stage_feeds_a_federation(tmp_path) -> None:
     """Stage 1, a pooled run on data=public_reference (tiny), writes model.ckpt with one
     expert, "public"; stage 2, a federation with fl.init_checkpoint on that run folder, starts
     from exactly those weights."""
-    from m4fuse.baselines import run_baseline
-    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.io.checkpoint import load_checkpoint
+    from m4fuse.training.baselines import run_baseline
     from server.runner import initial_state
 
     common = [f"root={tmp_path}", *TINY_OVERRIDES, "fl.rounds=1", "tracking.enabled=false"]

@@ -13,7 +13,10 @@ from engine_fixtures import TinyNet, toy_batches, write_case
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from m4fuse.engine import (
+from m4fuse.evaluation.metrics import region_scores
+from m4fuse.inference.predict import probs_to_regions
+from m4fuse.run.runtime import resolve_device
+from m4fuse.training.engine import (
     LabelDiceCELoss,
     RegionDiceBCELoss,
     TrainConfig,
@@ -21,12 +24,9 @@ from m4fuse.engine import (
     make_optimizer,
     train_epochs,
 )
-from m4fuse.engine import (
+from m4fuse.training.engine import (
     test_original_grid as score_original_grid,
 )
-from m4fuse.inference import probs_to_regions
-from m4fuse.metrics import region_scores
-from m4fuse.runtime import resolve_device
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -208,7 +208,7 @@ def test_evaluate_scores_a_hand_built_prediction_and_restores_mode() -> None:
     ET absent in both (Dice 1, HD95 0). Case 1: WT exact; TC a 2^3 box predicted 3 x 2 x 2
     (Dice 2 * 8 / 20 = 0.8; the extra layer 2 mm away: HD95 2 mm); ET one voxel, missed
     (Dice 0, HD95 the empty-prediction value)."""
-    from m4fuse.metrics import EMPTY_HD95_MM
+    from m4fuse.evaluation.metrics import EMPTY_HD95_MM
 
     empty = torch.zeros((12,) * 3)
     truth = [torch.stack([_box((2, 2, 2), (6, 6, 6)), _box((3, 3, 3), (5, 5, 5)), empty]),
@@ -237,7 +237,7 @@ def test_evaluate_scores_each_case_at_its_own_spacing() -> None:
     equals scoring each case alone at its spacing, and an unknown case is refused."""
     from types import MappingProxyType
 
-    from m4fuse.site_steps import training_grid_spacing
+    from m4fuse.training.site_steps import training_grid_spacing
 
     torch.manual_seed(0)
     model = TinyNet()
@@ -309,13 +309,13 @@ def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
 
     restored = restore_to_original(torch.from_numpy(regions.astype(np.float32)), record, mode="linear")
     pred = probs_to_regions(torch.sigmoid(torch.from_numpy(restored) * 20 - 10), "regions")
-    from m4fuse.regions import labels_to_regions
+    from m4fuse.data.regions import labels_to_regions
 
     expected = region_scores(pred.numpy(), labels_to_regions(labels, 4), spacing)
     assert {k: row[k] for k in ("case", "site", *expected)} == pytest.approx(
         {"case": cid, "site": "siteA", **expected})
     # beside them the lesion-wise scores (BraTS 2023+ rule) of the same masks
-    from m4fuse.metrics import LESION_KEYS
+    from m4fuse.evaluation.metrics import LESION_KEYS
 
     assert set(row) == {"case", "site", *expected, *LESION_KEYS}
     # a prediction of nothing gives the one-empty convention for every region
@@ -334,7 +334,7 @@ def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
 
 
 def test_real_m4fuse_one_step() -> None:
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
     torch.manual_seed(0)
     model = M4Fuse(M4FuseConfig(widths=(4, 4, 4, 4, 4, 4), num_experts=2, d_state=2))
@@ -352,7 +352,7 @@ def test_real_m4fuse_one_step() -> None:
 
 
 def _tiny_m4fuse() -> nn.Module:
-    from m4fuse.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
     torch.manual_seed(0)
     return M4Fuse(M4FuseConfig(widths=(8, 8, 8, 8, 8, 8), num_experts=2, d_state=2))
@@ -367,7 +367,7 @@ def _conv_output_dtypes(model: nn.Module) -> tuple[list[torch.dtype], list]:
 
 def _recording_loss(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
     """Patch engine.make_loss so that each loss call records (logits dtype, CPU autocast on)."""
-    from m4fuse import engine
+    from m4fuse.training import engine
 
     calls: list[tuple[torch.dtype, bool]] = []
     real = engine.make_loss
@@ -386,7 +386,7 @@ def _recording_loss(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, 
 
 
 def test_cpu_autocast_is_opt_in_and_bfloat16_only() -> None:
-    from m4fuse.inference import autocast
+    from m4fuse.inference.predict import autocast
 
     cpu = torch.device("cpu")
     for enabled, on_cpu in ((True, False), (False, True), (False, False)):
@@ -471,7 +471,7 @@ def test_amp_cpu_refuses_a_non_finite_gradient_before_the_step(factor: float, cl
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_amp_cpu_evaluation_and_sliding_window_run_in_bfloat16() -> None:
-    from m4fuse.inference import predict_probs
+    from m4fuse.inference.predict import predict_probs
 
     torch.manual_seed(0)
     model = TinyNet(dropout=0.0)

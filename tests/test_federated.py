@@ -11,8 +11,8 @@ import torch
 from flower_fixtures import TINY_FL, client_train_round, simulate_two_sites
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from m4fuse import settings, workspace
-from m4fuse.state import is_personal, split_state
+from m4fuse.personal.sets import is_personal, split_state
+from m4fuse.run import settings, workspace
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -94,7 +94,7 @@ def _shared_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Shape of every weight and buffer of ``model`` outside its site experts, counted from
     the network's own module tree (the ``site_experts`` lists of its expert units), not from
     the state-dict key patterns the code splits on."""
-    from m4fuse.model import ExpertUnit
+    from m4fuse.nets.model import ExpertUnit
 
     in_experts = {id(t) for unit in model.modules() if isinstance(unit, ExpertUnit)
                   for t in [*unit.site_experts.parameters(), *unit.site_experts.buffers()]}
@@ -190,14 +190,14 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
     assert ckpt["arrays"] and not any(is_personal(k) for k in ckpt["arrays"])
     rows = (first["dir"] / "sites.csv").read_text().splitlines()
     assert rows[0].startswith("site,name") and len(rows) == 4  # header, 2 sites, mean
-    from m4fuse.site_state import newest_state
+    from m4fuse.personal.site_store import newest_state
 
     saved = [newest_state(first["dir"] / "clients" / s) for s in ("site0", "site1")]
     assert [(x.site, x.round) for x in saved] == [("site0", 2), ("site1", 2)]
     experts = [x.expert for x in saved]
     assert any(not torch.equal(experts[0][k], experts[1][k]) for k in experts[0])
     # the assembled model.ckpt gives each site the expert its folder kept
-    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.io.checkpoint import load_checkpoint
 
     final = load_checkpoint(first["dir"])
     assert final.sites == ["site0", "site1"] and final.metadata["site_rounds"] == {
@@ -215,7 +215,7 @@ def test_two_site_simulation_then_resume(monkeypatch, root):
 
     from mlflow.tracking import MlflowClient
 
-    from m4fuse.tracking import tracking_uri
+    from m4fuse.run.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri(second["cfg"]))
     run = client.get_run(run_id)
@@ -235,8 +235,8 @@ def test_a_dp_recipe_run_from_a_checkpoint_reports_epsilon_per_site(monkeypatch,
     fits), every site spends at most its target, and the per-site table shows ε and δ."""
     import csv
 
-    from m4fuse.checkpoint import save_checkpoint
-    from m4fuse.state import expert_state, split_state
+    from m4fuse.io.checkpoint import save_checkpoint
+    from m4fuse.personal.sets import expert_state, split_state
 
     base = settings.compose("config", overrides(root))
     state = settings.build_model(base, num_experts=1, seed=11).state_dict()

@@ -1,4 +1,4 @@
-"""The final model of a federated run (m4fuse.checkpoint version 2): each site's own layers
+"""The final model of a federated run (m4fuse.io.checkpoint version 2): each site's own layers
 (norms ...) and expert beside the shared weights, assembled from the sites' state folders;
 version 1 files still load; ``m4fuse segment --site`` uses a site's layers."""
 
@@ -13,17 +13,17 @@ import pytest
 import torch
 from engine_fixtures import write_case
 
-from m4fuse.checkpoint import (
+from m4fuse.cli.main import main
+from m4fuse.io.checkpoint import (
     CheckpointError,
     build_model,
     load_checkpoint,
     save_checkpoint,
     save_final_model,
 )
-from m4fuse.cli import main
-from m4fuse.model import M4Fuse, M4FuseConfig
-from m4fuse.site_state import SiteState, SiteStateStore
-from m4fuse.state import expert_state, split_state
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
+from m4fuse.personal.sets import expert_state, split_state
+from m4fuse.personal.site_store import SiteState, SiteStateStore
 
 SIZE = (16, 16, 16)
 CONFIG = M4FuseConfig(widths=(8, 8, 8, 8, 8, 8), num_experts=1, d_state=2)
@@ -195,8 +195,8 @@ def test_site_join_keeps_every_sites_layers_and_adds_its_own(tmp_path, models):
     sites' experts and layers are kept; the new site's trained norms are its site_layers."""
     from flower_fixtures import TINY_FL
 
-    from m4fuse import provision, settings
-    from m4fuse.newsite import join_site
+    from m4fuse.personal.new_site import join_site
+    from m4fuse.run import provision, settings
 
     cfg = settings.compose("config", [f"root={tmp_path / 'root'}", *TINY_FL,
                                         "tracking.enabled=false"])
@@ -222,8 +222,8 @@ def test_site_join_keeps_every_sites_layers_and_adds_its_own(tmp_path, models):
 def test_assemble_command_adds_the_sites_folders_to_the_servers_part(tmp_path, models, capsys):
     """What the ServerApp writes (``shared.ckpt``: the server's weights only) plus ``m4fuse
     model assemble`` gives the model the one-call path gives; a hospital names its own folder."""
-    from m4fuse.assembly import assemble_run
-    from m4fuse.checkpoint import save_server_model
+    from m4fuse.io.assembly import assemble_run
+    from m4fuse.io.checkpoint import save_server_model
 
     held, _ = split_state(models["init"].state_dict(), "norms")
     initial = models["init"].state_dict()

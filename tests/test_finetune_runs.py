@@ -10,7 +10,7 @@ import pytest
 import torch
 from engine_fixtures import TINY_OVERRIDES
 
-from m4fuse import provision, settings
+from m4fuse.run import provision, settings
 
 TINY = [*TINY_OVERRIDES, "fl.rounds=1", "fl.local_epochs=1", "tracking.enabled=false",
         "fl.strategy=personal", "run_name=cmp"]
@@ -29,7 +29,7 @@ def compared(tmp_path_factory):
 @pytest.mark.slow
 def test_fedavg_plus_whole_model_finetuning_is_a_new_default_mode(compared, monkeypatch,
                                                                      capsys):
-    from m4fuse import site_steps
+    from m4fuse.training import site_steps
     from simulations import finetune_runs
     from simulations.compare import site_models
 

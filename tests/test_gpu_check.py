@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from m4fuse.model import M4Fuse, M4FuseConfig
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
 
 def test_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -49,7 +49,7 @@ def test_amp_step_runs_in_low_precision_with_float32_grads(amp_dtype: str) -> No
 
 
 def test_scan_part_without_fused_kernel(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from m4fuse import scan
+    from m4fuse.nets import scan
 
     monkeypatch.setattr(scan, "_fused_selective_scan", lambda: None)
     assert gpu_check.scan_part(torch.device("cpu"), [64], repeats=1)
@@ -61,7 +61,7 @@ def test_scan_part_compares_against_a_fused_kernel(monkeypatch: pytest.MonkeyPat
                                                    capsys) -> None:
     """With a 'fused' kernel that is the sequential reference the check passes; with one
     that is wrong it fails."""
-    from m4fuse import scan
+    from m4fuse.nets import scan
 
     monkeypatch.setattr(scan, "_fused_selective_scan", lambda: scan.selective_scan_ref)
     assert gpu_check.scan_part(torch.device("cpu"), [32], repeats=1)

@@ -31,8 +31,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from m4fuse import settings
-from m4fuse.state import is_personal, split_state
+from m4fuse.personal.sets import is_personal, split_state
+from m4fuse.run import settings
 
 RECORD_ENV = "M4FUSE_TEST_REPLY_DIR"
 TINY = [*TINY_FL, "tracking.enabled=false", "fl.local_epochs=1"]

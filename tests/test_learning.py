@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m4fuse import provision, settings, site_steps
+from m4fuse.run import provision, settings
+from m4fuse.training import site_steps
 
 SITE = ["data.sites=1", "data.cases_per_site=8", "data.shape=[24,24,20]", "data.size=[16,16,16]",
         "data.val_fraction=0.25", "data.test_fraction=0.1", "model.widths=[8,8,8,8,8,8]",

@@ -1,6 +1,6 @@
 """Lesion-wise Dice and HD95 (the BraTS 2023+ rule) on hand-built label maps.
 
-Every expected value is worked out by hand in the test from the rule (m4fuse/lesion.py):
+Every expected value is worked out by hand in the test from the rule (m4fuse/evaluation/lesion.py):
 score = sum over the kept lesions / (kept lesions + false positives), a missed lesion or a
 false positive adds Dice 0 and HD95 374 mm, lesions of volume <= the threshold are left out.
 """
@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from m4fuse.cli import main
-from m4fuse.commands.segment import evaluate_paths
-from m4fuse.metrics import (
+from m4fuse.cli.main import main
+from m4fuse.cli.segment import evaluate_paths
+from m4fuse.evaluation.metrics import (
     LESION_KEYS,
     LESION_PRESETS,
     label_scores,
@@ -270,8 +270,8 @@ def test_bench_lesion_prints_a_row_per_grid(capsys) -> None:
 
 
 def test_lesion_scores_reach_the_site_table_and_mlflow_keys() -> None:
-    from m4fuse.report import markdown_table, site_rows
-    from m4fuse.tracking import final_test_metrics
+    from m4fuse.run.report import markdown_table, site_rows
+    from m4fuse.run.tracking import final_test_metrics
 
     def test_means(dice: float, lesion: float, n: float) -> dict[str, float]:
         out = {f"{m}_{g}": dice if m == "dice" else 2.0 for m in ("dice", "hd95")

@@ -1,4 +1,4 @@
-"""m4fuse/logs.py: with Opacus imported (it calls logging.basicConfig), a Flower log line is
+"""m4fuse/run/logs.py: with Opacus imported (it calls logging.basicConfig), a Flower log line is
 printed once, by Flower's own handler, not a second time by the root logger's."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_a_flower_line_is_printed_once_after_the_apps_are_imported() -> None:
 def test_configure_logging_is_idempotent() -> None:
     import logging
 
-    from m4fuse.logs import configure_logging
+    from m4fuse.run.logs import configure_logging
 
     first = configure_logging()
     handlers = list(first.handlers)

@@ -9,7 +9,8 @@ from medpy.metric import binary as medpy_binary
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 
-from m4fuse.metrics import (
+from m4fuse.data.regions import labels_to_regions
+from m4fuse.evaluation.metrics import (
     EMPTY_HD95_MM,
     binary_scores,
     infer_et_label,
@@ -17,7 +18,6 @@ from m4fuse.metrics import (
     mean_scores,
     region_scores,
 )
-from m4fuse.regions import labels_to_regions
 
 SPACING = (1.0, 0.7, 2.5)
 SHAPE = (24, 28, 20)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from m4fuse import settings
-from m4fuse.tracking import Tracker, round_metrics, tracking_uri
+from m4fuse.run import settings
+from m4fuse.run.tracking import Tracker, round_metrics, tracking_uri
 
 
 def test_tracker_writes_a_run_that_reads_back(tmp_path):

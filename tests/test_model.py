@@ -1,4 +1,4 @@
-"""Tests of the M4Fuse network (m4fuse/model.py) and ``m4fuse model summary``."""
+"""Tests of the M4Fuse network (m4fuse/nets/model.py) and ``m4fuse model summary``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from m4fuse.model import (
+from m4fuse.nets.model import (
     GroupedMixer,
     M4Fuse,
     M4FuseConfig,
     Mamba,
     parameter_table,
 )
-from m4fuse.state import expert_state
+from m4fuse.personal.sets import expert_state
 
 TINY = (8, 8, 8, 16, 16, 16)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -122,7 +122,7 @@ def test_bridge_bfloat16_gradient_repeats_bit_for_bit() -> None:
     # Scales of 4^3 and 2^3 are smaller than the bridge's 7^3 kernel: there oneDNN's bfloat16
     # channels-last weight gradient read unwritten memory (another gradient in 14 of 15 runs
     # at 4^3, sometimes NaN); the bridge runs those scales contiguous.
-    from m4fuse.model import Bridge
+    from m4fuse.nets.model import Bridge
 
     torch.manual_seed(0)
     bridge = Bridge(tiny())
@@ -297,7 +297,7 @@ def test_bad_expert_index_names_the_value() -> None:
 
 
 def test_cli_model_summary_json() -> None:
-    from m4fuse.cli import main
+    from m4fuse.cli.main import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -326,8 +326,8 @@ def test_opacus_per_sample_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from opacus import GradSampleModule
 
-    import m4fuse.model as model_module
-    from m4fuse.scan import selective_scan_ref
+    import m4fuse.nets.model as model_module
+    from m4fuse.nets.scan import selective_scan_ref
 
     monkeypatch.setattr(model_module, "selective_scan", selective_scan_ref)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The sped-up network computes what the network before the speed work computed.
 
-``benchmarks/m4fuse_before_speedup.py`` is ``m4fuse/model.py`` of before that work, kept
+``benchmarks/m4fuse_before_speedup.py`` is ``m4fuse/nets/model.py`` of before that work, kept
 verbatim as the reference (the benchmarks time it as "before"). Same weights, same input:
 outputs and gradients must agree to 1e-5 relative, and the state-dict names must be the same.
 """
@@ -12,8 +12,8 @@ import torch
 
 from benchmarks import m4fuse_before_speedup as before
 from benchmarks.profile_model import build_blocks, run_chain
-from m4fuse import model as m4
-from m4fuse.model import M4Fuse, M4FuseConfig
+from m4fuse.nets import model as m4
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
 
 TINY = (8, 16, 24, 32, 48, 64)
 

@@ -1,4 +1,4 @@
-"""The personalisation strategies (m4fuse.state.STRATEGIES): personal sets, the
+"""The personalisation strategies (m4fuse.personal.sets.STRATEGIES): personal sets, the
 "+FT" fine-tuning, the personal learning rate, bad settings, and a whole run of
 ``personal-norm-ft`` through the project's ServerApp/ClientApp in Flower's simulation: what
 each reply carries and what stays at the site."""
@@ -17,14 +17,15 @@ import torch
 from flower_fixtures import TINY_FL, project_client_app_with, simulate_recorded
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 
-from m4fuse import provision, settings, site_steps
-from m4fuse.state import (
+from m4fuse.personal.sets import (
     PERSONAL_SETS,
     STRATEGIES,
     check_personal_set,
     is_expert,
     split_state,
 )
+from m4fuse.run import provision, settings
+from m4fuse.training import site_steps
 
 RECORD_ENV = "M4FUSE_TEST_PERSONAL_DIR"
 TINY = [*TINY_FL, "tracking.enabled=false", "fl.local_epochs=1"]
@@ -118,7 +119,7 @@ def test_finetune_changes_only_the_personal_set(tmp_path):
 
 
 def test_expert_output_stats_see_a_zero_expert(tmp_path):
-    from m4fuse.diagnostics import expert_output_stats
+    from m4fuse.evaluation.diagnostics import expert_output_stats
 
     cfg = settings.compose("config", [f"root={tmp_path}", *TINY])
     split = provision.load_sites(cfg)
@@ -133,7 +134,7 @@ def test_expert_output_stats_see_a_zero_expert(tmp_path):
 
 
 def test_personal_lr_scale_makes_its_own_param_group():
-    from m4fuse.engine import make_optimizer
+    from m4fuse.training.engine import make_optimizer
 
     cfg = settings.compose("config", [*TINY, "fl.strategy=personal-norm",
                                         "fl.personal_lr_scale=3.0"])
@@ -212,13 +213,13 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
     assert set(ckpt["arrays"]) == shared
     # the site's state folder keeps the norms (for a restarted client or a resumed run)
-    from m4fuse.site_state import newest_kept
+    from m4fuse.personal.site_store import newest_kept
 
     kept = newest_kept(rdir / "clients" / "site0")
     assert kept is not None and set(kept["state"]) == mine
     # the final model gives each site its own norms and expert: what the site kept after
     # the final test (fine-tuned where the fine-tuning was kept)
-    from m4fuse.checkpoint import build_model, load_checkpoint
+    from m4fuse.io.checkpoint import build_model, load_checkpoint
 
     ckpt = load_checkpoint(rdir)
     assert ckpt.sites == ["site0", "site1"] and ckpt.metadata["strategy"] == "personal-norm-ft"
@@ -241,7 +242,7 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     segmented = tmp_path / "seg.nii.gz"
     from engine_fixtures import write_case
 
-    from m4fuse.cli import main
+    from m4fuse.cli.main import main
 
     case, _, _ = write_case(tmp_path / "case")
     assert main(["segment", str(case), "--model", str(rdir), "--site", "site1",
@@ -266,7 +267,7 @@ def test_partial_set_run_keeps_its_layers_and_fine_tunes_them(monkeypatch, tmp_p
     assert len(finals) == 2 and all(e["metrics"][0]["finetune-steps"] >= 1 for e in finals)
     ckpt = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
     assert set(ckpt["arrays"]) == shared
-    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.io.checkpoint import load_checkpoint
 
     final = load_checkpoint(rdir)
     assert not torch.equal(*(final.site_layers[s][layer] for s in final.sites))  # per site
@@ -321,9 +322,9 @@ def test_fedavg_ft_all_run_puts_each_sites_whole_fine_tuned_model_in_the_final_m
     (site_layers = every non-expert weight, conv weights included, plus its expert): the
     weights its final test scored."""
 
-    from m4fuse.checkpoint import build_model, load_checkpoint
-    from m4fuse.site_state import newest_kept
-    from m4fuse.state import Strategy, is_personal
+    from m4fuse.io.checkpoint import build_model, load_checkpoint
+    from m4fuse.personal.sets import Strategy, is_personal
+    from m4fuse.personal.site_store import newest_kept
 
     assert STRATEGIES["fedavg-ft-all"] == Strategy("none", finetune="all")
     assert STRATEGIES["personal-ft-all"] == Strategy("experts", finetune="all")

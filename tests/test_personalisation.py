@@ -12,8 +12,9 @@ import torch
 from flower_fixtures import TINY_FL, client_train_round
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from m4fuse import provision, settings, site_steps
-from m4fuse.state import split_state
+from m4fuse.personal.sets import split_state
+from m4fuse.run import provision, settings
+from m4fuse.training import site_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,7 +46,7 @@ def test_optimizer_state_across_rounds_through_the_client_app(monkeypatch, root,
     """Round 2 starts from round 1's AdamW moments of the kept set (``personal``) or of every
     parameter (``all``), from none (``fresh``); a new run identity clears them; the reply
     carries only the shared arrays and the metrics."""
-    from m4fuse import engine
+    from m4fuse.training import engine
     from server.runner import initial_state
 
     args = [f"root={root}", *TINY_FL, "fl.strategy=personal-norm",
@@ -162,8 +163,8 @@ def test_finetuning_with_validations_trains_as_without(monkeypatch, root):
 def _federation(cfg, path, site_cases):
     """A toy personal-norm checkpoint: shared = the initial model, two sites whose norms and
     experts are moved by +1 / +3."""
-    from m4fuse.checkpoint import save_checkpoint
-    from m4fuse.state import expert_state
+    from m4fuse.io.checkpoint import save_checkpoint
+    from m4fuse.personal.sets import expert_state
 
     model = settings.build_model(cfg, num_experts=1)
     shared, mine = split_state(model.state_dict(), "norms")
@@ -180,8 +181,8 @@ def _federation(cfg, path, site_cases):
 @pytest.mark.parametrize("site_cases, weight_b", [(None, 0.5), ({"siteA": 1, "siteB": 3}, 0.75)])
 def test_new_site_starts_from_the_sites_mean_layers(monkeypatch, root, tmp_path, site_cases,
                                                     weight_b):
-    from m4fuse import newsite
-    from m4fuse.checkpoint import load_checkpoint
+    from m4fuse.io.checkpoint import load_checkpoint
+    from m4fuse.personal import new_site as newsite
 
     cfg = settings.compose("config", [f"root={root}", *TINY_FL, "tracking.enabled=false"])
     path, initial, moved = _federation(cfg, tmp_path / "model.ckpt", site_cases)
@@ -215,8 +216,8 @@ def test_new_site_starts_from_the_sites_mean_layers(monkeypatch, root, tmp_path,
 
 
 def test_new_site_without_site_layers_keeps_the_shared_copy(root, tmp_path):
-    from m4fuse import newsite
-    from m4fuse.checkpoint import load_checkpoint, save_checkpoint
+    from m4fuse.io.checkpoint import load_checkpoint, save_checkpoint
+    from m4fuse.personal import new_site as newsite
 
     cfg = settings.compose("config", [f"root={root}", *TINY_FL])
     model = settings.build_model(cfg, num_experts=1)

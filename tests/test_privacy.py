@@ -1,4 +1,4 @@
-"""DP-SGD with Opacus on the M4Fuse network (client/privacy.py). Tiny widths, 16³ volumes."""
+"""DP-SGD with Opacus on the M4Fuse network (m4fuse/training/dp.py). Tiny widths, 16³ volumes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from flwr.app import ConfigRecord
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, Dataset
 
-from client.privacy import (
+from m4fuse.nets.model import M4Fuse, M4FuseConfig, Mamba, SkipScale
+from m4fuse.training.dp import (
     PrivacyBudgetExhausted,
     PrivacyConfig,
     SiteModel,
@@ -24,7 +25,6 @@ from client.privacy import (
     prepare_for_opacus,
     resolve_delta,
 )
-from m4fuse.model import M4Fuse, M4FuseConfig, Mamba, SkipScale
 
 SIZE = 16
 WIDTHS = [8, 8, 8, 8, 8, 8]
@@ -146,7 +146,7 @@ def test_per_sample_gradients_match_one_backward_per_case() -> None:
 def test_leaf_grad_samplers_cover_the_raw_parameter_modules() -> None:
     from opacus import GradSampleModule
 
-    from client.privacy import leaf_loop_grad_sampler, register_grad_samplers
+    from m4fuse.training.dp import leaf_loop_grad_sampler, register_grad_samplers
 
     covered = register_grad_samplers(_model())
     assert set(covered) == {Mamba, SkipScale}
@@ -350,7 +350,7 @@ def test_noise_only_step_on_empty_batch_is_noise_and_accounted() -> None:
 
 def test_engine_train_epochs_runs_under_dp() -> None:
     """The project's own training loop (AdamW, schedule, Dice+BCE) with the private objects."""
-    from m4fuse.engine import TrainConfig, make_optimizer, train_epochs
+    from m4fuse.training.engine import TrainConfig, make_optimizer, train_epochs
 
     model = _model(dropout=0.2, groups=1)
     tcfg = TrainConfig(amp=False, grad_clip=0.0, local_epochs=1, seed=0)

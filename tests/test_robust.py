@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAdam, FedAvgM, Krum, MultiKrum
 
-from m4fuse import settings
-from m4fuse.aggregation import aggregation_settings, krum_needed
+from m4fuse.run import settings
+from m4fuse.run.aggregation import aggregation_settings, krum_needed
 from server.robust import (
     QuorumError,
     check_quorum,

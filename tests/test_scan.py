@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from m4fuse import scan
-from m4fuse.scan import selective_scan, selective_scan_chunked, selective_scan_ref
+from m4fuse.nets import scan
+from m4fuse.nets.scan import selective_scan, selective_scan_chunked, selective_scan_ref
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -268,7 +268,7 @@ def test_bad_arguments_name_the_culprit() -> None:
 def test_bench_model_quick_scan_table(capsys: pytest.CaptureFixture[str]) -> None:
     """Smoke test of ``m4fuse bench model --quick --skip-models`` (the scan table only: the
     network table needs the MONAI import and several seconds of compute, too slow here)."""
-    from m4fuse.cli import main
+    from m4fuse.cli.main import main
 
     assert main(["bench", "model", "--quick", "--skip-models"]) == 0
     out = capsys.readouterr().out

@@ -12,18 +12,18 @@ import pytest
 import torch
 from engine_fixtures import write_case
 
-from m4fuse.checkpoint import (
+from m4fuse.cli.main import main
+from m4fuse.cli.segment import evaluate_paths, segment_case
+from m4fuse.evaluation.metrics import label_scores
+from m4fuse.io.checkpoint import (
     CheckpointError,
     build_model,
     load_checkpoint,
     save_checkpoint,
     save_model_checkpoint,
 )
-from m4fuse.cli import main
-from m4fuse.commands.segment import evaluate_paths, segment_case
-from m4fuse.metrics import label_scores
-from m4fuse.model import M4Fuse, M4FuseConfig
-from m4fuse.state import split_state
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
+from m4fuse.personal.sets import split_state
 
 SIZE = (16, 16, 16)
 
@@ -127,8 +127,8 @@ def test_segment_png_outlines_prediction_and_reference(tmp_path: Path, ckpt: Pat
     the drawing refuses masks that do not match the images."""
     from PIL import Image
 
-    from m4fuse.overlay import overlay_png, tumour_slices
-    from m4fuse.regions import labels_to_regions
+    from m4fuse.data.regions import labels_to_regions
+    from m4fuse.inference.overlay import overlay_png, tumour_slices
 
     folder, labels, _ = write_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
     png = tmp_path / "pics" / "case.png"

@@ -22,8 +22,8 @@ import torch
 from flower_fixtures import TINY_FL, project_client_app_with, simulate_two_sites
 from flwr.app import Context, Message, MessageType
 
-from m4fuse import settings, workspace
-from m4fuse.state import is_personal, split_state
+from m4fuse.personal.sets import is_personal, split_state
+from m4fuse.run import settings, workspace
 
 START_ENV = "M4FUSE_TEST_START_DIR"
 TINY = [*TINY_FL, "fl.local_epochs=1"]
@@ -83,7 +83,7 @@ def test_nan_update_dropped_and_crash_tolerated(monkeypatch, root):
 
     from mlflow.tracking import MlflowClient
 
-    from m4fuse.tracking import tracking_uri
+    from m4fuse.run.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri(settings.compose("config", args)))
     run_id = summary["mlflow_run_id"]
@@ -110,7 +110,7 @@ def test_too_few_sites_stop_the_run_then_resume(monkeypatch, root, tmp_path):
     stopped = torch.load(rdir / "server_checkpoint.pt", weights_only=True)
     assert stopped["server_round"] == 1  # the last complete round
 
-    from m4fuse.site_state import newest_kept
+    from m4fuse.personal.site_store import newest_kept
 
     experts = {s: newest_kept(rdir / "clients" / s, before_round=2)["state"]
                for s in ("site0", "site1")}

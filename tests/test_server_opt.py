@@ -19,8 +19,8 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum
 
-from m4fuse import settings
-from m4fuse.server_opt import server_opt_settings
+from m4fuse.run import settings
+from m4fuse.run.server_opt import server_opt_settings
 from server.strategy import make_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -242,7 +242,7 @@ def test_site_without_held_out_cases_is_not_scored_and_left_out_of_the_mean(capl
     """A site too small to hold out validation cases answers with 0 cases: it is reported
     'not scored: n cases' (one log line over two rounds, no failure), and the mean is over
     the scored sites only."""
-    from m4fuse.report import markdown_table, site_rows
+    from m4fuse.run.report import markdown_table, site_rows
 
     s = strategy()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from m4fuse import provision, settings
+from m4fuse.run import provision, settings
 from server.runner import federation_sites, resume_hash
 
 

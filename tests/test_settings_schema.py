@@ -1,4 +1,4 @@
-"""The ``train`` and ``model`` groups' structured-config schemas (m4fuse.settings.register_schemas): a misspelt
+"""The ``train`` and ``model`` groups' structured-config schemas (m4fuse.run.settings.register_schemas): a misspelt
 key or a value of the wrong type fails at compose time naming the key, the composed config is
 what the YAML gives, and the override forms of the other groups keep working."""
 
@@ -11,9 +11,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from m4fuse import settings
-from m4fuse.config_check import ConfigError
-from m4fuse.engine import TrainConfig
+from m4fuse.run import settings
+from m4fuse.run.config_check import ConfigError
+from m4fuse.training.engine import TrainConfig
 
 
 @pytest.mark.parametrize("override, key", [
@@ -83,7 +83,7 @@ def test_cpu_autocast_is_off_by_default_and_bfloat16_only():
 
 
 def test_the_model_schema_is_the_network_config_fields_plus_preset_and_widths():
-    from m4fuse.model import M4FuseConfig
+    from m4fuse.nets.model import M4FuseConfig
 
     schema = settings.ModelSchema
     names = [f.name for f in dataclasses.fields(schema)]

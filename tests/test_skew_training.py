@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from m4fuse import settings, site_steps
-from m4fuse.aggregation import fednova_rescale, site_weight, skew_settings
+from m4fuse.run import settings
+from m4fuse.run.aggregation import fednova_rescale, site_weight, skew_settings
+from m4fuse.training import site_steps
 from server.strategy import make_strategy
 from tests.engine_fixtures import TinyNet, toy_batches
 
@@ -156,7 +157,7 @@ def test_baselines_get_the_fixed_step_budget(tmp_path) -> None:
     """local: fl.local_steps per site and round; pooled: that many x the number of sites."""
     from flower_fixtures import TINY_FL
 
-    from m4fuse.baselines import run_baseline
+    from m4fuse.training.baselines import run_baseline
     from simulations.skewed import steps_of_history
 
     args = [f"root={tmp_path}", *TINY_FL, "fl.rounds=2", "fl.local_steps=3",
@@ -167,7 +168,7 @@ def test_baselines_get_the_fixed_step_budget(tmp_path) -> None:
     pooled = run_baseline(settings.compose("config", [*args, "run_name=p"]), "pooled")
     assert steps_of_history(pooled.history, pooled.site_names) == {
         "all sites": {"per_round": 6.0, "total": 12.0, "rounds": 2}}
-    from m4fuse.report import optimiser_steps_metrics
+    from m4fuse.run.report import optimiser_steps_metrics
 
     assert optimiser_steps_metrics(local.history, local.site_names) == {
         f"site{k}/train_steps_total": 6.0 for k in range(len(local.site_names))}
@@ -183,7 +184,7 @@ def test_federation_with_fixed_steps_and_fednova_reports_each_sites_steps(
     combines the round."""
     from flower_fixtures import TINY_FL, simulate_two_sites
 
-    from m4fuse import workspace
+    from m4fuse.run import workspace
 
     args = [f"root={tmp_path}", *TINY_FL, "fl.rounds=2", "fl.local_steps=5",
             "fl.aggregation=fednova", "fl.aggregation_weight=sqrt", "tracking.enabled=false",
@@ -200,7 +201,7 @@ def test_federation_with_fixed_steps_and_fednova_reports_each_sites_steps(
 
 def test_steps_are_listed_in_site_order_whatever_order_the_replies_came_in() -> None:
     """The line under the run table lists sites by index (replies arrive in any order)."""
-    from m4fuse.report import optimiser_steps
+    from m4fuse.run.report import optimiser_steps
 
     history = [{"train_by_site": {"2": {"steps": 3}, "0": {"steps": 1}, "1": {"steps": 2}}},
                {"train_by_site": {"1": {"steps": 2}, "2": {"steps": 5}, "0": {"steps": 1}}}]

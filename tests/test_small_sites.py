@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from m4fuse import provision, settings
+from m4fuse.run import provision, settings
 
 
 def _split(sizes: dict[str, int]) -> dict[str, dict[str, list[str]]]:

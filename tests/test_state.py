@@ -1,12 +1,12 @@
-"""Tests of the shared/personal split (m4fuse/state.py) on real M4Fuse state dicts."""
+"""Tests of the shared/personal split (m4fuse/personal/sets.py) on real M4Fuse state dicts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from m4fuse.model import M4Fuse, M4FuseConfig
-from m4fuse.state import expert_index, expert_state, is_personal, place_expert, split_state
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
+from m4fuse.personal.sets import expert_index, expert_state, is_personal, place_expert, split_state
 
 WIDTHS = (8, 8, 8, 16, 16, 16)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""m4fuse/site_state.py: a site's expert, optimiser state and metrics survive on its disk."""
+"""m4fuse/personal/site_store.py: a site's expert, optimiser state and metrics survive on its disk."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from m4fuse.model import M4Fuse, M4FuseConfig
-from m4fuse.site_state import (
+from m4fuse.nets.model import M4Fuse, M4FuseConfig
+from m4fuse.personal.sets import expert_state, place_expert, split_state
+from m4fuse.personal.site_store import (
     SiteState,
     SiteStateStore,
     StateStoreError,
     model_fingerprint,
 )
-from m4fuse.state import expert_state, place_expert, split_state
 
 WIDTHS = (4, 4, 8, 8, 8, 8)
 

@@ -85,7 +85,7 @@ def _brats_note(folder: Path, what: str, depth: int = 3) -> str | None:
 def _is_synthetic_set(folder: Path) -> bool:
     """Whether ``folder`` holds the synthesiser's own earlier set: its marker, or the files an
     earlier set (before the marker existed) has: ``acquisition.json`` with the generator's
-    keys, or the ``.complete`` record of :func:`m4fuse.provision.ensure_data` (a JSON with the
+    keys, or the ``.complete`` record of :func:`m4fuse.run.provision.ensure_data` (a JSON with the
     generator's version, or the plain ``ok`` of its first version)."""
     if (folder / SYNTH_MARKER).is_file():
         return True

@@ -32,7 +32,7 @@ from monai.transforms import NormalizeIntensity, Resize, SpatialCrop
 from monai.transforms.utils import generate_spatial_bounding_box
 
 from m4fuse.data.layout import MODALITIES, DataError
-from m4fuse.regions import labels_to_regions, valid_labels
+from m4fuse.data.regions import labels_to_regions, valid_labels
 
 # Bump when the preprocessing changes: it is part of the cache key.
 # 2: reorientation to CANONICAL_AXCODES before cropping (crop box in the canonical grid).

@@ -64,7 +64,7 @@ from m4fuse.data.partition import write_partition_csv
 from m4fuse.data.sites import site_names as default_site_names
 
 #: Version of the generator, recorded in the data folder's marker
-#: (:func:`m4fuse.provision.generator_version`): a set written by another version is generated
+#: (:func:`m4fuse.run.provision.generator_version`): a set written by another version is generated
 #: again. 1: one ellipsoidal tumour per case (until the varied gliomas below); 2: this module.
 SYNTH_VERSION: int = 2
 

@@ -1,0 +1,1 @@
+"""The ``m4fuse`` console command: one subcommand per pipeline stage."""

@@ -1,1 +1,0 @@
-"""Subcommands of the ``m4fuse`` console command (see :mod:`m4fuse.cli`)."""

@@ -1,0 +1,1 @@
+"""Scoring: BraTS metrics, lesion-wise scores, statistics, the cross-site matrix, diagnostics."""

@@ -1,0 +1,1 @@
+"""Prediction with a trained model and the pictures of it."""

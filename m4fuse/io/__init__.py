@@ -1,0 +1,1 @@
+"""Files: checkpoints, a run's assembled model, pre-trained starts, atomic writes."""

@@ -1,0 +1,1 @@
+"""A run's settings, workspace, data provisioning, tracking and reports."""

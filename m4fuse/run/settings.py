@@ -1,0 +1,358 @@
+"""Settings: the Hydra configs of ``configs/`` composed and checked, and what is built from them.
+
+:func:`compose` (and :func:`compose_run` for a Flower run) gives the checked config every
+command, the ServerApp and the ClientApp read; :func:`model_config`, :func:`build_model` and
+:func:`train_config` turn it into the contracts of ``m4fuse.nets.model`` and ``m4fuse.training.engine``
+(docs/interfaces.md). Knows nothing of Flower (docs/design.md §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+#: The Hydra config folder: beside the packages, in a checkout and in an installed Flower app
+#: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
+CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+
+def _strategy_names() -> tuple[str, ...]:
+    from m4fuse.personal.sets import STRATEGIES as table
+
+    return tuple(table)
+
+
+#: The ``fl.strategy`` names (what each keeps/sends: :data:`m4fuse.personal.sets.STRATEGIES`).
+STRATEGIES: tuple[str, ...] = _strategy_names()
+
+
+#: The ``train`` keys that are :class:`m4fuse.training.engine.TrainConfig` fields, in the YAML's order
+#: (the others come from elsewhere: epochs from ``fl.local_epochs``, the seed from ``seed``).
+TRAIN_KEYS: tuple[str, ...] = ("batch_size", "lr", "weight_decay", "warmup_steps", "min_lr",
+                               "amp", "amp_dtype", "amp_cpu", "grad_clip", "lambda_dice",
+                               "lambda_ce")
+
+
+def schema_of(cls: type, name: str, keys: Sequence[str] | None = None,
+              extra: Sequence[tuple[str, Any, Any]] = ()) -> type:
+    """A Hydra structured-config schema from the dataclass ``cls``: its fields ``keys`` (all
+    by default, in that order) with their types and defaults, then ``extra``
+    ``(name, type, default)`` fields. Not frozen (Hydra merges the YAML into it) and without
+    ``cls``'s checks, which run when the contract is built from the composed config."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    chosen = list(defaults) if keys is None else list(keys)
+    schema = dataclasses.make_dataclass(
+        name, [(k, hints[k], dataclasses.field(default=defaults[k])) for k in chosen]
+        + [(k, t, dataclasses.field(default=d)) for k, t, d in extra])
+    schema.__module__ = __name__  # picklable: a module attribute of this name (below)
+    return schema
+
+
+#: The ``model`` keys that are :class:`m4fuse.nets.model.M4FuseConfig` fields; ``preset`` and
+#: ``widths`` (one or the other, either may be null) come after them in its schema.
+MODEL_KEYS: tuple[str, ...] = ("output", "d_state", "d_conv", "expand", "mixer_groups",
+                               "dropout", "norm_groups")
+
+_SCHEMAS: dict[str, type] = {}
+
+
+def _build_schema(name: str) -> type:
+    if name == "TrainSchema":
+        from m4fuse.training.engine import TrainConfig
+
+        return schema_of(TrainConfig, name, TRAIN_KEYS,
+                         [("augment", bool, True), ("num_workers", int, 0)])
+    from m4fuse.nets.model import M4FuseConfig
+
+    return schema_of(M4FuseConfig, name, MODEL_KEYS,
+                     [("preset", typing.Optional[str], None),
+                      ("widths", typing.Optional[list[int]], None)])
+
+
+def __getattr__(name: str) -> Any:
+    """``TrainSchema`` and ``ModelSchema``, built on first use (they import ``m4fuse.training.engine``
+    / ``m4fuse.nets.model``); module attributes so that a composed config pickles."""
+    if name not in ("TrainSchema", "ModelSchema"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _SCHEMAS:
+        _SCHEMAS[name] = _build_schema(name)
+    return _SCHEMAS[name]
+
+
+def register_schemas() -> None:
+    """Store the schemas of the ``train`` and ``model`` groups in Hydra's ConfigStore as
+    ``schema/train`` and ``schema/model``: the :class:`m4fuse.training.engine.TrainConfig` fields of
+    :data:`TRAIN_KEYS` plus the loader keys ``augment: bool`` and ``num_workers: int``; the
+    :class:`m4fuse.nets.model.M4FuseConfig` fields of :data:`MODEL_KEYS` plus ``preset`` and
+    ``widths`` (optional). Each group's YAML names its schema first in its defaults list, so a
+    misspelt key or a value of the wrong type fails at compose time with Hydra's message
+    naming the key; the YAML stays the source of the values. (``privacy`` has its dataclass
+    in ``client/``, which ``m4fuse`` does not import; ``data``, ``fl`` and ``tracking`` have
+    no dataclass.)"""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=__getattr__("TrainSchema"))
+    store.store(group="schema", name="model", node=__getattr__("ModelSchema"))
+
+
+def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the Hydra config ``config_name`` from :data:`CONFIG_DIR` with ``overrides``.
+
+    Works inside an already-running Hydra app too (the global Hydra state is restored).
+    The ``train`` and ``model`` groups are checked against their schemas (:func:`register_schemas`), the
+    result by :func:`check_config`. Every override is checked against the configs' keys and
+    types (:func:`m4fuse.run.config_check.check_overrides`: an unknown key, also through
+    ``+key``, or a value of another type than the YAML default's); any of these mistakes,
+    and Hydra's own errors, raise :class:`m4fuse.run.config_check.ConfigError` (a ``ValueError``)
+    with one line naming the key, the value and the fix.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise FileNotFoundError(f"no Hydra config {config_name!r} in {CONFIG_DIR}")
+    register_schemas()
+    overrides = [o for o in overrides if o]
+    previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    if previous is not None:
+        GlobalHydra.instance().clear()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from m4fuse.run.config_check import ConfigError, check_overrides, hydra_message, is_group_choice
+
+    base = None
+    choices = [o for o in overrides if is_group_choice(o, CONFIG_DIR)]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            if len(choices) < len(overrides):
+                # the same config with the group choices only: the keys and types a setting
+                # may have (m4fuse.run.config_check)
+                base = OmegaConf.to_container(hydra_compose(config_name=config_name,
+                                                            overrides=choices))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except MissingConfigException as err:  # Hydra's message spans lines (options, search path)
+        raise ConfigError(_missing_option(str(err))) from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(hydra_message(err, overrides, base, CONFIG_DIR)) from err
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().initialize(previous.config_loader)
+    from m4fuse.training.engine import TrainConfig
+
+    if base is not None:  # some override sets a key: check it against the configs
+        check_overrides(OmegaConf.to_container(cfg), base, overrides, CONFIG_DIR,
+                        {"train": [f.name for f in dataclasses.fields(TrainConfig)]})
+    try:
+        check_config(cfg)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err).strip().splitlines()[0] if str(err).strip() else
+                          type(err).__name__) from err
+    return cfg
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split a Flower run-config ``overrides`` string (``"a=1 b.c=x"``) into Hydra overrides."""
+    import shlex
+
+    return shlex.split(text or "")
+
+
+#: Environment variable with Hydra overrides applied after the run config's. Flower's
+#: in-process ``run_simulation`` passes no run config, so tests and scripts set this.
+OVERRIDES_ENV = "M4FUSE_OVERRIDES"
+
+
+def compose_run(run_config: Mapping[str, Any]) -> DictConfig:
+    """The config a Flower run uses: ``config-name`` and ``overrides`` from the run config
+    (defaults ``config`` and none), then ``$M4FUSE_OVERRIDES``."""
+    overrides = parse_overrides(str(run_config.get("overrides", "")))
+    overrides += parse_overrides(os.environ.get(OVERRIDES_ENV, ""))
+    return compose(str(run_config.get("config-name", "config")), overrides)
+
+
+def _missing_option(message: str) -> str:
+    """Hydra's message for an unknown option of a group (``data=nonexistent``) on one line:
+    ``"unknown data=nonexistent: the options are brats, synthetic (configs/data/)"``."""
+    import re
+
+    found = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if not found:
+        return message.splitlines()[0] if message else "unknown Hydra option"
+    group, name = found.groups()
+    options = [line.strip() for line in message.split("Config search path:")[0].splitlines()[1:]
+               if line.startswith("\t")]
+    return (f"unknown {group}={name}: the options are {', '.join(options)} "
+            f"(configs/{group}/)")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail early, naming the key and the bad value, on settings that cannot work."""
+    from m4fuse.personal.sets import check_personal_set
+    from m4fuse.personal.sets import strategy as named_strategy
+
+    chosen = named_strategy(str(cfg.fl.strategy))  # unknown names fail here, listing the known
+    if int(cfg.fl.get("finetune_epochs", 0)) < 0:
+        raise ValueError(f"fl.finetune_epochs must be >= 0, got {cfg.fl.finetune_epochs!r}")
+    if not float(cfg.fl.get("personal_lr_scale", 1.0)) > 0:
+        raise ValueError(f"fl.personal_lr_scale must be > 0, got {cfg.fl.personal_lr_scale!r}")
+    privacy = cfg.get("privacy")
+    from m4fuse.personal.sets import check_optimizer_state
+
+    check_optimizer_state(cfg.fl.get("optimizer_state", "fresh"),
+                          privacy is not None and bool(privacy.get("enabled", False)))
+    if (privacy is not None and bool(privacy.get("enabled", False)) and chosen.finetune
+            and int(cfg.fl.get("finetune_epochs", 0)) > 0):
+        raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "
+                         "the fine-tuning after the last round is not DP-SGD (use "
+                         "fl.finetune_epochs=0 or fl.strategy=personal-norm)")
+    if cfg.fl.get("init_checkpoint") is not None:
+        build_model(cfg, num_experts=1)  # fl.init_checkpoint: exists, fits the network
+    if chosen.kept not in ("experts", "none", "all") or chosen.finetune:
+        # The personal layers must exist in the configured model (a cheap tiny build).
+        names = list(build_model(cfg, num_experts=1).state_dict())
+        check_personal_set(names, chosen.kept, f"fl.strategy={cfg.fl.strategy}")
+        if chosen.finetune:
+            check_personal_set(names, chosen.finetune, f"fl.strategy={cfg.fl.strategy}")
+    if int(cfg.fl.rounds) < 1:
+        raise ValueError(f"fl.rounds must be >= 1, got {cfg.fl.rounds!r}")
+    if int(cfg.fl.local_epochs) < 1:
+        raise ValueError(f"fl.local_epochs must be >= 1, got {cfg.fl.local_epochs!r}")
+    if not 0.0 < float(cfg.fl.fraction_train) <= 1.0:
+        raise ValueError(f"fl.fraction_train must be in (0, 1], got {cfg.fl.fraction_train!r}")
+    if float(cfg.fl.proximal_mu) < 0:
+        raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
+    from m4fuse.run.server_opt import server_opt_settings
+    server_opt_settings(cfg.fl)  # fl.server_opt and its parameters
+    from m4fuse.run.aggregation import aggregation_settings
+    # fl.aggregation and its parameters, and Krum's least number of sites where the
+    # federation's size is known here: fl.site_names, or the synthesiser's data.sites (at
+    # most that many sites; a BraTS split is counted by the server, which checks it again)
+    num_sites = None
+    if cfg.fl.get("site_names"):
+        num_sites = len(cfg.fl.site_names)
+    elif cfg.data.get("kind") == "synthetic" and not cfg.data.get("partition_csv"):
+        num_sites = int(cfg.data.sites)
+    aggregation_settings(cfg.fl, num_sites)  # also fl.aggregation_weight, fl.local_steps
+    if int(cfg.train.batch_size) < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
+    if (bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False))
+            and str(cfg.train.amp_dtype) != "bfloat16"):
+        raise ValueError("train.amp_cpu=true (CPU autocast) runs in bfloat16 only, got "
+                         f"train.amp_dtype={cfg.train.amp_dtype!r}: set "
+                         "train.amp_dtype=bfloat16 or train.amp_cpu=false")
+    if cfg.root is not None and not Path(str(cfg.root)).is_absolute():
+        raise ValueError(f"root must be an absolute path, got {cfg.root!r}")
+    for key in ("source", "cache_dir", "partition_csv"):
+        value = cfg.data.get(key)
+        if value not in (None, "???") and not Path(str(value)).is_absolute():
+            raise ValueError(f"data.{key} must be an absolute path, got {value!r}")
+    minimum = cfg.data.get("min_cases_per_site", 1)
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
+    if cfg.data.kind not in ("synthetic", "brats"):
+        raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
+    from m4fuse.run.provision import check_data_settings
+    check_data_settings(cfg)  # data.site_sizes, site_names, lower_grade_sites, test_cases_per_site
+
+
+def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("fl.resume", "fl.rounds")) -> str:
+    """A short hash of the resolved config without the keys that may change on resume."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key in ignore:
+        flat.pop(key, None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> ``{"a.b.0": value}`` (MLflow params, config hashes)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def model_config(cfg: DictConfig, num_experts: int):
+    """The :class:`m4fuse.nets.model.M4FuseConfig` of ``cfg.model`` with ``num_experts`` experts."""
+    from m4fuse.nets.model import M4FuseConfig
+
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts!r}")
+    m = cfg.model
+    kwargs = {
+        "output": str(m.output),
+        "out_channels": 3 if str(m.output) == "regions" else 4,
+        "num_experts": num_experts,
+        "d_state": int(m.d_state),
+        "d_conv": int(m.d_conv),
+        "expand": int(m.expand),
+        "mixer_groups": int(m.mixer_groups),
+        "dropout": float(m.dropout),
+        "norm_groups": int(m.norm_groups),
+    }
+    if m.preset:
+        return M4FuseConfig.preset(str(m.preset), **kwargs)
+    if m.widths is None or len(m.widths) != 6:
+        raise ValueError(f"model.widths must list 6 ints when model.preset is null, got {m.widths!r}")
+    return M4FuseConfig(widths=[int(w) for w in m.widths], **kwargs)
+
+
+def build_model(cfg: DictConfig, num_experts: int, seed: int | None = None) -> torch.nn.Module:
+    """A freshly initialised network; the same ``seed`` gives the same weights everywhere.
+    With ``fl.init_checkpoint`` set, its weights instead (:mod:`m4fuse.io.pretrained`)."""
+    from m4fuse.nets.model import M4Fuse
+
+    # torch's RNG only (what initialises the weights); monai.utils.set_determinism would also
+    # reseed Python's and NumPy's RNGs and switch cuDNN to deterministic mode, a side effect
+    # on whatever runs next in the process.
+    torch.manual_seed(int(cfg.seed) if seed is None else seed)
+    config = model_config(cfg, num_experts)
+    model = M4Fuse(config)
+    # fl.init_checkpoint: start from a pre-trained network (m4fuse.io.pretrained)
+    from m4fuse.io.pretrained import apply_init_checkpoint
+
+    return apply_init_checkpoint(cfg, model, config.to_dict())
+
+
+LOADER_KEYS: tuple[str, ...] = ("augment", "num_workers")
+
+
+def train_config(cfg: DictConfig, epochs: int, seed: int | None = None):
+    """The :class:`m4fuse.training.engine.TrainConfig` of ``cfg.train`` for ``epochs`` passes
+    (``local_epochs``), seeded by ``seed`` (default the config's ``seed``)."""
+    from m4fuse.training.engine import TrainConfig
+
+    values = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+              if k not in LOADER_KEYS}
+    values["local_epochs"] = int(epochs)
+    values["seed"] = int(cfg.seed) if seed is None else int(seed)
+    return TrainConfig.from_dict(values)
+
+
+def amp_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{"amp", "amp_dtype", "amp_cpu"}`` of ``cfg.train``, the keywords of
+    :func:`m4fuse.training.engine.evaluate`, :func:`m4fuse.training.engine.test_original_grid` and
+    :func:`m4fuse.inference.predict.predict_probs`, so that their forwards run in the precision of
+    training (``amp_cpu`` False when the key is absent)."""
+    return {"amp": bool(cfg.train.amp), "amp_dtype": str(cfg.train.amp_dtype),
+            "amp_cpu": bool(cfg.train.get("amp_cpu", False))}

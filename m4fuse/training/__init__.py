@@ -1,0 +1,1 @@
+"""Local training (no Flower): the trainer, the per-site steps, the pooled and local baselines, DP-SGD."""

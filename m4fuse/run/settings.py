@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 #: The Hydra config folder: beside the packages, in a checkout and in an installed Flower app
 #: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
-CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR: Path = Path(__file__).resolve().parents[2] / "configs"
 
 def _strategy_names() -> tuple[str, ...]:
     from m4fuse.personal.sets import STRATEGIES as table

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
@@ -69,6 +68,8 @@ def _user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
     import nibabel as nib
 
+    from m4fuse.io.atomic import replace_atomic
+
     header = reference.header.copy()
     img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header)
     img.set_data_dtype(np.uint8)
@@ -76,15 +77,7 @@ def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
     img.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
     img.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if out.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomic(out, lambda tmp: nib.save(img, tmp))  # the temporary name keeps the suffix
 
 
 #: What ``m4fuse segment`` reads, in its messages.

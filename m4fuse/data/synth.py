@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from m4fuse.data.guard import claim_for_synthesizer
 from m4fuse.data.partition import write_partition_csv
 from m4fuse.data.sites import site_names as default_site_names
+from m4fuse.io.atomic import replace_atomic
 
 #: Version of the generator, recorded in the data folder's marker
 #: (:func:`m4fuse.run.provision.generator_version`): a set written by another version is generated
@@ -674,6 +675,4 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".tmp-{path.name}")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    replace_atomic(path, lambda tmp: nib.save(img, tmp))

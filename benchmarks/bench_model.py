@@ -29,16 +29,15 @@ each given its own native layout, the same maths (delta already positive, D term
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import math
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from benchmarks.measure import PeakMemory, median_time, pick_device
 
 #: Input size (D, H, W) of the network table: the training size of docs/design.md §4.
 DEFAULT_SIZE: tuple[int, int, int] = (64, 128, 128)
@@ -89,69 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: size {QUICK_SIZE}, scan L={QUICK_SCAN_LENGTHS}, "
                              f"shape {QUICK_SCAN_SHAPE}, 1 repeat, no warm-up")
-
-
-# ----------------------------------------------------------------------------------------
-# Measurement
-# ----------------------------------------------------------------------------------------
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak bytes above the starting level while the ``with`` block runs (see module doc)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes: float = math.nan
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        elif sys.platform.startswith("linux"):
-            # Give freed heap pages back to the OS first; otherwise a run that follows the
-            # warm-up reuses them without raising the resident set and reads as ~0 MiB.
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")  # reset VmHWM to the current resident set
-            self._base = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif sys.platform.startswith("linux"):
-            self.peak_bytes = _rss_kib("VmHWM") * 1024 - self._base
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(step: Callable[[], None], device: torch.device, repeats: int,
-                warmup: int) -> float:
-    """Median wall seconds of ``step`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @dataclass
@@ -338,14 +274,6 @@ def scan_table(results: Sequence[tuple[int, Row, Row | None]],
     return "\n".join(lines)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its markdown tables; returns 0."""
     if getattr(args, "profile", False):
@@ -379,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, repeats {repeats} after {warmup} warm-up; "

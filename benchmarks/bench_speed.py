@@ -6,7 +6,7 @@ Run: ``python -m benchmarks.bench_speed`` (``--help`` for the options). Prints t
    float32 (the ``bf16`` rows: bfloat16 autocast), ``--threads`` intra-op threads (default 2),
    median of ``--repeats`` runs after ``--warmup``, the models **interleaved** (run 1 of every
    model, then run 2, ...) so that load from other processes falls on all of them alike; peak
-   memory of one step (see :class:`benchmarks.bench_model.PeakMemory`). Models:
+   memory of one step (see :class:`benchmarks.measure.PeakMemory`). Models:
 
    * ``M4Fuse-B now``: :class:`m4fuse.nets.model.M4Fuse`, preset B, 2 experts, routed to expert 0;
    * ``M4Fuse-B now, channels-last``: the same model with ``m4fuse.nets.model.CHANNELS_LAST`` on
@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.bench_model import PeakMemory, _device, _sync
+from benchmarks.measure import PeakMemory, pick_device, sync_device
 
 
 class _ChannelsLast(torch.nn.Module):
@@ -137,10 +137,10 @@ def _interleaved(steps: dict[str, Callable[[], None]], device: torch.device, rep
     for rep in range(warmup + repeats):
         for name, step in steps.items():
             print(f"  {name}: run {rep + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            sync_device(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--peers: unknown peer(s) {sorted(set(peers) - set(PEERS))}")
     if args.repeats < 1 or args.warmup < 0 or args.infer_repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats, --infer-repeats and --threads must be >= 1, --warmup >= 0")
-    device = _device(args.device)
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"median of {args.repeats} after {args.warmup} warm-up, models interleaved",

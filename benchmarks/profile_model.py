@@ -12,7 +12,7 @@ Every block runs in isolation on the real activations of that step (captured by 
 blocks in sequence once), with inputs as leaves that require a gradient: the forward time, the
 backward time (``torch.autograd.backward`` with a random output gradient) and the peak memory
 of forward + backward above what was resident before (peak RSS on CPU, ``max_memory_allocated``
-on CUDA; see :class:`benchmarks.bench_model.PeakMemory`) are the medians over ``--repeats``.
+on CUDA; see :class:`benchmarks.measure.PeakMemory`) are the medians over ``--repeats``.
 The share of the selective scan is measured inside each block by timing the chunked scan's
 custom autograd Function (:class:`m4fuse.nets.scan._ChunkedScan`) forward and backward.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import PeakMemory, _device, _sync, median_time
+from benchmarks.measure import PeakMemory, median_time, pick_device, sync_device
 
 #: Profile defaults: the preset, experts and size of the benchmark's network table.
 DEFAULT_PRESET = "B"
@@ -78,10 +78,10 @@ class ScanClock:
 
         def timed(fn: Callable[..., object], slot: str) -> Callable[..., object]:
             def wrapper(*args: object) -> object:
-                _sync(clock.device)
+                sync_device(clock.device)
                 start = time.perf_counter()
                 out = fn(*args)
-                _sync(clock.device)
+                sync_device(clock.device)
                 setattr(clock, slot, getattr(clock, slot) + time.perf_counter() - start)
                 return out
             return staticmethod(wrapper)
@@ -170,17 +170,17 @@ def time_block(block: Block | Callable, inputs: Sequence[torch.Tensor], device: 
         leaves = [t.detach().requires_grad_(t.is_floating_point() and flag)
                   for t, flag in zip(inputs, flags)]
         clock.reset()
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         outs = fn(*leaves)
-        _sync(device)
+        sync_device(device)
         middle = time.perf_counter()
         scan_fwd = clock.forward
         grads = [torch.randn(o.shape, generator=gen).to(device, o.dtype) for o in outs]
-        _sync(device)
+        sync_device(device)
         middle2 = time.perf_counter()
         torch.autograd.backward(outs, grads)
-        _sync(device)
+        sync_device(device)
         end = time.perf_counter()
         if record:
             result.forward.append(middle - start)
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     experts = args.experts
     threads = args.threads or 1
     torch.set_num_threads(threads)
-    device = _device(args.device)
+    device = pick_device(args.device)
     size = list(args.size)
     repeats, warmup = args.repeats, args.warmup
     if args.quick:

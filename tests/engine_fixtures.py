@@ -1,14 +1,12 @@
 """Shared helpers of the tests: the tiny settings every test that composes the project's
 config starts from (:data:`TINY_OVERRIDES`), and for tests/test_engine.py and
-tests/test_segment.py a tiny network with the M4Fuse forward signature, learnable toy
-batches, and a small BraTS-style case on disk."""
+tests/test_segment.py a tiny network with the M4Fuse forward signature and learnable toy
+batches. A small BraTS-style case on disk: :mod:`m4fuse.data.fake`."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
@@ -72,36 +70,3 @@ def toy_batches(n_cases: int, batch_size: int, size: int = 12, seed: int = 0,
             "case": [f"case{start + i}" for i in range(b)],
         })
     return batches
-
-
-def write_case(root: Path, case_id: str = "BraTS2021_00007", shape=(22, 26, 18),
-               spacing=(1.0, 1.2, 2.0), et_label: int = 4, seed: int = 0,
-               naming: str = "2021") -> tuple[Path, np.ndarray, np.ndarray]:
-    """Write a small BraTS case (four modalities + seg) and return (folder, labels, affine).
-
-    ``naming``: "2021" (``_t1``, ``_t1ce``, ``_t2``, ``_flair``) or "2023" (``-t1n`` ...).
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / case_id
-    folder.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = (10.0, -20.0, 5.0)
-    grid = np.indices(shape).astype(np.float64)
-    centre = np.array(shape, dtype=np.float64)[:, None, None, None] / 2
-    r = np.sqrt((((grid - centre) / (np.array(shape)[:, None, None, None] * 0.4)) ** 2).sum(0))
-    brain = r < 1.0
-    tumour_c = centre + np.array([3, -2, 1])[:, None, None, None]
-    t = np.sqrt((((grid - tumour_c) * np.array(spacing)[:, None, None, None]) ** 2).sum(0))
-    labels = np.zeros(shape, np.uint8)
-    labels[(t < 7.0) & brain] = 2
-    labels[(t < 4.5) & brain] = 1
-    labels[(t < 4.5) & (t > 3.0) & brain] = et_label
-    base = rng.uniform(50, 100, size=4)
-    mods = ("t1", "t1ce", "t2", "flair") if naming == "2021" else ("t1n", "t1c", "t2w", "t2f")
-    sep = "_" if naming == "2021" else "-"
-    for k, mod in enumerate(mods):
-        img = base[k] * brain + 40.0 * (labels > 0) * (k + 1) + rng.normal(0, 2, shape) * brain
-        img[~brain] = 0
-        nib.save(nib.Nifti1Image(img.astype(np.int16), affine), folder / f"{case_id}{sep}{mod}.nii.gz")
-    nib.save(nib.Nifti1Image(labels, affine), folder / f"{case_id}{sep}seg.nii.gz")
-    return folder, labels, affine

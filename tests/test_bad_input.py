@@ -9,10 +9,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from engine_fixtures import write_case
 
 from m4fuse.cli.main import main
 from m4fuse.data import guard
+from m4fuse.data.fake import write_spaced_case
 from m4fuse.run import provision, settings
 from m4fuse.run.config_check import ConfigError
 
@@ -29,7 +29,7 @@ def brats(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A BraTS 2021-layout folder with one tiny case named as the synthesiser names its
     first case, and its digest."""
     root = tmp_path / "BraTS2021"
-    write_case(root, case_id="BraTS2021_00000", shape=(16, 16, 16))
+    write_spaced_case(root, case_id="BraTS2021_00000", shape=(16, 16, 16))
     return root, tree_digest(root)
 
 
@@ -81,7 +81,7 @@ def test_prepare_never_writes_into_or_below_its_source_nor_into_a_brats_folder(b
                                                                               capsys):
     root, before = brats
     other = tmp_path / "BraTS2020"
-    write_case(other, case_id="BraTS20_Training_001", shape=(16, 16, 16))
+    write_spaced_case(other, case_id="BraTS20_Training_001", shape=(16, 16, 16))
     other_before = tree_digest(other)
     assert main(["data", "prepare", str(root), "--cache", str(root / "cache"),
                  "--size", "16", "16", "16"]) == 2

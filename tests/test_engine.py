@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import TinyNet, toy_batches, write_case
+from engine_fixtures import TinyNet, toy_batches
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
+from m4fuse.data.fake import write_spaced_case
 from m4fuse.evaluation.metrics import region_scores
 from m4fuse.inference.predict import probs_to_regions
 from m4fuse.run.runtime import resolve_device
@@ -286,7 +287,7 @@ def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
     from m4fuse.data import CaseRecord, preprocess_case, preprocess_label
 
     spacing = (1.0, 1.5, 2.5)
-    folder, labels, _ = write_case(tmp_path, spacing=spacing)
+    folder, labels, _ = write_spaced_case(tmp_path, spacing=spacing)
     cid = folder.name
     paths = [folder / f"{cid}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
     _, meta = preprocess_case(paths, size=(16, 16, 16))

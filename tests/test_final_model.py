@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import write_case
 
 from m4fuse.cli.main import main
+from m4fuse.data.fake import write_spaced_case
 from m4fuse.io.checkpoint import (
     CheckpointError,
     build_model,
@@ -178,7 +178,7 @@ def test_final_model_takes_each_sites_folder(tmp_path, models):
 
 def test_segment_site_of_a_version2_checkpoint(tmp_path, models):
     path = _write_v2(tmp_path / "run" / "model.ckpt", models)
-    folder, labels, affine = write_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
+    folder, labels, affine = write_spaced_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
     outs = {}
     for site in ("siteA", "siteB"):
         out = tmp_path / f"{site}.nii.gz"

@@ -1,4 +1,5 @@
-"""Tests of the M4Fuse network (m4fuse/nets/model.py) and ``m4fuse model summary``."""
+"""Tests of the M4Fuse network (m4fuse/nets/model.py, config.py, summary.py) and
+``m4fuse model summary``."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from m4fuse.nets.model import (
     M4Fuse,
     M4FuseConfig,
     Mamba,
-    parameter_table,
 )
+from m4fuse.nets.summary import parameter_table
 from m4fuse.personal.sets import expert_state
 
 TINY = (8, 8, 8, 16, 16, 16)

@@ -240,11 +240,10 @@ def test_personal_norm_ft_run_keeps_norms_and_fine_tunes(monkeypatch, tmp_path):
     # site's own newest state (the fine-tuned weights its final test scored)
     _assert_model_ckpt_is_each_sites_final_model("personal-norm-ft", cfg, rdir, ckpt.sites)
     segmented = tmp_path / "seg.nii.gz"
-    from engine_fixtures import write_case
-
     from m4fuse.cli.main import main
+    from m4fuse.data.fake import write_spaced_case
 
-    case, _, _ = write_case(tmp_path / "case")
+    case, _, _ = write_spaced_case(tmp_path / "case")
     assert main(["segment", str(case), "--model", str(rdir), "--site", "site1",
                  "--out", str(segmented), "--device", "cpu"]) == 0
     assert segmented.is_file()

@@ -10,10 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import write_case
 
 from m4fuse.cli.main import main
 from m4fuse.cli.segment import evaluate_paths, segment_case
+from m4fuse.data.fake import write_spaced_case
 from m4fuse.evaluation.metrics import label_scores
 from m4fuse.io.checkpoint import (
     CheckpointError,
@@ -107,7 +107,7 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path: Path, ckpt: Path) -> N
 
 
 def test_segment_writes_input_grid_and_valid_labels(tmp_path: Path, ckpt: Path) -> None:
-    folder, labels, affine = write_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
+    folder, labels, affine = write_spaced_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
     out = tmp_path / "out" / "seg.nii.gz"
     assert main(["segment", str(folder), "--model", str(ckpt), "--site", "siteB", "--out", str(out),
                  "--device", "cpu"]) == 0
@@ -130,7 +130,7 @@ def test_segment_png_outlines_prediction_and_reference(tmp_path: Path, ckpt: Pat
     from m4fuse.data.regions import labels_to_regions
     from m4fuse.inference.overlay import overlay_png, tumour_slices
 
-    folder, labels, _ = write_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
+    folder, labels, _ = write_spaced_case(tmp_path / "in", spacing=(1.0, 1.2, 2.0))
     png = tmp_path / "pics" / "case.png"
     assert main(["segment", str(folder), "--model", str(ckpt), "--site", "siteA", "--out",
                  str(tmp_path / "seg.nii.gz"), "--device", "cpu", "--png", str(png)]) == 0
@@ -149,7 +149,7 @@ def test_segment_png_outlines_prediction_and_reference(tmp_path: Path, ckpt: Pat
 
 
 def test_segment_site_choice_and_et_convention(tmp_path: Path, ckpt: Path) -> None:
-    folder, _, _ = write_case(tmp_path / "in", case_id="BraTS-GLI-00001-000", et_label=3, naming="2023")
+    folder, _, _ = write_spaced_case(tmp_path / "in", case_id="BraTS-GLI-00001-000", et_label=3, layout="2023")
     a = segment_case(folder, ckpt, tmp_path / "a.nii.gz", site="siteA", device="cpu")
     z = segment_case(folder, ckpt, tmp_path / "z.nii.gz", site=None, device="cpu")
     assert a["expert"] == 0 and z["expert"] is None
@@ -165,8 +165,8 @@ def test_segment_site_choice_and_et_convention(tmp_path: Path, ckpt: Path) -> No
     a_data = np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj)
     four_data = np.asarray(nib.load(tmp_path / "four.nii.gz").dataobj)
     assert np.array_equal(np.where(a_data == 3, 4, a_data), four_data)
-    write_case(tmp_path / "two", case_id="BraTS2021_00001")
-    write_case(tmp_path / "two", case_id="BraTS2021_00002")
+    write_spaced_case(tmp_path / "two", case_id="BraTS2021_00001")
+    write_spaced_case(tmp_path / "two", case_id="BraTS2021_00002")
     with pytest.raises(ValueError, match="exactly one BraTS case, found BraTS2021_00001, BraTS2021_00002"):
         segment_case(tmp_path / "two", ckpt, tmp_path / "x.nii.gz", device="cpu")
     with pytest.raises(ValueError, match="--out"):
@@ -177,7 +177,7 @@ def test_segment_without_recorded_size_needs_size(tmp_path: Path) -> None:
     model = _model(experts=1)
     shared, _ = split_state(model.state_dict())
     path = save_checkpoint(tmp_path / "run" / "model.ckpt", model.config, shared)
-    folder, _, _ = write_case(tmp_path / "in")
+    folder, _, _ = write_spaced_case(tmp_path / "in")
     with pytest.raises(ValueError, match="training size.*--size"):
         segment_case(folder, path.parent, tmp_path / "x.nii.gz", device="cpu")
     info = segment_case(folder, path.parent, tmp_path / "x.nii.gz", device="cpu", size=SIZE)
@@ -186,7 +186,7 @@ def test_segment_without_recorded_size_needs_size(tmp_path: Path) -> None:
 
 def test_segment_then_evaluate_equals_direct_metrics(tmp_path: Path, ckpt: Path, capsys) -> None:
     spacing = (1.0, 1.2, 2.0)
-    folder, labels, _ = write_case(tmp_path / "data", spacing=spacing)
+    folder, labels, _ = write_spaced_case(tmp_path / "data", spacing=spacing)
     out = tmp_path / "preds" / f"{folder.name}.nii.gz"
     segment_case(folder, ckpt, out, site="siteA", device="cpu")
     pred = np.asarray(nib.load(out).dataobj)
@@ -217,8 +217,8 @@ def test_segment_then_evaluate_equals_direct_metrics(tmp_path: Path, ckpt: Path,
 
 
 def test_evaluate_truth_against_itself_and_mismatches(tmp_path: Path, capsys) -> None:
-    _, labels, affine = write_case(tmp_path / "a", case_id="BraTS2021_00001", seed=1)
-    write_case(tmp_path / "a", case_id="BraTS2021_00002", seed=2)
+    _, labels, affine = write_spaced_case(tmp_path / "a", case_id="BraTS2021_00001", seed=1)
+    write_spaced_case(tmp_path / "a", case_id="BraTS2021_00002", seed=2)
     rows = evaluate_paths(tmp_path / "a", tmp_path / "a")
     assert [r["case"] for r in rows] == ["BraTS2021_00001", "BraTS2021_00002"]
     for r in rows:
@@ -243,7 +243,7 @@ def test_evaluate_truth_against_itself_and_mismatches(tmp_path: Path, capsys) ->
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
-    folder, _, _ = write_case(tmp_path / "in")
+    folder, _, _ = write_spaced_case(tmp_path / "in")
     notes = tmp_path / "notes.txt"
     notes.write_text("not a model")
     assert main(["segment", str(folder), "--model", str(notes), "--out", str(tmp_path / "o.nii.gz")]) == 2

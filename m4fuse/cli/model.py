@@ -38,13 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def summarize(preset: str = "B", experts: int = 1, classes: int = 3) -> dict[str, Any]:
-    """Build the model and return its config and :func:`m4fuse.nets.model.parameter_table`.
+    """Build the model and return its config and :func:`m4fuse.nets.summary.parameter_table`.
 
     ``preset`` default B, ``experts`` default 1, ``classes`` default 3 (regions; 4 = labels).
     """
     import torch
 
-    from m4fuse.nets.model import M4Fuse, M4FuseConfig, parameter_table
+    from m4fuse.nets.model import M4Fuse, M4FuseConfig
+    from m4fuse.nets.summary import parameter_table
 
     output = {3: "regions", 4: "labels"}.get(classes)
     if output is None:

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
@@ -69,6 +68,8 @@ def _user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
     import nibabel as nib
 
+    from m4fuse.io.atomic import replace_atomic
+
     header = reference.header.copy()
     img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header)
     img.set_data_dtype(np.uint8)
@@ -76,15 +77,7 @@ def _write_nifti_atomic(labels: np.ndarray, reference: Any, out: Path) -> None:
     img.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
     img.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if out.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomic(out, lambda tmp: nib.save(img, tmp))  # the temporary name keeps the suffix
 
 
 #: What ``m4fuse segment`` reads, in its messages.
@@ -149,6 +142,34 @@ def _case_png(case: Any, prediction: np.ndarray, png: str | os.PathLike) -> str:
                            title=case.case_id))
 
 
+def _check_outside_case(case_folder: Path, out: Path, png: str | os.PathLike | None) -> None:
+    """Refuse an output (``--out``, ``--png``) inside the case's folder."""
+    from m4fuse.data.guard import check_outside
+
+    check_outside(out, [("the case folder", case_folder)], "--out")
+    if png is not None:
+        check_outside(png, [("the case folder", case_folder)], "--png")
+
+
+def _predict_regions(paths: Sequence[Path], case_id: str, model: str | os.PathLike, site: str | None,
+                     device: str, size: Sequence[int] | None, overlap: float, amp: bool) -> tuple[Any, int | None]:
+    """``(regions (C, X, Y, Z) on the case's own grid, the expert used or None)``: the case's
+    images preprocessed, segmented by the checkpoint's model (sliding window) and restored to
+    the input's grid (arguments as in :func:`segment_case`)."""
+    from m4fuse.data import preprocess_case, restore_to_original
+    from m4fuse.inference.predict import output_mode, predict_probs, probs_to_regions
+    from m4fuse.io.checkpoint import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(model)
+    check_site(checkpoint, site)
+    train_size = _training_size(checkpoint, size)
+    net, expert = build_model(checkpoint, site)
+    image, meta = preprocess_case(paths, size=train_size, case_id=case_id)
+    probs = predict_probs(net, image, device, expert, roi_size=train_size, overlap=overlap, amp=amp)
+    regions = probs_to_regions(restore_to_original(probs.numpy(), meta, mode="linear"), output_mode(net))
+    return regions, expert
+
+
 def segment_case(
     case_dir: str | os.PathLike,
     model: str | os.PathLike,
@@ -184,11 +205,7 @@ def segment_case(
     """
     import nibabel as nib
 
-    from m4fuse.data import preprocess_case, restore_to_original
-    from m4fuse.data.guard import check_outside
     from m4fuse.data.regions import ET_LABELS, regions_to_labels
-    from m4fuse.inference.predict import output_mode, predict_probs, probs_to_regions
-    from m4fuse.io.checkpoint import build_model, load_checkpoint
 
     out = Path(out)
     if not out.name.endswith(NIFTI_SUFFIXES):
@@ -196,17 +213,9 @@ def segment_case(
     if et_label is not None and et_label not in ET_LABELS:
         raise ValueError(f"et_label must be one of {ET_LABELS}, got {et_label!r}")
     case = _one_case(case_dir)
-    check_outside(out, [("the case folder", case.directory)], "--out")  # inputs stay as they are
-    if png is not None:
-        check_outside(png, [("the case folder", case.directory)], "--png")
+    _check_outside_case(case.directory, out, png)  # inputs stay as they are
     paths = case.image_paths()
-    checkpoint = load_checkpoint(model)
-    check_site(checkpoint, site)
-    train_size = _training_size(checkpoint, size)
-    net, expert = build_model(checkpoint, site)
-    image, meta = preprocess_case(paths, size=train_size, case_id=case.case_id)
-    probs = predict_probs(net, image, device, expert, roi_size=train_size, overlap=overlap, amp=amp)
-    regions = probs_to_regions(restore_to_original(probs.numpy(), meta, mode="linear"), output_mode(net))
+    regions, expert = _predict_regions(paths, case.case_id, model, site, device, size, overlap, amp)
     et = et_label if et_label is not None else case.et_label
     labels = np.asarray(regions_to_labels(regions.numpy(), et_label=et))
     _write_nifti_atomic(labels, nib.load(paths[0]), out)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from m4fuse.data.preprocess import (
     preprocess_case,
     preprocess_label,
 )
+from m4fuse.io.atomic import write_folder_atomic, write_text_atomic
 
 INDEX_NAME = "index.json"
 CACHE_FORMAT = 1
@@ -150,12 +150,6 @@ def fingerprint(case: CaseFiles, size: Sequence[int]) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _prepare_one(case: CaseFiles, size: tuple[int, int, int], cache_dir: Path, key: str,
                  site: str | None) -> dict[str, Any]:
     """Preprocess one case and write its folder atomically; returns its meta. Runs in workers."""
@@ -171,20 +165,13 @@ def _prepare_one(case: CaseFiles, size: tuple[int, int, int], cache_dir: Path, k
         institution=institution_of(case.case_id), site=site, fingerprint=key,
         has_et=bool(label[2].any()), tumour_voxels=int(label[0].sum()),
     )
-    cases_dir = cache_dir / "cases"
-    tmp = cases_dir / f".tmp-{case.case_id}-{uuid.uuid4().hex}"
-    tmp.mkdir(parents=True)
-    np.save(tmp / "image.npy", image.astype(IMAGE_DTYPE))
-    np.save(tmp / "label.npy", label)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    final = cases_dir / case.case_id
-    if final.exists():
-        trash = cases_dir / f".old-{case.case_id}-{uuid.uuid4().hex}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+
+    def fill(folder: Path) -> None:
+        np.save(folder / "image.npy", image.astype(IMAGE_DTYPE))
+        np.save(folder / "label.npy", label)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    write_folder_atomic(cache_dir / "cases" / case.case_id, fill)
     return meta
 
 
@@ -236,6 +223,23 @@ def prepare_dataset(
     index_path = cache_dir / INDEX_NAME
     report = PrepareReport(cache_dir=cache_dir)
     index, todo = _reusable_cases(cases, size, cache_dir, _read_old_index(index_path), sites, report)
+    _prepare_into(index, report, todo, size, cache_dir, sites, workers, progress)
+    _drop_stale_cases(cache_dir / "cases", index)
+    report.prepared.sort()
+    report.skipped.sort()
+    _write_index(index_path, size, root, index)
+    if strict and report.skipped:
+        raise PrepareError(report)
+    return report
+
+
+def _prepare_into(
+    index: dict[str, Any], report: PrepareReport, todo: Sequence[tuple[CaseFiles, str]],
+    size: tuple[int, int, int], cache_dir: Path, sites: dict[str, str], workers: int, progress: bool,
+) -> None:
+    """Prepare the cases of ``todo`` (:func:`_prepare_all`), adding each prepared case's meta
+    to ``index`` and to ``report.prepared``, a case with bad data to ``report.skipped``; any
+    other error is raised."""
     bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress or not todo)
     for case, meta, err in _prepare_all(todo, size, cache_dir, sites, workers):
         if err is None:
@@ -247,19 +251,18 @@ def prepare_dataset(
             raise err
         bar.update()
     bar.close()
-    _drop_stale_cases(cache_dir / "cases", index)
-    report.prepared.sort()
-    report.skipped.sort()
-    _atomic_write_json(index_path, {
+
+
+def _write_index(index_path: Path, size: tuple[int, int, int], root: Path, index: dict[str, Any]) -> None:
+    """Write the cache's ``index.json`` (its format, the preprocessing version, the size, the
+    source folder and every case's meta), atomically."""
+    write_text_atomic(index_path, json.dumps({
         "format": CACHE_FORMAT,
         "preprocess_version": PREPROCESS_VERSION,
         "size": list(size),
         "root": str(root.resolve()),
         "cases": {k: index[k] for k in sorted(index)},
-    })
-    if strict and report.skipped:
-        raise PrepareError(report)
-    return report
+    }, indent=1, sort_keys=True))
 
 
 def _read_old_index(index_path: Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m4fuse.io.atomic import replace_atomic
+
 _CASE_COLUMNS = ("subject_id", "subject", "case_id", "case", "id", "brats_id", "brats21id", "patient")
 _SITE_COLUMNS = ("partition_id", "partition", "site", "site_id", "institution", "center", "centre", "hospital")
 
@@ -78,11 +80,12 @@ def read_site_csv(path: str | os.PathLike, case_ids: Iterable[str] | None = None
 
 def write_partition_csv(path: str | os.PathLike, sites: Mapping[str, str]) -> None:
     """Write ``{case: site}`` as a FeTS partition CSV (``Partition_ID,Subject_ID``), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["Partition_ID", "Subject_ID"])
-        for case, site in sorted(sites.items(), key=lambda kv: (kv[1], kv[0])):
-            w.writerow([site, case])
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["Partition_ID", "Subject_ID"])
+            for case, site in sorted(sites.items(), key=lambda kv: (kv[1], kv[0])):
+                w.writerow([site, case])
+
+    replace_atomic(Path(path), write)

@@ -209,6 +209,87 @@ def surfel_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -
     return max(directed)
 
 
+def _pred_components(p: np.ndarray) -> tuple[np.ndarray, int, list[tuple[slice, ...]]]:
+    """``(component id per voxel (0: none), number of components, bounding box of each)`` of
+    the prediction's 26-connected components, labelled on its bounding box (global ids and
+    coordinates)."""
+    pred_cc = np.zeros(p.shape, dtype=np.int32)
+    n_pred = 0
+    pred_boxes: list[tuple[slice, ...]] = []
+    if p.any():
+        pbox = _bbox(p)
+        labelled, n_pred = ndimage.label(p[pbox], structure=_STRUCT_26)
+        pred_cc[pbox] = labelled
+        offset = [s.start for s in pbox]
+        pred_boxes = [_shift(b, offset) for b in ndimage.find_objects(labelled)]
+    return pred_cc, n_pred, pred_boxes
+
+
+@dataclass
+class _Tally:
+    """Running sums over the reference's lesions (see :func:`_tally_lesions`)."""
+
+    dice_sum: float = 0.0
+    hd_sum: float = 0.0
+    found: int = 0
+    missed: int = 0
+    dropped: int = 0
+
+
+def _tally_lesions(t: np.ndarray, dil: int, thr: float, sp: tuple[float, ...], pred_cc: np.ndarray,
+                   pred_boxes: Sequence[tuple[slice, ...]], matched_any: np.ndarray) -> _Tally:
+    """Score each lesion of the reference ``t`` (its voxels grouped by the 26-connected blobs
+    of the dilated reference) against the predicted components it touches after dilation;
+    marks those components in ``matched_any``. Lesions of ``thr`` mm³ or less are dropped."""
+    tally = _Tally()
+    if not t.any():
+        return tally
+    voxel_mm3 = float(np.prod(sp))
+    tbox = _grow(_bbox(t), dil, t.shape)
+    t_box = t[tbox]
+    blobs, _ = ndimage.label(_dilate(t_box, dil), structure=_STRUCT_26)
+    lesions = np.where(t_box, blobs, 0)
+    toff = [s.start for s in tbox]
+    for index, lbox in enumerate(ndimage.find_objects(lesions), start=1):
+        # lesion bbox (box coords) grown by the dilation: holds the lesion's dilation
+        near = _grow(lbox, dil, t_box.shape)
+        lesion_near = lesions[near] == index
+        reach = _dilate(lesion_near, dil)
+        ids = np.unique(pred_cc[_shift(near, toff)][reach])
+        ids = ids[ids != 0]
+        matched_any[ids] = True
+        volume = int(lesion_near.sum()) * voxel_mm3
+        if volume <= thr:
+            tally.dropped += 1
+            continue
+        if ids.size == 0:
+            tally.missed += 1
+            tally.hd_sum += LESION_MISS_HD95_MM  # Dice 0
+            continue
+        tally.found += 1
+        dice, hd95 = _matched_lesion_scores(pred_cc, ids, pred_boxes, _shift(lbox, toff),
+                                            lesions[lbox] == index, sp)
+        tally.dice_sum += dice
+        tally.hd_sum += hd95
+    return tally
+
+
+def _matched_lesion_scores(pred_cc: np.ndarray, ids: np.ndarray, pred_boxes: Sequence[tuple[slice, ...]],
+                           gbox: tuple[slice, ...], lesion: np.ndarray, sp: tuple[float, ...]
+                           ) -> tuple[float, float]:
+    """``(Dice, HD95)`` of one lesion (``lesion``: its mask on its box ``gbox``, global
+    coordinates) against the union of the predicted components ``ids``, on the union box of
+    the lesion and those components."""
+    boxes = [gbox] + [pred_boxes[i - 1] for i in ids]
+    ubox = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
+                 for a in range(3))
+    p_u = np.isin(pred_cc[ubox], ids)
+    g_u = np.zeros(p_u.shape, dtype=bool)
+    g_u[tuple(slice(g.start - u.start, g.stop - u.start) for g, u in zip(gbox, ubox))] = lesion
+    dice = 2.0 * float(np.logical_and(p_u, g_u).sum()) / float(p_u.sum() + g_u.sum())
+    return dice, surfel_hd95(p_u, g_u, sp)
+
+
 def lesion_scores(
     pred: np.ndarray | torch.Tensor,
     truth: np.ndarray | torch.Tensor,
@@ -239,65 +320,17 @@ def lesion_scores(
     if p.ndim != 3:
         raise ValueError(f"lesion-wise scores need 3-D masks, got shape {p.shape}")
     sp = _spacing(spacing, 3)
-    voxel_mm3 = float(np.prod(sp))
-
-    # Predicted components, labelled on the prediction's bounding box (global ids).
-    pred_cc = np.zeros(p.shape, dtype=np.int32)
-    n_pred = 0
-    pred_boxes: list[tuple[slice, ...]] = []
-    if p.any():
-        pbox = _bbox(p)
-        labelled, n_pred = ndimage.label(p[pbox], structure=_STRUCT_26)
-        pred_cc[pbox] = labelled
-        offset = [s.start for s in pbox]
-        pred_boxes = [_shift(b, offset) for b in ndimage.find_objects(labelled)]
-
+    pred_cc, n_pred, pred_boxes = _pred_components(p)
     matched_any = np.zeros(n_pred + 1, dtype=bool)
-    dice_sum = hd_sum = 0.0
-    found = missed = dropped = 0
-    if t.any():
-        # Lesions: truth voxels grouped by the 26-connected blobs of the dilated truth.
-        tbox = _grow(_bbox(t), dil, t.shape)
-        t_box = t[tbox]
-        blobs, _ = ndimage.label(_dilate(t_box, dil), structure=_STRUCT_26)
-        lesions = np.where(t_box, blobs, 0)
-        toff = [s.start for s in tbox]
-        for index, lbox in enumerate(ndimage.find_objects(lesions), start=1):
-            # lesion bbox (box coords) grown by the dilation: holds the lesion's dilation
-            near = _grow(lbox, dil, t_box.shape)
-            lesion_near = lesions[near] == index
-            reach = _dilate(lesion_near, dil)
-            ids = np.unique(pred_cc[_shift(near, toff)][reach])
-            ids = ids[ids != 0]
-            matched_any[ids] = True
-            volume = int(lesion_near.sum()) * voxel_mm3
-            if volume <= thr:
-                dropped += 1
-                continue
-            if ids.size == 0:
-                missed += 1
-                hd_sum += LESION_MISS_HD95_MM  # Dice 0
-                continue
-            found += 1
-            # union box of the lesion and its matched components (global coords)
-            gbox = _shift(lbox, toff)
-            boxes = [gbox] + [pred_boxes[i - 1] for i in ids]
-            ubox = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
-                         for a in range(3))
-            p_u = np.isin(pred_cc[ubox], ids)
-            g_u = np.zeros(p_u.shape, dtype=bool)
-            g_u[tuple(slice(g.start - u.start, g.stop - u.start) for g, u in zip(gbox, ubox))] = (
-                lesions[lbox] == index)
-            dice_sum += 2.0 * float(np.logical_and(p_u, g_u).sum()) / float(p_u.sum() + g_u.sum())
-            hd_sum += surfel_hd95(p_u, g_u, sp)
+    tally = _tally_lesions(t, dil, thr, sp, pred_cc, pred_boxes, matched_any)
     false_positives = int(n_pred - matched_any[1:].sum())
-    denominator = found + missed + false_positives
+    denominator = tally.found + tally.missed + false_positives
     if denominator == 0:
-        return LesionScores(1.0, 0.0, 0, 0, 0, dropped)
+        return LesionScores(1.0, 0.0, 0, 0, 0, tally.dropped)
     return LesionScores(
-        dice=dice_sum / denominator,
-        hd95=(hd_sum + LESION_MISS_HD95_MM * false_positives) / denominator,
-        found=found, missed=missed, false_positives=false_positives, dropped=dropped,
+        dice=tally.dice_sum / denominator,
+        hd95=(tally.hd_sum + LESION_MISS_HD95_MM * false_positives) / denominator,
+        found=tally.found, missed=tally.missed, false_positives=false_positives, dropped=tally.dropped,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,6 @@ def overlay_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     rows = [m for m in SHOWN_MODALITIES if m in images]
     if not rows:
@@ -83,22 +83,9 @@ def overlay_png(
         volume = np.asarray(images[modality], dtype=np.float32)
         low, high = np.percentile(volume[volume != 0], (1, 99)) if (volume != 0).any() else (0, 1)
         for c, z in enumerate(slices):
-            ax = axes[r][c]
-            # Radiological display: the array's X runs across, Y down (transpose of [x, y]).
-            ax.imshow(volume[:, :, z].T, cmap="gray", vmin=low, vmax=high, origin="lower")
-            for masks, style in ((reference, "solid"), (prediction, "dashed")):
-                if masks is None:
-                    continue
-                for (_name, colour), mask in zip(REGION_COLOURS, masks):
-                    plane = np.asarray(mask[:, :, z], dtype=float).T
-                    if plane.any() and not plane.all():
-                        ax.contour(plane, levels=[0.5], colors=[colour], linewidths=1.0,
-                                   linestyles=style, origin="lower")
-            ax.set_axis_off()
-            ax.set_title(f"{modality.upper()} z={z}", fontsize=8)
-    handles = [Line2D([], [], color=colour, label=name) for name, colour in REGION_COLOURS]
-    handles += [Line2D([], [], color="black", linestyle="solid", label="reference"),
-                Line2D([], [], color="black", linestyle="dashed", label="prediction")]
+            _draw_panel(axes[r][c], volume[:, :, z], (low, high), z, reference, prediction)
+            axes[r][c].set_title(f"{modality.upper()} z={z}", fontsize=8)
+    handles = _legend_handles()
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -108,3 +95,30 @@ def overlay_png(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _draw_panel(ax: Any, plane: np.ndarray, window: tuple[float, float], z: int,
+                reference: np.ndarray | None, prediction: np.ndarray | None) -> None:
+    """One axial slice ``plane`` (grey levels in ``window``) with the outlines of each region
+    at slice ``z``: the reference solid, the prediction dashed."""
+    # Radiological display: the array's X runs across, Y down (transpose of [x, y]).
+    ax.imshow(plane.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
+    for masks, style in ((reference, "solid"), (prediction, "dashed")):
+        if masks is None:
+            continue
+        for (_name, colour), mask in zip(REGION_COLOURS, masks):
+            outline = np.asarray(mask[:, :, z], dtype=float).T
+            if outline.any() and not outline.all():
+                ax.contour(outline, levels=[0.5], colors=[colour], linewidths=1.0,
+                           linestyles=style, origin="lower")
+    ax.set_axis_off()
+
+
+def _legend_handles() -> list[Any]:
+    """The legend's entries: each region's colour, then the solid and dashed line styles."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, label=name) for name, colour in REGION_COLOURS]
+    handles += [Line2D([], [], color="black", linestyle="solid", label="reference"),
+                Line2D([], [], color="black", linestyle="dashed", label="prediction")]
+    return handles

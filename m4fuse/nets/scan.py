@@ -228,16 +228,8 @@ class _ChunkedScan(torch.autograd.Function):
             h0 = boundary[i]
             d_c, u_c, gy = delta[s:e], u[s:e], grad_y[s:e]
             du = d_c * u_c
-            # Recompute this chunk's states from its boundary state.
-            a = decay[:t]
-            torch.mul(d_c[:, :, None, :], At, out=a)
-            a.exp_()
-            w = work[:t]
-            w.copy_(a)
-            x = xs[:t]
-            torch.mul(du[:, :, None, :], B[s:e, :, :, None], out=x)
-            x[0].addcmul_(a[0], h0)
-            h, spare = _scan_(w, x, t1[:t], t2[:t])
+            a, w = decay[:t], work[:t]
+            h, spare = _recompute_chunk(a, w, xs[:t], t1[:t], t2[:t], d_c, du, At, B[s:e], h0)
             # Adjoint: lambda_t = C_t * gy_t + a_{t+1} * lambda_{t+1}.
             g = gh[:t]
             torch.mul(gy[:, :, None, :], C[s:e, :, :, None], out=g)
@@ -264,6 +256,22 @@ class _ChunkedScan(torch.autograd.Function):
             gd.mul_(d_c[:, :, None, :])
             grad_At += gd.sum(0)
         return grad_u, grad_delta, grad_At.sum(0), grad_B, grad_C, None
+
+
+def _recompute_chunk(
+    a: torch.Tensor, w: torch.Tensor, x: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor,
+    delta: torch.Tensor, du: torch.Tensor, At: torch.Tensor, B: torch.Tensor, h0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute one chunk's states from its boundary state ``h0`` (the backward pass of
+    :class:`_ChunkedScan`): the decays ``exp(delta_t A)`` into ``a`` (and a copy in ``w``,
+    scanned over), the inputs ``delta_t u_t B_t`` into ``x``; returns ``(h, the spare buffer)``
+    of :func:`_scan_` over ``(w, x)`` with ``t1``/``t2``."""
+    torch.mul(delta[:, :, None, :], At, out=a)
+    a.exp_()
+    w.copy_(a)
+    torch.mul(du[:, :, None, :], B[:, :, :, None], out=x)
+    x[0].addcmul_(a[0], h0)
+    return _scan_(w, x, t1, t2)
 
 
 def _functorch_active() -> bool:

@@ -51,7 +51,7 @@ def generator_version() -> str:
     """Version of the synthetic generator, recorded in the data folder's marker.
 
     ``m4fuse.data.SYNTH_VERSION`` (``"v2"``); without that constant, the first 12 hex digits
-    of the SHA-256 of the generator's source file (``m4fuse/data/synth.py``). A changed version
+    of the SHA-256 of the generator's source files (``m4fuse.data.synth.GENERATOR_FILES``). A changed version
     makes :func:`ensure_data` generate the set again instead of reusing the old generator's
     files.
     """
@@ -61,7 +61,7 @@ def generator_version() -> str:
     version = getattr(mdata, "SYNTH_VERSION", None)
     if version is not None:
         return f"v{version}"
-    return hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in synth.GENERATOR_FILES)).hexdigest()[:12]
 
 
 def data_markers(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:

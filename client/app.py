@@ -11,8 +11,9 @@ Per train message, in order:
    :func:`client.faults.fault_mod`, a Flower client mod of :data:`app`, delays or crashes
    the site before the handler runs, or turns its reply's arrays into NaN after it;
 2. the model: the server's arrays plus what the site kept (below);
-3. training, with DP-SGD when ``privacy.enabled`` (:mod:`m4fuse.training.dp`): Opacus wraps the
-   model, optimiser and loader inside :func:`m4fuse.training.site_steps.train_site`; the accountant's
+3. training, with DP-SGD when ``privacy.enabled`` (:mod:`m4fuse.training.dp`): its
+   ``PrivateTrainer`` wraps the model, optimiser and loader with Opacus inside
+   :func:`m4fuse.training.site_steps.train_site`; the accountant's
    history survives rounds and restarts, and every reply carries ``dp-epsilon``,
    ``dp-delta``, ``dp-noise-multiplier`` and ``dp-steps`` (same keys from every site);
 4. the reply: the shared arrays and metrics.
@@ -25,14 +26,14 @@ for a restarted client or a resumed run. The DP accountant likewise lives in
 ``context.state["dp-accountant"]`` and in the folder's ``dp-accountant.json``. Under
 ``fl.optimizer_state`` personal/all the AdamW moments (of the kept set / of every parameter)
 live in ``context.state["optimizer-state"]`` only (a restarted client starts them fresh). A
-new run identity clears all of it. None of it ever enters a reply.
+new run identity clears all of it. None of it ever enters a reply. What is kept, and how,
+is decided in :mod:`m4fuse.personal.site_keep`; this module moves it in and out of
+``context.state``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import time
 from collections.abc import Mapping
 from logging import WARNING
@@ -46,28 +47,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from client.faults import fault_mod
 from client.site import Site
-from client.weights import (
-    KEPT,
-    from_record,
-    kept_state,
-    load_round_state,
-    outgoing_state,
-    to_record,
-)
+from client.weights import from_record, kept_state, load_round_state, outgoing_state, to_record
 from m4fuse.evaluation.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
-from m4fuse.personal.sets import expert_state, is_personal, place_expert, split_state
+from m4fuse.personal import finetune as personal_finetune
+from m4fuse.personal import site_keep
+from m4fuse.personal.finetune import personal_lr_scale
 from m4fuse.personal.sets import strategy as state_strategy
-from m4fuse.personal.site_store import SiteState, SiteStateStore, model_fingerprint
+from m4fuse.personal.site_store import SiteStateStore
 from m4fuse.run import settings
 from m4fuse.run.logs import configure_logging
 from m4fuse.training import site_steps
-from m4fuse.training.dp import (
-    PrivacyConfig,
-    PrivateTraining,
-    make_private_training,
-    noise_only_step,
-    plan_site,
-)
+from m4fuse.training.dp import PrivacyConfig, PrivateRound, plan_round
 
 configure_logging()  # after m4fuse.training.dp imported Opacus (see m4fuse.run.logs)
 #: The ClientApp's mods, outermost first: fault injection around the handlers.
@@ -79,21 +69,11 @@ ACCOUNTANT_RECORD = "dp-accountant"
 #: AdamW moments kept between rounds (``fl.optimizer_state`` personal/all), one array per
 #: ``"<parameter name>|<state key>"``; only in ``context.state``, never sent nor written.
 OPTIMIZER_RECORD = "optimizer-state"
-_SEP = "|"
 
 
 # --------------------------------------------------------------------------- kept state
-
-
-def _fingerprint(cfg: DictConfig, strategy: str) -> str:
-    """Fingerprint of the site model's config plus what the strategy keeps (``personal`` or
-    ``all``): an expert of another architecture, or a whole ``local`` model read by a
-    ``personal`` run of the same name, is refused by :meth:`SiteStateStore.load`."""
-    fields = dataclasses.asdict(settings.model_config(cfg, num_experts=1))
-    # "personal" for the experts-only set: the name site states were written with before
-    # the personal sets existed, so their folders stay readable.
-    fields["kept"] = {"experts": "personal"}.get(KEPT[strategy], KEPT[strategy])
-    return model_fingerprint(fields)
+# The site's memory between rounds (context.state) <-> m4fuse.personal.site_keep, which
+# decides what is kept.
 
 
 def _store(site: Site) -> SiteStateStore | None:
@@ -106,57 +86,38 @@ def _kept(context: Context, site: Site, model: torch.nn.Module, strategy: str,
     with round < ``before_round`` (a resumed run or a restarted client)."""
     if KEPT_RECORD in context.state.array_records:
         return from_record(context.state.array_records[KEPT_RECORD])
-    store = _store(site)
-    if store is None or KEPT[strategy] == "none":
-        return None
-    like = expert_state(model.state_dict(), 0)
-    saved = store.load(_fingerprint(site.cfg, strategy), before_round, like=like)
-    if saved is None:
-        return None
-    kept = place_expert(saved.expert, 0)
-    if KEPT[strategy] != "experts":
-        # The set keeps more than the expert: the rest is in the state's ``shared`` field.
-        if not saved.shared:
-            raise ValueError(f"{store.path(saved.round)} holds no non-expert weights, "
-                             f"strategy {strategy!r} keeps {KEPT[strategy]!r}")
-        kept.update(saved.shared)
-    return kept
+    return site_keep.stored_kept(_store(site), site.cfg, model, strategy, before_round)
 
 
-def _save_kept(site: Site, kept: Mapping[str, torch.Tensor], strategy: str, server_round: int,
-               metrics: Mapping[str, float]) -> None:
-    """Write the round's :class:`SiteState` (expert index-free; the weights outside the
-    expert, e.g. the norms of ``personal-norm``, the whole model of ``local`` or a
-    ``-ft-all`` fine-tuning, in its ``shared`` field; the round's finite metrics). The
-    optimiser is not written: AdamW moments kept under ``fl.optimizer_state`` live in
-    ``context.state`` only."""
-    store = _store(site)
-    if store is None or not kept:
-        return
-    shared, personal = split_state(dict(kept))
-    store.save(SiteState(
-        site=site.name, round=server_round, fingerprint=_fingerprint(site.cfg, strategy),
-        expert=expert_state(personal, 0), optimizer=None,
-        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
-        shared=shared or None,
-    ))
+def _keep(context: Context, site: Site, model: torch.nn.Module, server_round: int,
+          metrics: Mapping[str, float], optimizer_state: Mapping[str, Any] | None) -> None:
+    """After training: the kept weights into ``context.state`` and the site's folder, the
+    AdamW moments (``fl.optimizer_state``) into ``context.state`` only."""
+    strategy = str(site.cfg.fl.strategy)
+    if optimizer_state is not None:
+        mode = str(site.cfg.fl.get("optimizer_state", "fresh"))
+        context.state.array_records[OPTIMIZER_RECORD] = to_record(
+            site_keep.optimizer_state_to_keep(optimizer_state, mode, strategy))
+    kept = kept_state(model, strategy)
+    if kept:
+        context.state.array_records[KEPT_RECORD] = to_record(kept)
+        site_keep.save_kept(_store(site), site.name, site.cfg, kept, strategy, server_round,
+                            metrics)
 
 
-def _save_finetuned(context: Context, site: Site, model: torch.nn.Module, strategy: str,
-                    server_round: int, metrics: Mapping[str, float]) -> None:
+def _save_finetuned(context: Context, site: Site, model: torch.nn.Module, server_round: int,
+                    metrics: Mapping[str, float]) -> None:
     """After a kept fine-tuning (final test): the site's personal state becomes the
-    fine-tuned one, in ``context.state`` (what the strategy keeps, nothing more) and in its
-    folder as the state of ``server_round`` (the last round's file is overwritten): there
-    both what it keeps and what it fine-tuned (for ``fedavg-ft`` the norms and expert, for
-    ``-ft-all`` the whole model), so the final model (``m4fuse.io.checkpoint.add_site_states``)
-    holds what the final test scored; a resumed run reads only the kept set from it."""
-    spec = state_strategy(strategy)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if spec.kept != "none":
-        context.state.array_records[KEPT_RECORD] = to_record(split_state(state, spec.kept)[1])
-    saved = {k: v for k, v in state.items()
-             if is_personal(k, spec.kept) or is_personal(k, str(spec.finetune))}
-    _save_kept(site, saved, strategy, server_round, metrics)
+    fine-tuned one (:func:`m4fuse.personal.site_keep.finetuned_states`), in ``context.state``
+    and in its folder as the state of ``server_round`` (the last round's file is
+    overwritten), so the final model (``m4fuse.io.checkpoint.add_site_states``) holds what
+    the final test scored; a resumed run reads only the kept set from it."""
+    strategy = str(site.cfg.fl.strategy)
+    kept, saved = site_keep.finetuned_states(model, strategy)
+    if kept is not None:
+        context.state.array_records[KEPT_RECORD] = to_record(kept)
+    site_keep.save_kept(_store(site), site.name, site.cfg, saved, strategy, server_round,
+                        metrics)
 
 
 def _build(site: Site, msg: Message, context: Context, strategy: str
@@ -221,31 +182,13 @@ def _bind_run(site: Site, identity: str, context: Context) -> None:
             log(WARNING, "site %s: %s", site.name, discarded)
 
 
-def _kept_optimizer_state(context: Context, mode: str
+def _kept_optimizer_state(context: Context, cfg: DictConfig
                           ) -> dict[str, dict[str, torch.Tensor]] | None:
-    """The AdamW state to start a round from: None under ``fl.optimizer_state=fresh``
-    (``experiment.train_site`` then builds a fresh AdamW as always), else what the site kept
-    after its previous round (``{}`` before its first)."""
-    if mode == "fresh":
-        return None
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    if OPTIMIZER_RECORD in context.state.array_records:
-        for key, value in from_record(context.state.array_records[OPTIMIZER_RECORD]).items():
-            name, entry = key.rsplit(_SEP, 1)
-            out.setdefault(name, {})[entry] = value
-    return out
-
-
-def _keep_optimizer_state(context: Context, mode: str, strategy: str,
-                          state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Store the round's AdamW state in ``context.state``: under ``personal`` only the
-    parameters of the strategy's kept set (the shared ones restart next round), under
-    ``all`` every parameter's."""
-    if mode == "personal":
-        state = split_state(dict(state), KEPT[strategy])[1]
-    flat = {f"{name}{_SEP}{key}": value for name, entry in state.items()
-            for key, value in entry.items()}
-    context.state.array_records[OPTIMIZER_RECORD] = to_record(flat)
+    """The AdamW state to start a round from (None: fresh, ``fl.optimizer_state=fresh``)."""
+    record = context.state.array_records.get(OPTIMIZER_RECORD)
+    return site_keep.optimizer_state_to_start(
+        None if record is None else from_record(record),
+        str(cfg.fl.get("optimizer_state", "fresh")))
 
 
 # --------------------------------------------------------------------------- privacy
@@ -294,20 +237,55 @@ def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
     return cfg
 
 
-def _steps(record: Mapping[str, Any] | None) -> int:
-    return -1 if record is None else sum(int(k) for k in record.get("steps", []))
+def _restored_accountant(context: Context, site: Site) -> dict[str, Any] | None:
+    """The accountant history with the most steps of ``context.state`` and the state folder."""
+    record = context.state.config_records.get(ACCOUNTANT_RECORD)
+    store = _store(site)
+    return site_keep.newest_accountant(None if record is None else dict(record),
+                                       None if store is None else store.load_accountant())
 
 
-def _restored_accountant(context: Context, store: SiteStateStore | None
-                         ) -> dict[str, Any] | None:
-    """The accountant history with the most steps of ``context.state`` and the state folder
-    (normally the same; taking the larger never under-counts what the site spent)."""
-    candidates: list[dict[str, Any] | None] = [None]
-    if ACCOUNTANT_RECORD in context.state.config_records:
-        candidates.append(dict(context.state.config_records[ACCOUNTANT_RECORD]))
+def _keep_accountant(context: Context, site: Site, dp: PrivateRound | None) -> None:
+    """Steps taken are spent even if the round fails later: the accountant's history into
+    ``context.state`` and the site's folder."""
+    if dp is None or dp.training is None:
+        return
+    state = dp.training.accountant_state()
+    context.state.config_records[ACCOUNTANT_RECORD] = ConfigRecord(state)
+    store = _store(site)
     if store is not None:
-        candidates.append(store.load_accountant())
-    return max(candidates, key=_steps)
+        store.save_accountant(state)
+
+
+def _train_options(msg: Message, context: Context, site: Site, cfg: DictConfig,
+                   model: torch.nn.Module, incoming: Mapping[str, torch.Tensor]
+                   ) -> dict[str, Any]:
+    """The message's config and the site's memory as the keyword arguments of
+    :func:`m4fuse.training.site_steps.train_site` (epochs, seed, FedProx, schedule, kept
+    optimiser state, DP-SGD round)."""
+    config = msg.content.config_records["config"]
+    server_round = int(config["server-round"])
+    strategy = str(cfg.fl.strategy)
+    mu = float(config.get("proximal-mu", 0.0)) if strategy == "fedprox" else 0.0
+    epochs = int(config.get("local-epochs", cfg.fl.local_epochs))
+    # fl.local_steps: a fixed number of optimiser steps per round instead of epochs
+    local_steps = config.get("local-steps", cfg.fl.get("local_steps"))
+    max_steps = None if local_steps is None else int(local_steps)
+    seed = int(cfg.seed) * 1000 + site.index * 100 + server_round
+    privacy = privacy_config(cfg)
+    dp = None
+    if privacy.enabled:  # σ, q and the steps over the whole run; a target out of reach fails
+        dp = plan_round(privacy, len(site.records["train"]), int(cfg.train.batch_size),
+                        int(cfg.fl.rounds), epochs, max_steps, seed,
+                        _restored_accountant(context, site), site.name)
+        max_steps = dp.max_steps
+    return {
+        "epochs": epochs, "seed": seed, "prox_mu": mu,
+        "prox_reference": {k: v.to(site.device) for k, v in incoming.items()} if mu > 0 else None,
+        "schedule": (server_round - 1, max(server_round, int(cfg.fl.rounds))),
+        "private": dp, "lr_scale": personal_lr_scale(model, cfg),
+        "optimizer_state": _kept_optimizer_state(context, cfg), "max_steps": max_steps,
+    }
 
 
 # --------------------------------------------------------------------------- handlers
@@ -317,84 +295,27 @@ def _restored_accountant(context: Context, store: SiteStateStore | None
 def train(msg: Message, context: Context) -> Message:
     """Train this site's model on its training cases for ``local-epochs`` epochs."""
     start = time.perf_counter()
-    config = msg.content.config_records["config"]
-    server_round = int(config["server-round"])
+    server_round = int(msg.content.config_records["config"]["server-round"])
     site = _site(msg, context)
     strategy = str(site.cfg.fl.strategy)
     privacy = privacy_config(site.cfg)
     cfg = check_dp_training(site.cfg, strategy) if privacy.enabled else site.cfg
     model, incoming = _build(site, msg, context, strategy)
-    mu = float(config.get("proximal-mu", 0.0)) if strategy == "fedprox" else 0.0
-    reference = {k: v.to(site.device) for k, v in incoming.items()} if mu > 0 else None
-    epochs = int(config.get("local-epochs", cfg.fl.local_epochs))
-    # fl.local_steps: a fixed number of optimiser steps per round instead of epochs
-    local_steps = config.get("local-steps", cfg.fl.get("local_steps"))
-    max_steps = None if local_steps is None else int(local_steps)
-    plan = None
-    if privacy.enabled:  # σ, q and the steps over the whole run; a target out of reach fails
-        plan = plan_site(privacy, len(site.records["train"]),
-                         batch_size=int(cfg.train.batch_size), rounds=int(cfg.fl.rounds),
-                         local_epochs=epochs, local_steps=max_steps, site=site.name)
-        if max_steps is not None or privacy.expected_batch is not None:
-            max_steps = plan.steps_per_round
-    seed = int(cfg.seed) * 1000 + site.index * 100 + server_round
-    store = _store(site)
-    private: list[PrivateTraining] = []
-    optimizer_mode = str(cfg.fl.get("optimizer_state", "fresh"))
-
-    def wrap(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any):
-        restored = _restored_accountant(context, store)
-        wrapped = make_private_training(
-            net, optimizer, loader, privacy,
-            total_epochs=int(cfg.fl.rounds) * epochs, accountant_state=restored,
-            seed=None if privacy.secure_rng else seed,
-            total_steps=None if plan is None else plan.total_steps,
-            sample_rate=(plan.sample_rate if plan is not None
-                         and privacy.expected_batch is not None else None),
-        )
-        private.append(wrapped)
-        return wrapped.module, wrapped.optimizer, wrapped.loader
-
+    options = _train_options(msg, context, site, cfg, model, incoming)
     try:
-        result = site_steps.train_site(
-            model,
-            site.records["train"],
-            expert_index=0,
-            cfg=cfg,
-            device=site.device,
-            epochs=epochs,
-            seed=seed,
-            prox_mu=mu,
-            prox_reference=reference,
-            schedule=(server_round - 1, max(server_round, int(cfg.fl.rounds))),
-            wrap=wrap if privacy.enabled else None,
-            on_empty_batch=noise_only_step if privacy.enabled else None,
-            lr_scale=site_steps.personal_lr_scale(model, cfg),
-            optimizer_state=_kept_optimizer_state(context, optimizer_mode),
-            max_steps=max_steps,
-        )
+        result = site_steps.train_site(model, site.records["train"], 0, cfg, site.device,
+                                       **options)
     finally:
-        # Steps taken are spent even if the round fails later: persist the accountant first.
-        for p in private:
-            p.close()
-            state = p.accountant_state()
-            context.state.config_records[ACCOUNTANT_RECORD] = ConfigRecord(state)
-            if store is not None:
-                store.save_accountant(state)
+        _keep_accountant(context, site, options["private"])
     values: dict[str, float | int] = {
         "loss": result["loss"],
         "num-examples": len(site.records["train"]),
         "site-index": site.index,
         "steps": float(result["steps"]),  # optimiser steps this round (FedNova, the tables)
     }
-    if privacy.enabled:
-        values.update(private[0].metrics())
-    if "optimizer_state" in result:
-        _keep_optimizer_state(context, optimizer_mode, strategy, result["optimizer_state"])
-    kept = kept_state(model, strategy)
-    if kept:
-        context.state.array_records[KEPT_RECORD] = to_record(kept)
-        _save_kept(site, kept, strategy, server_round, values)
+    if options["private"] is not None:
+        values.update(options["private"].training.metrics())
+    _keep(context, site, model, server_round, values, result.get("optimizer_state"))
     outgoing = outgoing_state(model, strategy)
     values["seconds"] = time.perf_counter() - start
     content = RecordDict({"arrays": to_record(outgoing), "metrics": MetricRecord(values)})
@@ -410,52 +331,63 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(msg, context)
     final_test = bool(config.get("final-test", False))
     records = site.records["test" if final_test else "val"]
+    keys = REPORTED_METRIC_KEYS + (LESION_REPORTED_KEYS if final_test else ())
     site_cases = sum(len(site.records[k]) for k in ("train", "val", "test"))
     if not records:
-        # A site too small to hold out cases for this stage: not scored (the server leaves
-        # num-examples 0 out of the mean and reports "not scored: <site-cases> cases").
-        # the final test's replies carry the lesion-wise scores too (every reply: same keys)
-        keys = REPORTED_METRIC_KEYS + (LESION_REPORTED_KEYS if final_test else ())
-        values: dict[str, float | int] = {k: 0.0 for k in keys}
-        values.update({"num-examples": 0, "site-cases": site_cases, "site-index": site.index,
-                       "seconds": time.perf_counter() - start})
-        return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+        return _not_scored(msg, keys, site_cases, site.index, start)
     model, _ = _build(site, msg, context, str(site.cfg.fl.strategy))
-    strategy = state_strategy(str(site.cfg.fl.strategy))
-    tuned: dict[str, float] = {}
-    if final_test and strategy.finetune and int(site.cfg.fl.finetune_epochs) > 0:
-        tuned = finetune(model, site, strategy.finetune)
-        if tuned["finetune-kept"]:
-            # num-examples (training cases): the final model weighs sites by it
-            _save_finetuned(context, site, model, str(site.cfg.fl.strategy),
-                            int(config["server-round"]),
-                            {**tuned, "num-examples": len(site.records["train"])})
+    tuned = _finetune_before_test(context, site, model, int(config["server-round"])) \
+        if final_test else {}
     model.eval()
     if final_test:
-        scores, _ = site_steps.test_site(model, records, 0, site.device, site.cfg)
+        scores, _ = site_steps.score_site_tests(model, records, 0, site.device, site.cfg)
         _write_overlay(site, model, records)
     else:
         scores = site_steps.validate_site(model, records, 0, site.cfg, site.device)
-    values = {k: float(scores[k])
-              for k in REPORTED_METRIC_KEYS + (LESION_REPORTED_KEYS if final_test else ())}
+    values = {k: float(scores[k]) for k in keys}
     values["num-examples"] = int(scores["num-examples"])
     values["site-cases"] = site_cases
     values["site-index"] = site.index
     values.update(tuned)
     values["seconds"] = time.perf_counter() - start
-    content = RecordDict({"metrics": MetricRecord(values)})
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+def _not_scored(msg: Message, keys: tuple[str, ...], site_cases: int, site_index: int,
+                start: float) -> Message:
+    """The reply of a site too small to hold out cases for this stage: not scored (the
+    server leaves num-examples 0 out of the mean and reports "not scored: <site-cases>
+    cases"); the same keys as every reply (the final test's carry the lesion-wise scores)."""
+    values: dict[str, float | int] = {k: 0.0 for k in keys}
+    values.update({"num-examples": 0, "site-cases": site_cases, "site-index": site_index,
+                   "seconds": time.perf_counter() - start})
+    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+def _finetune_before_test(context: Context, site: Site, model: torch.nn.Module,
+                          server_round: int) -> dict[str, float]:
+    """The "+FT" of the strategy before the final test (none: ``{}``); a kept fine-tuning
+    becomes the site's personal state (:func:`_save_finetuned`). Its metrics for the reply."""
+    strategy = state_strategy(str(site.cfg.fl.strategy))
+    if not strategy.finetune or int(site.cfg.fl.finetune_epochs) <= 0:
+        return {}
+    tuned = finetune(model, site, strategy.finetune)
+    if tuned["finetune-kept"]:
+        # num-examples (training cases): the final model weighs sites by it
+        _save_finetuned(context, site, model, server_round,
+                        {**tuned, "num-examples": len(site.records["train"])})
+    return tuned
 
 
 def finetune(model: torch.nn.Module, site: Site, personal: str) -> dict[str, float]:
     """Fine-tune the personal set ``personal`` of ``model`` on the site's training cases for
     up to ``fl.finetune_epochs`` epochs, every other weight frozen, keeping the epoch its
-    validation cases score best (:func:`m4fuse.training.site_steps.finetune_best_epoch`, seeded with
-    :func:`m4fuse.training.site_steps.finetune_seed`). Returns its metrics for the reply."""
-    return site_steps.finetune_best_epoch(
+    validation cases score best (:func:`m4fuse.personal.finetune.finetune_best_epoch`, seeded
+    with :func:`m4fuse.personal.finetune.finetune_seed`). Returns its metrics for the reply."""
+    return personal_finetune.finetune_best_epoch(
         model, site.records["train"], site.records["val"], 0, site.cfg, site.device,
         personal=personal, epochs=int(site.cfg.fl.finetune_epochs),
-        seed=site_steps.finetune_seed(int(site.cfg.seed), site.index))
+        seed=personal_finetune.finetune_seed(int(site.cfg.seed), site.index))
 
 
 __all__ = ["app", "train", "evaluate", "privacy_config", "check_dp_training"]

@@ -11,8 +11,8 @@ site's final model from it exactly as the comparison scored it
 (:func:`simulations.compare.site_models`), fine-tunes the personal set ``--set``
 (:data:`m4fuse.personal.sets.PERSONAL_SETS`; ``all``: the whole model, the federated model as the
 initialisation) on the site's training cases with
-:func:`m4fuse.training.site_steps.finetune_best_epoch` (its validation cases choose the epoch, epoch 0
-= no fine-tuning; the seed is the ClientApp's, :func:`m4fuse.training.site_steps.finetune_seed`),
+:func:`m4fuse.personal.finetune.finetune_best_epoch` (its validation cases choose the epoch, epoch 0
+= no fine-tuning; the seed is the ClientApp's, :func:`m4fuse.personal.finetune.finetune_seed`),
 and scores the site's test cases with :func:`m4fuse.evaluation.crosssite.score_cases`.
 
 The rows become the mode ``<mode>+ft-<set>`` (e.g. ``fedavg+ft-all``), and a new comparison
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from m4fuse.evaluation.crosssite import SCORE_KEYS, score_cases
+from m4fuse.personal import finetune as personal_finetune
 from m4fuse.personal.sets import PERSONAL_SETS
 from m4fuse.run import provision, runtime, settings, workspace
-from m4fuse.training import site_steps
 
 #: ``--set`` values: every personal set except ``none`` (fine-tuning nothing).
 FINETUNE_SETS: tuple[str, ...] = tuple(s for s in PERSONAL_SETS if s != "none")
@@ -111,9 +111,9 @@ def finetune_seed_run(summary: Mapping[str, Any], mode: str, seed: int, personal
             raise ValueError(f"{run_dir}: site {site!r} has no expert in the run's model; "
                              "cannot fine-tune it as the ClientApp would")
         records = split[site]
-        tuned = site_steps.finetune_best_epoch(
+        tuned = personal_finetune.finetune_best_epoch(
             model, records["train"], records["val"], expert, cfg, device, personal=personal,
-            epochs=epochs, seed=site_steps.finetune_seed(int(cfg.seed), names.index(site)))
+            epochs=epochs, seed=personal_finetune.finetune_seed(int(cfg.seed), names.index(site)))
         model.eval()
         rows += [{"mode": new_mode, "seed": seed, "site": site, **r}
                  for r in score_cases(model, expert, records["test"], device)]

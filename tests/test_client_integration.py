@@ -49,9 +49,10 @@ def _arrays(reply: Message) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- engine
 
 
-def test_engine_empty_batch_hook_steps_scheduler_and_skips_forward() -> None:
+def test_trainer_empty_batch_steps_scheduler_and_skips_forward() -> None:
     from m4fuse.nets.model import M4Fuse, M4FuseConfig
-    from m4fuse.training.engine import TrainConfig, make_optimizer, train_epochs
+    from m4fuse.training.engine import TrainConfig, make_optimizer
+    from m4fuse.training.trainer import LocalTrainer, train_epochs
 
     torch.manual_seed(0)
     model = M4Fuse(M4FuseConfig(widths=[4, 8, 8, 8, 8, 8], dropout=0.0))
@@ -64,17 +65,17 @@ def test_engine_empty_batch_hook_steps_scheduler_and_skips_forward() -> None:
     opt, sched = make_optimizer(model, tcfg, total_steps=4)
     calls = []
 
-    def step(optimizer):  # what a noise-only DP step does: an (empty) optimiser step
-        calls.append(optimizer)
-        optimizer.step()
+    class EmptyStepping(LocalTrainer):  # what a noise-only DP step does: an (empty) step
+        def empty_batch(self) -> None:
+            calls.append(self.step_optimizer)
+            self.step_optimizer.step()
 
-    out = train_epochs(model, [empty, full, empty], opt, sched, tcfg, "cpu",
-                       on_empty_batch=step)
+    out = EmptyStepping(model, opt, sched, tcfg, "cpu").train_epochs([empty, full, empty])
     assert calls == [opt, opt]
     assert sched.last_epoch == 3  # stepped for the two empty batches and the full one
     assert out["num-examples"] == 1 and math.isfinite(out["loss"])
     # only empty batches: no loss to report, but the steps were taken
-    out = train_epochs(model, [empty], opt, None, tcfg, "cpu", on_empty_batch=step)
+    out = EmptyStepping(model, opt, None, tcfg, "cpu").train_epochs([empty])
     assert math.isnan(out["loss"]) and out["num-examples"] == 0 and len(calls) == 3
     with pytest.raises(ValueError, match="empty batch"):
         train_epochs(model, [empty], opt, None, tcfg, "cpu")
@@ -340,7 +341,7 @@ def test_kept_finetuning_becomes_the_sites_final_state(monkeypatch, root, tmp_pa
     before = newest_kept(folder)
     assert before is not None and before["round"] == 1
     scores = iter([0.5, val_after])  # validation mean Dice before / after fine-tuning
-    monkeypatch.setattr(client_app.site_steps, "validate_site",
+    monkeypatch.setattr(client_app.personal_finetune, "validate_site",
                         lambda *a, **k: {"dice_mean": next(scores)})
     content = RecordDict({"arrays": shared, "config": ConfigRecord(
         {"server-round": 1, "run-dir": str(tmp_path), "final-test": True})})

@@ -21,13 +21,10 @@ from m4fuse.training.engine import (
     LabelDiceCELoss,
     RegionDiceBCELoss,
     TrainConfig,
-    evaluate,
     make_optimizer,
-    train_epochs,
 )
-from m4fuse.training.engine import (
-    test_original_grid as score_original_grid,
-)
+from m4fuse.training.scoring import evaluate, score_on_original_grid
+from m4fuse.training.trainer import train_epochs
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -283,7 +280,7 @@ class _PassThrough(nn.Module):
         return x[:, :3] * 20 - 10
 
 
-def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
+def test_score_on_original_grid_against_the_seg_file(tmp_path: Path) -> None:
     from m4fuse.data import CaseRecord, preprocess_case, preprocess_label
 
     spacing = (1.0, 1.5, 2.5)
@@ -299,7 +296,7 @@ def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
     np.save(tmp_path / "empty.npy", np.zeros((4, 16, 16, 16), np.float16))
     record = CaseRecord(cid, "siteA", tmp_path / "truth.npy", None, 4, meta)
     model = _PassThrough()
-    (row,) = score_original_grid(model, [record], "cpu", expert_index={"siteA": 1})
+    (row,) = score_on_original_grid(model, [record], "cpu", expert_index={"siteA": 1})
     assert model.experts == [[1]]
     assert row["case"] == cid and row["site"] == "siteA"
     # resampling 16^3 -> original loses little only if the axes are put back in the right order
@@ -321,17 +318,17 @@ def test_original_grid_scores_against_the_seg_file(tmp_path: Path) -> None:
     assert set(row) == {"case", "site", *expected, *LESION_KEYS}
     # a prediction of nothing gives the one-empty convention for every region
     empty = CaseRecord(cid, "siteA", tmp_path / "empty.npy", None, 4, meta)
-    (row0,) = score_original_grid(model, [empty], "cpu", expert_index=None)
+    (row0,) = score_on_original_grid(model, [empty], "cpu", expert_index=None)
     assert row0["dice_wt"] == 0.0 and row0["hd95_wt"] == 373.13
     # lesion-wise: the tumour is a missed lesion, nothing is a false positive -> 0 and 374
     assert (row0["lesion_found_wt"], row0["lesion_missed_wt"], row0["lesion_fp_wt"]) == (0, 1, 0)
     assert (row0["lesion_dice_wt"], row0["lesion_hd95_wt"]) == (0.0, 374.0)
     assert model.experts[-1] is None
     # the same scores through sliding windows smaller than the volume
-    (row_sw,) = score_original_grid(model, [record], "cpu", expert_index=0, roi_size=(8, 8, 8))
+    (row_sw,) = score_on_original_grid(model, [record], "cpu", expert_index=0, roi_size=(8, 8, 8))
     assert row_sw["dice_wt"] == pytest.approx(row["dice_wt"], abs=1e-6)
     with pytest.raises(KeyError, match="siteB"):
-        score_original_grid(model, [record], "cpu", expert_index={"siteB": 0})
+        score_on_original_grid(model, [record], "cpu", expert_index={"siteB": 0})
 
 
 def test_real_m4fuse_one_step() -> None:
@@ -367,8 +364,9 @@ def _conv_output_dtypes(model: nn.Module) -> tuple[list[torch.dtype], list]:
 
 
 def _recording_loss(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
-    """Patch engine.make_loss so that each loss call records (logits dtype, CPU autocast on)."""
-    from m4fuse.training import engine
+    """Patch make_loss (of the trainer and the scoring) so that each loss call records
+    (logits dtype, CPU autocast on)."""
+    from m4fuse.training import engine, scoring, trainer
 
     calls: list[tuple[torch.dtype, bool]] = []
     real = engine.make_loss
@@ -382,7 +380,8 @@ def _recording_loss(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, 
 
         return loss
 
-    monkeypatch.setattr(engine, "make_loss", make_loss)
+    monkeypatch.setattr(trainer, "make_loss", make_loss)
+    monkeypatch.setattr(scoring, "make_loss", make_loss)
     return calls
 
 

@@ -29,13 +29,13 @@ def compared(tmp_path_factory):
 @pytest.mark.slow
 def test_fedavg_plus_whole_model_finetuning_is_a_new_default_mode(compared, monkeypatch,
                                                                      capsys):
-    from m4fuse.training import site_steps
+    from m4fuse.personal import finetune
     from simulations import finetune_runs
     from simulations.compare import site_models
 
     root, path = compared
     seen: list[dict] = []
-    real = site_steps.finetune_best_epoch
+    real = finetune.finetune_best_epoch
 
     def spy(model, train, val, expert, cfg, device, personal, epochs, seed):
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -45,7 +45,7 @@ def test_fedavg_plus_whole_model_finetuning_is_a_new_default_mode(compared, monk
                      "val": [r.case_id for r in val], "out": out})
         return out
 
-    monkeypatch.setattr(site_steps, "finetune_best_epoch", spy)
+    monkeypatch.setattr(finetune, "finetune_best_epoch", spy)
     assert finetune_runs.main(["--comparison", str(path), "--mode", "fedavg", "--set", "all",
                                "--epochs", "2"]) == 0
     printed = capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_fedavg_plus_whole_model_finetuning_is_a_new_default_mode(compared, monk
     assert len(seen) == 2
     for index, (site, call) in enumerate(zip(names, seen)):
         assert call["personal"] == "all" and call["epochs"] == 2
-        assert call["seed"] == site_steps.finetune_seed(0, index) == index * 100 + 99
+        assert call["seed"] == finetune.finetune_seed(0, index) == index * 100 + 99
         assert call["train"] == [r.case_id for r in split[site]["train"]]
         assert call["val"] == [r.case_id for r in split[site]["val"]]
         start = built[site][0].state_dict()

@@ -17,6 +17,7 @@ import torch
 from flower_fixtures import TINY_FL, project_client_app_with, simulate_recorded
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 
+from m4fuse.personal.finetune import finetune_site, personal_lr_scale
 from m4fuse.personal.sets import (
     PERSONAL_SETS,
     STRATEGIES,
@@ -25,7 +26,6 @@ from m4fuse.personal.sets import (
     split_state,
 )
 from m4fuse.run import provision, settings
-from m4fuse.training import site_steps
 
 RECORD_ENV = "M4FUSE_TEST_PERSONAL_DIR"
 TINY = [*TINY_FL, "tracking.enabled=false", "fl.local_epochs=1"]
@@ -108,7 +108,7 @@ def test_finetune_changes_only_the_personal_set(tmp_path):
     site = provision.site_names(split)[0]
     model = settings.build_model(cfg, num_experts=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = site_steps.finetune_site(model, split[site]["train"], 0, cfg, torch.device("cpu"),
+    out = finetune_site(model, split[site]["train"], 0, cfg, torch.device("cpu"),
                                    personal="norms", epochs=1, seed=3)
     assert out["steps"] >= 1
     after = model.state_dict()
@@ -139,7 +139,7 @@ def test_personal_lr_scale_makes_its_own_param_group():
     cfg = settings.compose("config", [*TINY, "fl.strategy=personal-norm",
                                         "fl.personal_lr_scale=3.0"])
     model = settings.build_model(cfg, num_experts=1)
-    scales = site_steps.personal_lr_scale(model, cfg)
+    scales = personal_lr_scale(model, cfg)
     assert scales and set(scales) == set(split_state(dict(model.named_parameters()), "norms")[1])
     optimizer, _ = make_optimizer(model, settings.train_config(cfg, 1), 10, lr_scale=scales)
     lrs = sorted(g["initial_lr"] for g in optimizer.param_groups)
@@ -284,7 +284,7 @@ def test_finetune_is_undone_when_validation_gets_worse(monkeypatch, tmp_path, va
     model = settings.build_model(cfg, num_experts=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scores = iter([0.5, val_after])  # validation mean Dice before, after fine-tuning
-    monkeypatch.setattr(site_steps, "validate_site",
+    monkeypatch.setattr("m4fuse.personal.finetune.validate_site",
                         lambda *a, **k: {"dice_mean": next(scores)})
     out = finetune(model, Site(cfg, name, 0, split[name], torch.device("cpu"), None), "norms")
     assert out["finetune-kept"] == float(kept) and out["finetune-steps"] >= 1

@@ -12,9 +12,9 @@ import torch
 from flower_fixtures import TINY_FL, client_train_round
 from flwr.app import ArrayRecord, Message, RecordDict
 
+from m4fuse.personal.finetune import finetune_site
 from m4fuse.personal.sets import split_state
 from m4fuse.run import provision, settings
-from m4fuse.training import site_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,7 +46,7 @@ def test_optimizer_state_across_rounds_through_the_client_app(monkeypatch, root,
     """Round 2 starts from round 1's AdamW moments of the kept set (``personal``) or of every
     parameter (``all``), from none (``fresh``); a new run identity clears them; the reply
     carries only the shared arrays and the metrics."""
-    from m4fuse.training import engine
+    from m4fuse.training.trainer import LocalTrainer
     from server.runner import initial_state
 
     args = [f"root={root}", *TINY_FL, "fl.strategy=personal-norm",
@@ -59,19 +59,19 @@ def test_optimizer_state_across_rounds_through_the_client_app(monkeypatch, root,
     shared, personal = (set(p) for p in split_state(dict.fromkeys(names), "norms"))
 
     seen: list[tuple[dict, dict]] = []
-    original = engine.train_epochs
+    original = LocalTrainer.train_epochs
 
     def moments(model, optimizer) -> dict[str, torch.Tensor]:
         by_id = {id(p): n for n, p in model.named_parameters()}
         return {by_id[id(p)]: s["exp_avg"].clone() for p, s in optimizer.state.items() if s}
 
-    def spy(model, loader, optimizer, *a, **k):
-        start = moments(model, optimizer)
-        out = original(model, loader, optimizer, *a, **k)
-        seen.append((start, moments(model, optimizer)))
+    def spy(trainer, loader):
+        start = moments(trainer.model, trainer.optimizer)
+        out = original(trainer, loader)
+        seen.append((start, moments(trainer.model, trainer.optimizer)))
         return out
 
-    monkeypatch.setattr(engine, "train_epochs", spy)
+    monkeypatch.setattr(LocalTrainer, "train_epochs", spy)
     state = RecordDict()
 
     def train_round(rnd: int, identity: str) -> Message:
@@ -120,7 +120,7 @@ def _finetune(monkeypatch, root, scores, epochs=2):
         torch.rand(3), np.random.rand(3), random.random()
         return {"dice_mean": next(it)}
 
-    monkeypatch.setattr(site_steps, "validate_site", fake_validate)
+    monkeypatch.setattr("m4fuse.personal.finetune.validate_site", fake_validate)
     site = Site(cfg, name, 0, split[name], torch.device("cpu"), None)
     out = finetune(model, site, "norms")
     return cfg, site, before, states, model.state_dict(), out
@@ -153,7 +153,7 @@ def test_finetuning_with_validations_trains_as_without(monkeypatch, root):
     model = settings.build_model(cfg, num_experts=1)
     model.load_state_dict(before)
     seed = int(cfg.seed) * 1000 + site.index * 100 + 99
-    site_steps.finetune_site(model, site.records["train"], 0, cfg, site.device, "norms", 2, seed)
+    finetune_site(model, site.records["train"], 0, cfg, site.device, "norms", 2, seed)
     assert _same(model.state_dict(), after)
 
 

@@ -348,23 +348,27 @@ def test_noise_only_step_on_empty_batch_is_noise_and_accounted() -> None:
     private.close()
 
 
-def test_engine_train_epochs_runs_under_dp() -> None:
-    """The project's own training loop (AdamW, schedule, Dice+BCE) with the private objects."""
-    from m4fuse.training.engine import TrainConfig, make_optimizer, train_epochs
+def test_private_trainer_runs_the_projects_loop_under_dp() -> None:
+    """The project's own training loop (AdamW, schedule, Dice+BCE) in the DP trainer, which
+    wraps model, optimiser and loader with Opacus and leaves a plain network after close."""
+    from m4fuse.training.dp import PrivateRound, PrivateTrainer
+    from m4fuse.training.engine import TrainConfig
 
     model = _model(dropout=0.2, groups=1)
     tcfg = TrainConfig(amp=False, grad_clip=0.0, local_epochs=1, seed=0)
-    opt, sched = make_optimizer(model, tcfg, total_steps=4)
+    dp = PrivateRound(_cfg(noise_multiplier=0.5), seed=0)
+    trainer = PrivateTrainer.scheduled(model, tcfg, 4, device="cpu", expert=0, dp=dp)
     # 8 cases at batch 4: q = 1/2, P(empty batch) = 2^-8; the seed below gives none
-    private = make_private_training(model, opt, DataLoader(Volumes(8, size=8), batch_size=4),
-                                    _cfg(noise_multiplier=0.5), seed=0)
+    batches = trainer.prepare(DataLoader(Volumes(8, size=8), batch_size=4))
+    assert isinstance(trainer.step_optimizer, DPOptimizer) and dp.training is not None
     before = [p.detach().clone() for p in model.parameters()]
-    out = train_epochs(private.module, private.loader, private.optimizer, sched, tcfg, "cpu",
-                       expert=0)
-    assert math.isfinite(out["loss"]) and private.steps() == 2
+    out = trainer.train_epochs(batches)
+    trainer.close()
+    assert math.isfinite(out["loss"]) and dp.training.steps() == 2
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert 0 < private.metrics()["dp-epsilon"] < math.inf
-    private.close()
+    assert 0 < dp.training.metrics()["dp-epsilon"] < math.inf
+    assert set(trainer.optimizer_state()) == {n for n, _ in model.named_parameters()}
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
 def test_validator_rejects_batchnorm() -> None:

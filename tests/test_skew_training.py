@@ -42,18 +42,16 @@ def test_fixed_steps_take_exactly_n_optimiser_steps(cases: int, batches: int) ->
     assert len(loader) == batches
     taken = []
 
-    def wrap(net, optimizer, loader_):
-        step = optimizer.step
+    trainer, steps_of, steps = site_steps.site_trainer(
+        model, loader, cfg, torch.device("cpu"), epochs=1, seed=0, max_steps=7)
+    step = trainer.step_optimizer.step
 
-        def counted(*args, **kwargs):
-            taken.append(1)
-            return step(*args, **kwargs)
+    def counted(*args, **kwargs):
+        taken.append(1)
+        return step(*args, **kwargs)
 
-        optimizer.step = counted
-        return net, optimizer, loader_
-
-    out = site_steps.run_epochs(model, loader, cfg, torch.device("cpu"), epochs=1, seed=0,
-                                num_cases=cases, wrap=wrap, max_steps=7)
+    trainer.step_optimizer.step = counted
+    out = {**trainer.train_epochs(steps_of), "steps": float(steps)}
     assert len(taken) == 7 and out["steps"] == 7.0
     assert loader.passes == math.ceil(7 / batches)  # passes over the cases again as needed
     assert len(model.seen) == 7  # one forward per step

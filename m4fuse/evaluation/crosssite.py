@@ -27,11 +27,11 @@ LESION_CASE_KEYS: tuple[str, ...] = LESION_SCORE_KEYS + LESION_COUNT_KEYS
 def score_cases(model: torch.nn.Module, expert: int | None, records: Sequence[Any],
                 device: torch.device) -> list[dict[str, Any]]:
     """Per-case test scores of ``model`` routed to ``expert`` (None: shared path alone) on
-    ``records``, on the original voxel grid (:func:`m4fuse.training.site_steps.test_site`):
+    ``records``, on the original voxel grid (:func:`m4fuse.training.site_steps.score_site_tests`):
     ``[{"case", "dice_wt", ..., "hd95_et", "lesion_dice_wt", ..., "lesion_fp_et"}]``
     (:data:`SCORE_KEYS`, then :data:`LESION_CASE_KEYS`)."""
     model.eval()
-    _, rows = site_steps.test_site(model, records, expert, device)
+    _, rows = site_steps.score_site_tests(model, records, expert, device)
     return [{"case": str(r["case"]), **{k: float(r[k]) for k in SCORE_KEYS + LESION_CASE_KEYS}}
             for r in rows]
 

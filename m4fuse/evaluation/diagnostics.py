@@ -84,11 +84,11 @@ def with_and_without_expert(model: torch.nn.Module, records: Sequence[Any], expe
                             device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean test Dice (original grid) of ``records`` with expert ``expert_index`` and with
     no expert (``expert=None``): ``{"dice_with", "dice_without", "dice_delta"}``."""
-    from m4fuse.training.site_steps import test_site
+    from m4fuse.training.site_steps import score_site_tests
 
     model.eval()
-    with_expert, _ = test_site(model, records, expert_index, torch.device(device))
-    without, _ = test_site(model, records, None, torch.device(device))  # type: ignore[arg-type]
+    with_expert, _ = score_site_tests(model, records, expert_index, torch.device(device))
+    without, _ = score_site_tests(model, records, None, torch.device(device))  # type: ignore[arg-type]
     return {"dice_with": with_expert["dice_mean"], "dice_without": without["dice_mean"],
             "dice_delta": with_expert["dice_mean"] - without["dice_mean"]}
 

@@ -131,7 +131,7 @@ def run_baseline(cfg: DictConfig, mode: str, split: dict | None = None) -> repor
             history.append(entry)
             tracker.log_metrics(round_metrics(entry), step=rnd)
         test_by_site = {
-            index: site_steps.test_site(_model_of(mode, models, site), split[site]["test"],
+            index: site_steps.score_site_tests(_model_of(mode, models, site), split[site]["test"],
                                         _expert_of(mode, index), device)[0]
             for index, site in enumerate(names)
         }

@@ -9,15 +9,17 @@ training set), for everything the site sends out: its shared weights *and* its m
 functions of the DP-trained model (the loss metric is the only other number computed from
 training data; it is not privatised, see docs/privacy.md).
 
-Use from the ClientApp (one round):
+Use (one round): :class:`PrivateTrainer`, the local trainer that owns the Opacus engine:
 
-    private = make_private_training(model, optimizer, loader, cfg_privacy,
-                                    total_epochs=rounds * local_epochs,
-                                    accountant_state=saved_or_None, seed=round_seed)
-    train_epochs(private.module, private.loader, private.optimizer, scheduler, ...)
-    state = private.accountant_state()      # store in context.state (ConfigRecord-ready)
-    eps = private.epsilon()                 # report as a metric
-    private.close()                         # hooks off; ``model`` is a plain network again
+    dp = PrivateRound(cfg_privacy, total_epochs=rounds * local_epochs,
+                      accountant_state=saved_or_None, seed=round_seed)
+    trainer = PrivateTrainer.scheduled(model, train_cfg, total_steps, dp=dp)
+    try:
+        trainer.train_epochs(trainer.prepare(loader))   # Opacus wraps model, optimiser, loader
+    finally:
+        trainer.close()                     # hooks off; ``model`` is a plain network again
+    state = dp.training.accountant_state()  # store in context.state (ConfigRecord-ready)
+    eps = dp.training.epsilon()             # report as a metric
 
 What had to be adapted for Opacus:
 
@@ -49,22 +51,27 @@ accountants and their ``history``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample.utils import register_grad_sampler
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from m4fuse.nets.model import M4Fuse
+from m4fuse.training.dp_accountant import PrivacyBudgetExhausted as PrivacyBudgetExhausted
+from m4fuse.training.dp_accountant import accountant_from_record as accountant_from_record
+from m4fuse.training.dp_accountant import accountant_to_record as accountant_to_record
+from m4fuse.training.dp_accountant import epsilon_of as epsilon_of
+from m4fuse.training.dp_accountant import history_steps
+from m4fuse.training.dp_accountant import plan_noise_multiplier as plan_noise_multiplier
+from m4fuse.training.dp_loader import EmptySafeCollate as EmptySafeCollate
+from m4fuse.training.dp_loader import poisson_loader as poisson_loader
 from m4fuse.training.dp_plan import ACCOUNTANTS as ACCOUNTANTS
 from m4fuse.training.dp_plan import MAX_PLANNED_SIGMA as MAX_PLANNED_SIGMA
 from m4fuse.training.dp_plan import DPPlan as DPPlan
@@ -75,11 +82,7 @@ from m4fuse.training.dp_plan import plan_site as plan_site
 from m4fuse.training.dp_plan import resolve_delta as resolve_delta
 from m4fuse.training.dp_plan import sample_rate_of as sample_rate_of
 from m4fuse.training.dp_plan import steps_per_round as steps_per_round
-
-
-class PrivacyBudgetExhausted(RuntimeError):
-    """The site's accountant already used the steps its target ε was planned for."""
-
+from m4fuse.training.trainer import LocalTrainer
 
 # --------------------------------------------------------------------------- model
 
@@ -184,122 +187,6 @@ def register_grad_samplers(model: nn.Module) -> list[type[nn.Module]]:
     return covered
 
 
-# --------------------------------------------------------------------------- loader
-
-
-class EmptySafeCollate:
-    """Collate that also builds empty Poisson batches: tensors with a 0-long first axis,
-    empty lists (e.g. ``case`` ids), dicts recursively. The structure comes from the wrapped
-    collate applied to ``dataset[0]`` (read once, at the first empty batch)."""
-
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Any) -> None:
-        self.collate_fn = collate_fn
-        self.dataset = dataset
-        self._template: Any = None
-
-    def __call__(self, batch: list[Any]) -> Any:
-        if batch:
-            return self.collate_fn(batch)
-        if self._template is None:
-            self._template = self.collate_fn([self.dataset[0]])
-        return _empty_like(self._template)
-
-
-def _empty_like(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.new_empty((0, *value.shape[1:]))
-    if isinstance(value, Mapping):
-        return {k: _empty_like(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)() if isinstance(value, list) else tuple()
-    raise TypeError(f"cannot build an empty batch entry from {type(value).__name__}")
-
-
-def poisson_loader(loader: DataLoader, generator: torch.Generator | None = None,
-                   sample_rate: float | None = None) -> DataLoader:
-    """The same dataset and collate, batches drawn by Poisson sampling.
-
-    ``sample_rate`` None (default): ``q = 1 / len(loader)`` (the expected batch is the
-    original batch size) and ``len(loader)`` batches per epoch, as Opacus' ``DPDataLoader``
-    does. A given rate q: ``max(1, round(1 / q))`` batches per epoch. Empty batches are
-    possible (probability ``(1 - q)^n`` per step).
-    """
-    steps = len(loader)
-    if steps < 1:
-        raise ValueError("the loader has no batches (no training cases)")
-    if sample_rate is None:
-        sample_rate = 1.0 / steps
-    else:
-        steps = max(1, round(1.0 / sample_rate))
-    dataset = loader.dataset
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset), sample_rate=float(sample_rate), generator=generator,
-        steps=steps
-    )
-    extra: dict[str, Any] = {}
-    if loader.num_workers > 0:
-        extra = {"prefetch_factor": loader.prefetch_factor,
-                 "persistent_workers": loader.persistent_workers}
-    collate = loader.collate_fn
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=EmptySafeCollate(collate, dataset),
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        **extra,
-    )
-
-
-# --------------------------------------------------------------------------- accountant
-
-
-def accountant_to_record(accountant: Any) -> dict[str, Any]:
-    """An Opacus accountant's history as a flat dict that fits a Flower ``ConfigRecord``:
-    ``{"mechanism": str, "noise_multiplier": [float], "sample_rate": [float], "steps": [int]}``."""
-    history = list(accountant.history)
-    return {
-        "mechanism": accountant.mechanism(),
-        "noise_multiplier": [float(h[0]) for h in history],
-        "sample_rate": [float(h[1]) for h in history],
-        "steps": [int(h[2]) for h in history],
-    }
-
-
-def accountant_from_record(record: Mapping[str, Any]) -> Any:
-    """Rebuild an Opacus accountant from :func:`accountant_to_record` output (or a
-    ``ConfigRecord`` holding it); errors name the missing key or the mismatched lengths."""
-    for key in ("mechanism", "noise_multiplier", "sample_rate", "steps"):
-        if key not in record:
-            raise KeyError(f"accountant record lacks {key!r}; has {sorted(record)}")
-    sigmas, rates, steps = (list(record[k]) for k in ("noise_multiplier", "sample_rate", "steps"))
-    if not len(sigmas) == len(rates) == len(steps):
-        raise ValueError(
-            f"accountant record lists differ in length: {len(sigmas)} noise_multiplier, "
-            f"{len(rates)} sample_rate, {len(steps)} steps"
-        )
-    accountant = create_accountant(mechanism=str(record["mechanism"]))
-    accountant.history = [(float(s), float(q), int(k)) for s, q, k in zip(sigmas, rates, steps)]
-    return accountant
-
-
-def epsilon_of(record: Mapping[str, Any] | None, delta: float) -> float:
-    """ε spent by the history in ``record`` at ``delta`` (0.0 for no record or no steps)."""
-    if record is None:
-        return 0.0
-    accountant = accountant_from_record(record)
-    if not accountant.history:
-        return 0.0
-    return float(accountant.get_epsilon(delta=delta))
-
-
-def _history_steps(accountant: Any) -> int:
-    return sum(int(h[2]) for h in accountant.history)
-
-
 # --------------------------------------------------------------------------- engine
 
 
@@ -338,7 +225,7 @@ class PrivateTraining:
 
     def steps(self) -> int:
         """DP steps taken so far (all rounds)."""
-        return _history_steps(self.engine.accountant)
+        return history_steps(self.engine.accountant)
 
     def accountant_state(self) -> dict[str, Any]:
         """The accountant's history for ``context.state`` (see :func:`accountant_to_record`)."""
@@ -413,7 +300,7 @@ def _noise_multiplier(config: PrivacyConfig, engine: PrivacyEngine, delta: float
                          f"got {total_epochs!r}")
     else:
         planned, horizon = total_epochs * steps_per_epoch, f"{total_epochs} epochs"
-    done = _history_steps(engine.accountant)
+    done = history_steps(engine.accountant)
     if done >= planned:
         spent = float(engine.accountant.get_epsilon(delta=delta)) if done else 0.0
         raise PrivacyBudgetExhausted(
@@ -426,6 +313,21 @@ def _noise_multiplier(config: PrivacyConfig, engine: PrivacyEngine, delta: float
         engine.accountant.history, config.accountant,
     )
     return sigma, planned
+
+
+def _use_sample_rate(dp_optimizer: DPOptimizer, engine: PrivacyEngine, sample_rate: float,
+                     n_cases: int) -> None:
+    """make_private takes q = 1 / len(loader); with a given q (len = round(1 / q)) the
+    accountant and the average of the noisy sum use the true q and n·q instead."""
+    dp_optimizer.expected_batch_size = sample_rate * n_cases
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+
+
+def _check_private_call(config: PrivacyConfig, seed: int | None) -> None:
+    if not config.enabled:
+        raise ValueError("make_private_training called with privacy.enabled = false")
+    if config.secure_rng and seed is not None:
+        raise ValueError(f"secure_rng draws its own randomness; do not pass a seed (got {seed!r})")
 
 
 def make_private_training(
@@ -446,32 +348,24 @@ def make_private_training(
 
     Args:
         model: the site's network (one expert); checked by :func:`prepare_for_opacus`.
-        optimizer: an optimiser over ``model``'s parameters (e.g. ``engine.make_optimizer``'s);
-            an LR scheduler built on it keeps working.
+        optimizer: an optimiser over ``model``'s parameters (an LR scheduler on it keeps working).
         loader: the site's training loader (its batch size sets the expected Poisson batch).
         config: the run's :class:`PrivacyConfig` (must be ``enabled``).
         total_epochs: epochs of local training over the whole run, ``rounds × local_epochs``;
             required with ``target_epsilon`` (the budget is planned over them), else unused.
-        accountant_state: the site's history from earlier rounds
-            (:meth:`PrivateTraining.accountant_state`); None for the first round.
-        expert_index: the site's expert in ``model`` (default 0, a site's own model).
-        n_cases: training cases for the δ rule (default ``len(loader.dataset)``).
-        seed: seeds noise and sampling (default None: fresh randomness); refused with
-            ``secure_rng``.
+        accountant_state: the site's history of earlier rounds (None for the first).
+        expert_index: the site's expert in ``model`` (default 0); ``n_cases``: cases for the
+            δ rule (default ``len(loader.dataset)``).
+        seed: seeds noise and sampling (default None: fresh); refused with ``secure_rng``.
         total_steps: DP steps over the whole run (default None: ``total_epochs`` epochs);
             the horizon of ``target_epsilon`` (:func:`plan_site`'s ``total_steps``).
-        sample_rate: Poisson rate q (default None: ``1 / len(loader)``), e.g.
-            :func:`sample_rate_of` with ``privacy.expected_batch``; the accountant and the
-            optimiser's gradient average use it.
+        sample_rate: Poisson rate q (default None: ``1 / len(loader)``), e.g. from
+            :func:`sample_rate_of`; the accountant and the gradient average use it.
 
     Raises:
-        PrivacyBudgetExhausted: with ``target_epsilon``, when the restored history already
-            holds the planned number of steps.
+        PrivacyBudgetExhausted: with ``target_epsilon``, the planned steps are all spent.
     """
-    if not config.enabled:
-        raise ValueError("make_private_training called with privacy.enabled = false")
-    if config.secure_rng and seed is not None:
-        raise ValueError(f"secure_rng draws its own randomness; do not pass a seed (got {seed!r})")
+    _check_private_call(config, seed)
     n = len(loader.dataset) if n_cases is None else n_cases
     delta = resolve_delta(config, n)
     site_model = SiteModel(model, expert_index)
@@ -480,83 +374,23 @@ def make_private_training(
     generator, noise_generator = _generators(config, engine, model, seed)
     custom_rate = sample_rate is not None
     dp_loader = poisson_loader(loader, generator, sample_rate)
-    if sample_rate is None:
-        sample_rate = 1.0 / len(dp_loader)
+    sample_rate = sample_rate if custom_rate else 1.0 / len(dp_loader)
     sigma, planned = _noise_multiplier(config, engine, delta, sample_rate, total_epochs,
                                        len(dp_loader), total_steps)
     module, dp_optimizer, _ = engine.make_private(
-        module=site_model,
-        optimizer=optimizer,
-        data_loader=dp_loader,
-        noise_multiplier=sigma,
+        module=site_model, optimizer=optimizer, data_loader=dp_loader, noise_multiplier=sigma,
         max_grad_norm=float(config.max_grad_norm),
         poisson_sampling=False,  # dp_loader already samples by Poisson (see poisson_loader)
         noise_generator=noise_generator,
     )
     module.forbid_grad_accumulation()  # what make_private does when it builds the loader
     if custom_rate:
-        # make_private takes q = 1 / len(loader); with a given q (len = round(1 / q)) the
-        # accountant and the average of the noisy sum use the true q and n·q instead.
-        dp_optimizer.expected_batch_size = sample_rate * len(loader.dataset)
-        dp_optimizer.attach_step_hook(
-            engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        _use_sample_rate(dp_optimizer, engine, sample_rate, len(loader.dataset))
     return PrivateTraining(
         module=module, optimizer=dp_optimizer, loader=dp_loader, engine=engine, model=model,
         noise_multiplier=sigma, delta=delta, sample_rate=sample_rate, planned_steps=planned,
     )
 
-
-
-def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
-                          remaining_steps: int, history: Sequence[tuple[float, float, int]],
-                          mechanism: str, tolerance: float = 0.01) -> float:
-    """The smallest σ (to ``tolerance`` in ε, default 0.01) such that the steps already
-    spent (``history``, as in an Opacus accountant) plus ``remaining_steps`` steps at σ and
-    ``sample_rate`` stay within ``target_epsilon`` at ``delta``.
-
-    With no history this is Opacus ``get_noise_multiplier`` (called as is). With one, e.g.
-    a ``target_epsilon`` run resumed with more rounds, Opacus has no function that plans on
-    what is left of a budget, hence the same bisection here over the composed history.
-
-    Raises:
-        PrivacyBudgetExhausted: the history alone already spends ``target_epsilon``, or no
-            σ up to :data:`MAX_PLANNED_SIGMA` keeps the total within it.
-    """
-    if remaining_steps < 1:
-        raise ValueError(f"remaining_steps must be >= 1, got {remaining_steps}")
-    if not history:
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=remaining_steps, accountant=mechanism, epsilon_tolerance=tolerance))
-    accountant = create_accountant(mechanism=mechanism)
-
-    def epsilon_with(sigma: float) -> float:
-        accountant.history = list(history) + [(sigma, sample_rate, remaining_steps)]
-        return float(accountant.get_epsilon(delta=delta))
-
-    accountant.history = list(history)
-    spent = float(accountant.get_epsilon(delta=delta))
-    if spent >= target_epsilon:
-        raise PrivacyBudgetExhausted(
-            f"the site has already spent ε={spent:.3f} of its budget ε={target_epsilon} "
-            f"(δ={delta:.3g}); no further DP steps are possible")
-    low, high = 0.0, 10.0
-    eps_high = epsilon_with(high)
-    while eps_high > target_epsilon:
-        high *= 2
-        if high > MAX_PLANNED_SIGMA:
-            raise PrivacyBudgetExhausted(
-                f"ε={spent:.3f} spent of the budget ε={target_epsilon}: {remaining_steps} more "
-                f"steps exceed it even at σ={MAX_PLANNED_SIGMA}")
-        eps_high = epsilon_with(high)
-    while target_epsilon - eps_high > tolerance:
-        mid = (low + high) / 2
-        eps = epsilon_with(mid)
-        if eps < target_epsilon:
-            high, eps_high = mid, eps
-        else:
-            low = mid
-    return high
 
 
 def noise_only_step(optimizer: DPOptimizer) -> None:
@@ -573,3 +407,70 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
         p.grad_sample = p.new_zeros((0, *p.shape))
     optimizer.step()
 
+
+
+@dataclass
+class PrivateRound:
+    """What DP-SGD needs for one round of a site (see :func:`make_private_training` for the
+    fields), and what it leaves: ``training``, the :class:`PrivateTraining` of the round once
+    :meth:`PrivateTrainer.prepare` has wrapped model, optimiser and loader (None before), whose
+    accountant holds what the site has spent, even when the round fails afterwards.
+
+    ``max_steps``: optimiser steps of the round (:func:`plan_round`), None for epochs."""
+
+    config: PrivacyConfig
+    total_epochs: int | None = None
+    accountant_state: Mapping[str, Any] | None = None
+    seed: int | None = None
+    total_steps: int | None = None
+    sample_rate: float | None = None
+    max_steps: int | None = None
+    training: PrivateTraining | None = None
+
+
+def plan_round(config: PrivacyConfig, train_cases: int, batch_size: int, rounds: int,
+               local_epochs: int, local_steps: int | None, seed: int,
+               accountant_state: Mapping[str, Any] | None, site: str) -> PrivateRound:
+    """A site's :class:`PrivateRound`: σ, q and the steps over the whole run planned by
+    :func:`plan_site` (a target out of reach fails); with ``local_steps`` or
+    ``privacy.expected_batch`` the round takes the plan's steps per round."""
+    plan = plan_site(config, train_cases, batch_size=batch_size, rounds=rounds,
+                     local_epochs=local_epochs, local_steps=local_steps, site=site)
+    max_steps = local_steps
+    if local_steps is not None or config.expected_batch is not None:
+        max_steps = plan.steps_per_round
+    return PrivateRound(
+        config, total_epochs=rounds * local_epochs, accountant_state=accountant_state,
+        seed=None if config.secure_rng else seed, total_steps=plan.total_steps,
+        sample_rate=plan.sample_rate if config.expected_batch is not None else None,
+        max_steps=max_steps)
+
+
+class PrivateTrainer(LocalTrainer):
+    """The local trainer under DP-SGD: :meth:`prepare` wraps the model, optimiser and loader
+    with Opacus (:func:`make_private_training` with the fields of ``dp``, a
+    :class:`PrivateRound`), an empty Poisson batch takes a :func:`noise_only_step`, and
+    :meth:`close` removes Opacus' hooks. The kept optimiser state stays that of the AdamW."""
+
+    def __init__(self, *args: Any, dp: PrivateRound, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dp = dp
+
+    def prepare(self, loader: DataLoader) -> DataLoader:
+        """Wrap model, optimiser and ``loader`` for DP-SGD; the Poisson loader to pass over."""
+        dp = self.dp
+        dp.training = make_private_training(
+            self.model, self.optimizer, loader, dp.config, total_epochs=dp.total_epochs,
+            accountant_state=dp.accountant_state, seed=dp.seed, total_steps=dp.total_steps,
+            sample_rate=dp.sample_rate)
+        self.forward_model, self.step_optimizer = dp.training.module, dp.training.optimizer
+        return dp.training.loader
+
+    def empty_batch(self) -> None:
+        """A 0-case Poisson batch: a noise-only step, accounted."""
+        noise_only_step(self.step_optimizer)
+
+    def close(self) -> None:
+        """Remove Opacus' hooks and per-sample buffers (the accountant stays in ``dp``)."""
+        if self.dp.training is not None:
+            self.dp.training.close()

@@ -1,4 +1,5 @@
-"""The per-site steps shared by every training mode: train, fine-tune, validate, test, overlay.
+"""The per-site steps shared by every training mode: train, validate, test, overlay
+(fine-tuning, what a site keeps, is :mod:`m4fuse.personal.finetune`).
 
 The Flower ClientApp, the pooled baseline and the local baseline all call the functions here,
 so that they train with the same loss, optimiser, epochs and data split (docs/design.md §3).
@@ -7,9 +8,9 @@ This module knows nothing of Flower (docs/design.md §1: ``m4fuse/`` stays usabl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,11 +18,10 @@ from omegaconf import DictConfig
 
 from m4fuse.evaluation.metrics import LESION_REPORTED_KEYS, REPORTED_METRIC_KEYS
 from m4fuse.run.settings import amp_settings, train_config
+from m4fuse.training.trainer import LocalTrainer
 
-#: ``wrap(model, optimizer, loader) -> (model, optimizer, loader)`` of :func:`train_site`.
-Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer, Any],
-                tuple[torch.nn.Module, torch.optim.Optimizer, Any]]
-
+if TYPE_CHECKING:
+    from m4fuse.training.dp import PrivateRound
 
 class FixedSteps:
     """Exactly ``steps`` batches of ``loader``, passing over it again (reshuffled and
@@ -61,53 +61,30 @@ def train_site(
     device: torch.device,
     epochs: int,
     seed: int,
-    prox_mu: float = 0.0,
-    prox_reference: Mapping[str, torch.Tensor] | None = None,
-    schedule: tuple[int, int] | None = None,
-    wrap: Wrap | None = None,
-    on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
-    lr_scale: Mapping[str, float] | None = None,
-    optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
-    max_steps: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index``, or, with
-    ``max_steps`` (default None: epochs), for exactly that many optimiser steps
-    (``fl.local_steps``: :class:`FixedSteps` passes over the cases as often as needed).
+    """Train ``model`` for ``epochs`` on ``records`` routed to ``expert_index`` (a shuffled,
+    augmented loader seeded by ``seed``): :func:`run_epochs` on it, with its keyword
+    ``options`` (``prox_mu``, ``prox_reference``, ``schedule``, ``lr_scale``,
+    ``optimizer_state``, ``max_steps``, ``private``). Returns ``{"loss", "num-examples",
+    "steps"}`` with ``num-examples`` = number of training cases (and ``optimizer_state`` when
+    one was given)."""
+    return run_epochs(model, site_loader(records, expert_index, cfg, seed), cfg, device,
+                      epochs, seed, num_cases=len(records), **options)
 
-    A fresh AdamW per call (FedAvg-style local training) whose warm-up/cosine learning rate
-    continues one curve over the whole run: ``schedule = (round index, number of rounds)``
-    places this call on it (default ``(0, 1)``: the curve spans this call alone). Returns
-    ``{"loss", "num-examples"}`` with ``num-examples`` = number of training cases.
 
-    ``wrap`` (default None: plain training) is called as ``model, optimizer, loader =
-    wrap(model, optimizer, loader)`` after the optimiser and its schedule are built and right
-    before the training loop (the ClientApp's DP-SGD wraps them with Opacus there; the caller
-    keeps what it needs, e.g. extra metrics, in its own closure). ``on_empty_batch`` (default
-    None) goes to :func:`m4fuse.training.engine.train_epochs` (a 0-case Poisson batch). ``lr_scale``
-    (default None: one lr) multiplies the lr of the named parameters (e.g. the personal ones).
-
-    ``optimizer_state`` (default None: a fresh AdamW, the result has no such key): AdamW
-    state by parameter name (:func:`m4fuse.training.engine.optimizer_state_by_name`, e.g. ``{}`` in a
-    site's first round) loaded into the new optimiser before training (parameters it does not
-    name start fresh; the lr curve is unchanged); the result then carries the state after
-    training as ``"optimizer_state"`` (``fl.optimizer_state``). ``on_epoch_end`` (default
-    None) goes to :func:`m4fuse.training.engine.train_epochs`.
-    """
+def site_loader(records: Sequence[Any], expert_index: int, cfg: DictConfig, seed: int) -> Any:
+    """The shuffled (and, with ``train.augment``, augmented) training loader of a site."""
     from m4fuse.data import make_loader
 
-    loader = make_loader(
+    return make_loader(
         list(records), expert_index, batch_size=int(cfg.train.batch_size),
         augment=bool(cfg.train.augment), shuffle=True,
         num_workers=int(cfg.train.num_workers), seed=seed,
     )
-    return run_epochs(model, loader, cfg, device, epochs, seed, prox_mu, prox_reference,
-                      schedule, len(records), wrap=wrap, on_empty_batch=on_empty_batch,
-                      lr_scale=lr_scale, optimizer_state=optimizer_state,
-                      on_epoch_end=on_epoch_end, max_steps=max_steps)
 
 
-def run_epochs(
+def site_trainer(
     model: torch.nn.Module,
     loader: Any,
     cfg: DictConfig,
@@ -117,26 +94,24 @@ def run_epochs(
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     schedule: tuple[int, int] | None = None,
-    num_cases: int | None = None,
-    wrap: Wrap | None = None,
-    on_empty_batch: Callable[[torch.optim.Optimizer], None] | None = None,
     lr_scale: Mapping[str, float] | None = None,
     optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
     max_steps: int | None = None,
-) -> dict[str, Any]:
-    """``epochs`` passes of :func:`m4fuse.training.engine.train_epochs` with the configured optimiser
-    (see :func:`train_site` for ``schedule``, ``wrap``, ``on_empty_batch``,
-    ``optimizer_state`` and ``on_epoch_end``), or exactly ``max_steps`` optimiser steps
-    (default None: epochs; then ``epochs`` is ignored and ``on_epoch_end`` runs once, after
-    the last step). The result's ``steps`` are the optimiser steps taken."""
-    from m4fuse.training.engine import (
-        load_optimizer_state_by_name,
-        make_optimizer,
-        optimizer_state_by_name,
-        train_epochs,
-    )
+    private: PrivateRound | None = None,
+) -> tuple[LocalTrainer, Any, int]:
+    """The local trainer of one call and what it passes over: ``(trainer, batches, steps)``.
 
+    A fresh AdamW per call (FedAvg-style local training) whose warm-up/cosine learning rate
+    continues one curve over the whole run: ``schedule = (round index, number of rounds)``
+    places this call on it (default ``(0, 1)``: the curve spans this call alone). ``epochs``
+    passes over ``loader``, or with ``max_steps`` (default None) exactly that many optimiser
+    steps (``fl.local_steps``: :class:`FixedSteps`). ``lr_scale`` (default None: one lr)
+    multiplies the lr of the named parameters (e.g. the personal ones). ``optimizer_state``
+    (default None: fresh): AdamW state by parameter name loaded before training (parameters
+    it does not name start fresh; the lr curve is unchanged). ``private`` (default None):
+    DP-SGD (:class:`m4fuse.training.dp.PrivateTrainer`), which wraps model, optimiser and
+    loader with Opacus after the optimiser is built.
+    """
     if len(loader) == 0:
         raise ValueError("no training batches: the site has no training cases")
     index, count = schedule or (0, 1)
@@ -149,159 +124,50 @@ def run_epochs(
         tcfg = train_config(cfg, epochs, seed)
         steps = epochs * len(loader)
     model.to(device)
-    optimizer, scheduler = make_optimizer(model, tcfg, steps * count, start_step=steps * index,
-                                          lr_scale=lr_scale)
-    net, adamw = model, optimizer  # before any wrap: the names and state optimizer_state uses
-    if optimizer_state:
-        load_optimizer_state_by_name(adamw, net, optimizer_state)
     if prox_reference is not None:
         params = dict(model.named_parameters())
         prox_reference = {k: v for k, v in prox_reference.items() if k in params}
-    if wrap is not None:
-        model, optimizer, loader = wrap(model, optimizer, loader)
+    options: dict[str, Any] = {"device": device, "prox_mu": prox_mu,
+                               "prox_reference": prox_reference}
+    kind: type[LocalTrainer] = LocalTrainer
+    if private is not None:
+        from m4fuse.training.dp import PrivateTrainer
+
+        kind, options["dp"] = PrivateTrainer, private
+    trainer = kind.scheduled(model, tcfg, steps * count, start_step=steps * index,
+                             lr_scale=lr_scale, optimizer_state=optimizer_state, **options)
+    batches = trainer.prepare(loader)
     if max_steps is not None:
-        loader = FixedSteps(loader, int(max_steps))
-    out = train_epochs(
-        model, loader, optimizer, scheduler, tcfg, device,
-        prox_mu=prox_mu, prox_reference=prox_reference, on_empty_batch=on_empty_batch,
-        on_epoch_end=on_epoch_end,
-    )
+        batches = FixedSteps(batches, int(max_steps))
+    return trainer, batches, steps
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    loader: Any,
+    cfg: DictConfig,
+    device: torch.device,
+    epochs: int,
+    seed: int,
+    num_cases: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train with the :func:`site_trainer` of these arguments (its keyword ``options``):
+    ``{"loss", "num-examples", "steps"}`` (``num-examples``: ``num_cases`` when given, else
+    cases per pass; ``steps``: optimiser steps taken), plus the AdamW state after training
+    as ``"optimizer_state"`` when an ``optimizer_state`` was given (``fl.optimizer_state``)."""
+    trainer, batches, steps = site_trainer(model, loader, cfg, device, epochs, seed, **options)
+    try:
+        out = trainer.train_epochs(batches)
+    finally:
+        trainer.close()
     result: dict[str, Any] = {"loss": float(out["loss"]),
                               "num-examples": float(out["num-examples"]), "steps": float(steps)}
     if num_cases is not None:
         result["num-examples"] = float(num_cases)
-    if optimizer_state is not None:
-        result["optimizer_state"] = optimizer_state_by_name(adamw, net)
+    if options.get("optimizer_state") is not None:
+        result["optimizer_state"] = trainer.optimizer_state()
     return result
-
-
-def finetune_site(
-    model: torch.nn.Module,
-    records: Sequence[Any],
-    expert_index: int,
-    cfg: DictConfig,
-    device: torch.device,
-    personal: str,
-    epochs: int,
-    seed: int,
-    on_epoch_end: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Fine-tune only the personal set ``personal`` (:data:`m4fuse.personal.sets.PERSONAL_SETS`) of
-    ``model`` on ``records`` for ``epochs`` epochs, every other weight frozen: a fresh AdamW
-    at ``train.lr`` x ``fl.personal_lr_scale`` (default 1) on its own warm-up/cosine curve.
-    The freezing is undone afterwards. Returns ``{"loss", "num-examples", "steps"}``.
-    ``on_epoch_end(epochs done)`` (default None) runs after each epoch (the ClientApp
-    validates there and keeps the best epoch)."""
-    from m4fuse.personal.sets import split_state
-
-    if epochs < 1:
-        raise ValueError(f"fine-tuning epochs must be >= 1, got {epochs}")
-    names = set(split_state(dict(model.named_parameters()), personal)[1])
-    if not names:
-        raise ValueError(f"personal set {personal!r} selects no parameter of the model")
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
-    scale = float(cfg.fl.get("personal_lr_scale", 1.0))
-    try:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names)
-        model.train()
-        return train_site(model, records, expert_index, cfg, device, epochs, seed,
-                          lr_scale={n: scale for n in names} if scale != 1.0 else None,
-                          on_epoch_end=on_epoch_end)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(before[n])
-
-
-def finetune_seed(seed: int, site_index: int) -> int:
-    """The seed of a site's "+FT" fine-tuning after the last round (``seed`` is the run's
-    ``seed``, ``site_index`` the site's 0-based index): the one the ClientApp uses, so an
-    offline fine-tuning (:mod:`simulations.finetune_runs`) draws the same batches."""
-    return int(seed) * 1000 + int(site_index) * 100 + 99
-
-
-def finetune_best_epoch(
-    model: torch.nn.Module,
-    train_records: Sequence[Any],
-    val_records: Sequence[Any],
-    expert_index: int,
-    cfg: DictConfig,
-    device: torch.device,
-    personal: str,
-    epochs: int,
-    seed: int,
-) -> dict[str, float]:
-    """Fine-tune the personal set ``personal`` of ``model`` on ``train_records`` for up to
-    ``epochs`` epochs, every other weight frozen (:func:`finetune_site`), keeping the best
-    epoch (the "+FT" of a strategy, run once after the last round, before the final test).
-
-    ``val_records`` decide: their mean Dice is measured before fine-tuning (epoch 0) and
-    after each epoch, and the weights of the best epoch are kept in ``model`` (ties go to
-    fewer epochs, so epoch 0, no fine-tuning, wins unless an epoch is strictly better; test
-    cases are never looked at). The validation runs between epochs leave the training exactly
-    as without them (the random number generators are restored), so the last epoch's weights
-    are those of a plain ``epochs`` run. Returns ``finetune-steps``, ``finetune-epochs``
-    (run), ``finetune-epochs-kept``, ``finetune-loss``, ``finetune-kept`` (1 when an epoch
-    > 0 was kept, else 0) and the validation mean Dice before fine-tuning and of the kept
-    weights (``finetune-val-before``/``-after``).
-
-    A site with no validation cases (a small site of a sized federation) has nothing to
-    choose an epoch by: it keeps its weights as they are (epoch 0, no step taken; the
-    validation Dice entries are nan) and the log says so."""
-    import logging
-    import random
-
-    if not val_records:
-        logging.getLogger(__name__).info(
-            "no fine-tuning: the site has no validation cases to choose an epoch by "
-            "(%d training cases); its federated weights are kept", len(train_records))
-        return {"finetune-steps": 0.0, "finetune-epochs": 0.0, "finetune-epochs-kept": 0.0,
-                "finetune-loss": 0.0, "finetune-kept": 0.0,
-                "finetune-val-before": float("nan"), "finetune-val-after": float("nan")}
-
-    def val_dice() -> float:
-        model.eval()
-        return float(validate_site(model, val_records, expert_index, cfg, device)["dice_mean"])
-
-    before = val_dice()
-    best: dict[str, Any] = {
-        "dice": before, "epoch": 0,
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-
-    def after_epoch(epoch: int) -> None:
-        rng = (random.getstate(), np.random.get_state())
-        with torch.random.fork_rng(devices=[]):
-            dice = val_dice()
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        model.train()
-        if dice > best["dice"]:
-            best.update(dice=dice, epoch=epoch,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-
-    result = finetune_site(model, train_records, expert_index, cfg, device,
-                           personal=personal, epochs=epochs, seed=seed,
-                           on_epoch_end=after_epoch)
-    if best["epoch"] != epochs:
-        model.load_state_dict(best["state"])
-    return {"finetune-steps": float(result["steps"]), "finetune-epochs": float(epochs),
-            "finetune-epochs-kept": float(best["epoch"]),
-            "finetune-loss": float(result["loss"]), "finetune-kept": float(best["epoch"] > 0),
-            "finetune-val-before": before, "finetune-val-after": float(best["dice"])}
-
-
-def personal_lr_scale(model: torch.nn.Module, cfg: DictConfig) -> dict[str, float] | None:
-    """``{parameter name: fl.personal_lr_scale}`` for the parameters of the strategy's kept
-    set, or None when the scale is 1 (default) or the strategy keeps nothing/everything."""
-    from m4fuse.personal.sets import split_state
-    from m4fuse.personal.sets import strategy as named_strategy
-
-    scale = float(cfg.fl.get("personal_lr_scale", 1.0))
-    kept = named_strategy(str(cfg.fl.strategy)).kept
-    if scale == 1.0 or kept in ("none", "all"):
-        return None
-    names = split_state(dict(model.named_parameters()), kept)[1]
-    return {n: scale for n in names}
 
 
 def validate_site(
@@ -320,7 +186,7 @@ def validate_site(
     precision follows ``train.amp``/``train.amp_dtype``/``train.amp_cpu``, as in training.
     """
     from m4fuse.data import make_loader
-    from m4fuse.training.engine import evaluate
+    from m4fuse.training.scoring import evaluate
 
     if not records:
         raise ValueError("no validation cases for this site")
@@ -333,7 +199,7 @@ def validate_site(
     out = {k: float(v) for k, v in metrics.items() if k in REPORTED_METRIC_KEYS}
     missing = set(REPORTED_METRIC_KEYS) - set(out)
     if missing:
-        raise KeyError(f"engine.evaluate returned no {sorted(missing)}; got {sorted(metrics)}")
+        raise KeyError(f"evaluate returned no {sorted(missing)}; got {sorted(metrics)}")
     out["num-examples"] = float(len(records))
     return out
 
@@ -358,7 +224,7 @@ def training_grid_spacing(record: Any) -> tuple[float, float, float]:
     return tuple(spacing[2 - axis] * extent[2 - axis] / size[axis] for axis in range(3))  # type: ignore[return-value]
 
 
-def test_site(
+def score_site_tests(
     model: torch.nn.Module,
     records: Sequence[Any],
     expert_index: int,
@@ -372,13 +238,13 @@ def test_site(
     ``cfg`` (default None: autocast on CUDA in bfloat16, float32 on the CPU) gives
     ``train.amp``/``train.amp_dtype``/``train.amp_cpu``, so that the test forward runs in the
     precision of training."""
-    from m4fuse.training.engine import test_original_grid
+    from m4fuse.training.scoring import score_on_original_grid
 
     if not records:
         raise ValueError("no test cases for this site")
     model.to(device)
     amp = {} if cfg is None else amp_settings(cfg)
-    rows = list(test_original_grid(model, list(records), device, expert_index, **amp))
+    rows = list(score_on_original_grid(model, list(records), device, expert_index, **amp))
     means = {k: float(np.mean([float(r[k]) for r in rows]))
              for k in REPORTED_METRIC_KEYS + LESION_REPORTED_KEYS if k in rows[0]}
     if "dice_mean" not in means:

@@ -12,7 +12,8 @@ Flower.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,8 @@ def round_rules(cfg: DictConfig) -> None:
     """``fl.rounds``, ``fl.local_epochs``, ``fl.fraction_train``, ``fl.proximal_mu``, the
     server optimiser's keys (:func:`m4fuse.run.server_opt.server_opt_settings`) and the
     aggregation's (:func:`m4fuse.run.aggregation.aggregation_settings`, with Krum's least
-    number of sites where the federation's size is known here: :func:`known_sites`)."""
-    from m4fuse.run.aggregation import aggregation_settings
+    number of sites where the federation's size is known here: :func:`known_sites`;
+    :func:`server_rules`)."""
     from m4fuse.run.server_opt import server_opt_settings
 
     if int(cfg.fl.rounds) < 1:
@@ -112,7 +113,40 @@ def round_rules(cfg: DictConfig) -> None:
     if float(cfg.fl.proximal_mu) < 0:
         raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
     server_opt_settings(cfg.fl)  # fl.server_opt and its parameters
-    aggregation_settings(cfg.fl, known_sites(cfg))  # also fl.aggregation_weight, local_steps
+    server_rules(cfg.fl, known_sites(cfg))  # the sites per round, the aggregation
+
+
+def server_rules(fl: Mapping[str, Any], num_sites: int | None,
+                 site_names: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+    """The server's rules on the ``fl`` keys ``norm_bound`` (> 0), ``min_sites`` and
+    ``min_train_sites`` (at least 1; with ``num_sites`` known, at most the sites asked per
+    round and the sites) and the aggregation's
+    (:func:`m4fuse.run.aggregation.aggregation_settings`: Krum's least number of sites when
+    ``num_sites`` is known). ``site_names`` (default none), when given, must be
+    ``num_sites`` names. The config is checked with the size it knows
+    (:func:`known_sites`), the ServerApp's strategy with the federation's. Returns
+    ``aggregation_settings``'s ``(name, parameters)``."""
+    from m4fuse.run.aggregation import aggregation_settings, sites_asked
+
+    norm_bound = fl.get("norm_bound", math.inf)
+    if not norm_bound > 0:
+        raise ValueError(f"fl.norm_bound must be > 0 (.inf: off), got {norm_bound!r}")
+    min_sites, min_train_sites = fl.get("min_sites", 1), fl.get("min_train_sites", 1)
+    if num_sites is None:
+        if min_sites < 1:
+            raise ValueError(f"fl.min_sites must be >= 1, got {min_sites!r}")
+        return aggregation_settings(fl)
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    if site_names and len(site_names) != num_sites:
+        raise ValueError(f"{len(site_names)} site names {list(site_names)} for {num_sites} sites")
+    if not 1 <= min_train_sites <= num_sites:
+        raise ValueError(f"fl.min_train_sites must be in [1, {num_sites}], got {min_train_sites}")
+    asked = sites_asked(num_sites, float(fl.get("fraction_train", 1.0)), min_train_sites)
+    if not 1 <= min_sites <= asked:
+        raise ValueError(f"fl.min_sites must be in [1, {asked}] (sites asked to train per "
+                         f"round), got {min_sites}")
+    return aggregation_settings(fl, num_sites)  # also fl.aggregation_weight, fl.local_steps
 
 
 def known_sites(cfg: DictConfig) -> int | None:

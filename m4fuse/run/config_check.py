@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +203,47 @@ def hydra_message(err: BaseException, overrides: Sequence[str], base: Mapping[st
         return (f"{bad or 'an override'}: not a valid Hydra override ({first}); write "
                 "key=value, lists as [a,b], quote values with spaces")
     return first
+
+
+def preview_overrides(base: Mapping[str, Any], overrides: Sequence[str],
+                      config_dir: Path) -> dict[str, Any]:
+    """``base`` (a plain container) with the values of ``overrides`` set, as Hydra would
+    merge them, so that :func:`check_overrides` can refuse a bad key or type in the words of
+    the configs before Hydra's schemas see the value. Group choices, deletions and
+    ``key@package`` overrides are left out (Hydra's own messages cover them)."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    final = copy.deepcopy(dict(base))
+    for parsed in OverridesParser.create().parse_overrides(list(overrides)):
+        if (parsed.is_delete() or parsed.package is not None
+                or is_group_choice(parsed.input_line, config_dir)):
+            continue
+        *parents, leaf = parsed.key_or_group.split(".")
+        node: Any = final
+        for part in parents:
+            if not isinstance(node, dict):
+                break
+            node = node.setdefault(part, {})
+        if isinstance(node, dict):
+            node[leaf] = parsed.value()
+    return final
+
+
+def check_choices(overrides: Sequence[str], config_dir: Path,
+                  choices_of: Callable[[str], Collection[str] | None]) -> None:
+    """Refuse an override that gives a named choice (``choices_of(key)``: its words, None
+    for a key that is not a choice) a word it does not have, naming the key, the value and
+    the words (null is left to the schema: allowed where the key is optional)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for parsed in OverridesParser.create().parse_overrides(list(overrides)):
+        if parsed.is_delete() or is_group_choice(parsed.input_line, config_dir):
+            continue
+        words = choices_of(parsed.key_or_group)
+        value = parsed.value()
+        if words is not None and value is not None and value not in words:
+            raise ConfigError(f"{parsed.input_line}: {parsed.key_or_group} must be one of "
+                              f"{sorted(words)}, got {value!r} "
+                              f"({_where(parsed.key_or_group, config_dir)})")

@@ -101,6 +101,9 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(group="schema", name="train", node=__getattr__("TrainSchema"))
     store.store(group="schema", name="model", node=__getattr__("ModelSchema"))
+    from m4fuse.run.schema import register_group_schemas
+
+    register_group_schemas()
 
 
 def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
@@ -140,6 +143,7 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
                 # may have (m4fuse.run.config_check)
                 base = OmegaConf.to_container(hydra_compose(config_name=config_name,
                                                             overrides=choices))
+                _check_override_values(base, overrides)
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except MissingConfigException as err:  # Hydra's message spans lines (options, search path)
         raise ConfigError(_missing_option(str(err))) from None
@@ -161,6 +165,32 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
         raise ConfigError(str(err).strip().splitlines()[0] if str(err).strip() else
                           type(err).__name__) from err
     return cfg
+
+
+def _check_override_values(base: Mapping[str, Any], overrides: Sequence[str]) -> None:
+    """Refuse an override of the ``fl``, ``data`` or ``tracking`` group in the words of the
+    configs before Hydra's schema sees the value (:mod:`m4fuse.run.schema`), as these groups'
+    mistakes were refused before they had one: an unknown key or a value of another type than
+    the YAML default's (:func:`m4fuse.run.config_check.check_overrides`), or a word that is
+    not one of a named choice's (:func:`m4fuse.run.config_check.check_choices`). The
+    ``train`` and ``model`` groups' mistakes are Hydra's (their schemas are older)."""
+    from m4fuse.run.config_check import (
+        check_choices,
+        check_overrides,
+        override_key,
+        preview_overrides,
+    )
+    from m4fuse.run.schema import choice_type
+
+    own = [o for o in overrides
+           if override_key(o).split(".")[0] in ("fl", "data", "tracking")]
+    check_overrides(preview_overrides(base, own, CONFIG_DIR), base, own, CONFIG_DIR)
+
+    def words(key: str) -> list[str] | None:
+        kind = choice_type(key)
+        return None if kind is None else [member.value for member in kind]
+
+    check_choices(own, CONFIG_DIR, words)
 
 
 def parse_overrides(text: str) -> list[str]:

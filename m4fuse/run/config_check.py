@@ -4,12 +4,14 @@
 key that no config has (also through Hydra's ``+key``, which Hydra itself accepts into any
 group), or a value whose type differs from the YAML default's, is refused with
 :class:`ConfigError`. The YAML files of ``configs/`` are the schema of the groups without a
-dataclass (``data``, ``fl``, ``privacy``, ``tracking`` and the top level): Hydra's struct
-mode refuses a plain unknown key there but neither ``+key`` nor a value of another type, and
-no library checks a config against the types of another config, hence the walk below. The
-``train`` and ``model`` groups also have dataclass schemas (:func:`m4fuse.run.settings.
-register_schemas`); Hydra's own errors are turned into the same one line by
-:func:`hydra_message`.
+dataclass (``privacy`` and the top level): Hydra's struct mode refuses a plain unknown key
+there but neither ``+key`` nor a value of another type, and no library checks a config
+against the types of another config, hence the walk below. The ``train``, ``model``, ``fl``,
+``data`` and ``tracking`` groups also have dataclass schemas (:func:`m4fuse.run.settings.
+register_schemas`, :mod:`m4fuse.run.schema`); an override of ``fl``, ``data`` or
+``tracking`` is checked here first, on :func:`preview_overrides` (and a named choice by
+:func:`check_choices`), so its mistakes read as before those groups had a schema; Hydra's
+own errors are turned into the same one line by :func:`hydra_message`.
 
 Tracebacks are for the project's own bugs: set ``M4FUSE_DEBUG=1`` (:data:`DEBUG_ENV`) to see
 one behind a refused setting too.

@@ -93,9 +93,11 @@ def register_schemas() -> None:
     :class:`m4fuse.nets.model.M4FuseConfig` fields of :data:`MODEL_KEYS` plus ``preset`` and
     ``widths`` (optional). Each group's YAML names its schema first in its defaults list, so a
     misspelt key or a value of the wrong type fails at compose time with Hydra's message
-    naming the key; the YAML stays the source of the values. (``privacy`` has its dataclass
-    in ``client/``, which ``m4fuse`` does not import; ``data``, ``fl`` and ``tracking`` have
-    no dataclass.)"""
+    naming the key; the YAML stays the source of the values. The ``fl``, ``data`` and
+    ``tracking`` groups' schemas are stored too
+    (:func:`m4fuse.run.schema.register_group_schemas`); ``privacy`` has none yet (its
+    dataclass, :class:`m4fuse.training.dp_plan.PrivacyConfig`, fills in unset keys by rules
+    of its own)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()

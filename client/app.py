@@ -56,6 +56,7 @@ from m4fuse.personal.sets import strategy as state_strategy
 from m4fuse.personal.site_store import SiteStateStore
 from m4fuse.run import settings
 from m4fuse.run.logs import configure_logging
+from m4fuse.run.rules import dp_rules
 from m4fuse.training import site_steps
 from m4fuse.training.dp import PrivacyConfig, PrivateRound, plan_round
 
@@ -202,32 +203,11 @@ def privacy_config(cfg: DictConfig) -> PrivacyConfig:
 
 
 def check_dp_training(cfg: DictConfig, strategy: str) -> DictConfig:
-    """Refuse settings DP-SGD cannot run with; returns ``cfg`` with ``train.grad_clip`` off.
-
-    FedProx: the proximal term's gradient is not a per-case gradient, so Opacus would neither
-    clip nor account it. AMP float16: its loss scaling multiplies the per-case gradients
-    Opacus clips. CPU bfloat16 autocast (``train.amp_cpu``): the per-case gradients are
-    recomputed in backward, outside autocast, from bfloat16 activations (the hand-written
-    sampler fails on the dtype mismatch, Opacus' own ones compute in bfloat16); untried
-    and refused. Global gradient clipping is turned off (Opacus clips per case), and
-    ``privacy.lr``, when set, replaces ``train.lr``.
+    """Refuse settings DP-SGD cannot run with (:func:`m4fuse.run.rules.dp_rules`); returns
+    ``cfg`` with ``train.grad_clip`` off (Opacus clips per case) and ``privacy.lr``, when
+    set, in place of ``train.lr``.
     """
-    if strategy == "fedprox":
-        raise ValueError("privacy.enabled with fl.strategy=fedprox is not supported: the "
-                         "proximal term is not a per-case gradient (use fl.strategy=personal)")
-    if state_strategy(strategy).finetune and int(cfg.fl.get("finetune_epochs", 0)) > 0:
-        raise ValueError(f"privacy.enabled with fl.strategy={strategy} is not supported: its "
-                         "fine-tuning after the last round is not DP-SGD and the final test "
-                         "scores would leave the site unaccounted (use fl.finetune_epochs=0 "
-                         "or a strategy without -ft, e.g. personal-norm)")
-    if bool(cfg.train.amp) and str(cfg.train.amp_dtype) == "float16":
-        raise ValueError("privacy.enabled with train.amp_dtype=float16 is not supported: "
-                         "loss scaling changes the per-case gradients Opacus clips "
-                         "(use train.amp_dtype=bfloat16 or train.amp=false)")
-    if bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False)):
-        raise ValueError("privacy.enabled with train.amp_cpu=true is not supported: the "
-                         "per-case gradients are recomputed outside autocast from bfloat16 "
-                         "activations (use train.amp_cpu=false)")
+    dp_rules(cfg, strategy)
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(cfg, False)
     cfg.train.grad_clip = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
@@ -33,7 +34,8 @@ from m4fuse.run.aggregation import KRUM_RULES, aggregation_settings
 from m4fuse.run.server_opt import server_opt_settings
 from m4fuse.run.tracking import Tracker, final_test_metrics, round_metrics, tracking_uri
 from server import round_checkpoint as server_ckpt
-from server.strategy import RoundLog, make_strategy
+from server.replies import RoundLog
+from server.strategy import make_strategy
 
 CHECKPOINT_FILE = "server_checkpoint.pt"
 FAILURE_FILE = "failure.txt"
@@ -332,6 +334,61 @@ def _finish(cfg: DictConfig, rdir: Path, names: list[str], start: _Start, tracke
                              seconds, start.first_round, sent, received)
 
 
+def _round_configs(cfg: DictConfig, rdir: Path, run_identity: str
+                   ) -> tuple[ConfigRecord, ConfigRecord]:
+    """``(train config, evaluate config)`` the server sends every round: the run folder and
+    identity, and for training ``local-epochs`` (and ``local-steps`` under ``fl.local_steps``)."""
+    common = {"run-dir": str(rdir), "run-identity": run_identity}
+    train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
+    if cfg.fl.get("local_steps") is not None:  # a fixed number of optimiser steps per round
+        train_config["local-steps"] = int(cfg.fl.local_steps)
+    return train_config, ConfigRecord(common)
+
+
+def _round_recorder(cfg: DictConfig, ckpt_path: Path, chash: str, tracker: Tracker,
+                    start: _Start) -> Callable[[RoundLog, ArrayRecord], None]:
+    """What the server does after each round: the round's entry appended to
+    ``start.history``, the round checkpoint, MLflow metrics (and failures), a log line."""
+    strategy_name, history = str(cfg.fl.strategy), start.history
+
+    def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
+        entry = _round_entry(rl)
+        history.append(entry)
+        server_ckpt.save(ckpt_path, server_ckpt.ServerCheckpoint(
+            rl.server_round, strategy_name, chash, server_ckpt.record_to_numpy(new_arrays),
+            tracker.run_id, history, start.run_identity))
+        tracker.log_metrics(round_metrics(entry), step=rl.server_round)
+        if rl.failed:
+            tracker.log_dict(entry["failed"], f"failed/round-{rl.server_round:03d}.json")
+        log(INFO, "round %d: val dice_mean %.3f, %.1f s, %d B sent, %d B received",
+            rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
+            rl.bytes_sent, rl.bytes_received)
+
+    return on_round_end
+
+
+def _final_model_writer(cfg: DictConfig, rdir: Path, names: list[str]
+                        ) -> Callable[[ArrayRecord], None]:
+    """What the server does before the final test: write its part of the final model."""
+
+    def before_final_test(final_arrays: ArrayRecord) -> None:
+        path = save_server_part(cfg, rdir, final_arrays, names)
+        if path is not None:
+            log(INFO, "the server's part of the final model: %s (`m4fuse model assemble %s` "
+                "adds each site's own weights from its state folder)", path, rdir)
+
+    return before_final_test
+
+
+def _record_failure(cfg: DictConfig, rdir: Path, tracker: Tracker, exc: BaseException) -> None:
+    """A run that stopped: its one line in the failure file, the log and MLflow."""
+    message = f"{type(exc).__name__}: {exc}"
+    (rdir / FAILURE_FILE).write_text(message + "\n")
+    log(ERROR, "federated run %s stopped: %s", workspace.run_name(cfg), message)
+    tracker.set_tag("failure", message[:5000])
+    tracker.finish("FAILED")
+
+
 def run_federated(grid: Grid, cfg: DictConfig, names: list[str] | None = None
                   ) -> report.RunSummary:
     """Run the configured federated experiment on ``grid`` (simulation or deployment);
@@ -346,50 +403,23 @@ def run_federated(grid: Grid, cfg: DictConfig, names: list[str] | None = None
     chash = resume_hash(cfg)
     held, _ = initial_state(cfg)
     start = _start(cfg, rdir, ckpt_path, chash, held)
-    history, run_identity = start.history, start.run_identity
     (rdir / FAILURE_FILE).unlink(missing_ok=True)
     tracker = Tracker(cfg, workspace.run_name(cfg), start.mlflow_run_id,
                       tags={"kind": "federated", "strategy": strategy_name,
-                            "run_identity": run_identity})
+                            "run_identity": start.run_identity})
     strategy = _strategy(cfg, names, held)
-    log(INFO, "run %s: identity %s", workspace.run_name(cfg), run_identity)
-    _restore_train_counts(strategy, names, history)
-    common = {"run-dir": str(rdir), "run-identity": run_identity}
-    train_config = ConfigRecord({**common, "local-epochs": int(cfg.fl.local_epochs)})
-    if cfg.fl.get("local_steps") is not None:  # a fixed number of optimiser steps per round
-        train_config["local-steps"] = int(cfg.fl.local_steps)
-
-    def on_round_end(rl: RoundLog, new_arrays: ArrayRecord) -> None:
-        entry = _round_entry(rl)
-        history.append(entry)
-        server_ckpt.save(ckpt_path, server_ckpt.ServerCheckpoint(
-            rl.server_round, strategy_name, chash, server_ckpt.record_to_numpy(new_arrays),
-            tracker.run_id, history, run_identity))
-        tracker.log_metrics(round_metrics(entry), step=rl.server_round)
-        if rl.failed:
-            tracker.log_dict(entry["failed"], f"failed/round-{rl.server_round:03d}.json")
-        log(INFO, "round %d: val dice_mean %.3f, %.1f s, %d B sent, %d B received",
-            rl.server_round, entry["val"].get("dice_mean", float("nan")), rl.seconds,
-            rl.bytes_sent, rl.bytes_received)
-
-    def before_final_test(final_arrays: ArrayRecord) -> None:
-        path = save_server_part(cfg, rdir, final_arrays, names)
-        if path is not None:
-            log(INFO, "the server's part of the final model: %s (`m4fuse model assemble %s` "
-                "adds each site's own weights from its state folder)", path, rdir)
-
+    log(INFO, "run %s: identity %s", workspace.run_name(cfg), start.run_identity)
+    _restore_train_counts(strategy, names, start.history)
+    train_config, evaluate_config = _round_configs(cfg, rdir, start.run_identity)
     try:
         arrays, final = strategy.run_rounds(
             grid, start.arrays, start.first_round, int(cfg.fl.rounds), train_config,
-            ConfigRecord(common), float(cfg.fl.round_timeout), on_round_end,
-            float(cfg.fl.wait_for_sites), before_final_test=before_final_test,
+            evaluate_config, float(cfg.fl.round_timeout),
+            _round_recorder(cfg, ckpt_path, chash, tracker, start),
+            float(cfg.fl.wait_for_sites), before_final_test=_final_model_writer(cfg, rdir, names),
         )
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        (rdir / FAILURE_FILE).write_text(message + "\n")
-        log(ERROR, "federated run %s stopped: %s", workspace.run_name(cfg), message)
-        tracker.set_tag("failure", message[:5000])
-        tracker.finish("FAILED")
+        _record_failure(cfg, rdir, tracker, exc)
         raise
     summary = _finish(cfg, rdir, names, start, tracker, arrays, final, wall)
     if strategy_name != "local":  # the server never reads a site's folder: the last step

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -52,179 +51,24 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-)
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.serverapp.strategy import FedAvg, FedProx, FedTrimmedAvg
 from flwr.supercore import log
 
 from m4fuse.personal.sets import is_personal
 from m4fuse.personal.sets import strategy as named_strategy
-from m4fuse.run.aggregation import (
-    KRUM_RULES,
-    aggregation_settings,
-    fednova_rescale,
-    krum_needed,
-    krum_rule,
-    site_weight,
-    sites_asked,
-)
-from m4fuse.run.server_opt import SERVER_OPTS
+from m4fuse.run.aggregation import KRUM_RULES, fednova_rescale, krum_needed, krum_rule, site_weight
+from m4fuse.run.rules import server_rules
 from server import robust
-
-#: Reply metric keys that identify or time a reply, not averaged into aggregates.
-BOOKKEEPING: tuple[str, ...] = ("site-index", "seconds", "site-cases", "steps")
-
-#: Reason recorded for a site that was sent a message and did not answer in time.
-NO_REPLY = "no reply within fl.round_timeout (crashed, timed out or left)"
-
-#: ``fl.aggregation`` -> the Flower strategy whose ``aggregate_train`` combines the accepted
-#: shared arrays. Flower's FedTrimmedAvg cuts ``int(beta * n)`` values at each end of every
-#: coordinate and averages the rest unweighted, as ``scipy.stats.trim_mean`` (the rule of
-#: ``fl.trim`` before), and FedMedian takes the coordinate-wise unweighted median. Krum scores
-#: each update by the summed squared L2 distances (all shared arrays flattened together,
-#: unweighted) to its n - f - 2 nearest others and keeps the lowest-scored update whole;
-#: MultiKrum keeps the m lowest and averages them weighted by ``num-examples``.
-AGGREGATORS: dict[str, type[FedAvg]] = {
-    "mean": FedAvg,
-    "trimmed_mean": FedTrimmedAvg,
-    "median": FedMedian,
-    "krum": Krum,
-    "multikrum": MultiKrum,
-    # FedNova: Flower's weighted FedAvg over updates rescaled by m4fuse.run.aggregation.fednova_rescale
-    "fednova": FedAvg,
-}
-#: ``fl.server_opt`` -> the Flower strategy that steps from the round's arrays towards the
-#: aggregate (None: the aggregate is the new model).
-OPTIMISERS: dict[str, type[FedAvg] | None] = {
-    "none": None,
-    "fedavgm": FedAvgM,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-}
-assert tuple(OPTIMISERS) == SERVER_OPTS and tuple(AGGREGATORS) == robust.AGGREGATIONS
-
-
-def make_combiner(aggregation: str = "mean", trim: float = 0.2, server_opt: str = "none",
-                  server_opt_args: Mapping[str, float] | None = None,
-                  weight_key: str = "num-examples", krum_malicious: int = 1,
-                  krum_select: int = 1) -> FedAvg:
-    """The Flower strategy that combines a round's accepted replies (its ``aggregate_train``).
-
-    ``aggregation`` picks :data:`AGGREGATORS` (``trim`` is FedTrimmedAvg's ``beta``,
-    ``krum_malicious`` Krum's and MultiKrum's ``num_malicious_nodes``, ``krum_select``
-    MultiKrum's ``num_nodes_to_select``), ``server_opt`` :data:`OPTIMISERS` with
-    ``server_opt_args`` (keyword arguments of that class,
-    :func:`m4fuse.run.server_opt.server_opt_settings`; default none: Flower's defaults).
-    A server optimiser over a robust rule is the two Flower classes in one: FedAvgM and the
-    FedOpt family call ``super().aggregate_train`` for the aggregate, which the class order
-    (optimiser first) makes FedTrimmedAvg's, FedMedian's, Krum's or MultiKrum's: of FedAvg's
-    methods these four replace only ``aggregate_train`` (and ``__init__``, ``summary``), and
-    their ``__init__`` takes the keywords the optimisers pass on; their own parameters are
-    set after it.
-
-    The combiner sends no messages (``fraction_train`` 0): the owning strategy calls its
-    ``configure_train`` each round only so that FedAvgM/FedOpt record the arrays the round
-    starts from, the point their step starts from.
-    """
-    if aggregation not in AGGREGATORS:
-        raise ValueError(f"fl.aggregation must be one of {robust.AGGREGATIONS}, "
-                         f"got {aggregation!r}")
-    if server_opt not in OPTIMISERS:
-        raise ValueError(f"fl.server_opt must be one of {SERVER_OPTS}, got {server_opt!r}")
-    rule, optimiser = AGGREGATORS[aggregation], OPTIMISERS[server_opt]
-    if optimiser is None:
-        cls = rule
-    elif rule is FedAvg:
-        cls = optimiser
-    else:
-        cls = type(f"{optimiser.__name__}Over{rule.__name__}", (optimiser, rule), {})
-    kwargs = dict(server_opt_args or {}) if optimiser is not None else {}
-    combiner = cls(weighted_by_key=weight_key, **kwargs)
-    # set after __init__: FedAvgM/FedOpt do not pass these on
-    if isinstance(combiner, FedTrimmedAvg):
-        combiner.beta = float(trim)
-    if isinstance(combiner, MultiKrum):  # Krum is a MultiKrum that selects 1
-        combiner.num_malicious_nodes = int(krum_malicious)
-        if not isinstance(combiner, Krum):
-            combiner.num_nodes_to_select = int(krum_select)
-    combiner.fraction_train = 0.0
-    return combiner
-
-
-def record_bytes(record: ArrayRecord) -> int:
-    """Serialised size of an ArrayRecord's arrays (what goes over the wire, headers included)."""
-    return sum(len(array.data) for array in record.values())
-
-
-def aggregate_without_bookkeeping(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower's case-weighted metric average, without the :data:`BOOKKEEPING` keys."""
-    out = aggregate_metricrecords(records, weight_key)
-    for key in BOOKKEEPING:
-        out.pop(key, None)
-    out[weight_key] = sum(
-        float(next(iter(r.metric_records.values()))[weight_key]) for r in records
-    )
-    return out
-
-
-def short_reason(reason: str, limit: int = 300) -> str:
-    """The gist of a client error: Flower's simulation wraps the ClientApp's exception in a
-    Ray traceback whose last line ends ``Message: <the exception's text>``; keep that text."""
-    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-    text = lines[-1] if lines else str(reason)
-    if "Message: " in text:
-        text = text.split("Message: ", 1)[1].rstrip("'>").strip()
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-class ReplyError(ValueError):
-    """A reply that cannot be used (its reason is recorded, the round goes on)."""
-
-
-def reply_metrics(msg: Message) -> MetricRecord:
-    """The one MetricRecord of a reply, with numeric ``num-examples`` and ``site-index``."""
-    records = list(msg.content.metric_records.values())
-    if len(records) != 1:
-        raise ReplyError(f"expected one MetricRecord, got {len(records)}")
-    metrics = records[0]
-    for key in ("num-examples", "site-index"):
-        value = metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(float(value)):
-            raise ReplyError(f"metric {key!r} missing or not a finite number: {value!r}")
-    if float(metrics["num-examples"]) < 0:
-        raise ReplyError(f"num-examples must be >= 0, got {metrics['num-examples']!r}")
-    return metrics
-
-
-@dataclass
-class RoundLog:
-    """What one round produced (for checkpoints, MLflow and the results table); ``failed``
-    maps ``"train/<site>"`` / ``"evaluate/<site>"`` to why that site's reply was not used."""
-
-    server_round: int
-    train: MetricRecord | None = None
-    evaluate: MetricRecord | None = None
-    train_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
-    evaluate_by_site: dict[int, dict[str, float]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    #: Sites that answered an evaluation with 0 cases (none held out for them): site index
-    #: -> the site's number of cases (reply key ``site-cases``); not in the mean.
-    not_scored: dict[int, int] = field(default_factory=dict)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
+from server.combiner import make_combiner
+from server.replies import (
+    NO_REPLY,
+    ReplyError,
+    RoundLog,
+    aggregate_without_bookkeeping,
+    record_bytes,
+    reply_metrics,
+    short_reason,
+)
 
 
 class SiteStrategyMixin:
@@ -259,21 +103,15 @@ class SiteStrategyMixin:
         """Remember the checks' settings and build the combiner (call after ``__init__``);
         defaults: no names, one usable site per round, no norm rule, case-weighted mean,
         trim 0.2, no server optimiser, Krum's f 1 and m 1, weights by training cases
-        (``aggregation_weight``: :func:`m4fuse.run.aggregation.site_weight`)."""
+        (``aggregation_weight``: :func:`m4fuse.run.aggregation.site_weight`); the settings
+        are :func:`make_strategy`'s, checked there."""
         self.expected_keys = frozenset(expected_keys)
         self.personal_strategy = personal_strategy
         if personal_strategy:
             experts = sorted(k for k in self.expected_keys if is_personal(k))
             if experts:
                 raise ValueError(f"the server must not hold expert weights, got {experts[:3]}")
-        aggregation_settings({"aggregation": aggregation, "trim": trim,
-                              "krum_malicious": krum_malicious, "krum_select": krum_select,
-                              "aggregation_weight": aggregation_weight})
         self.aggregation_weight = aggregation_weight
-        if not norm_bound > 0:
-            raise ValueError(f"fl.norm_bound must be > 0 (.inf: off), got {norm_bound!r}")
-        if min_sites < 1:
-            raise ValueError(f"fl.min_sites must be >= 1, got {min_sites!r}")
         self.site_names = list(site_names)
         self.min_sites = int(min_sites)
         self.norm_bound = float(norm_bound)
@@ -619,29 +457,18 @@ def make_strategy(
     ``site_names`` (default none: ``site<k>``) name the sites in logs; ``min_sites`` (default
     1), ``norm_bound`` (default inf: off), ``aggregation`` (default ``mean``) and ``trim``
     (default 0.2) are the update checks of :mod:`server.robust` and the Flower rule that
-    combines what passed them (:data:`AGGREGATORS`), with Krum's f ``krum_malicious`` and
+    combines what passed them (:data:`server.combiner.AGGREGATORS`), with Krum's f ``krum_malicious`` and
     MultiKrum's m ``krum_select`` (default 1 and 1; the sites asked per round must be at
-    least :func:`m4fuse.run.aggregation.krum_needed`); ``aggregation_weight`` (default ``cases``)
-    each site's weight in the average (:func:`m4fuse.run.aggregation.site_weight`); ``server_opt``
-    (default ``none``) and
-    ``server_opt_args`` the Flower server optimiser (:data:`OPTIMISERS`) stepping on the
-    shared arrays.
+    least :func:`m4fuse.run.aggregation.krum_needed`); ``aggregation_weight`` (default
+    ``cases``) each site's weight in the average (:func:`m4fuse.run.aggregation.site_weight`);
+    ``server_opt`` (default ``none``) and ``server_opt_args`` the Flower server optimiser
+    (:data:`server.combiner.OPTIMISERS`) stepping on the shared arrays. The settings are checked by
+    :func:`m4fuse.run.rules.server_rules` for these ``num_sites``.
     """
-    if num_sites < 1:
-        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
-    if site_names and len(site_names) != num_sites:
-        raise ValueError(f"{len(site_names)} site names {list(site_names)} for {num_sites} sites")
-    if not 1 <= min_train_sites <= num_sites:
-        raise ValueError(f"fl.min_train_sites must be in [1, {num_sites}], got {min_train_sites}")
-    asked = sites_asked(num_sites, fraction_train, min_train_sites)
-    if not 1 <= min_sites <= asked:
-        raise ValueError(f"fl.min_sites must be in [1, {asked}] (sites asked to train per "
-                         f"round), got {min_sites}")
-    aggregation_settings({"aggregation": aggregation, "trim": trim,
-                          "krum_malicious": krum_malicious, "krum_select": krum_select,
-                          "fraction_train": fraction_train,
-                          "min_train_sites": min_train_sites,
-                          "aggregation_weight": aggregation_weight}, num_sites)
+    server_rules({"fraction_train": fraction_train, "min_train_sites": min_train_sites,
+                  "min_sites": min_sites, "norm_bound": norm_bound, "aggregation": aggregation,
+                  "trim": trim, "krum_malicious": krum_malicious, "krum_select": krum_select,
+                  "aggregation_weight": aggregation_weight}, num_sites, site_names)
     kwargs = dict(
         fraction_train=fraction_train,
         fraction_evaluate=1.0,

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, Krum, MultiKrum
 
 from m4fuse.run import settings
 from m4fuse.run.aggregation import aggregation_settings, krum_needed
+from server.combiner import make_combiner
 from server.robust import (
     QuorumError,
     check_quorum,
@@ -21,7 +22,7 @@ from server.robust import (
     screen_updates,
     update_norm,
 )
-from server.strategy import make_combiner, make_strategy
+from server.strategy import make_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from server.replies import NO_REPLY
 from server.robust import QuorumError
-from server.strategy import NO_REPLY, make_strategy
+from server.strategy import make_strategy
 
 KEYS = ["enc.weight", "dec.bias"]
 NAMES = ["CBICA", "TCIA01", "TCIA02", "TMC"]
@@ -203,7 +204,7 @@ def test_site_index_outside_the_federation_is_the_sites_failure():
 
 
 def test_error_reasons_shortened_to_the_clients_message():
-    from server.strategy import short_reason
+    from server.replies import short_reason
 
     ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor"
            ".run()\nclient.faults.InjectedFault: boom\n\nThe above exception ...\n"

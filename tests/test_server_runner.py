@@ -44,8 +44,9 @@ def test_resume_hash_and_the_server_optimiser(tmp_path):
 
     cfg = _cfg(tmp_path, "fl.server_opt=none")
     base = resume_hash(cfg)
-    # a run checkpointed before the fl.server_* keys existed (server_opt none) still resumes
-    OmegaConf.set_struct(cfg, False)
+    # a run checkpointed before the fl.server_* keys existed (server_opt none) still resumes;
+    # its config as plain values (a composed one follows the schema, whose keys stay)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, enum_to_str=True))
     for key in ("server_opt", "server_lr", "server_momentum", "server_beta_1",
                 "server_beta_2", "server_tau"):
         cfg.fl.pop(key)
@@ -64,7 +65,7 @@ def test_resume_hash_and_krum(tmp_path):
 
     cfg = _cfg(tmp_path)
     base = resume_hash(cfg)
-    OmegaConf.set_struct(cfg, False)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, enum_to_str=True))  # as plain values
     for key in ("krum_malicious", "krum_select"):
         cfg.fl.pop(key)
     assert resume_hash(cfg) == base

@@ -4,12 +4,14 @@
 key that no config has (also through Hydra's ``+key``, which Hydra itself accepts into any
 group), or a value whose type differs from the YAML default's, is refused with
 :class:`ConfigError`. The YAML files of ``configs/`` are the schema of the groups without a
-dataclass (``data``, ``fl``, ``privacy``, ``tracking`` and the top level): Hydra's struct
-mode refuses a plain unknown key there but neither ``+key`` nor a value of another type, and
-no library checks a config against the types of another config, hence the walk below. The
-``train`` and ``model`` groups also have dataclass schemas (:func:`m4fuse.run.settings.
-register_schemas`); Hydra's own errors are turned into the same one line by
-:func:`hydra_message`.
+dataclass (``privacy`` and the top level): Hydra's struct mode refuses a plain unknown key
+there but neither ``+key`` nor a value of another type, and no library checks a config
+against the types of another config, hence the walk below. The ``train``, ``model``, ``fl``,
+``data`` and ``tracking`` groups also have dataclass schemas (:func:`m4fuse.run.settings.
+register_schemas`, :mod:`m4fuse.run.schema`); an override of ``fl``, ``data`` or
+``tracking`` is checked here first, on :func:`preview_overrides` (and a named choice by
+:func:`check_choices`), so its mistakes read as before those groups had a schema; Hydra's
+own errors are turned into the same one line by :func:`hydra_message`.
 
 Tracebacks are for the project's own bugs: set ``M4FUSE_DEBUG=1`` (:data:`DEBUG_ENV`) to see
 one behind a refused setting too.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +205,47 @@ def hydra_message(err: BaseException, overrides: Sequence[str], base: Mapping[st
         return (f"{bad or 'an override'}: not a valid Hydra override ({first}); write "
                 "key=value, lists as [a,b], quote values with spaces")
     return first
+
+
+def preview_overrides(base: Mapping[str, Any], overrides: Sequence[str],
+                      config_dir: Path) -> dict[str, Any]:
+    """``base`` (a plain container) with the values of ``overrides`` set, as Hydra would
+    merge them, so that :func:`check_overrides` can refuse a bad key or type in the words of
+    the configs before Hydra's schemas see the value. Group choices, deletions and
+    ``key@package`` overrides are left out (Hydra's own messages cover them)."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    final = copy.deepcopy(dict(base))
+    for parsed in OverridesParser.create().parse_overrides(list(overrides)):
+        if (parsed.is_delete() or parsed.package is not None
+                or is_group_choice(parsed.input_line, config_dir)):
+            continue
+        *parents, leaf = parsed.key_or_group.split(".")
+        node: Any = final
+        for part in parents:
+            if not isinstance(node, dict):
+                break
+            node = node.setdefault(part, {})
+        if isinstance(node, dict):
+            node[leaf] = parsed.value()
+    return final
+
+
+def check_choices(overrides: Sequence[str], config_dir: Path,
+                  choices_of: Callable[[str], Collection[str] | None]) -> None:
+    """Refuse an override that gives a named choice (``choices_of(key)``: its words, None
+    for a key that is not a choice) a word it does not have, naming the key, the value and
+    the words (null is left to the schema: allowed where the key is optional)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for parsed in OverridesParser.create().parse_overrides(list(overrides)):
+        if parsed.is_delete() or is_group_choice(parsed.input_line, config_dir):
+            continue
+        words = choices_of(parsed.key_or_group)
+        value = parsed.value()
+        if words is not None and value is not None and value not in words:
+            raise ConfigError(f"{parsed.input_line}: {parsed.key_or_group} must be one of "
+                              f"{sorted(words)}, got {value!r} "
+                              f"({_where(parsed.key_or_group, config_dir)})")

@@ -16,6 +16,7 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig
 
+from m4fuse.run.rules import check_data_settings
 from m4fuse.run.workspace import project_root
 
 # Split records are loaded once per process (a Ray actor serves many messages).
@@ -25,7 +26,7 @@ _SPLITS: dict[tuple, Any] = {}
 def data_paths(cfg: DictConfig) -> tuple[Path, Path]:
     """``(source, cache_dir)`` absolute folders of the configured data set."""
     d = cfg.data
-    check_data_settings(cfg)
+    check_data_settings(cfg)  # the layout, before any folder is named
     root = project_root(cfg)
     size = "x".join(str(int(s)) for s in d.size)
     if d.kind == "synthetic":
@@ -188,7 +189,7 @@ def load_sites(cfg: DictConfig) -> Any:
 def _full_split(cfg: DictConfig) -> Any:
     cache = ensure_data(cfg)
     csv = partition_csv(cfg)
-    test_cases = test_cases_per_site(cfg)
+    test_cases = fixed_test_cases(cfg)
     key = (str(cache), str(csv), int(cfg.seed), float(cfg.data.val_fraction),
            float(cfg.data.test_fraction), test_cases)
     if key not in _SPLITS:
@@ -196,7 +197,7 @@ def _full_split(cfg: DictConfig) -> Any:
     return _SPLITS[key]
 
 
-def test_cases_per_site(cfg: DictConfig) -> int | None:
+def fixed_test_cases(cfg: DictConfig) -> int | None:
     """``data.test_cases_per_site``: the same number of test cases at every site (validation
     out of the rest, :func:`m4fuse.data.split_cases`); None (the default) splits by
     ``data.val_fraction`` / ``data.test_fraction``."""
@@ -211,7 +212,7 @@ def synthetic_site_cases(cfg: DictConfig) -> list[int]:
     d = cfg.data
     if d.get("site_sizes") is None:
         return [int(d.cases_per_site)] * int(d.sites)
-    extra = test_cases_per_site(cfg) or 0
+    extra = fixed_test_cases(cfg) or 0
     return [int(n) + extra for n in d.site_sizes]
 
 
@@ -238,57 +239,6 @@ def _synth_layout_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_data_settings(cfg: DictConfig) -> None:
-    """Fail before any data is written, naming the key, the value and the fix, on a bad
-    federation layout: ``data.site_sizes`` (one integer >= 1 per site of ``data.sites``),
-    ``data.site_names`` (``data.sites`` distinct names), ``data.lower_grade_sites`` (names
-    of sites) and ``data.test_cases_per_site`` (null or an integer >= 1)."""
-    d = cfg.data
-    test_cases = d.get("test_cases_per_site")
-    if test_cases is not None and (not _is_int(test_cases) or test_cases < 1):
-        raise ValueError(f"data.test_cases_per_site must be null or an integer >= 1, got {test_cases!r}")
-    if d.get("kind") != "synthetic":
-        return
-    sites = d.get("sites")
-    if not _is_int(sites) or sites < 1:
-        raise ValueError(f"data.sites must be an integer >= 1, got {sites!r}")
-    sizes = d.get("site_sizes")
-    if sizes is not None:
-        if isinstance(sizes, (str, int, float)) or not hasattr(sizes, "__len__"):
-            raise ValueError(f"data.site_sizes must be a list of {sites} integers or null, got {sizes!r}")
-        if len(sizes) != sites:
-            raise ValueError(f"data.site_sizes has {len(sizes)} entries for data.sites={sites}: "
-                             f"give one size per site (or set data.sites={len(sizes)})")
-        for index, size in enumerate(sizes):
-            if not _is_int(size) or size < 1:
-                raise ValueError(f"data.site_sizes[{index}]={size!r}: every site needs an integer "
-                                 "number of cases >= 1")
-    names = d.get("site_names")
-    if names is not None:
-        names = [str(n) for n in names]
-        if len(names) != sites or len(set(names)) != sites or not all(n.strip() for n in names):
-            raise ValueError(f"data.site_names must be {sites} distinct non-empty names "
-                             f"(data.sites={sites}), got {names}")
-        bad = [n for n in names if "/" in n or "\\" in n or "," in n or n != n.strip()]
-        if bad:
-            raise ValueError(f"data.site_names: {bad} cannot name a site (no '/', '\\', ',' or "
-                             "surrounding spaces)")
-    known = names if names is not None else None
-    lower = [str(n) for n in (d.get("lower_grade_sites") or [])]
-    if lower:
-        from m4fuse.data.sites import site_names as default_names
-
-        known = known if known is not None else default_names(sites)
-        unknown = [n for n in lower if n not in known]
-        if unknown:
-            raise ValueError(f"data.lower_grade_sites names {unknown}, not sites of this "
-                             f"federation: {known}")
-
-
 def split_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings of the one train/val/test split rule (:func:`m4fuse.data.split_cases`,
     per site, salted by the site's name): ``seed``, ``data.val_fraction``,
@@ -296,7 +246,7 @@ def split_settings(cfg: DictConfig) -> dict[str, Any]:
     cases takes them from here."""
     return {"seed": int(cfg.seed), "val_fraction": float(cfg.data.val_fraction),
             "test_fraction": float(cfg.data.test_fraction),
-            "test_cases": test_cases_per_site(cfg)}
+            "test_cases": fixed_test_cases(cfg)}
 
 
 def split_rule(cfg: DictConfig) -> str:

@@ -14,15 +14,13 @@ import json
 import os
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-#: The Hydra config folder: beside the packages, in a checkout and in an installed Flower app
-#: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
-CONFIG_DIR: Path = Path(__file__).resolve().parents[2] / "configs"
+from m4fuse.run.workspace import CONFIG_DIR  # noqa: F401 (re-exported: the Hydra config folder)
+
 
 def _strategy_names() -> tuple[str, ...]:
     from m4fuse.personal.sets import STRATEGIES as table
@@ -95,14 +93,19 @@ def register_schemas() -> None:
     :class:`m4fuse.nets.model.M4FuseConfig` fields of :data:`MODEL_KEYS` plus ``preset`` and
     ``widths`` (optional). Each group's YAML names its schema first in its defaults list, so a
     misspelt key or a value of the wrong type fails at compose time with Hydra's message
-    naming the key; the YAML stays the source of the values. (``privacy`` has its dataclass
-    in ``client/``, which ``m4fuse`` does not import; ``data``, ``fl`` and ``tracking`` have
-    no dataclass.)"""
+    naming the key; the YAML stays the source of the values. The ``fl``, ``data`` and
+    ``tracking`` groups' schemas are stored too
+    (:func:`m4fuse.run.schema.register_group_schemas`); ``privacy`` has none yet (its
+    dataclass, :class:`m4fuse.training.dp_plan.PrivacyConfig`, fills in unset keys by rules
+    of its own)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(group="schema", name="train", node=__getattr__("TrainSchema"))
     store.store(group="schema", name="model", node=__getattr__("ModelSchema"))
+    from m4fuse.run.schema import register_group_schemas
+
+    register_group_schemas()
 
 
 def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
@@ -142,6 +145,7 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
                 # may have (m4fuse.run.config_check)
                 base = OmegaConf.to_container(hydra_compose(config_name=config_name,
                                                             overrides=choices))
+                _check_override_values(base, overrides)
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except MissingConfigException as err:  # Hydra's message spans lines (options, search path)
         raise ConfigError(_missing_option(str(err))) from None
@@ -163,6 +167,32 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
         raise ConfigError(str(err).strip().splitlines()[0] if str(err).strip() else
                           type(err).__name__) from err
     return cfg
+
+
+def _check_override_values(base: Mapping[str, Any], overrides: Sequence[str]) -> None:
+    """Refuse an override of the ``fl``, ``data`` or ``tracking`` group in the words of the
+    configs before Hydra's schema sees the value (:mod:`m4fuse.run.schema`), as these groups'
+    mistakes were refused before they had one: an unknown key or a value of another type than
+    the YAML default's (:func:`m4fuse.run.config_check.check_overrides`), or a word that is
+    not one of a named choice's (:func:`m4fuse.run.config_check.check_choices`). The
+    ``train`` and ``model`` groups' mistakes are Hydra's (their schemas are older)."""
+    from m4fuse.run.config_check import (
+        check_choices,
+        check_overrides,
+        override_key,
+        preview_overrides,
+    )
+    from m4fuse.run.schema import choice_type
+
+    own = [o for o in overrides
+           if override_key(o).split(".")[0] in ("fl", "data", "tracking")]
+    check_overrides(preview_overrides(base, own, CONFIG_DIR), base, own, CONFIG_DIR)
+
+    def words(key: str) -> list[str] | None:
+        kind = choice_type(key)
+        return None if kind is None else [member.value for member in kind]
+
+    check_choices(own, CONFIG_DIR, words)
 
 
 def parse_overrides(text: str) -> list[str]:
@@ -201,73 +231,11 @@ def _missing_option(message: str) -> str:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail early, naming the key and the bad value, on settings that cannot work."""
-    from m4fuse.personal.sets import check_personal_set
-    from m4fuse.personal.sets import strategy as named_strategy
+    """Fail early, naming the key and the bad value, on settings that cannot work: the rules
+    of :func:`m4fuse.run.rules.check_rules`, on the network :func:`build_model` builds."""
+    from m4fuse.run.rules import check_rules
 
-    chosen = named_strategy(str(cfg.fl.strategy))  # unknown names fail here, listing the known
-    if int(cfg.fl.get("finetune_epochs", 0)) < 0:
-        raise ValueError(f"fl.finetune_epochs must be >= 0, got {cfg.fl.finetune_epochs!r}")
-    if not float(cfg.fl.get("personal_lr_scale", 1.0)) > 0:
-        raise ValueError(f"fl.personal_lr_scale must be > 0, got {cfg.fl.personal_lr_scale!r}")
-    privacy = cfg.get("privacy")
-    from m4fuse.personal.sets import check_optimizer_state
-
-    check_optimizer_state(cfg.fl.get("optimizer_state", "fresh"),
-                          privacy is not None and bool(privacy.get("enabled", False)))
-    if (privacy is not None and bool(privacy.get("enabled", False)) and chosen.finetune
-            and int(cfg.fl.get("finetune_epochs", 0)) > 0):
-        raise ValueError(f"fl.strategy={cfg.fl.strategy} with privacy.enabled is not supported: "
-                         "the fine-tuning after the last round is not DP-SGD (use "
-                         "fl.finetune_epochs=0 or fl.strategy=personal-norm)")
-    if cfg.fl.get("init_checkpoint") is not None:
-        build_model(cfg, num_experts=1)  # fl.init_checkpoint: exists, fits the network
-    if chosen.kept not in ("experts", "none", "all") or chosen.finetune:
-        # The personal layers must exist in the configured model (a cheap tiny build).
-        names = list(build_model(cfg, num_experts=1).state_dict())
-        check_personal_set(names, chosen.kept, f"fl.strategy={cfg.fl.strategy}")
-        if chosen.finetune:
-            check_personal_set(names, chosen.finetune, f"fl.strategy={cfg.fl.strategy}")
-    if int(cfg.fl.rounds) < 1:
-        raise ValueError(f"fl.rounds must be >= 1, got {cfg.fl.rounds!r}")
-    if int(cfg.fl.local_epochs) < 1:
-        raise ValueError(f"fl.local_epochs must be >= 1, got {cfg.fl.local_epochs!r}")
-    if not 0.0 < float(cfg.fl.fraction_train) <= 1.0:
-        raise ValueError(f"fl.fraction_train must be in (0, 1], got {cfg.fl.fraction_train!r}")
-    if float(cfg.fl.proximal_mu) < 0:
-        raise ValueError(f"fl.proximal_mu must be >= 0, got {cfg.fl.proximal_mu!r}")
-    from m4fuse.run.server_opt import server_opt_settings
-    server_opt_settings(cfg.fl)  # fl.server_opt and its parameters
-    from m4fuse.run.aggregation import aggregation_settings
-    # fl.aggregation and its parameters, and Krum's least number of sites where the
-    # federation's size is known here: fl.site_names, or the synthesiser's data.sites (at
-    # most that many sites; a BraTS split is counted by the server, which checks it again)
-    num_sites = None
-    if cfg.fl.get("site_names"):
-        num_sites = len(cfg.fl.site_names)
-    elif cfg.data.get("kind") == "synthetic" and not cfg.data.get("partition_csv"):
-        num_sites = int(cfg.data.sites)
-    aggregation_settings(cfg.fl, num_sites)  # also fl.aggregation_weight, fl.local_steps
-    if int(cfg.train.batch_size) < 1:
-        raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size!r}")
-    if (bool(cfg.train.amp) and bool(cfg.train.get("amp_cpu", False))
-            and str(cfg.train.amp_dtype) != "bfloat16"):
-        raise ValueError("train.amp_cpu=true (CPU autocast) runs in bfloat16 only, got "
-                         f"train.amp_dtype={cfg.train.amp_dtype!r}: set "
-                         "train.amp_dtype=bfloat16 or train.amp_cpu=false")
-    if cfg.root is not None and not Path(str(cfg.root)).is_absolute():
-        raise ValueError(f"root must be an absolute path, got {cfg.root!r}")
-    for key in ("source", "cache_dir", "partition_csv"):
-        value = cfg.data.get(key)
-        if value not in (None, "???") and not Path(str(value)).is_absolute():
-            raise ValueError(f"data.{key} must be an absolute path, got {value!r}")
-    minimum = cfg.data.get("min_cases_per_site", 1)
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
-        raise ValueError(f"data.min_cases_per_site must be an integer >= 1, got {minimum!r}")
-    if cfg.data.kind not in ("synthetic", "brats"):
-        raise ValueError(f"data.kind must be 'synthetic' or 'brats', got {cfg.data.kind!r}")
-    from m4fuse.run.provision import check_data_settings
-    check_data_settings(cfg)  # data.site_sizes, site_names, lower_grade_sites, test_cases_per_site
+    check_rules(cfg, lambda c: build_model(c, num_experts=1))
 
 
 def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("fl.resume", "fl.rounds")) -> str:

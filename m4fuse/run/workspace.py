@@ -7,7 +7,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from m4fuse.run.settings import CONFIG_DIR
+#: The Hydra config folder: beside the packages, in a checkout and in an installed Flower app
+#: (the FAB ships ``*.yaml``), so the same path works for ``flwr run .`` and for pytest.
+CONFIG_DIR: Path = Path(__file__).resolve().parents[2] / "configs"
 
 
 def project_root(cfg: DictConfig) -> Path:

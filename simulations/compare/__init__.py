@@ -42,12 +42,14 @@ criteria files, ``criteria/default.yaml``, ``--criteria FILE``),
 :mod:`~simulations.compare.skewed` (size groups and the goals of a skewed federation,
 ``criteria/skewed.yaml``, ``--goals FILE``), :mod:`~simulations.compare.report` (Markdown,
 PNG, ``--report``), :mod:`~simulations.compare.merge` (``--merge``) and
-:mod:`~simulations.compare.provenance` (command, date, code version).
+:mod:`~simulations.compare.provenance` (command, date, code version). What other code calls is
+re-exported here (not the functions ``goals.goals`` and ``provenance.provenance``, whose names
+are their modules').
 """
 
 from simulations.compare import skewed
 from simulations.compare.cli import build_parser, main, parse_args
-from simulations.compare.goals import DEFAULT_CRITERIA, goals, load_criteria
+from simulations.compare.goals import DEFAULT_CRITERIA, load_criteria
 from simulations.compare.merge import merge_comparisons, merge_new_site
 from simulations.compare.modes import (
     BASELINES,
@@ -62,7 +64,6 @@ from simulations.compare.provenance import (
     PROJECT_DIR,
     code_version,
     invoking_command,
-    provenance,
     provenance_line,
 )
 from simulations.compare.report import (
@@ -89,10 +90,10 @@ from simulations.compare.summary import (
 __all__ = [
     "BASELINES", "CHECK_TOLERANCE", "DEFAULT_CRITERIA", "DP_SUFFIX", "PROJECT_DIR", "ROW_KEYS",
     "build_parser", "check_against_run", "check_modes", "code_version", "convergence_lines",
-    "fmt", "goals", "invoking_command", "known_modes", "lesion_report_lines", "lesion_tables",
+    "fmt", "invoking_command", "known_modes", "lesion_report_lines", "lesion_tables",
     "load_criteria", "main", "merge_comparisons", "merge_new_site", "mode_overrides",
     "mode_specs", "paired_tests", "parse_args", "parse_mode", "plot", "pool_new_site",
-    "provenance", "provenance_line", "read_comparison", "report_lines", "report_text",
+    "provenance_line", "read_comparison", "report_lines", "report_text",
     "run_compare", "run_mode", "site_models", "site_table", "skewed", "summarise",
     "write_report",
 ]

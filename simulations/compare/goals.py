@@ -22,7 +22,7 @@ CRITERIA_DIR = Path(__file__).resolve().parent / "criteria"
 DEFAULT_CRITERIA_FILE = CRITERIA_DIR / "default.yaml"
 
 #: A value check: the value's problem as text (``"must be ..., got ..."``), or None when fine.
-ValueCheck = Callable[[Any], "str | None"]
+ValueCheck = Callable[[Any], str | None]
 
 
 def number_at_least_zero(value: Any) -> str | None:

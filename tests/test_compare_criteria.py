@@ -105,6 +105,7 @@ def test_a_bad_criteria_file_fails_in_one_line_naming_file_and_key(tmp_path, tex
     assert not (tmp_path / "runs").exists()  # before any training
 
 
+@pytest.mark.slow  # writes and merges whole reports with their plots (about 10 s)
 def test_merge_reads_the_criteria_too(tmp_path) -> None:
     paths = []
     for seed in SEEDS:

@@ -145,6 +145,9 @@ def test_goals_file(tmp_path) -> None:
     bad.write_text('{"small_gain": "lots"}')
     with pytest.raises(ValueError, match="small_gain must be a number >= 0, got 'lots'"):
         skewed.load_goals(bad)
+    bad.write_text("[0.2]")
+    with pytest.raises(ValueError, match=r"--goals .*bad.json: expected a mapping of \["):
+        skewed.load_goals(bad)
     from simulations.compare import main
 
     with pytest.raises(SystemExit, match="--goals .*missing.json: cannot read"):

@@ -125,12 +125,10 @@ def finetune_seed_run(summary: Mapping[str, Any], mode: str, seed: int, personal
     return rows, metrics, time.perf_counter() - start
 
 
-def finetune_comparison(comparison: Path, mode: str, personal: str, epochs: int | None = None,
-                        overrides: Sequence[str] = ()) -> Path:
-    """Add ``<mode>+ft-<personal>`` to the comparison ``comparison`` (see the module
-    docstring) and write the new comparison; returns its ``comparison.json``."""
-    from simulations.compare import summarise, write_report
-
+def _load_request(comparison: Path, mode: str, personal: str, epochs: int | None
+                  ) -> tuple[dict[str, Any], str, list[int]]:
+    """The comparison ``comparison`` loaded, the new mode's name and the seeds ``mode`` ran
+    in it; a bad ``--set``, ``--epochs`` or ``--mode`` fails naming it."""
     if personal not in FINETUNE_SETS:
         raise ValueError(f"--set must be one of {list(FINETUNE_SETS)}, got {personal!r}")
     if epochs is not None and int(epochs) < 1:
@@ -147,6 +145,17 @@ def finetune_comparison(comparison: Path, mode: str, personal: str, epochs: int 
              if any(r["mode"] == mode and int(r["seed"]) == int(s) for r in payload["rows"])]
     if not seeds:
         raise ValueError(f"{comparison} has no rows of mode {mode!r}")
+    return payload, new_mode, seeds
+
+
+def finetune_comparison(comparison: Path, mode: str, personal: str, epochs: int | None = None,
+                        overrides: Sequence[str] = ()) -> Path:
+    """Add ``<mode>+ft-<personal>`` to the comparison ``comparison`` (see the module
+    docstring) and write the new comparison; returns its ``comparison.json``."""
+    from simulations.compare import summarise, write_report
+
+    payload, new_mode, seeds = _load_request(comparison, mode, personal, epochs)
+    summary = payload["summary"]
     base = settings.compose("config", [*summary["overrides"], *overrides])
     name = f"{summary['name']}+ft-{personal}"
     out = workspace.project_root(base) / "runs" / name

@@ -179,3 +179,32 @@ def test_pairs_match_cases_and_identical_scores_give_p_one():
     assert paired_test([0.5, 0.7], [0.5, 0.7])["p"] == 1.0
     test = paired_test([0.9, 0.8, 0.7, 0.95, 0.85, 0.9], [0.1, 0.2, 0.3, 0.15, 0.25, 0.2])
     assert test["mean_diff"] > 0.6 and test["p"] < 0.05 and test["n"] == 6
+
+
+def test_score_matrix_reuses_the_rows_at_home(monkeypatch):
+    """With ``home_rows`` the diagonal is those rows (first, in their order) and each model is
+    scored on the other sites' cases only; without, on every site's."""
+    from m4fuse.evaluation import crosssite
+
+    keys = crosssite.SCORE_KEYS + crosssite.LESION_CASE_KEYS
+    scored = []
+
+    def fake_score_cases(model, expert, records, device):
+        scored.append((model, list(records)))
+        return [{"case": c, **{k: float(expert) for k in keys}} for c in records]
+
+    monkeypatch.setattr(crosssite, "score_cases", fake_score_cases)
+    models = {"a": ("model a", 0), "b": ("model b", 1)}
+    tests = {"a": ["a1", "a2"], "b": ["b1"]}
+    home = [{"mode": "m", "seed": 0, "site": s, "case": c, **{k: 9.0 for k in keys}}
+            for s, cases in tests.items() for c in cases]
+    rows = crosssite.score_matrix(models, tests, torch.device("cpu"), home_rows=home)
+    assert [(r["model_site"], r["site"], r["case"]) for r in rows] == [
+        ("a", "a", "a1"), ("a", "a", "a2"), ("b", "b", "b1"), ("a", "b", "b1"),
+        ("b", "a", "a1"), ("b", "a", "a2")]
+    assert list(rows[0]) == ["model_site", "site", "case", *keys] and rows[0]["dice_wt"] == 9.0
+    assert scored == [("model a", ["b1"]), ("model b", ["a1", "a2"])]
+    assert rows[3]["dice_wt"] == 0.0 and rows[4]["dice_wt"] == 1.0
+    scored.clear()
+    every = crosssite.score_matrix(models, tests, torch.device("cpu"))
+    assert len(every) == 6 and len(scored) == 4  # the diagonal scored too

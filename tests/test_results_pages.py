@@ -126,9 +126,14 @@ def test_code_version_is_the_commit_and_says_dirty(tmp_path) -> None:
 
 
 def test_the_command_is_named_as_a_user_types_it() -> None:
-    program = str(REPO / "simulations" / "compare.py")
+    """``python -m simulations.compare`` runs the package's ``__main__.py``; a plain module
+    (``python -m simulations.finetune_runs``) is its file."""
+    program = str(REPO / "simulations" / "compare" / "__main__.py")
     assert compare.invoking_command([program, "--seeds", "0,1", "run_name=a b"]) == \
         "python -m simulations.compare --seeds 0,1 'run_name=a b'"
+    module = str(REPO / "simulations" / "finetune_runs.py")
+    assert compare.invoking_command([module, "--mode", "fedavg"]) == \
+        "python -m simulations.finetune_runs --mode fedavg"
 
 
 def test_a_written_comparison_records_its_provenance(tmp_path) -> None:

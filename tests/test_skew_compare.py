@@ -1,4 +1,4 @@
-"""The comparison of a skewed federation (simulations/skewed.py, simulations/compare.py):
+"""The comparison of a skewed federation (simulations/compare/skewed.py, the comparison):
 modes with their own overrides, size groups and their paired tests, training cases and
 optimiser steps in the summary, the goals of a skewed federation; on hand-made rows."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from simulations import skewed
-from simulations.compare import check_modes, mode_specs, summarise, write_report
+from simulations.compare import check_modes, mode_specs, skewed, summarise, write_report
+from simulations.compare.modes import parse_mode
 
 SITES = ["a", "b", "c"]
 TRAIN = {"a": 1, "b": 3, "c": 20}
@@ -49,9 +49,9 @@ def _summary(train_cases=TRAIN, goals=None) -> dict:
 
 
 def test_mode_with_overrides_parses_and_is_checked() -> None:
-    assert skewed.parse_mode("steps4=personal-norm-ft:fl.local_steps=4;fl.aggregation=fednova") \
+    assert parse_mode("steps4=personal-norm-ft:fl.local_steps=4;fl.aggregation=fednova") \
         == ("steps4", "personal-norm-ft", ["fl.local_steps=4", "fl.aggregation=fednova"])
-    assert skewed.parse_mode("fedavg") == ("fedavg", "fedavg", [])
+    assert parse_mode("fedavg") == ("fedavg", "fedavg", [])
     entries = ["pooled", "local4=local:fl.local_steps=4", "fedavg"]
     assert check_modes(entries) == ["pooled", "local4", "fedavg"]
     assert mode_specs(entries)["local4"] == ("local", ["fl.local_steps=4"])
@@ -144,6 +144,9 @@ def test_goals_file(tmp_path) -> None:
         skewed.load_goals(bad)
     bad.write_text('{"small_gain": "lots"}')
     with pytest.raises(ValueError, match="small_gain must be a number >= 0, got 'lots'"):
+        skewed.load_goals(bad)
+    bad.write_text("[0.2]")
+    with pytest.raises(ValueError, match=r"--goals .*bad.json: expected a mapping of \["):
         skewed.load_goals(bad)
     from simulations.compare import main
 

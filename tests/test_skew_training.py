@@ -156,7 +156,7 @@ def test_baselines_get_the_fixed_step_budget(tmp_path) -> None:
     from flower_fixtures import TINY_FL
 
     from m4fuse.training.baselines import run_baseline
-    from simulations.skewed import steps_of_history
+    from simulations.compare.skewed import steps_of_history
 
     args = [f"root={tmp_path}", *TINY_FL, "fl.rounds=2", "fl.local_steps=3",
             "tracking.enabled=false"]

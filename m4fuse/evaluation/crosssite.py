@@ -37,7 +37,8 @@ def score_cases(model: torch.nn.Module, expert: int | None, records: Sequence[An
 
 
 def score_matrix(models: Mapping[str, tuple[torch.nn.Module, int | None]],
-                 tests: Mapping[str, Sequence[Any]], device: torch.device
+                 tests: Mapping[str, Sequence[Any]], device: torch.device,
+                 home_rows: Sequence[Mapping[str, Any]] | None = None
                  ) -> list[dict[str, Any]]:
     """Every model on every site's test cases.
 
@@ -45,13 +46,20 @@ def score_matrix(models: Mapping[str, tuple[torch.nn.Module, int | None]],
         models: ``{site name: (model, expert index or None)}``, the site's own model.
         tests: ``{site name: test records}``.
         device: where to run.
+        home_rows: per-case rows of the models at home, each with its ``site``, ``case`` and
+            scores (e.g. a comparison's own rows): when given, they are the diagonal (first,
+            in their order) and each model is scored on the other sites' cases only.
 
     Returns one row per model site, test site and case: ``{"model_site", "site", "case",
-    "dice_wt", ..., "hd95_et"}``.
+    "dice_wt", ..., "hd95_et", "lesion_dice_wt", ..., "lesion_fp_et"}``.
     """
-    out = []
+    out = [] if home_rows is None else [
+        {"model_site": r["site"], "site": r["site"], "case": r["case"],
+         **{k: r[k] for k in SCORE_KEYS + LESION_CASE_KEYS}} for r in home_rows]
     for model_site, (model, expert) in models.items():
         for site, records in tests.items():
+            if home_rows is not None and site == model_site:
+                continue
             for row in score_cases(model, expert, records, device):
                 out.append({"model_site": model_site, "site": site, **row})
     return out

@@ -319,7 +319,8 @@ def train_config(cfg: DictConfig, epochs: int, seed: int | None = None):
 
 def amp_settings(cfg: DictConfig) -> dict[str, Any]:
     """``{"amp", "amp_dtype", "amp_cpu"}`` of ``cfg.train``, the keywords of
-    :func:`m4fuse.training.engine.evaluate`, :func:`m4fuse.training.engine.test_original_grid` and
+    :func:`m4fuse.training.scoring.evaluate`,
+    :func:`m4fuse.training.scoring.score_on_original_grid` and
     :func:`m4fuse.inference.predict.predict_probs`, so that their forwards run in the precision of
     training (``amp_cpu`` False when the key is absent)."""
     return {"amp": bool(cfg.train.amp), "amp_dtype": str(cfg.train.amp_dtype),

@@ -30,7 +30,7 @@ nothing more), so the comparison rebuilds each site's final model from the run's
 ``model.ckpt`` (the server's final weights plus the site's personal weights, fine-tuned
 where the site kept its fine-tuning, put together after the run by
 :func:`m4fuse.io.assembly.assemble_run`) and scores
-it itself with :func:`m4fuse.training.site_steps.test_site`; baselines are rebuilt from
+it itself with :func:`m4fuse.training.site_steps.score_site_tests`; baselines are rebuilt from
 their ``model.ckpt`` / ``models/<site>.ckpt``. The per-site means are checked against the
 run's own ``sites.csv``; a difference is reported, never hidden.
 

@@ -320,3 +320,14 @@ def test_the_public_pretraining_stage_feeds_a_federation(tmp_path) -> None:
     assert all(torch.equal(held[k], saved.shared[k]) for k in held)
     assert all(torch.equal(v, saved.experts["public"][k])
                for k, v in expert_state(full, 0).items())
+
+
+def test_bad_privacy_values_are_refused_when_the_config_is_composed():
+    # before any data or training: the privacy group is read into PrivacyConfig at compose
+    from m4fuse.run import settings
+
+    with pytest.raises(ValueError, match=r"^privacy\.target_epsilon .*-1"):
+        settings.compose("config", ["privacy=dp", "privacy.target_epsilon=-1"])
+    with pytest.raises(ValueError, match=r"^privacy\.max_noise_multiplier .*0"):
+        settings.compose("config", ["privacy=dp", "privacy.max_noise_multiplier=0"])
+    assert settings.compose("config", ["privacy=dp"]).privacy.target_epsilon == 10.0

@@ -29,11 +29,35 @@ def check_rules(cfg: DictConfig, build_model: ModelBuilder) -> None:
     """Fail early, naming the key and the bad value, on settings that cannot work:
     the strategy's rules (:func:`strategy_rules`), the rounds and the server's
     (:func:`round_rules`), the local training's (:func:`train_rules`) and the data's
-    (:func:`data_rules`); ``build_model`` builds the configured network."""
+    (:func:`data_rules`) and the privacy group's (:func:`privacy_rules`); ``build_model``
+    builds the configured network."""
     strategy_rules(cfg, build_model)
     round_rules(cfg)
     train_rules(cfg)
     data_rules(cfg)
+    privacy_rules(cfg)
+
+
+def privacy_rules(cfg: DictConfig) -> None:
+    """The ``privacy`` group read into its dataclass,
+    :class:`m4fuse.training.dp_plan.PrivacyConfig`, which checks each field (it has no Hydra
+    schema: one would add every field to every composed config and change the hash that
+    guards a resumed run). Planning σ from ε needs the sites' sizes and runs before the
+    first round instead (``server.runner.check_privacy_plan``)."""
+    from omegaconf import OmegaConf
+
+    from m4fuse.training.dp_plan import PrivacyConfig
+
+    group = cfg.get("privacy")
+    if group is None:
+        return
+    try:
+        PrivacyConfig.from_mapping(OmegaConf.to_container(group, resolve=True))
+    except KeyError as err:  # unknown keys: one line, as every other settings error
+        raise ValueError(str(err).strip("'\"")) from None
+    except ValueError as err:  # name the key as the user writes it
+        text = str(err)
+        raise ValueError(text if text.startswith("privacy.") else f"privacy.{text}") from None
 
 
 def privacy_enabled(cfg: DictConfig) -> bool:

@@ -246,9 +246,4 @@ def _finite_gradients(model: nn.Module) -> bool:
                if p.grad is not None)
 
 
-def _finite_gradients(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
-               if p.grad is not None)
-
-
 __all__ = ["LocalTrainer", "train_epochs"]

@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload = json.loads(args.report.read_text())
             print(report_markdown(payload))
             png = plot_curve(payload, args.png or args.report.with_suffix(".png"))
-            print(f"\nplot: {png}")
+            print(f"plot: {png}", file=sys.stderr)
             return 0
         cases = parse_cases(args.cases)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

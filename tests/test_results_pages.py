@@ -3,8 +3,10 @@ prints from the ``comparison.json`` committed beside them, and a comparison reco
 comes from (command, date, code version).
 
 Every page ``docs/results/<name>.md`` (but ``README.md``) is generated from
-``docs/results/<name>/comparison.json``; a page without its JSON, or one that differs from
-what the command prints, fails here. ``docs/results/example`` is a small hand-made fixture in
+``docs/results/<name>/comparison.json`` (or, for a curve, ``privacy_curve.json`` by
+``python -m simulations.privacy_curve --report`` and ``learning_curve.json`` by
+``python -m simulations.learning_curve --report``); a page without its JSON, or one that
+differs from what the command prints, fails here. ``docs/results/example`` is a small hand-made fixture in
 the comparison's real format, written by this file run as a program::
 
     python -m tests.test_results_pages          # writes docs/results/example/comparison.json
@@ -14,6 +16,7 @@ the comparison's real format, written by this file run as a program::
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -29,12 +32,19 @@ RESULTS = REPO / "docs" / "results"
 PAGES = sorted(p for p in RESULTS.glob("*.md") if p.name != "README.md")
 
 
+#: the JSON a curve page is generated from, and the module whose ``--report`` prints it
+CURVES = {"privacy_curve.json": "simulations.privacy_curve",
+          "learning_curve.json": "simulations.learning_curve"}
+
+
 def source_of(page: Path) -> Path:
-    """The comparison a results page is generated from: ``<name>/comparison.json`` beside it,
-    or its gzip-compressed copy ``<name>/comparison.json.gz``."""
+    """The JSON a results page is generated from: ``<name>/comparison.json`` beside it, its
+    gzip-compressed copy ``<name>/comparison.json.gz``, or a curve's JSON (:data:`CURVES`)."""
     folder = page.with_suffix("")
-    packed = folder / "comparison.json.gz"
-    return packed if packed.is_file() else folder / "comparison.json"
+    for name in ("comparison.json.gz", *CURVES):
+        if (folder / name).is_file():
+            return folder / name
+    return folder / "comparison.json"
 
 
 def test_there_is_a_page_to_check() -> None:
@@ -42,13 +52,19 @@ def test_there_is_a_page_to_check() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
-def test_each_page_is_what_the_command_prints_from_its_json(page: Path, capsys) -> None:
+def test_each_page_is_what_the_command_prints_from_its_json(page: Path, capsys,
+                                                          tmp_path: Path) -> None:
     source = source_of(page)
     assert source.is_file(), f"{page} has no source {source}: generate it from its JSON"
-    assert compare.main(["--report", str(source)]) == 0
+    if source.name in CURVES:
+        module = importlib.import_module(CURVES[source.name])
+        assert module.main(["--report", str(source), "--png", str(tmp_path / "curve.png")]) == 0
+        command = f"python -m {CURVES[source.name]} --report {source}"
+    else:
+        assert compare.main(["--report", str(source)]) == 0
+        command = f"python -m simulations.compare --report {source}"
     printed = capsys.readouterr().out
-    assert printed == page.read_text(), (
-        f"{page} differs from `python -m simulations.compare --report {source}`: regenerate it")
+    assert printed == page.read_text(), f"{page} differs from `{command}`: regenerate it"
 
 
 def test_the_page_carries_its_provenance_and_numbers_from_the_rows() -> None:

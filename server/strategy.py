@@ -241,7 +241,8 @@ class SiteStrategyMixin:
         else:
             if set(reference) != self.expected_keys:
                 raise ValueError("the arrays sent this round differ from the server's keys")
-            accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound)
+            accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound,
+                                                       self._reply_steps(good))
         failed.update(rejected)
         for site, reason in self._check_counts(accepted, good).items():
             accepted.pop(site)
@@ -272,6 +273,16 @@ class SiteStrategyMixin:
         log(INFO, "round %d train: aggregated %d site(s) %s by Flower %s", server_round,
             len(accepted), sorted(accepted), type(self.combiner).__name__)
         return arrays, metrics
+
+    @staticmethod
+    def _reply_steps(good: Mapping[str, Message]) -> dict[str, float]:
+        """``{site: optimiser steps}`` of the train replies that report them."""
+        steps = {}
+        for site, message in good.items():
+            metrics = next(iter(message.content.metric_records.values()), None)
+            if metrics is not None and "steps" in metrics:
+                steps[site] = float(metrics["steps"])
+        return steps
 
     def combine(self, server_round: int, accepted: Mapping[str, Mapping[str, np.ndarray]],
                 weights: Mapping[str, float], reference: Mapping[str, np.ndarray],

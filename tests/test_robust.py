@@ -107,6 +107,25 @@ def test_norm_outliers_drops_only_the_big_update() -> None:
         norm_outliers(updates, g, bound=-1)
 
 
+def test_norm_outliers_compare_norms_per_step_when_every_site_gives_its_steps() -> None:
+    """A skewed round: the large site's 11 honest steps make an update 11 x the others'; per
+    step it is like them and stays, while an attacker's big update in one step still goes."""
+    g = _model(0.0)
+    updates = {"large": _model(11.0), "s1": _model(1.0), "s2": _model(1.1), "s3": _model(0.9)}
+    steps = {"large": 11.0, "s1": 1.0, "s2": 1.0, "s3": 1.0}
+    assert set(norm_outliers(updates, g, bound=5.0)) == {"large"}  # the raw rule drops it
+    assert norm_outliers(updates, g, bound=5.0, steps=steps) == {}
+    attacked = {**updates, "s3": _model(20.0)}
+    dropped = norm_outliers(attacked, g, bound=5.0, steps=steps)
+    assert set(dropped) == {"s3"} and "update norm per step" in dropped["s3"]
+    # equal steps: the raw rule's decisions; a site without steps: the raw rule
+    assert set(norm_outliers(attacked, g, 5.0, dict.fromkeys(attacked, 3.0))) == \
+        set(norm_outliers(attacked, g, 5.0))
+    assert set(norm_outliers(updates, g, 5.0, {"large": 11.0, "s1": 1.0})) == {"large"}
+    accepted, rejected = screen_updates(updates, g, norm_bound=5.0, steps=steps)
+    assert set(accepted) == set(updates) and rejected == {}
+
+
 def test_screen_updates_combines_both_rules() -> None:
     g = _model(0.0)
     nan = _model(1.0)

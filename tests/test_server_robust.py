@@ -88,6 +88,29 @@ def test_outlier_norm_dropped():
     assert not s.current.failed
 
 
+def test_a_large_site_s_many_steps_are_no_outlier_when_replies_report_steps():
+    """The steps each reply reports reach the norm rule: the site of 11 steps and 22 cases is
+    averaged in, where without the steps its update is dropped as 11 x the median."""
+    def skewed(with_steps: bool) -> list[Message]:
+        out = []
+        for site, (value, steps, cases) in enumerate([(11.0, 11, 22), (1.0, 1, 2),
+                                                      (1.1, 1, 2), (0.9, 1, 2)]):
+            msg = reply(arrays(value), site, cases=cases)
+            if with_steps:
+                next(iter(msg.content.metric_records.values()))["steps"] = float(steps)
+            out.append(msg)
+        return out
+
+    s = strategy(norm_bound=5.0)
+    s.aggregate_train(1, skewed(with_steps=False))
+    assert list(s.current.failed) == ["train/CBICA"]
+    s = strategy(norm_bound=5.0)
+    out, _ = s.aggregate_train(1, skewed(with_steps=True))
+    assert not s.current.failed
+    # case-weighted mean of all four: (22 * 11 + 2 * (1 + 1.1 + 0.9)) / 28
+    np.testing.assert_allclose(out["enc.weight"].numpy(), np.full((2, 3), 248 / 28), rtol=1e-6)
+
+
 def test_wrong_shape_dtype_and_expert_key_dropped():
     s = strategy()
     wide = arrays(1.0)

@@ -61,6 +61,12 @@ def site_dp_values(history: Sequence[Mapping[str, Any]], names: Sequence[str]
     return out
 
 
+def _val_dice(record: Mapping[str, Any]) -> float | None:
+    """A round's validation mean Dice over the sites (None where the round has none)."""
+    value = (record.get("val") or {}).get("dice_mean")
+    return None if value is None else float(value)
+
+
 def _run_json(run_dir: Path, name: str) -> Any:
     path = run_dir / name
     if not path.is_file():
@@ -85,11 +91,14 @@ def collect_points(comparison: Path, runs: Path | None = None) -> list[dict[str,
             names = list(run_summary["site_names"])
             by_site = {s: float(np.mean([case_dice(r) for r in rows if r["site"] == s]))
                        for s in sorted({r["site"] for r in rows})}
+            history = _run_json(run_dir, "history.json")
             points.append({
                 "mode": mode, "seed": int(seed), "source": str(comparison),
                 "test_dice_mean": float(np.mean([case_dice(r) for r in rows])),
                 "test_cases": len(rows), "by_site": by_site,
-                "dp": site_dp_values(_run_json(run_dir, "history.json"), names),
+                "dp": site_dp_values(history, names),
+                "val_rounds": [_val_dice(r) for r in (history[0], history[-1])] if history
+                else [None, None],
                 "steps": {s: v.get("total") for s, v in (run_summary.get("train_steps") or {}).items()},
                 "seconds": float(run_summary["seconds"]),
             })
@@ -115,6 +124,11 @@ def collect(comparisons: Sequence[Path], runs: Path | None, references: Sequence
     }
 
 
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return float(np.mean(values)), sd
@@ -136,6 +150,8 @@ def curve_table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
             "sigma": max((v.get("sigma", 0.0) for v in dp), default=None),
             "dp_steps": max((v.get("dp_steps", 0.0) for v in dp), default=None),
             "steps": float(np.median(steps)) if steps else None,
+            "val_first": _mean_or_none([p["val_rounds"][0] for p in pts]),
+            "val_last": _mean_or_none([p["val_rounds"][1] for p in pts]),
             "seconds": float(np.median([p["seconds"] for p in pts])),
         })
     return rows
@@ -151,14 +167,15 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
     rows = curve_table(payload)
     refs = {r["mode"]: r["dice"][0] for r in rows if r["mode"] in payload["references"]}
     header = ("| mode | seeds | ε spent (largest site) | σ | DP steps per site | steps per site "
-              "| test mean Dice | " + " | ".join(f"% of {m}" for m in refs)
-              + " | wall time per run (s, median) |")
-    lines = [header, "|" + "---|" * (7 + len(refs)) + "---:|"]
+              "| val Dice round 1 → last | test mean Dice | "
+              + " | ".join(f"% of {m}" for m in refs) + " | wall time per run (s, median) |")
+    lines = [header, "|" + "---|" * (8 + len(refs)) + "---:|"]
     for r in rows:
         shares = " | ".join(f"{100 * r['dice'][0] / v:.1f} %" if v else "-" for v in refs.values())
         lines.append(
             f"| {r['mode']} | {r['seeds']} | {_cell(r['epsilon'], '.2f')} | {_cell(r['sigma'], '.3f')} "
             f"| {_cell(r['dp_steps'], '.0f')} | {_cell(r['steps'], '.0f')} "
+            f"| {_cell(r['val_first'], '.3f')} → {_cell(r['val_last'], '.3f')} "
             f"| {r['dice'][0]:.3f} ± {r['dice'][1]:.3f} | {shares} | {r['seconds']:.0f} |")
     lines += [
         "",
@@ -166,7 +183,9 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
         "sd over seeds. ε spent: the largest ε any site reported in its last training round "
         "(Opacus's RDP accountant over every DP-SGD step the site took), in any seed; \"-\" for "
         "a mode without DP. Steps per site: optimiser steps over the whole run, fine-tuning "
-        "excluded (median over sites and seeds).",
+        "excluded (median over sites and seeds). Val Dice round 1 → last: the validation "
+        "mean Dice of the federated model after the first and the last round (mean over "
+        "seeds): how far training moved it from its start.",
         "",
         f"Collected by `{payload['command']}` on {payload['date']}; code version "
         f"{payload['code_version']}. From:",

@@ -32,7 +32,8 @@ def _history(eps: list[list[float]] | None) -> list[dict]:
                 metrics.update({"dp-epsilon": eps[r][i], "dp-delta": 0.001,
                                 "dp-noise-multiplier": 0.8, "dp-steps": 2.0 * (r + 1)})
             by_site[str(i)] = metrics
-        history.append({"round": r + 1, "train_by_site": by_site})
+        history.append({"round": r + 1, "train_by_site": by_site,
+                        "val": {"dice_mean": 0.3 + 0.2 * r}})
     return history
 
 
@@ -90,11 +91,13 @@ def test_report_table_shares_and_plot(tmp_path, capsys):
     share = 100 * np.mean(by_mode["eps3"]) / np.mean(by_mode["plain"])
     line = next(x for x in page.splitlines() if x.startswith("| eps3 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    # mode, seeds, ε spent (largest site over seeds), σ, DP steps, steps, Dice, % of plain, s
+    # mode, seeds, ε spent (largest site over seeds), σ, DP steps, steps, val round 1 → last,
+    # Dice, % of plain, s
     assert cells[2] == "2.90" and cells[3] == "0.800" and cells[4] == "4"
-    assert cells[6] == f"{np.mean(by_mode['eps3']):.3f} ± {np.std(by_mode['eps3'], ddof=1):.3f}"
-    assert cells[7] == f"{share:.1f} %"
-    assert cells[8] == "10"  # the median of 10 s and 11 s, rounded
+    assert cells[6] == "0.300 → 0.500"
+    assert cells[7] == f"{np.mean(by_mode['eps3']):.3f} ± {np.std(by_mode['eps3'], ddof=1):.3f}"
+    assert cells[8] == f"{share:.1f} %"
+    assert cells[9] == "10"  # the median of 10 s and 11 s, rounded
     assert "`python -m simulations.compare run_name=cmp`" in page
 
 

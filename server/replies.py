@@ -5,6 +5,7 @@ round's log (:class:`RoundLog`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -60,6 +61,16 @@ def reply_metrics(msg: Message) -> MetricRecord:
     if float(metrics["num-examples"]) < 0:
         raise ReplyError(f"num-examples must be >= 0, got {metrics['num-examples']!r}")
     return metrics
+
+
+def reply_steps(good: Mapping[str, Message]) -> dict[str, float]:
+    """``{site: optimiser steps}`` of the (already checked) replies that report ``steps``."""
+    steps = {}
+    for site, msg in good.items():
+        metrics = next(iter(msg.content.metric_records.values()))
+        if "steps" in metrics:
+            steps[site] = float(metrics["steps"])
+    return steps
 
 
 @dataclass

@@ -67,6 +67,7 @@ from server.replies import (
     aggregate_without_bookkeeping,
     record_bytes,
     reply_metrics,
+    reply_steps,
     short_reason,
 )
 
@@ -242,7 +243,7 @@ class SiteStrategyMixin:
             if set(reference) != self.expected_keys:
                 raise ValueError("the arrays sent this round differ from the server's keys")
             accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound,
-                                                       self._reply_steps(good))
+                                                       reply_steps(good))
         failed.update(rejected)
         for site, reason in self._check_counts(accepted, good).items():
             accepted.pop(site)
@@ -255,14 +256,12 @@ class SiteStrategyMixin:
             robust.check_quorum(
                 sorted(accepted), failed, krum_needed(self.krum_malicious, self.krum_select),
                 server_round, krum_rule(self.aggregation, self.krum_malicious, self.krum_select))
-        weights, steps = {}, {}
+        weights, steps = {}, {s: n for s, n in reply_steps(good).items() if s in accepted}
         for site in accepted:
             metrics = next(iter(good[site].content.metric_records.values()))
             # fl.aggregation_weight: cases (Flower's num-examples), uniform or sqrt; Flower's
             # combiner averages by this value under its weighted_by_key
             weights[site] = site_weight(float(metrics["num-examples"]), self.aggregation_weight)
-            if "steps" in metrics:
-                steps[site] = float(metrics["steps"])
             self.current.train_by_site[int(metrics["site-index"])] = {
                 k: float(v) for k, v in metrics.items()
             }
@@ -273,16 +272,6 @@ class SiteStrategyMixin:
         log(INFO, "round %d train: aggregated %d site(s) %s by Flower %s", server_round,
             len(accepted), sorted(accepted), type(self.combiner).__name__)
         return arrays, metrics
-
-    @staticmethod
-    def _reply_steps(good: Mapping[str, Message]) -> dict[str, float]:
-        """``{site: optimiser steps}`` of the train replies that report them."""
-        steps = {}
-        for site, message in good.items():
-            metrics = next(iter(message.content.metric_records.values()), None)
-            if metrics is not None and "steps" in metrics:
-                steps[site] = float(metrics["steps"])
-        return steps
 
     def combine(self, server_round: int, accepted: Mapping[str, Mapping[str, np.ndarray]],
                 weights: Mapping[str, float], reference: Mapping[str, np.ndarray],

@@ -161,15 +161,17 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def report_markdown(payload: Mapping[str, Any]) -> str:
+def report_markdown(payload: Mapping[str, Any], image: str | None = None) -> str:
     """The results page of a curve JSON: the table, the share of each reference mode's Dice
-    and where the numbers come from."""
+    and where the numbers come from; ``image`` (default none): the plot's link."""
     rows = curve_table(payload)
     refs = {r["mode"]: r["dice"][0] for r in rows if r["mode"] in payload["references"]}
     header = ("| mode | seeds | ε spent (largest site) | σ | DP steps per site | steps per site "
               "| val Dice round 1 → last | test mean Dice | "
               + " | ".join(f"% of {m}" for m in refs) + " | wall time per run (s, median) |")
-    lines = [header, "|" + "---|" * (8 + len(refs)) + "---:|"]
+    lines = ["# Privacy-utility curve", "",
+             *([f"![test mean Dice against ε spent]({image})", ""] if image else []),
+             header, "|" + "---|" * (8 + len(refs)) + "---:|"]
     for r in rows:
         shares = " | ".join(f"{100 * r['dice'][0] / v:.1f} %" if v else "-" for v in refs.values())
         lines.append(
@@ -260,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.report.is_file():
                 raise ValueError(f"--report {args.report}: no such file")
             payload = json.loads(args.report.read_text())
-            print(report_markdown(payload))
+            # the page sits beside the JSON's folder: link the plot's default place
+            print(report_markdown(payload, f"{args.report.parent.name}/"
+                                           f"{args.report.with_suffix('.png').name}"))
             png = plot_curve(payload, args.png or args.report.with_suffix(".png"))
             print(f"plot: {png}", file=sys.stderr)
             return 0

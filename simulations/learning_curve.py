@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from simulations.curve_plot import dice_axes, save_dice_plot
+
 #: Published reference: a BraTS 2021 study (arXiv 2602.08797) reports validation Dice 0.39
 #: with 10 % of the training data and 0.87 with all of it.
 PUBLISHED_TENTH = (0.39, 0.87)
@@ -186,13 +188,8 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
 
 def plot_curve(payload: Mapping[str, Any], path: Path) -> Path:
     """Test Dice (mean and each region, mean ± sd over seeds) against training cases, log x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = curve_table(payload)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = dice_axes()
     for key, style in zip(DICE_KEYS, ("o-", "s--", "^--", "v--")):
         pts = [(r["cases"], *r[key]) for r in rows if r[key] is not None]
         if pts:
@@ -202,17 +199,8 @@ def plot_curve(payload: Mapping[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xticks([r["cases"] for r in rows], [str(r["cases"]) for r in rows])
     ax.minorticks_off()
-    ax.set_xlabel("training cases")
-    ax.set_ylabel("test Dice")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Synthetic task: pooled model, reference-scanner mix")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_dice_plot(fig, ax, path, "training cases", "test Dice",
+                          "Synthetic task: pooled model, reference-scanner mix")
 
 
 def build_parser() -> argparse.ArgumentParser:

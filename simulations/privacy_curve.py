@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,17 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from m4fuse.evaluation.stats import case_score, mean_sd
 from simulations.compare.provenance import code_version
 from simulations.compare.report import read_comparison
+from simulations.curve_plot import dice_axes, save_dice_plot
 
 #: the per-site keys a DP run reports each round (``m4fuse.training.dp``)
 DP_KEYS: dict[str, str] = {"epsilon": "dp-epsilon", "delta": "dp-delta",
                            "sigma": "dp-noise-multiplier", "dp_steps": "dp-steps"}
-
-
-def case_dice(row: Mapping[str, Any]) -> float:
-    """A test case's mean Dice over WT, TC and ET (the comparison's ``score``)."""
-    return float(np.mean([row["dice_wt"], row["dice_tc"], row["dice_et"]]))
 
 
 def site_dp_values(history: Sequence[Mapping[str, Any]], names: Sequence[str]
@@ -75,9 +73,10 @@ def _run_json(run_dir: Path, name: str) -> Any:
     return json.loads(path.read_text())
 
 
-def collect_points(comparison: Path, runs: Path | None = None) -> list[dict[str, Any]]:
-    """One point per mode and seed of a written comparison (see the module docstring)."""
-    payload = read_comparison(comparison)
+def collect_points(comparison: Path, payload: Mapping[str, Any], runs: Path | None = None
+                   ) -> list[dict[str, Any]]:
+    """One point per mode and seed of the comparison ``payload`` read from ``comparison``
+    (see the module docstring)."""
     summary = payload["summary"]
     runs = runs or comparison.parent.parent
     points = []
@@ -89,12 +88,12 @@ def collect_points(comparison: Path, runs: Path | None = None) -> list[dict[str,
             run_dir = runs / f"{summary['name']}-{mode}-seed{seed}"
             run_summary = _run_json(run_dir, "summary.json")
             names = list(run_summary["site_names"])
-            by_site = {s: float(np.mean([case_dice(r) for r in rows if r["site"] == s]))
+            by_site = {s: float(np.mean([case_score(r) for r in rows if r["site"] == s]))
                        for s in sorted({r["site"] for r in rows})}
             history = _run_json(run_dir, "history.json")
             points.append({
                 "mode": mode, "seed": int(seed), "source": str(comparison),
-                "test_dice_mean": float(np.mean([case_dice(r) for r in rows])),
+                "test_dice_mean": float(np.mean([case_score(r) for r in rows])),
                 "test_cases": len(rows), "by_site": by_site,
                 "dp": site_dp_values(history, names),
                 "val_rounds": [_val_dice(r) for r in (history[0], history[-1])] if history
@@ -108,14 +107,15 @@ def collect_points(comparison: Path, runs: Path | None = None) -> list[dict[str,
 def collect(comparisons: Sequence[Path], runs: Path | None, references: Sequence[str],
             argv: Sequence[str] = ()) -> dict[str, Any]:
     """The curve's JSON: every comparison's points, their provenance and this command's."""
-    points = [p for c in comparisons for p in collect_points(c, runs)]
+    loaded = [(c, read_comparison(c)) for c in comparisons]
+    points = [p for c, payload in loaded for p in collect_points(c, payload, runs)]
     modes = list(dict.fromkeys(p["mode"] for p in points))
     missing = [r for r in references if r not in modes]
     if missing:
         raise ValueError(f"--reference {','.join(missing)}: not a mode of the comparisons "
                          f"(modes: {', '.join(modes)})")
-    sources = [{"path": str(c), "provenance": read_comparison(c)["summary"].get("provenance")}
-               for c in comparisons]
+    sources = [{"path": str(c), "provenance": payload["summary"].get("provenance")}
+               for c, payload in loaded]
     return {
         "command": "python -m simulations.privacy_curve " + " ".join(shlex.quote(a) for a in argv),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -129,11 +129,6 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
     return float(np.mean(known)) if known else None
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return float(np.mean(values)), sd
-
-
 def curve_table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per mode: seeds, test mean Dice (mean, sd over seeds), the largest ε any site spent in
     any seed, σ and DP steps (max over sites and seeds), optimiser steps per site (median) and
@@ -145,7 +140,7 @@ def curve_table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
         steps = [s for p in pts for s in p["steps"].values() if s is not None]
         rows.append({
             "mode": mode, "seeds": len(pts),
-            "dice": _mean_sd([p["test_dice_mean"] for p in pts]),
+            "dice": mean_sd([p["test_dice_mean"] for p in pts])[:2],
             "epsilon": max((v["epsilon"] for v in dp), default=None),
             "sigma": max((v.get("sigma", 0.0) for v in dp), default=None),
             "dp_steps": max((v.get("dp_steps", 0.0) for v in dp), default=None),
@@ -155,6 +150,12 @@ def curve_table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
             "seconds": float(np.median([p["seconds"] for p in pts])),
         })
     return rows
+
+
+def _mean_sd_cell(value: tuple[float, float]) -> str:
+    """``mean ± sd``; the mean alone for one seed (sd nan)."""
+    mean, sd = value
+    return f"{mean:.3f}" if math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -178,7 +179,7 @@ def report_markdown(payload: Mapping[str, Any], image: str | None = None) -> str
             f"| {r['mode']} | {r['seeds']} | {_cell(r['epsilon'], '.2f')} | {_cell(r['sigma'], '.3f')} "
             f"| {_cell(r['dp_steps'], '.0f')} | {_cell(r['steps'], '.0f')} "
             f"| {_cell(r['val_first'], '.3f')} → {_cell(r['val_last'], '.3f')} "
-            f"| {r['dice'][0]:.3f} ± {r['dice'][1]:.3f} | {shares} | {r['seconds']:.0f} |")
+            f"| {_mean_sd_cell(r['dice'])} | {shares} | {r['seconds']:.0f} |")
     lines += [
         "",
         "Test mean Dice: the mean over every site's test cases of mean(Dice WT, TC, ET), mean ± "
@@ -202,13 +203,8 @@ def report_markdown(payload: Mapping[str, Any], image: str | None = None) -> str
 def plot_curve(payload: Mapping[str, Any], path: Path) -> Path:
     """Test mean Dice (mean ± sd over seeds) against the ε spent, log x; the modes without DP
     as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = curve_table(payload)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = dice_axes()
     private = [r for r in rows if r["epsilon"] is not None]
     if private:
         ax.errorbar([r["epsilon"] for r in private], [r["dice"][0] for r in private],
@@ -219,17 +215,8 @@ def plot_curve(payload: Mapping[str, Any], path: Path) -> Path:
         ax.set_xscale("log")
     for r, style in zip((r for r in rows if r["epsilon"] is None), ("--", ":", "-.", "-")):
         ax.axhline(r["dice"][0], linestyle=style, color="grey", label=f"{r['mode']} (no DP)")
-    ax.set_xlabel("ε spent per site (δ = 1/(10 n))")
-    ax.set_ylabel("test mean Dice")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Privacy-utility curve")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_dice_plot(fig, ax, path, "ε spent per site (δ = 1/(10 n))", "test mean Dice",
+                          "Privacy-utility curve", legend_size=8)
 
 
 def build_parser() -> argparse.ArgumentParser:

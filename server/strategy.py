@@ -231,6 +231,7 @@ class SiteStrategyMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good, updates, failed = self._collect(list(replies), train=True)
+        reported_steps = reply_steps(good)
         reference = self.global_arrays
         if reference is None:
             # aggregate_train called without configure_train (unit use): the expected keys,
@@ -243,7 +244,7 @@ class SiteStrategyMixin:
             if set(reference) != self.expected_keys:
                 raise ValueError("the arrays sent this round differ from the server's keys")
             accepted, rejected = robust.screen_updates(updates, reference, self.norm_bound,
-                                                       reply_steps(good))
+                                                       reported_steps)
         failed.update(rejected)
         for site, reason in self._check_counts(accepted, good).items():
             accepted.pop(site)
@@ -256,7 +257,7 @@ class SiteStrategyMixin:
             robust.check_quorum(
                 sorted(accepted), failed, krum_needed(self.krum_malicious, self.krum_select),
                 server_round, krum_rule(self.aggregation, self.krum_malicious, self.krum_select))
-        weights, steps = {}, {s: n for s, n in reply_steps(good).items() if s in accepted}
+        weights, steps = {}, {s: n for s, n in reported_steps.items() if s in accepted}
         for site in accepted:
             metrics = next(iter(good[site].content.metric_records.values()))
             # fl.aggregation_weight: cases (Flower's num-examples), uniform or sqrt; Flower's

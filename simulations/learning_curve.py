@@ -154,15 +154,18 @@ def curve_table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def report_markdown(payload: Mapping[str, Any]) -> str:
-    """The Markdown table of a learning-curve JSON, with the command, date, code version
-    and the comparison with the published BraTS curve."""
+def report_markdown(payload: Mapping[str, Any], image: str | None = None) -> str:
+    """The results page of a learning-curve JSON: the table, with the command, date, code
+    version and the comparison with the published BraTS curve; ``image`` (default none): the
+    plot's link."""
     rows = curve_table(payload)
 
     def cell(value: tuple[float, float] | None) -> str:
         return "-" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
 
     lines = [
+        "# Learning curve of the synthetic task", "",
+        *([f"![test Dice against training cases]({image})", ""] if image else []),
         "| training cases | seeds | steps | test mean Dice | WT | TC | ET |",
         "|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| {r['cases']} | {r['seeds']} | {r['steps']} | {cell(r['dice_mean'])} | "
@@ -232,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.report.is_file():
                 raise ValueError(f"--report {args.report}: no such file")
             payload = json.loads(args.report.read_text())
-            print(report_markdown(payload))
+            # the page sits beside the JSON's folder: link the plot's default place
+            print(report_markdown(payload, f"{args.report.parent.name}/"
+                                           f"{args.report.with_suffix('.png').name}"))
             png = plot_curve(payload, args.png or args.report.with_suffix(".png"))
             print(f"plot: {png}", file=sys.stderr)
             return 0

@@ -52,6 +52,8 @@ def test_report_table_and_plot(tmp_path):
     assert "| 10 | 2 | 100 | 0.800 ± 0.000 |" in text
     assert "abc1234" in text and "--cases 1,10" in text and "2026-01-01" in text
     assert "0.38 of the largest set's" in text and "ratio of 0.45" in text  # 0.3 / 0.8; 0.39 / 0.87
+    assert "](" not in text  # no plot link unless asked
+    assert "![test Dice against training cases](lc/curve.png)" in lc.report_markdown(_payload(), "lc/curve.png")
     png = lc.plot_curve(_payload(), tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -68,5 +70,7 @@ def test_tiny_curve_end_to_end(tmp_path, capsys):
     assert second[:1] == first  # nested
     assert all(0.0 <= p["test"]["dice_mean"] <= 1.0 for p in payload["points"])
     assert lc.main(["--report", str(out)]) == 0
-    assert "| 2 | 1 |" in capsys.readouterr().out and out.with_suffix(".png").is_file()
+    page = capsys.readouterr().out
+    assert "| 2 | 1 |" in page and out.with_suffix(".png").is_file()
+    assert f"]({tmp_path.name}/lc.png)" in page  # the page links the plot beside its JSON
     assert lc.main(["--cases", "0"]) == 2

@@ -8,8 +8,10 @@ DP and non-DP modes side by side.
 the run itself): the ε, δ, σ and DP-SGD steps each site reported in its last training round
 (Opacus's accountant over every step the site took), its optimiser steps and the run's wall
 time. ``--runs`` defaults to the folder holding each comparison's folder (where
-``simulations.compare`` puts its runs). Writes one JSON (default
-``<first comparison's folder>/privacy_curve.json``) with the command, date and code version.
+``simulations.compare`` puts its runs). A file of ``--collect`` may also be an earlier
+``privacy_curve.json``: its points and sources are kept as they are, so new runs join a
+committed curve. Writes one JSON (default ``<first comparison's folder>/privacy_curve.json``)
+with the command, date and code version.
 
 ``python -m simulations.privacy_curve --report JSON [--png PNG]`` prints the Markdown table
 (per mode: ε spent, σ, steps, test mean Dice mean ± sd over seeds, its share of each
@@ -104,18 +106,34 @@ def collect_points(comparison: Path, payload: Mapping[str, Any], runs: Path | No
     return points
 
 
+def read_source(path: Path, runs: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The points and sources of one ``--collect`` file: a comparison (its points read from
+    its rows and runs, :func:`collect_points`) or an earlier curve's JSON (its points and
+    sources as they are, so a curve grows by new runs without the old runs' folders)."""
+    if path.suffix == ".json":
+        earlier = json.loads(path.read_text())
+        if "points" in earlier:
+            return list(earlier["points"]), list(earlier["sources"])
+    payload = read_comparison(path)
+    return (collect_points(path, payload, runs),
+            [{"path": str(path), "provenance": payload["summary"].get("provenance")}])
+
+
 def collect(comparisons: Sequence[Path], runs: Path | None, references: Sequence[str],
             argv: Sequence[str] = ()) -> dict[str, Any]:
-    """The curve's JSON: every comparison's points, their provenance and this command's."""
-    loaded = [(c, read_comparison(c)) for c in comparisons]
-    points = [p for c, payload in loaded for p in collect_points(c, payload, runs)]
+    """The curve's JSON: every comparison's (or earlier curve's) points, their provenance and
+    this command's."""
+    points: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
+    for path in comparisons:
+        new_points, new_sources = read_source(path, runs)
+        points += new_points
+        sources += [s for s in new_sources if s not in sources]
     modes = list(dict.fromkeys(p["mode"] for p in points))
     missing = [r for r in references if r not in modes]
     if missing:
         raise ValueError(f"--reference {','.join(missing)}: not a mode of the comparisons "
                          f"(modes: {', '.join(modes)})")
-    sources = [{"path": str(c), "provenance": payload["summary"].get("provenance")}
-               for c, payload in loaded]
     return {
         "command": "python -m simulations.privacy_curve " + " ".join(shlex.quote(a) for a in argv),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -208,7 +226,7 @@ def plot_curve(payload: Mapping[str, Any], path: Path) -> Path:
     private = [r for r in rows if r["epsilon"] is not None]
     if private:
         ax.errorbar([r["epsilon"] for r in private], [r["dice"][0] for r in private],
-                    yerr=[r["dice"][1] for r in private], fmt="o-", capsize=3, label="DP-SGD")
+                    yerr=[r["dice"][1] for r in private], fmt="o", capsize=3, label="DP-SGD")
         for r in private:
             ax.annotate(r["mode"], (r["epsilon"], r["dice"][0]), textcoords="offset points",
                         xytext=(4, -12), fontsize=8)
@@ -224,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m simulations.privacy_curve",
         description="Test Dice against the ε spent, from comparisons of DP and non-DP modes.")
     parser.add_argument("--collect", default=None, metavar="FILES",
-                        help="comma-separated comparison.json[.gz] files to collect")
+                        help="comma-separated comparison.json[.gz] files to collect, or an "
+                             "earlier privacy_curve.json whose points are kept as they are")
     parser.add_argument("--runs", type=Path, default=None,
                         help="with --collect: the folder holding the run folders (default: the "
                              "one holding each comparison's folder)")

@@ -110,3 +110,20 @@ def test_a_missing_run_folder_or_reference_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "elsewhere/cmp-plain-seed0/summary.json" in err and err.count("\n") == 1
     assert not (comparison.parent / "privacy_curve.json").exists()
+
+
+def test_an_earlier_curve_joins_new_comparisons_with_its_points_and_sources_kept(tmp_path):
+    first = _write_comparison(tmp_path / "a", np.random.default_rng(3))
+    earlier = pc.collect([first], None, ["plain"])
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    for run in (tmp_path / "a").glob("cmp-*"):  # the earlier runs' folders are gone
+        for f in run.iterdir():
+            f.unlink()
+        run.rmdir()
+    second = _write_comparison(tmp_path / "b", np.random.default_rng(4))
+    joined = pc.collect([tmp_path / "earlier.json", second], None, ["plain"])
+    assert joined["points"][:len(earlier["points"])] == earlier["points"]
+    assert len(joined["points"]) == 2 * len(earlier["points"])
+    assert [s["path"] for s in joined["sources"]] == [str(first), str(second)]
+    # the same mode from both files: four seeds' points in one row of the table
+    assert {r["mode"]: r["seeds"] for r in pc.curve_table(joined)} == {"plain": 4, "eps3": 4}

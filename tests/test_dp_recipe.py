@@ -174,6 +174,8 @@ def test_privacy_dp_is_the_recipe_and_privacy_enabled_keeps_the_fixed_sigma() ->
     recipe = settings.compose("config", ["privacy=dp"])
     assert recipe.privacy.target_epsilon == 10.0 and recipe.privacy.noise_multiplier is None
     assert recipe.privacy.expected_batch == 8 and recipe.fl.local_steps == 2
+    assert recipe.privacy.lr == 0.001  # tuned for the noise, below train.lr
+    assert recipe.privacy.lr < recipe.train.lr
     assert recipe.fl.strategy == "personal-norm"  # no fine-tuning outside DP-SGD
     # the command line still wins over the recipe
     mine = settings.compose("config", ["privacy=dp", "fl.strategy=personal", "fl.local_steps=1"])

@@ -125,8 +125,15 @@ def collect(comparisons: Sequence[Path], runs: Path | None, references: Sequence
     this command's."""
     points: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], Path] = {}
     for path in comparisons:
         new_points, new_sources = read_source(path, runs)
+        for p in new_points:
+            key = (p["mode"], int(p["seed"]))
+            if key in seen:
+                raise ValueError(f"--collect: mode {key[0]!r}, seed {key[1]} comes from both "
+                                 f"{seen[key]} and {path}; collect each run once")
+            seen[key] = path
         points += new_points
         sources += [s for s in new_sources if s not in sources]
     modes = list(dict.fromkeys(p["mode"] for p in points))

@@ -37,19 +37,20 @@ def _history(eps: list[list[float]] | None) -> list[dict]:
     return history
 
 
-def _write_comparison(root: Path, rng: np.random.Generator) -> Path:
-    """A comparison ``cmp`` of modes ``plain`` (no DP) and ``eps3`` on seeds 0, 1, three test
+def _write_comparison(root: Path, rng: np.random.Generator, seeds: tuple[int, ...] = (0, 1)
+                      ) -> Path:
+    """A comparison ``cmp`` of modes ``plain`` (no DP) and ``eps3`` on ``seeds``, three test
     cases per site, with its run folders beside it."""
     rows = [_row(m, s, site, c, *rng.uniform(0.2, 0.9, 3))
-            for m in ("plain", "eps3") for s in (0, 1) for site in SITES for c in range(3)]
-    summary = {"name": "cmp", "modes": ["plain", "eps3"], "seeds": [0, 1], "sites": SITES,
+            for m in ("plain", "eps3") for s in seeds for site in SITES for c in range(3)]
+    summary = {"name": "cmp", "modes": ["plain", "eps3"], "seeds": list(seeds), "sites": SITES,
                "provenance": {"command": "python -m simulations.compare run_name=cmp",
                               "date": "2026-01-01 00:00 UTC", "code_version": "abc"}}
     folder = root / "cmp"
     folder.mkdir(parents=True)
     (folder / "comparison.json").write_text(json.dumps({"rows": rows, "summary": summary}))
     for mode, eps in (("plain", None), ("eps3", [[1.5, 1.4], [2.9, None]])):
-        for seed in (0, 1):
+        for seed in seeds:
             run = root / f"cmp-{mode}-seed{seed}"
             run.mkdir()
             (run / "history.json").write_text(json.dumps(_history(eps)))
@@ -120,10 +121,13 @@ def test_an_earlier_curve_joins_new_comparisons_with_its_points_and_sources_kept
         for f in run.iterdir():
             f.unlink()
         run.rmdir()
-    second = _write_comparison(tmp_path / "b", np.random.default_rng(4))
+    second = _write_comparison(tmp_path / "b", np.random.default_rng(4), seeds=(2, 3))
     joined = pc.collect([tmp_path / "earlier.json", second], None, ["plain"])
     assert joined["points"][:len(earlier["points"])] == earlier["points"]
     assert len(joined["points"]) == 2 * len(earlier["points"])
     assert [s["path"] for s in joined["sources"]] == [str(first), str(second)]
     # the same mode from both files: four seeds' points in one row of the table
     assert {r["mode"]: r["seeds"] for r in pc.curve_table(joined)} == {"plain": 4, "eps3": 4}
+    # a mode and seed collected twice would count twice: refused, naming both files
+    with pytest.raises(ValueError, match=r"mode 'plain', seed 0 comes from both .*earlier.json"):
+        pc.collect([tmp_path / "earlier.json", tmp_path / "earlier.json"], None, ["plain"])

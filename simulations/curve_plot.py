@@ -34,3 +34,10 @@ def save_dice_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, titl
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def page_plot_link(curve_json: Path) -> str:
+    """The plot's link from a results page that sits beside its JSON's folder
+    (``docs/results/<name>.md`` for ``docs/results/<name>/<curve>.json``): ``<name>/<curve>.png``,
+    where ``--report`` writes the plot by default."""
+    return f"{curve_json.parent.name}/{curve_json.with_suffix('.png').name}"

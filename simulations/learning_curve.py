@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.curve_plot import dice_axes, save_dice_plot
+from simulations.curve_plot import dice_axes, page_plot_link, save_dice_plot
 
 #: Published reference: a BraTS 2021 study (arXiv 2602.08797) reports validation Dice 0.39
 #: with 10 % of the training data and 0.87 with all of it.
@@ -235,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.report.is_file():
                 raise ValueError(f"--report {args.report}: no such file")
             payload = json.loads(args.report.read_text())
-            # the page sits beside the JSON's folder: link the plot's default place
-            print(report_markdown(payload, f"{args.report.parent.name}/"
-                                           f"{args.report.with_suffix('.png').name}"))
+            print(report_markdown(payload, page_plot_link(args.report)))
             png = plot_curve(payload, args.png or args.report.with_suffix(".png"))
             print(f"plot: {png}", file=sys.stderr)
             return 0

@@ -39,7 +39,7 @@ import numpy as np
 from m4fuse.evaluation.stats import case_score, mean_sd
 from simulations.compare.provenance import code_version
 from simulations.compare.report import read_comparison
-from simulations.curve_plot import dice_axes, save_dice_plot
+from simulations.curve_plot import dice_axes, page_plot_link, save_dice_plot
 
 #: the per-site keys a DP run reports each round (``m4fuse.training.dp``)
 DP_KEYS: dict[str, str] = {"epsilon": "dp-epsilon", "delta": "dp-delta",
@@ -275,9 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.report.is_file():
                 raise ValueError(f"--report {args.report}: no such file")
             payload = json.loads(args.report.read_text())
-            # the page sits beside the JSON's folder: link the plot's default place
-            print(report_markdown(payload, f"{args.report.parent.name}/"
-                                           f"{args.report.with_suffix('.png').name}"))
+            print(report_markdown(payload, page_plot_link(args.report)))
             png = plot_curve(payload, args.png or args.report.with_suffix(".png"))
             print(f"plot: {png}", file=sys.stderr)
             return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from engine_fixtures import TINY_OVERRIDES
@@ -46,7 +48,12 @@ def test_pooled_and_local_train_and_score_every_site(cfg_args):
             # the lesion-wise scores (BraTS 2023+ rule) beside them
             assert 0.0 <= row["test_lesion_dice_mean"] <= 1.0
             assert 0.0 <= row["test_lesion_hd95_mean"] <= 374.0
-        assert "test lesion Dice WT" in (summary.run_dir / "results.md").read_text()
+        results = (summary.run_dir / "results.md").read_text()
+        assert "test lesion Dice WT" in results
+        # the platform the numbers came from, under the table and in summary.json
+        assert f"Computed on: torch {torch.__version__} (CPU kernels " in results
+        written = json.loads((summary.run_dir / "summary.json").read_text())
+        assert written["platform"]["torch"] == torch.__version__
         assert (summary.run_dir / "dice_per_round.png").stat().st_size > 0
     ckpt = load_checkpoint(pooled.run_dir / "model.ckpt")
     assert set(ckpt.experts) == {"site0", "site1"}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from simulations import compare
 
@@ -157,10 +158,15 @@ def test_a_written_comparison_records_its_provenance(tmp_path) -> None:
     heads comparison.md with it; ``--report`` prints the same page again."""
     path = write_example(tmp_path / "ex")
     summary = json.loads(path.read_text())["summary"]
-    assert set(summary["provenance"]) == {"command", "date", "code_version"}
+    assert set(summary["provenance"]) == {"command", "date", "code_version", "platform"}
     assert summary["provenance"]["date"].endswith("UTC")
+    found = summary["provenance"]["platform"]
+    assert found["torch"] == torch.__version__ and found["numpy"] == np.__version__
+    assert found["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     md = (tmp_path / "ex" / "comparison.md").read_text()
     assert md.splitlines()[2] == compare.provenance_line(summary)
+    assert f"; computed on torch {torch.__version__} (CPU kernels {found['cpu_kernels']})" \
+        in md.splitlines()[2]
     assert compare.report_text(path) == md
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from m4fuse.run.runtime import numerics_platform, platform_text
 from m4fuse.training.site_steps import weighted_mean
 
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -232,7 +233,9 @@ def write_run_outputs(
     (validation ``dice_mean`` per round of ``history``). Returns ``(the Markdown table, the
     paths of`` :data:`RUN_OUTPUT_FILES` ``)``. Each site's optimiser steps
     (:func:`optimiser_steps`), when the history has them, go under the table and into the
-    summary as ``train_steps``."""
+    summary as ``train_steps``. The platform the numbers were computed on
+    (:func:`~m4fuse.run.runtime.numerics_platform`) is printed last, written under the table
+    of ``results.md`` and stored in the summary as ``platform``."""
     table = markdown_table(rows)
     steps = optimiser_steps(history, site_names)
     steps_line = ""
@@ -240,9 +243,14 @@ def write_run_outputs(
         steps_line = "\n\nOptimiser steps per round / in total: " + ", ".join(
             f"{s} {v['per_round']:.0f} / {v['total']:.0f}" for s, v in steps.items())
         summary = {**summary, "train_steps": steps}
-    print(f"\n{title}\n\n{table}{steps_line}\n\n{footer}\n", flush=True)
+    # the platform decides the last bits of every float, so a table names the one it came from
+    found = numerics_platform()
+    summary = {**summary, "platform": found}
+    platform_line = f"Computed on: {platform_text(found)}"
+    tail = f"{footer}\n{platform_line}" if footer else platform_line
+    print(f"\n{title}\n\n{table}{steps_line}\n\n{tail}\n", flush=True)
     write_csv(rows, rdir / "sites.csv")
-    (rdir / "results.md").write_text(f"# {title}\n\n{table}{steps_line}\n")
+    (rdir / "results.md").write_text(f"# {title}\n\n{table}{steps_line}\n\n{platform_line}\n")
     (rdir / "history.json").write_text(json.dumps(list(history), indent=1))
     (rdir / "summary.json").write_text(json.dumps(dict(summary)))
     plot_dice_per_round(

@@ -1,4 +1,5 @@
-"""The process a run trains in: which device, how many CPU threads, the seeds.
+"""The process a run trains in: which device, how many CPU threads, the seeds, and the
+numerical platform a result was computed on.
 
 :func:`resolve_device` is the one device check of the project (the CLI, the engine, the
 ClientApp and the baselines all use it).
@@ -6,6 +7,7 @@ ClientApp and the baselines all use it).
 
 from __future__ import annotations
 
+import platform
 import random
 
 import numpy as np
@@ -60,3 +62,38 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``; elsewhere :func:`platform.processor`)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def numerics_platform() -> dict[str, str]:
+    """What a run's floating-point results depend on besides its code, data and seed: the
+    versions of Python, torch and NumPy, the CPU kernels torch dispatches to (e.g. ``AVX2``,
+    ``AVX512``: the same run computes different last bits with each, and training amplifies
+    them), the CPU model and, when torch sees one, the GPU. A run is deterministic on one
+    platform; on another its table can differ (see the README's main job)."""
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "numpy": np.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+             "cpu": _cpu_model()}
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(0)
+    return found
+
+
+def platform_text(found: dict[str, str]) -> str:
+    """:func:`numerics_platform`'s result in one line, e.g. ``torch 2.13.0 (CPU kernels
+    AVX512), NumPy 2.4.6, Python 3.11.2, AMD EPYC``."""
+    text = (f"torch {found.get('torch', '?')} (CPU kernels {found.get('cpu_kernels', '?')}), "
+            f"NumPy {found.get('numpy', '?')}, Python {found.get('python', '?')}, "
+            f"{found.get('cpu', '?')}")
+    return text + (f", GPU {found['gpu']}" if found.get("gpu") else "")

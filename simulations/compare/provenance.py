@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from m4fuse.run.runtime import numerics_platform, platform_text
+
 #: The project checkout this module runs from (its git commit is a comparison's code version).
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 UNKNOWN = "unknown"
@@ -50,17 +52,20 @@ def invoking_command(argv: Sequence[str] | None = None, root: Path = PROJECT_DIR
     return " ".join([head, *(shlex.quote(a) for a in argv[1:])])
 
 
-def provenance() -> dict[str, str]:
+def provenance() -> dict[str, Any]:
     """Where a comparison comes from, stored in its summary: the command that made it, the
-    date (UTC) and the code version (:func:`code_version`)."""
+    date (UTC), the code version (:func:`code_version`) and the platform its numbers were
+    computed on (:func:`m4fuse.run.runtime.numerics_platform`: another CPU or library build
+    moves the last bits, and training amplifies them)."""
     return {"command": invoking_command(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "code_version": code_version()}
+            "code_version": code_version(), "platform": numerics_platform()}
 
 
 def provenance_line(summary: Mapping[str, Any]) -> str:
     """The report's provenance line; a summary written before provenance was recorded reads
-    ``unknown``."""
+    ``unknown``, one written before the platform was recorded names none."""
     made = summary.get("provenance") or {}
+    where = f"; computed on {platform_text(made['platform'])}" if made.get("platform") else ""
     return (f"Made by `{made.get('command') or UNKNOWN}` on {made.get('date') or UNKNOWN}; "
-            f"code version {made.get('code_version') or UNKNOWN}.")
+            f"code version {made.get('code_version') or UNKNOWN}{where}.")

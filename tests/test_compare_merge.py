@@ -87,6 +87,20 @@ def test_merge_refuses_other_budgets_and_repeated_runs(tmp_path):
         merge_comparisons([a, c], tmp_path / "m", "m")
 
 
+def test_a_merged_file_s_mode_on_fewer_seeds_takes_its_missing_seeds(tmp_path):
+    """A merged file holds ``personal`` on seed 0 only (its summary lists seeds 0-2): another
+    file may add ``personal``'s seeds 1 and 2, but not seed 0 again."""
+    a = _comparison(tmp_path, "a", {"personal-norm-ft": 0.8, "personal": 0.7}, [0])
+    b = _comparison(tmp_path, "b", {"personal-norm-ft": 0.8}, [1, 2])
+    first = merge_comparisons([a, b], tmp_path / "ab", "ab")
+    more = _comparison(tmp_path, "more", {"personal": 0.72}, [1, 2])
+    merged = json.loads(merge_comparisons([first, more], tmp_path / "m", "m").read_text())
+    assert merged["summary"]["by_site"]["personal"]["mean"]["n_seeds"] == 3
+    again = _comparison(tmp_path, "again", {"personal": 0.72}, [0])
+    with pytest.raises(ValueError, match="personal seed 0 is in both"):
+        merge_comparisons([first, again], tmp_path / "m2", "m2")
+
+
 def test_flags_and_overrides_may_come_in_any_order():
     from simulations.compare import parse_args
 

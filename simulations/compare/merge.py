@@ -47,19 +47,21 @@ def _load_mergeable(paths: Sequence[Path | str]) -> tuple[list[tuple[Path, dict[
 def _merged_modes_and_seeds(loaded: Sequence[tuple[Path, Mapping[str, Any]]]
                             ) -> tuple[list[str], set[int]]:
     """The modes (first-seen order) and seeds of the loaded comparisons; a (mode, seed) held by
-    two files is refused, naming both."""
+    two files is refused, naming both. A file holds the (mode, seed) pairs of its per-case
+    rows, not every mode on every seed of its summary: a merged file may hold a mode on
+    fewer seeds than the others, and another file may add that mode's missing seeds."""
     modes: list[str] = []
     seeds: set[int] = set()
     seen: dict[tuple[str, int], Path] = {}
     for path, payload in loaded:
         s = payload["summary"]
         modes += [m for m in s["modes"] if m not in modes]
-        for mode in s["modes"]:
-            for seed in s["seeds"]:
-                if (mode, seed) in seen:
-                    raise ValueError(f"{mode} seed {seed} is in both {seen[(mode, seed)]} and "
-                                     f"{path}")
-                seen[(mode, seed)] = path
+        held = {(r["mode"], int(r["seed"])) for r in payload["rows"]}
+        for mode, seed in sorted(held):
+            if (mode, seed) in seen:
+                raise ValueError(f"{mode} seed {seed} is in both {seen[(mode, seed)]} and "
+                                 f"{path}")
+            seen[(mode, seed)] = path
         seeds.update(int(x) for x in s["seeds"])
     return modes, seeds
 

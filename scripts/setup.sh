@@ -13,9 +13,10 @@
 #    instead of a per-run `uv sync` environment), FLWR_DISABLE_UPDATE_CHECK=1,
 #    FLWR_TELEMETRY_ENABLED=0. Each is a default: a value set in the shell wins. It also puts
 #    .venv/bin on PATH (Flower starts `flower-superlink` by name).
-#  - .flwr/config.toml: the `local` connection with one SuperNode per synthetic site
-#    (M4FUSE_SITES, default 4), 1 CPU each and a GPU share per site (M4FUSE_GPUS_PER_SITE;
-#    default 1/sites on a host where torch sees a GPU, else 0).
+#  - .flwr/config.toml: the `local` connection with one SuperNode per site of the main job
+#    (M4FUSE_SITES, default: the sites of the app's own run config, 14), 1 CPU each and a GPU
+#    share per site (M4FUSE_GPUS_PER_SITE; default 1/sites on a host where torch sees a GPU,
+#    else 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHECKOUT=$PWD
@@ -65,7 +66,9 @@ PY
 # deprecated (one warning line per run) and points to `flwr federation simulation-config`,
 # but that setting lives only in the running SuperLink's memory (its NoOpFederationManager)
 # and is lost when the SuperLink restarts, silently giving 2 SuperNodes again.
-SITES=${M4FUSE_SITES:-4}
+# One per site of the federation plain `flwr run .` trains (the app's run config in
+# pyproject.toml, composed: m4fuse.run.settings.app_sites).
+SITES=${M4FUSE_SITES:-$(.venv/bin/python -c "from m4fuse.run.settings import app_sites; print(app_sites('.'))")}
 GPUS=${M4FUSE_GPUS_PER_SITE:-$(.venv/bin/python -c "import torch; n = torch.cuda.device_count(); print(round(min(1.0, n / $SITES), 4) if n else 0.0)")}
 mkdir -p .flwr
 CONFIG=.flwr/config.toml

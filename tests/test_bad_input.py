@@ -292,6 +292,35 @@ def test_simulate_counts_the_sites_and_builds_the_flwr_command(tmp_path, capsys)
         assert shown == expected and len(shown) == 3
 
 
+def test_the_apps_own_overrides_set_the_main_job_its_supernodes_and_simulate(tmp_path,
+                                                                              capsys):
+    """Plain ``flwr run .`` trains the app's own run config (pyproject.toml): setup.sh counts its
+    sites for the SuperNodes, ``m4fuse simulate`` without overrides runs the same, and an app
+    whose run config cannot be read or names a folder's data fails in one line."""
+    checkout = settings.CONFIG_DIR.parent
+    assert settings.app_overrides(checkout) == ["data=brats19_shaped"]
+    assert settings.app_sites(checkout) == 14
+    app = tmp_path / "app"
+    app.mkdir()
+    with pytest.raises(ValueError, match=r"app/pyproject.toml: cannot read"):
+        settings.app_overrides(app)
+    (app / "pyproject.toml").write_text("[tool.flwr.app.config]\nconfig-name = \"config\"\n")
+    assert settings.app_overrides(app) == [] and settings.app_sites(app) == 4
+    (app / "pyproject.toml").write_text(
+        "[tool.flwr.app.config]\noverrides = \"data=brats data.source=/nowhere\"\n")
+    with pytest.raises(ValueError, match="set M4FUSE_SITES"):
+        settings.app_sites(app)
+    own = [f"root={tmp_path}", "data.sites=3", "data.cases_per_site=2", "data.shape=[16,16,16]",
+           "data.size=[16,16,16]"]
+    (app / "pyproject.toml").write_text(
+        f"[tool.flwr.app.config]\noverrides = \"{' '.join(own)}\"\n")
+    assert settings.app_sites(app) == 3
+    assert main(["simulate", "--dry-run", "--app", str(app)]) == 0
+    out = capsys.readouterr().out
+    assert "3 site(s), one SuperNode each" in out and "num-supernodes=3" in out
+    assert "data.sites=3" in out.splitlines()[-1]
+
+
 def test_assemble_logs_its_files_to_the_mlflow_run_the_run_folder_records(tmp_path):
     """After ``flwr run .`` the ServerApp's MLflow run gets model.ckpt and the overlays from
     ``m4fuse model assemble`` (:func:`m4fuse.run.tracking.log_to_recorded_run`)."""

@@ -8,7 +8,9 @@ hand::
 
     m4fuse simulate data=brats data.source=/data/BraTS2019 fl.rounds=20
 
-``--dry-run`` prints the command instead. The work is done by :func:`count_sites` and
+Without overrides it runs what plain ``flwr run .`` runs: the app's own ``overrides`` (its
+``pyproject.toml``, the main job's federation); overrides given replace them, as
+``--run-config`` does. ``--dry-run`` prints the command instead. The work is done by :func:`count_sites` and
 :func:`flwr_command`.
 """
 
@@ -30,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides, as for flwr run's overrides, e.g. data=brats "
-                             "data.source=/abs/BraTS fl.rounds=5")
+                             "data.source=/abs/BraTS fl.rounds=5 (none: the app's own, "
+                             "as plain flwr run)")
     parser.add_argument("--app", default=None,
                         help="the Flower app folder (default: this checkout)")
     parser.add_argument("--connection", default=None,
@@ -91,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     """Count the sites, print the split rule and the command, run it (or print it only)."""
     from m4fuse.run import provision, settings
 
-    sites = count_sites(args.overrides)
     app = args.app or str(settings.CONFIG_DIR.parent)
-    command = flwr_command(args.overrides, len(sites), app, args.connection)
-    print(provision.split_rule(settings.compose("config", list(args.overrides))))
+    # no overrides: the app's own (pyproject.toml), the federation plain `flwr run .` trains
+    overrides = list(args.overrides) or settings.app_overrides(app)
+    sites = count_sites(overrides)
+    command = flwr_command(overrides, len(sites), app, args.connection)
+    print(provision.split_rule(settings.compose("config", overrides)))
     print(f"{len(sites)} site(s), one SuperNode each: {', '.join(sites)}")
     print(shlex.join(command), flush=True)
     if args.dry_run:

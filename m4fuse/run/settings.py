@@ -215,6 +215,36 @@ def compose_run(run_config: Mapping[str, Any]) -> DictConfig:
     return compose(str(run_config.get("config-name", "config")), overrides)
 
 
+def app_overrides(app: str | os.PathLike) -> list[str]:
+    """The ``overrides`` of the Flower app's own run config (``[tool.flwr.app.config]`` of
+    ``<app>/pyproject.toml``): what a plain ``flwr run <app>`` composes. A run config given to
+    ``flwr run --run-config "overrides='...'"`` replaces the whole value, as Flower replaces
+    any key of the run config."""
+    import tomllib
+    from pathlib import Path
+
+    path = Path(app) / "pyproject.toml"
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the Flower app's run config ({err})") from None
+    run_config = table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return parse_overrides(str(run_config.get("overrides", "")))
+
+
+def app_sites(app: str | os.PathLike) -> int:
+    """The sites of the federation plain ``flwr run <app>`` trains (:func:`app_overrides`
+    composed), i.e. the SuperNodes its local simulation needs (``scripts/setup.sh`` writes
+    them). Only a synthetic federation knows its sites before its data is prepared; for any
+    other the one-line error says to set ``M4FUSE_SITES``."""
+    cfg = compose("config", app_overrides(app))
+    if cfg.data.kind != "synthetic":
+        raise ValueError(f"the app's run config trains data={cfg.data.kind}, whose sites are "
+                         "known only from its folder: set M4FUSE_SITES (or use m4fuse simulate)")
+    return int(cfg.data.sites)
+
+
 def _missing_option(message: str) -> str:
     """Hydra's message for an unknown option of a group (``data=nonexistent``) on one line:
     ``"unknown data=nonexistent: the options are brats, synthetic (configs/data/)"``."""

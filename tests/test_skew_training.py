@@ -145,10 +145,26 @@ def test_bad_skew_settings_fail_when_the_config_is_checked(override: str, match:
         settings.compose("config", [override])
 
 
-def test_defaults_keep_todays_run() -> None:
+def test_defaults_weigh_sites_by_the_square_root_of_their_cases() -> None:
     cfg = settings.compose("config", [])
-    assert skew_settings(cfg.fl) == {"aggregation_weight": "cases", "local_steps": None}
+    assert skew_settings(cfg.fl) == {"aggregation_weight": "sqrt", "local_steps": None}
     assert str(cfg.fl.aggregation) == "mean"
+
+
+@pytest.mark.parametrize("sites, cases", [(4, 11), (4, 101), (3, 7), (14, 5)])
+def test_sites_of_equal_size_aggregate_to_the_same_bits_under_every_weight(sites: int,
+                                                                          cases: int) -> None:
+    """On equal sites the square-root default changes nothing: the earlier equal-site
+    results (case weights) are what the default computes now, to the bit."""
+    rng = np.random.default_rng(sites * cases)
+    ref = {"w": rng.standard_normal((3, 4)).astype(np.float32)}
+    updates = {f"s{i}": {"w": (ref["w"] + rng.standard_normal((3, 4))).astype(np.float32)}
+               for i in range(sites)}
+    equal = {s: cases for s in updates}
+    by_cases = _combine(updates, equal, ref, weight="cases")["w"]
+    for weight in ("sqrt", "uniform"):
+        np.testing.assert_array_equal(_combine(updates, equal, ref, weight=weight)["w"],
+                                      by_cases)
 
 
 def test_baselines_get_the_fixed_step_budget(tmp_path) -> None:

@@ -68,7 +68,14 @@ PY
 # and is lost when the SuperLink restarts, silently giving 2 SuperNodes again.
 # One per site of the federation plain `flwr run .` trains (the app's run config in
 # pyproject.toml, composed: m4fuse.run.settings.app_sites).
-SITES=${M4FUSE_SITES:-$(.venv/bin/python -c "from m4fuse.run.settings import app_sites; print(app_sites('.'))")}
+SITES=${M4FUSE_SITES:-$(.venv/bin/python -c "
+import sys
+from m4fuse.run.settings import app_sites
+try:
+    print(app_sites('.'))
+except ValueError as err:  # one line, no traceback
+    sys.exit(f'setup.sh: {err}')
+")}
 GPUS=${M4FUSE_GPUS_PER_SITE:-$(.venv/bin/python -c "import torch; n = torch.cuda.device_count(); print(round(min(1.0, n / $SITES), 4) if n else 0.0)")}
 mkdir -p .flwr
 CONFIG=.flwr/config.toml

@@ -10,8 +10,8 @@ hand::
 
 Without overrides it runs what plain ``flwr run .`` runs: the app's own ``overrides`` (its
 ``pyproject.toml``, the main job's federation); overrides given replace them, as
-``--run-config`` does. ``--dry-run`` prints the command instead. The work is done by :func:`count_sites` and
-:func:`flwr_command`.
+``--run-config`` does. ``--dry-run`` prints the command instead. The work is done by
+:func:`count_sites` and :func:`flwr_command`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ JSON (default ``<root>/runs/learning-curve/learning_curve.json``).
 ``python -m simulations.learning_curve --report JSON [--png PNG]`` prints the Markdown table
 (mean +- sd over seeds per N, the command, date and code version, the ratio to the
 published BraTS curve) and writes the plot (default: beside the JSON, ``.png``).
+
+``python -m simulations.learning_curve --join A.json,B.json --out JSON`` joins curves of other
+seeds, trained with the same cases, test and validation counts, steps and overrides, into one
+JSON (each source's command, date, code version and seeds kept); trains nothing.
 """
 
 from __future__ import annotations
@@ -140,6 +144,54 @@ def run_curve(cases: Sequence[int], seeds: Sequence[int], overrides: Sequence[st
     return out
 
 
+#: The keys two learning-curve JSONs must share to be joined.
+JOIN_KEYS: tuple[str, ...] = ("cases", "test_cases", "val_cases", "steps", "overrides")
+
+
+def _sources(payload: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+    """The runs a curve JSON holds: its own ``sources`` (a joined one), else itself."""
+    if payload.get("sources"):
+        return [dict(s) for s in payload["sources"]]
+    return [{"file": name, "command": payload["command"], "date": payload["date"],
+             "code_version": payload["code_version"],
+             "seeds": sorted({int(p["seed"]) for p in payload["points"]})}]
+
+
+def join_curves(payloads: Sequence[tuple[str, Mapping[str, Any]]], argv: Sequence[str] = ()
+                ) -> dict[str, Any]:
+    """One curve of the points of ``payloads`` (``(file name, learning-curve JSON)`` pairs,
+    at least two); each source's command, date, code version and seeds are kept in
+    ``sources``. Fails naming the file and key when they were not trained alike, and naming
+    both files when an (N, seed) point comes twice."""
+    if len(payloads) < 2:
+        raise ValueError(f"--join needs at least two JSONs, got {[n for n, _ in payloads]}")
+    first_name, first = payloads[0]
+    seen: dict[tuple[int, int], str] = {}
+    points: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
+    for name, payload in payloads:
+        for key in JOIN_KEYS:
+            if payload.get(key) != first.get(key):
+                raise ValueError(f"--join: {name} has {key}={payload.get(key)!r}, "
+                                 f"{first_name} {first.get(key)!r}; join curves trained alike")
+        for point in payload["points"]:
+            at = (int(point["cases"]), int(point["seed"]))
+            if at in seen:
+                raise ValueError(f"--join: N={at[0]} seed {at[1]} is in both {seen[at]} and "
+                                 f"{name}; leave one of them out")
+            seen[at] = name
+            points.append(dict(point))
+        sources += _sources(payload, name)
+    points.sort(key=lambda p: (int(p["seed"]), int(p["cases"])))
+    return {
+        "command": "python -m simulations.learning_curve " + " ".join(shlex.quote(a) for a in argv),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "code_version": code_version(Path(__file__).resolve().parents[1]),
+        **{key: first.get(key) for key in JOIN_KEYS},
+        "seeds": sorted({s for _, s in seen}), "sources": sources, "points": points,
+    }
+
+
 def curve_table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per N: mean and sd over seeds of each Dice key (``None`` where no seed has it)."""
     rows = []
@@ -171,7 +223,10 @@ def report_markdown(payload: Mapping[str, Any], image: str | None = None) -> str
         *(f"| {r['cases']} | {r['seeds']} | {r['steps']} | {cell(r['dice_mean'])} | "
           f"{cell(r['dice_wt'])} | {cell(r['dice_tc'])} | {cell(r['dice_et'])} |" for r in rows),
         "",
-        (f"Command: `{payload['command']}`; {payload['date']}; code {payload['code_version']}. "
+        *(f"Seeds {src['seeds']}: `{src['command']}`; {src['date']}; code "
+          f"{src['code_version']}." for src in payload.get("sources", [])),
+        (f"{'Joined by' if payload.get('sources') else 'Command:'} `{payload['command']}`; "
+         f"{payload['date']}; code {payload['code_version']}. "
          f"Fixed test set of {payload['test_cases']} cases and {payload['val_cases']} validation "
          "cases per seed; nested training sets; mean ± sd over seeds."),
     ]
@@ -206,6 +261,19 @@ def plot_curve(payload: Mapping[str, Any], path: Path) -> Path:
                           "Synthetic task: pooled model, reference-scanner mix")
 
 
+def read_curve(path: Path) -> dict[str, Any]:
+    """A learning-curve JSON, or a one-line error naming the file."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("points"), list):
+        raise ValueError(f"{path} is not a learning-curve JSON (no 'points' list)")
+    return payload
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.learning_curve",
@@ -222,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="the JSON to write")
     parser.add_argument("--report", type=Path, default=None, metavar="JSON",
                         help="print the Markdown table of a written JSON and plot it; trains nothing")
+    parser.add_argument("--join", default=None, metavar="A.json,B.json",
+                        help="join curves of other seeds into --out (required); trains nothing")
     parser.add_argument("--png", type=Path, default=None, help="with --report: the plot (default: beside the JSON)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. fl.rounds=60")
     return parser
@@ -232,12 +302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.report is not None:
-            if not args.report.is_file():
-                raise ValueError(f"--report {args.report}: no such file")
-            payload = json.loads(args.report.read_text())
+            payload = read_curve(args.report)
             print(report_markdown(payload, page_plot_link(args.report)))
             png = plot_curve(payload, args.png or args.report.with_suffix(".png"))
             print(f"plot: {png}", file=sys.stderr)
+            return 0
+        if args.join is not None:
+            if args.out is None:
+                raise ValueError("--join needs --out, the joined JSON to write")
+            files = [Path(f) for f in args.join.split(",") if f.strip()]
+            if args.out.resolve() in {f.resolve() for f in files}:
+                raise ValueError(f"--out {args.out} is one of the --join inputs; name a new file")
+            joined = join_curves([(str(f), read_curve(f)) for f in files], argv)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(joined, indent=1) + "\n")
+            print(f"wrote {args.out}")
             return 0
         cases = parse_cases(args.cases)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -74,3 +74,43 @@ def test_tiny_curve_end_to_end(tmp_path, capsys):
     assert "| 2 | 1 |" in page and out.with_suffix(".png").is_file()
     assert f"]({tmp_path.name}/lc.png)" in page  # the page links the plot beside its JSON
     assert lc.main(["--cases", "0"]) == 2
+
+
+def test_join_curves_of_other_seeds(tmp_path, capsys):
+    seed0, seed1 = _payload(), _payload()
+    seed0["points"] = [p for p in seed0["points"] if p["seed"] == 0]
+    seed1["points"] = [p for p in seed1["points"] if p["seed"] == 1]
+    seed1["command"], seed1["code_version"] = "python -m simulations.learning_curve --seeds 1", "def5678"
+    files = []
+    for name, payload in (("s0.json", seed0), ("s1.json", seed1)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(payload))
+    out = tmp_path / "joined.json"
+    assert lc.main(["--join", ",".join(map(str, files)), "--out", str(out)]) == 0
+    joined = json.loads(out.read_text())
+    assert joined["seeds"] == [0, 1] and len(joined["points"]) == 4
+    assert [s["code_version"] for s in joined["sources"]] == ["abc1234", "def5678"]
+    capsys.readouterr()
+    assert lc.main(["--report", str(out)]) == 0
+    page = capsys.readouterr().out
+    # the same table as one run of both seeds, and each source's command and code named
+    assert "| 1 | 2 | 10 | 0.300 ± 0.100 |" in page
+    assert "Seeds [1]: `python -m simulations.learning_curve --seeds 1`" in page and "def5678" in page
+    assert "Joined by `python -m simulations.learning_curve --join" in page
+    # a joined curve joins again, its sources kept, not nested
+    again = lc.join_curves([("j", joined), ("s2", {**seed0, "points": [
+        {**p, "seed": 2} for p in seed0["points"]]})])
+    assert again["seeds"] == [0, 1, 2] and len(again["sources"]) == 3
+    # refusals, one line each, before anything is written
+    assert lc.main(["--join", f"{files[0]},{files[0]}", "--out", str(tmp_path / "x.json")]) == 2
+    assert "N=1 seed 0 is in both" in capsys.readouterr().err
+    other = tmp_path / "steps.json"
+    other.write_text(json.dumps({**seed1, "steps": 500}))
+    assert lc.main(["--join", f"{files[0]},{other}", "--out", str(tmp_path / "x.json")]) == 2
+    assert "steps=500" in capsys.readouterr().err
+    assert lc.main(["--join", f"{files[0]},{files[1]}", "--out", str(files[0])]) == 2
+    assert lc.main(["--join", f"{files[0]},{files[1]}"]) == 2
+    (tmp_path / "bad.json").write_text("{")
+    assert lc.main(["--join", f"{files[0]},{tmp_path / 'bad.json'}", "--out", str(out)]) == 2
+    assert "bad.json is not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
